@@ -1,0 +1,197 @@
+"""The typed pipeline config: one YAML document, one section per stage.
+
+Every key here is also an MLflow param name (`section.key`). Unknown keys and bad values
+are errors that name the key, so a typo never silently falls back to a default.
+
+    from conf.schema import load_config
+    cfg = load_config("conf/pipeline.yaml", ["train.epochs=3", "data.source=/data/x.csv"])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_CONFIG = Path(__file__).with_name("pipeline.yaml")
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message names the key or file."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    source: str = "/usr/share/datasets/fashion-mnist"
+    format: Literal["auto", "idx", "csv", "parquet", "npz"] = "auto"
+    label: str = "label"
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 0
+    max_rows: int | None = Field(None, ge=10, description="deterministic subsample per split")
+
+
+class DaskConfig(Section):
+    address: str | None = None  # None: start a LocalCluster for the stage
+    n_workers: int = Field(2, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+    memory_limit: str = "2GiB"
+
+
+class PartitionConfig(Section):
+    codec: Literal["zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
+    compression_level: int = Field(3, ge=1, le=22)
+    target_partition_mb: float = Field(32.0, gt=0)
+
+
+class ReduceConfig(Section):
+    method: Literal["pca", "none"] = "pca"
+    variance_target: float = Field(0.95, gt=0.0, le=1.0)
+    max_components: int | None = Field(None, ge=1)
+
+
+class TrainConfig(Section):
+    model: Literal["mlp", "cnn"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [512, 256])
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adamw"
+    lr: float = Field(3e-3, gt=0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    scheduler: Literal["none", "step", "exponential", "cosine", "onecycle"] = "onecycle"
+    step_size: int = Field(5, ge=1, description="epochs between decays (step)")
+    gamma: float = Field(0.5, gt=0.0, le=1.0, description="decay factor (step, exponential)")
+    label_smoothing: float = Field(0.05, ge=0.0, lt=1.0)
+    epochs: int = Field(15, ge=1)
+    batch_size: int = Field(256, ge=1)
+    world_size: int | Literal["auto"] = "auto"  # auto: one process per GPU, else 2 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False
+    seed: int = 0
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive_widths(cls, v: list[int]) -> list[int]:
+        if not v or any(w < 1 for w in v):
+            raise ValueError("hidden must list at least one positive layer width")
+        return v
+
+    @field_validator("world_size")
+    @classmethod
+    def _positive_world(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("world_size must be 'auto' or a positive integer")
+        return v
+
+
+class PruneConfig(Section):
+    method: Literal["magnitude", "none"] = "magnitude"
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    rounds: int = Field(1, ge=1, description="iterative pruning rounds, fine-tuned after each")
+    finetune_epochs: int = Field(2, ge=0)
+    finetune_lr: float = Field(1e-3, gt=0)
+
+
+class EvaluateConfig(Section):
+    max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
+    latency_repeats: int = Field(30, ge=3)
+
+
+class TrackingConfig(Section):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "accelflow"
+
+
+class RegistryConfig(Section):
+    model_name: str = "accelflow-classifier"
+
+
+class PipelineConfig(Section):
+    workdir: str = ".accelflow"
+    data: DataConfig = Field(default_factory=DataConfig)
+    dask: DaskConfig = Field(default_factory=DaskConfig)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    reduce: ReduceConfig = Field(default_factory=ReduceConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    def digest(self) -> str:
+        return config_digest(self.model_dump(mode="json"))
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key` → value, the form MLflow params take."""
+        return flatten(self.model_dump(mode="json"))
+
+
+def config_digest(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (3 → int, [1,2] → list)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. --set train.epochs=3")
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc})") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read YAML, apply `--set` overrides, validate. Raises ConfigError naming the key."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; pass -c with a YAML file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(tree).__name__}")
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    return validate_config(tree, source=str(path))
+
+
+def validate_config(tree: dict[str, Any], source: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown key '{key}' (check the spelling; see conf/pipeline.yaml)")
+            else:
+                problems.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError(f"{source}: " + "; ".join(problems)) from None

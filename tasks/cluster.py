@@ -1,0 +1,41 @@
+"""One place that decides where Dask work runs: a scheduler from config, or a LocalCluster."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+from conf.schema import DaskConfig
+
+
+@contextlib.contextmanager
+def dask_client(cfg: DaskConfig) -> Iterator:
+    """A distributed Client for the duration of one stage.
+
+    With `dask.address` set, connect to that scheduler (its workers must see the workdir
+    at the same path: a shared filesystem). Otherwise start a LocalCluster of worker
+    processes (~2 s on 2 cores) and close it afterwards, so no stray processes outlive the
+    stage.
+    """
+    from dask.distributed import Client, LocalCluster
+
+    # Cluster start/stop is logged at INFO (with tracebacks for closed comms at shutdown);
+    # under Prefect's log handler that buries the stage logs. Warnings still come through.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    if cfg.address:
+        with Client(cfg.address, timeout="30s") as client:
+            yield client
+        return
+    with (
+        LocalCluster(
+            n_workers=cfg.n_workers,
+            threads_per_worker=cfg.threads_per_worker,
+            memory_limit=cfg.memory_limit,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=40,  # logging.ERROR: keep worker chatter out of the run log
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client

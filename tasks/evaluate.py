@@ -1,0 +1,159 @@
+"""evaluate: quality, latency and size of the unpruned baseline and the pruned model.
+
+Both are scored on the raw test split through `serving.Predictor` (reduction + network),
+exactly what the registered pyfunc does. The pruned model is chosen when it stays within
+`evaluate.max_accuracy_drop` of the baseline; the registry step then gates it against
+the current champion.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zstandard
+
+from conf.schema import EvaluateConfig
+from tasks.reduce import read_features
+from tasks.serving import Predictor, write_bundle
+from tasks.stage import Manifest, StageDir
+
+VERSION = "1"
+
+
+def load_test_split(partitions: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    files = [f["path"] for f in partitions["splits"]["test"]["files"]]
+    if not files:
+        raise ValueError("evaluate: the test split is empty; set data.test_fraction > 0")
+    X = np.concatenate([read_features(f, partitions["feature_names"]) for f in files])
+    y = np.concatenate([pq.read_table(f, columns=[partitions["label"]]).column(0).to_numpy() for f in files])
+    return X, y
+
+
+def input_example(partitions: Manifest, rows: int = 5):
+    """The first raw test rows as a DataFrame: the registered model's input example."""
+    import pyarrow.parquet as pq
+
+    first = partitions["splits"]["test"]["files"][0]["path"]
+    return pq.read_table(first, columns=partitions["feature_names"]).slice(0, rows).to_pandas()
+
+
+@torch.inference_mode()
+def latency_ms(model: torch.nn.Module, Z: torch.Tensor, batch: int, repeats: int) -> float:
+    """Median wall time of one forward pass, one CPU thread (a typical serving replica)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = Z[:batch]
+        for _ in range(3):  # warm-up: allocator and kernel selection
+            model(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1000
+    finally:
+        torch.set_num_threads(threads)
+
+
+def score(predictor: Predictor, X: np.ndarray, y: np.ndarray, cfg: EvaluateConfig) -> dict[str, Any]:
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    codes = predictor.predict_codes(X)
+    Z = predictor.features(X[:256])
+    params = list(predictor.model.parameters())
+    raw = (predictor.bundle / "model.pt").read_bytes()
+    return {
+        "accuracy": float((codes == y).mean()),
+        "macro_f1": float(f1_score(y, codes, average="macro")),
+        "latency_b1_ms": latency_ms(predictor.model, Z, 1, cfg.latency_repeats),
+        "latency_b256_ms": latency_ms(predictor.model, Z, 256, cfg.latency_repeats),
+        "parameters": sum(p.numel() for p in params),
+        "nonzero_parameters": int(sum((p != 0).sum() for p in params)),
+        "size_bytes": len(raw),
+        "size_zstd_bytes": len(zstandard.ZstdCompressor(level=19).compress(raw)),
+        "confusion": confusion_matrix(y, codes, labels=range(len(predictor.classes))).tolist(),
+    }
+
+
+def plot_confusion(matrix: list[list[int]], classes: list[Any], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(classes)), [str(c) for c in classes], rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), [str(c) for c in classes])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    for (i, j), v in np.ndenumerate(m):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > m.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def markdown_table(rows: dict[str, dict[str, Any]], keys: list[str]) -> str:
+    names = list(rows)
+    lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for k in keys:
+        cells = [f"{rows[n][k]:.4f}" if isinstance(rows[n][k], float) else str(rows[n][k]) for n in names]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+TABLE_KEYS = ["accuracy", "macro_f1", "latency_b1_ms", "latency_b256_ms", "parameters",
+              "nonzero_parameters", "size_bytes", "size_zstd_bytes"]
+
+
+def evaluate_model(partitions: Manifest, features: Manifest, trained: Manifest, pruned: Manifest,
+                   cfg: EvaluateConfig, out: StageDir) -> dict[str, Any]:
+    """Score baseline and pruned side by side, choose one; return the manifest body."""
+    X, y = load_test_split(partitions)
+    reduction = features["reduction"]["path"] if features.get("reduction") else None
+    meta = {"feature_names": partitions["feature_names"], "classes": partitions["classes"]}
+    results = {}
+    for name, manifest in (("baseline", trained), ("pruned", pruned)):
+        bundle = write_bundle(out.path(name), manifest["model"], reduction, meta)
+        results[name] = score(Predictor(bundle), X, y, cfg)
+        plot_confusion(results[name]["confusion"], partitions["classes"], f"{name} (test)",
+                       out.path(f"confusion_{name}.png"))
+    drop = results["baseline"]["accuracy"] - results["pruned"]["accuracy"]
+    chosen = "pruned" if drop <= cfg.max_accuracy_drop else "baseline"
+    weights = (pruned if chosen == "pruned" else trained)["model"]["weights"]["digest"]
+    model_digest = weights + (features["reduction"]["digest"] if reduction else "")
+    speedup = results["baseline"]["latency_b256_ms"] / max(results["pruned"]["latency_b256_ms"], 1e-9)
+    table = markdown_table(results, TABLE_KEYS)
+    summary = (f"{table}\n\nChosen: **{chosen}** (accuracy drop {drop:+.4f}, allowed "
+               f"{cfg.max_accuracy_drop}); batch-256 latency ratio baseline/pruned {speedup:.2f}×")
+    (out.path("summary.md")).write_text(summary + "\n")
+    metrics = {f"evaluate/{n}_{k}": float(v) for n, r in results.items() for k, v in r.items() if k in TABLE_KEYS}
+    metrics |= {
+        "test/accuracy": results[chosen]["accuracy"],
+        "test/macro_f1": results[chosen]["macro_f1"],
+        "baseline/accuracy": results["baseline"]["accuracy"],
+        "evaluate/accuracy_drop": drop,
+        "evaluate/chosen_pruned": float(chosen == "pruned"),
+    }
+    return {
+        "chosen": chosen,
+        "bundle": out.final_path(chosen),
+        "model_digest": model_digest,
+        "results": results,
+        "test_digest": "".join(f["digest"] for f in partitions["splits"]["test"]["files"])[:32],
+        "plots": [out.final_path(f"confusion_{n}.png") for n in results],
+        "report": out.final_path("summary.md"),
+        "metrics": metrics,
+        "summary": summary,
+    }

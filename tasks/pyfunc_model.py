@@ -1,0 +1,30 @@
+"""MLflow "models from code" entry for the registered model: no pickled Python objects.
+
+MLflow runs this file when the model is loaded (`mlflow.pyfunc.load_model`); the `tasks`
+and `conf` packages travel with the model as code paths, the weights as an artifact.
+"""
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+from tasks.serving import Predictor
+
+
+class AccelflowClassifier(PythonModel):
+    """Scores raw feature rows (a DataFrame with the training columns) → class labels."""
+
+    def load_context(self, context):
+        self.predictor = Predictor(context.artifacts["bundle"])
+
+    def predict(self, context, model_input, params=None):
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        missing = [c for c in self.predictor.feature_names if c not in frame.columns]
+        if missing:
+            raise ValueError(f"input is missing feature column(s) {missing[:10]}; send raw rows "
+                             "with the columns the model was trained on")
+        return pd.Series(self.predictor.predict(frame[self.predictor.feature_names].to_numpy()),
+                         name="prediction")
+
+
+mlflow.models.set_model(AccelflowClassifier())

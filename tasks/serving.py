@@ -1,0 +1,59 @@
+"""The served model: raw feature rows in, class labels out.
+
+`Predictor` bundles the fitted reduction (if any), the network and the class names. The
+evaluate stage scores the test split through the very same `Predictor` that the MLflow
+pyfunc wraps, so the accuracy in MLflow is the accuracy a user of the registered model gets.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tasks.reduce import apply_reduction, load_reduction
+from tasks.training.models import build_model
+
+BUNDLE_FILES = ("model.pt", "model.json", "meta.json", "reduction.npz")
+
+
+class Predictor:
+    def __init__(self, bundle: str | Path):
+        self.bundle = bundle = Path(bundle)
+        meta = json.loads((bundle / "meta.json").read_text())
+        self.feature_names: list[str] = meta["feature_names"]
+        self.classes: list[Any] = meta["classes"]
+        reduction = bundle / "reduction.npz"
+        self.reduction = load_reduction(reduction) if reduction.exists() else None
+        self.model = build_model(json.loads((bundle / "model.json").read_text()))
+        self.model.load_state_dict(torch.load(bundle / "model.pt", map_location="cpu", weights_only=True))
+        self.model.eval()
+
+    def features(self, X: np.ndarray) -> torch.Tensor:
+        X = np.asarray(X, dtype=np.float32)
+        if self.reduction is not None:
+            X = apply_reduction(X, self.reduction)
+        return torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+
+    @torch.inference_mode()
+    def predict_codes(self, X: np.ndarray, batch: int = 8192) -> np.ndarray:
+        Z = self.features(X)
+        return torch.cat([self.model(Z[i : i + batch]).argmax(1) for i in range(0, len(Z), batch)]).numpy()
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return np.asarray(self.classes, dtype=object)[self.predict_codes(X)]
+
+
+def write_bundle(dest: Path, model: dict[str, Any], reduction_path: str | None, meta: dict[str, Any]) -> Path:
+    """Copy weights, architecture, reduction and metadata into one self-contained folder."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(model["weights"]["path"], dest / "model.pt")
+    shutil.copy(model["arch"]["path"], dest / "model.json")
+    if reduction_path:
+        shutil.copy(reduction_path, dest / "reduction.npz")
+    (dest / "meta.json").write_text(json.dumps(meta, indent=2))
+    return dest

@@ -1,0 +1,169 @@
+"""Stage outputs: content-addressed folders, written atomically, described by a manifest.
+
+Every stage writes under `<workdir>/<stage>/<key>/`, where `key` digests the stage's code
+version, its config slice and the digests of its input manifests. A stage whose folder
+already holds a manifest is a cache hit; otherwise it builds into a temporary folder that
+is renamed into place only when complete, so a crash never leaves a folder that looks done.
+
+A manifest is a small JSON record (paths, row counts, schema, content digests, metrics):
+the only thing stages pass to each other. Pure Python: no Prefect, no MLflow here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from conf.schema import config_digest
+
+Manifest = dict[str, Any]
+MANIFEST = "manifest.json"
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def describe_files(paths: list[Path]) -> list[dict[str, Any]]:
+    """Path, size and content digest of each file, for a manifest."""
+    return [{"path": str(p), "bytes": p.stat().st_size, "digest": file_digest(p)} for p in paths]
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+@dataclass
+class StageOutcome:
+    manifest: Manifest
+    cached: bool
+    reason: str
+    seconds: float
+
+
+@dataclass
+class StageDir:
+    """Where a build writes (`tmp`) and where its files will live once complete (`final`)."""
+
+    tmp: Path
+    final: Path
+
+    def path(self, name: str) -> Path:
+        return self.tmp / name
+
+    def final_path(self, name: str) -> str:
+        return str(self.final / name)
+
+
+def stage_key(stage: str, version: str, config: dict[str, Any], inputs: list[Manifest]) -> str:
+    return config_digest(
+        {"stage": stage, "version": version, "config": config, "inputs": [m["digest"] for m in inputs]}
+    )
+
+
+def why_it_ran(previous: dict[str, Any] | None, current: dict[str, Any]) -> str:
+    """Say in words what differs from the last completed run of this stage."""
+    if previous is None:
+        return "first run of this stage in this workdir"
+    changes = []
+    if previous.get("version") != current["version"]:
+        changes.append(f"stage code version {previous.get('version')} → {current['version']}")
+    old_cfg, new_cfg = previous.get("config", {}), current["config"]
+    changed_keys = sorted(k for k in old_cfg.keys() | new_cfg.keys() if old_cfg.get(k) != new_cfg.get(k))
+    if changed_keys:
+        changes.append("config changed: " + ", ".join(changed_keys))
+    if previous.get("inputs") != current["inputs"]:
+        changes.append("input changed: " + ", ".join(sorted(current["input_stages"])))
+    return "; ".join(changes) or "output for this key was not found (removed?)"
+
+
+def run_stage(
+    workdir: str | Path,
+    stage: str,
+    version: str,
+    config: dict[str, Any],
+    inputs: list[Manifest],
+    build: Callable[[StageDir], Manifest],
+    resumable: bool = False,
+) -> StageOutcome:
+    """Return the stage's manifest, building it only when no complete output exists.
+
+    `build` writes its files into `StageDir.tmp` and returns the manifest body. With
+    `resumable=True` the temporary folder has a stable name, so a killed run (training)
+    can pick up its checkpoints next time instead of starting over.
+    """
+    start = time.perf_counter()
+    root = Path(workdir).resolve() / stage
+    key = stage_key(stage, version, config, inputs)
+    final = root / key
+    if (final / MANIFEST).is_file():
+        manifest = json.loads((final / MANIFEST).read_text())
+        return StageOutcome(manifest, True, f"cache hit ({key})", time.perf_counter() - start)
+
+    record = {
+        "version": version,
+        "config": config,
+        "inputs": [m["digest"] for m in inputs],
+        "input_stages": [m["stage"] for m in inputs],
+    }
+    last_path = root / "last.json"
+    previous = json.loads(last_path.read_text()) if last_path.is_file() else None
+    reason = why_it_ran(previous, record)
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / (f".partial-{key}" if resumable else f".tmp-{key}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(exist_ok=True)
+    try:
+        body = build(StageDir(tmp=tmp, final=final))
+    except BaseException:
+        if not resumable:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    manifest = {
+        **body,
+        "stage": stage,
+        "key": key,
+        "version": version,
+        "config": config,
+        "inputs": record["inputs"],
+        "dir": str(final),
+    }
+    manifest["digest"] = config_digest(
+        {"key": key, "files": _file_digests(manifest)}
+    )
+    write_json_atomic(tmp / MANIFEST, manifest)
+    if final.exists():  # another run finished the same key first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        manifest = json.loads((final / MANIFEST).read_text())
+    else:
+        os.replace(tmp, final)
+    write_json_atomic(last_path, {**record, "key": key})
+    return StageOutcome(manifest, False, reason, time.perf_counter() - start)
+
+
+def _file_digests(node: Any) -> list[str]:
+    """Every `digest` of a described file anywhere in the manifest body."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        if "digest" in node and "path" in node:
+            found.append(node["digest"])
+        for value in node.values():
+            found.extend(_file_digests(value))
+    elif isinstance(node, list):
+        for value in node:
+            found.extend(_file_digests(value))
+    return found

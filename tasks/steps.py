@@ -1,0 +1,113 @@
+"""The Prefect tasks: one thin wrapper per stage around the pure logic in `tasks/*.py`.
+
+Each wrapper opens the stage's nested MLflow run, lets `run_stage` decide between a cache
+hit and a build, and publishes the outcome. Prefect's own result caching is off
+(`NO_CACHE`): stage folders keyed by content digests are the cache, so it also survives
+across flow runs and processes.
+"""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from conf.schema import PipelineConfig
+from tasks import evaluate, ingest, partition, prune, reduce, registry, train
+from tasks.cluster import dask_client
+from tasks.stage import Manifest, StageOutcome, run_stage
+from tasks.tracking import log_dataset, publish, stage_run
+
+
+@task(name="ingest", cache_policy=NO_CACHE)
+def ingest_data(cfg: PipelineConfig, parent: str) -> StageOutcome:
+    """Read, validate and split the source data."""
+    with stage_run(parent, "ingest", "data", cfg.data):
+        outcome = run_stage(cfg.workdir, "ingest", ingest.VERSION, cfg.data.model_dump(mode="json"), [],
+                            lambda out: ingest.ingest_dataset(cfg.data, out))
+        publish("ingest", outcome)
+    return outcome
+
+
+@task(name="partition", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def partition_data(cfg: PipelineConfig, parent: str, ingested: Manifest) -> StageOutcome:
+    """Write the splits as compressed Parquet partitions on a Dask cluster."""
+
+    def build(out):
+        with dask_client(cfg.dask):
+            return partition.partition_dataset(ingested, cfg.partition, out)
+
+    with stage_run(parent, "partition", "partition", cfg.partition):
+        outcome = run_stage(cfg.workdir, "partition", partition.VERSION, cfg.partition.model_dump(mode="json"),
+                            [ingested], build)
+        for split in ("train", "val", "test"):
+            log_dataset(outcome.manifest, split, context=split)
+        publish("partition", outcome)
+    return outcome
+
+
+@task(name="reduce", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def reduce_features(cfg: PipelineConfig, parent: str, partitions: Manifest) -> StageOutcome:
+    """Fit PCA on the training split (or pass features through) and project every split."""
+
+    def build(out):
+        if cfg.reduce.method == "none":
+            return reduce.skip_reduction(partitions)
+        with dask_client(cfg.dask) as client:
+            return reduce.fit_reduction(partitions, cfg.reduce, out, client)
+
+    with stage_run(parent, "reduce", "reduce", cfg.reduce):
+        outcome = run_stage(cfg.workdir, "reduce", reduce.VERSION, cfg.reduce.model_dump(mode="json"),
+                            [partitions], build)
+        publish("reduce", outcome)
+    return outcome
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_network(cfg: PipelineConfig, parent: str, features: Manifest) -> StageOutcome:
+    """Train the configured model with DDP workers; resumes from its last checkpoint."""
+    with stage_run(parent, "train", "train", cfg.train) as run_id:
+        outcome = run_stage(cfg.workdir, "train", train.VERSION, cfg.train.model_dump(mode="json"), [features],
+                            lambda out: train.train_model(features, cfg.train, out, run_id), resumable=True)
+        publish("train", outcome)
+    return outcome
+
+
+@task(name="prune", cache_policy=NO_CACHE)
+def prune_network(cfg: PipelineConfig, parent: str, features: Manifest, trained: Manifest) -> StageOutcome:
+    """Prune the trained model by magnitude and fine-tune it with the mask held."""
+
+    def build(out):
+        if cfg.prune.method == "none":
+            return prune.skip_pruning(trained)
+        return prune.prune_model(features, trained, cfg.prune, cfg.train, out, run_id)
+
+    with stage_run(parent, "prune", "prune", cfg.prune) as run_id:
+        # the fine-tune uses train's optimizer settings, so they are part of this stage's key
+        config = {**cfg.prune.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json")}
+        outcome = run_stage(cfg.workdir, "prune", prune.VERSION, config, [features, trained], build,
+                            resumable=True)
+        publish("prune", outcome)
+    return outcome
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_and_register(cfg: PipelineConfig, parent: str, partitions: Manifest, features: Manifest,
+                          trained: Manifest, pruned: Manifest) -> StageOutcome:
+    """Score baseline and pruned models, pick one, register it and gate it against the champion."""
+    import mlflow
+
+    with stage_run(parent, "evaluate", "evaluate", cfg.evaluate):
+        outcome = run_stage(
+            cfg.workdir, "evaluate", evaluate.VERSION, cfg.evaluate.model_dump(mode="json"),
+            [partitions, features, trained, pruned],
+            lambda out: evaluate.evaluate_model(partitions, features, trained, pruned, cfg.evaluate, out),
+        )
+        log_dataset(partitions, "test", context="evaluation")
+        for plot in outcome.manifest["plots"]:
+            mlflow.log_artifact(plot, "evaluate")
+        promotion = registry.register_and_promote(outcome.manifest, evaluate.input_example(partitions),
+                                                  cfg.registry)
+        mlflow.set_tags({f"accelflow.registry.{k}": str(v) for k, v in promotion.items()})
+        outcome.manifest["promotion"] = promotion
+        publish("evaluate", outcome)
+    return outcome

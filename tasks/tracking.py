@@ -1,0 +1,144 @@
+"""The thin MLflow + Prefect layer: one parent run per pipeline run, one nested run per stage.
+
+Stage logic never imports this module; the `@task` wrappers do. Each stage run gets the
+stage's config slice as params (`section.key`), its metrics (`stage/metric`), tags saying
+whether it was a cache hit and why it ran, its manifest and summary as artifacts, and the
+same summary as a Prefect markdown artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from conf.schema import PipelineConfig, flatten
+from tasks.stage import Manifest, StageOutcome
+
+TELEMETRY_OFF = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+}
+
+
+def quiet_environment() -> None:
+    """Offline-friendly defaults; a value the user already set wins."""
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
+
+
+def configure(cfg: PipelineConfig) -> str:
+    """Point MLflow at the configured store; return the experiment id (created if new)."""
+    import mlflow
+
+    quiet_environment()
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking.uri  # training workers inherit it
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if cfg.tracking.uri.startswith("sqlite:///"):
+        # keep artifacts beside the sqlite file, not in whatever folder the run starts from
+        db = Path(cfg.tracking.uri.removeprefix("sqlite:///")).resolve()
+        artifact_location = (db.parent / "mlartifacts").as_uri()
+    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@contextlib.contextmanager
+def pipeline_run(cfg: PipelineConfig, experiment_id: str) -> Iterator[str]:
+    """The parent run: tags link it to the Prefect flow run, the code and the config."""
+    import mlflow
+    from prefect.runtime import deployment, flow_run
+
+    tags = {
+        "accelflow.flow_run_id": str(flow_run.id or "none"),
+        "accelflow.flow_run_name": str(flow_run.name or "none"),
+        "accelflow.deployment": str(deployment.name or "none"),
+        "accelflow.config_digest": cfg.digest(),
+        "mlflow.source.git.commit": git_commit(),
+    }
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"pipeline-{cfg.digest()[:8]}", tags=tags) as run:
+        mlflow.log_params(cfg.flat())
+        mlflow.log_text(_yaml(cfg), "config/pipeline.yaml")
+        yield run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(parent_run_id: str, stage: str, section: str, config: Any) -> Iterator[str]:
+    """A nested run for one stage, named after it, carrying its config slice as params."""
+    import mlflow
+
+    with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id) as run:
+        mlflow.set_tag("accelflow.stage", stage)
+        params = flatten(config.model_dump(mode="json") if hasattr(config, "model_dump") else config)
+        mlflow.log_params({f"{section}.{k}": v for k, v in params.items()})
+        yield run.info.run_id
+
+
+def publish(stage: str, outcome: StageOutcome) -> None:
+    """Log a stage's outcome to the active MLflow run and as a Prefect artifact."""
+    import mlflow
+
+    m = outcome.manifest
+    mlflow.set_tags({
+        "accelflow.cached": str(outcome.cached).lower(),
+        "accelflow.reason": outcome.reason[:5000],
+        "accelflow.stage_key": m["key"],
+    })
+    mlflow.log_metrics({**m.get("metrics", {}), f"{stage}/seconds": outcome.seconds,
+                        f"{stage}/cached": float(outcome.cached)})
+    mlflow.log_dict(m, f"{stage}/manifest.json")
+    summary = f"### {stage}\n\n{'cached' if outcome.cached else 'ran'}: {outcome.reason}\n\n{m.get('summary', '')}\n"
+    mlflow.log_text(summary, f"{stage}/summary.md")
+    _prefect_markdown(stage, summary)
+
+
+def log_dataset(manifest: Manifest, split: str, context: str) -> None:
+    """`mlflow.log_input` from a manifest: name, digest, source, row count — no data loaded."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    files = manifest["splits"][split]["files"]
+    if not files:
+        return
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local files
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(Path(files[0]["path"]).parent.as_uri())
+    digest = "".join(f["digest"] for f in files)[:32]
+    dataset = MetaDataset(source=source, name=f"{manifest['stage']}-{split}", digest=digest[:16])
+    mlflow.log_input(dataset, context=context)
+
+
+def _prefect_markdown(stage: str, text: str) -> None:
+    try:
+        from prefect.artifacts import create_markdown_artifact
+        from prefect.context import TaskRunContext
+
+        if TaskRunContext.get() is not None:  # outside a task run there is nowhere to attach it
+            create_markdown_artifact(markdown=text, key=f"accelflow-{stage}", description=f"{stage} summary")
+    except Exception as exc:  # an artifact is a convenience: never fail a stage over it
+        print(f"note: could not publish the Prefect artifact for {stage}: {exc}")
+
+
+def _yaml(cfg: PipelineConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)

@@ -1,0 +1,308 @@
+"""The DDP training worker: one process per GPU (NCCL) or gloo processes on CPU.
+
+Launched by `tasks.training.launch` (or by hand, on one or many nodes):
+
+    torchrun --standalone --nproc_per_node=2 -m tasks.training.worker spec.json
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d \
+        --rdzv_endpoint=HOST:29500 -m tasks.training.worker spec.json
+
+The spec (JSON) names the Parquet files, the model, optimizer, schedule and a list of
+phases: plain training is one phase; pruning is one phase per round, each starting by
+masking the smallest weights and then fine-tuning with the mask held. Only rank 0 logs
+(to MLflow when MLFLOW_RUN_ID is set) and writes checkpoints; a rerun with the same
+checkpoint folder resumes after the last completed epoch.
+
+Imports torch, numpy and pyarrow only, so workers start fast (mlflow is imported lazily,
+on rank 0, only when a run id is given).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from tasks.training.models import build_model
+from tasks.training.sparsity import apply_masks, global_magnitude_masks, sparsity_report
+
+# ---------------------------------------------------------------- ranks: the one place
+
+
+@dataclass
+class Rank:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Rank:
+    """Read torchrun's RANK/LOCAL_RANK/WORLD_SIZE; NCCL on GPUs, gloo on CPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if world > 1:
+        dist.init_process_group(backend=backend)
+    return Rank(rank, world, device)
+
+
+def all_sum(values: list[float], r: Rank) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=r.device)
+    if r.world > 1:
+        dist.all_reduce(t)  # a sync point: call once per epoch, not per batch
+    return t.tolist()
+
+
+class MetricSink:
+    """Rank 0 → MLflow (if MLFLOW_RUN_ID is set) and a JSON history; other ranks: no-op."""
+
+    def __init__(self, r: Rank):
+        self.client = None
+        self.run_id = os.environ.get("MLFLOW_RUN_ID") if r.is_main else None
+        if self.run_id:
+            from mlflow import MlflowClient  # lazy: ~2 s, rank 0 only
+
+            self.client = MlflowClient()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client:
+            stamp = int(time.time() * 1000)
+            from mlflow.entities import Metric
+
+            batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
+            self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+
+
+# ---------------------------------------------------------------- data, model, optimizer
+
+
+def load_split(files: list[str], features: list[str], label: str) -> tuple[torch.Tensor, torch.Tensor]:
+    tables = [pq.read_table(f, columns=[*features, label], memory_map=True) for f in files]
+    X = np.concatenate(
+        [np.column_stack([t.column(c).to_numpy(zero_copy_only=False) for c in features]) for t in tables]
+    ).astype(np.float32)
+    y = np.concatenate([t.column(label).to_numpy(zero_copy_only=False) for t in tables]).astype(np.int64)
+    return torch.from_numpy(X), torch.from_numpy(y)
+
+
+def fit_standardize(model: nn.Module, X: torch.Tensor) -> None:
+    std = X.std(dim=0)
+    model.standardize.mean.copy_(X.mean(dim=0))
+    model.standardize.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+
+
+def build_optimizer(spec: dict[str, Any], params, lr: float) -> torch.optim.Optimizer:
+    name, wd = spec["optimizer"], spec["weight_decay"]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=spec["momentum"], weight_decay=wd, nesterov=spec["momentum"] > 0)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, momentum=spec["momentum"], weight_decay=wd)
+    raise ValueError(f"train.optimizer: unknown optimizer '{name}'")
+
+
+def build_scheduler(spec: dict[str, Any], opt, lr: float, epochs: int, steps: int):
+    """All schedules step per batch, so short runs still see the whole schedule."""
+    name, total = spec["scheduler"], max(epochs * steps, 1)
+    sched = torch.optim.lr_scheduler
+    if name == "onecycle":
+        return sched.OneCycleLR(opt, max_lr=lr, total_steps=total)
+    if name == "cosine":
+        return sched.CosineAnnealingLR(opt, T_max=total)
+    if name == "step":
+        return sched.StepLR(opt, step_size=spec["step_size"] * steps, gamma=spec["gamma"])
+    if name == "exponential":  # gamma per epoch, spread over its batches
+        return sched.ExponentialLR(opt, gamma=spec["gamma"] ** (1.0 / steps))
+    if name == "none":
+        return sched.LambdaLR(opt, lambda _: 1.0)
+    raise ValueError(f"train.scheduler: unknown scheduler '{name}'")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class Trainer:
+    def __init__(self, spec: dict[str, Any], r: Rank):
+        self.spec, self.r = spec, r
+        self.out = Path(spec["out_dir"])
+        self.ckpt = Path(spec["checkpoint_dir"]) / "last.pt"
+        torch.manual_seed(spec["seed"])
+        feats, label = spec["features"], spec["label"]
+        self.X, self.y = (t.to(r.device) for t in load_split(spec["train_files"], feats, label))
+        self.Xv, self.yv = (t.to(r.device) for t in load_split(spec["val_files"], feats, label))
+        self.model = build_model(spec["arch"]).to(r.device)
+        if spec.get("init_from"):
+            self.model.load_state_dict(torch.load(spec["init_from"], map_location=r.device, weights_only=True))
+        else:
+            fit_standardize(self.model, self.X)
+        self.net: nn.Module = self.model
+        if spec.get("compile"):
+            self.net = torch.compile(self.net)
+        if r.world > 1:
+            self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=[r.device.index] if r.device.type == "cuda" else None)
+        self.amp = autocast_dtype(spec["precision"], r.device)
+        self.scaler = torch.amp.GradScaler(enabled=self.amp == torch.float16 and r.device.type == "cuda")
+        self.sink = MetricSink(r)
+        self.history: list[dict[str, float]] = []
+
+    def shard(self, n: int, epoch: int, pad: bool) -> torch.Tensor:
+        """This rank's row indices: a seeded shuffle, padded so every rank takes as many steps."""
+        g = torch.Generator().manual_seed(self.spec["seed"] * 100_003 + epoch)
+        order = torch.randperm(n, generator=g) if pad else torch.arange(n)
+        if pad and n % self.r.world:
+            order = torch.cat([order, order[: self.r.world - n % self.r.world]])
+        return order[self.r.rank :: self.r.world].to(self.r.device)
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(math.ceil(len(self.X) / self.r.world) / self.spec["batch_size"])
+
+    def train_epoch(self, opt, sched, masks, global_epoch: int) -> tuple[float, float]:
+        self.net.train()
+        index, bs = self.shard(len(self.X), global_epoch, pad=True), self.spec["batch_size"]
+        total_loss = torch.zeros((), device=self.r.device)
+        start = time.perf_counter()
+        for i in range(0, len(index), bs):
+            batch = index[i : i + bs]
+            with torch.autocast(self.r.device.type, dtype=self.amp, enabled=self.amp is not None):
+                logits = self.net(self.X[batch])
+                loss = F.cross_entropy(logits.float(), self.y[batch], label_smoothing=self.spec["label_smoothing"])
+            opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(opt)
+            self.scaler.update()
+            sched.step()
+            if masks:
+                apply_masks(self.model, masks)  # keep pruned weights at exactly zero
+            total_loss += loss.detach() * len(batch)  # no .item(): avoid a sync per batch
+        seconds = time.perf_counter() - start
+        loss_sum, count = all_sum([total_loss.item(), len(index)], self.r)
+        return loss_sum / count, count / seconds
+
+    @torch.no_grad()
+    def validate(self) -> tuple[float, float]:
+        self.net.eval()
+        index = self.shard(len(self.Xv), 0, pad=False)
+        loss_sum, correct = 0.0, 0.0
+        for i in range(0, len(index), 4096):
+            batch = index[i : i + 4096]
+            logits = self.model(self.Xv[batch]).float()
+            loss_sum += F.cross_entropy(logits, self.yv[batch], reduction="sum").item()
+            correct += (logits.argmax(1) == self.yv[batch]).sum().item()
+        loss_sum, correct, count = all_sum([loss_sum, correct, len(index)], self.r)
+        return loss_sum / max(count, 1), correct / max(count, 1)
+
+    def save_checkpoint(self, opt, sched, masks, phase: int, epoch: int) -> None:
+        if not self.r.is_main:
+            return
+        self.ckpt.parent.mkdir(parents=True, exist_ok=True)
+        state = {"model": self.model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "masks": masks, "phase": phase, "epoch": epoch, "history": self.history, "spec": self.spec}
+        tmp = self.ckpt.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt)  # atomic: a kill mid-save keeps the previous checkpoint
+
+    def run(self) -> dict[str, Any]:
+        resume = torch.load(self.ckpt, map_location=self.r.device, weights_only=False) if self.ckpt.exists() else None
+        if resume:
+            self.model.load_state_dict(resume["model"])
+            self.history = resume["history"]
+        prefix, global_epoch = self.spec["metric_prefix"], 0
+        start = time.perf_counter()
+        for p, phase in enumerate(self.spec["phases"]):
+            if resume and p < resume["phase"]:
+                global_epoch += phase["epochs"]
+                continue
+            masks = None
+            if phase.get("sparsity") is not None:
+                masks = global_magnitude_masks(self.model, phase["sparsity"])
+            opt = build_optimizer(self.spec, self.model.parameters(), phase["lr"])
+            sched = build_scheduler(self.spec, opt, phase["lr"], phase["epochs"], self.steps_per_epoch())
+            first = 0
+            if resume and p == resume["phase"]:
+                opt.load_state_dict(resume["optimizer"])
+                sched.load_state_dict(resume["scheduler"])
+                masks, first = resume["masks"], resume["epoch"] + 1
+                global_epoch += first
+                resume = None
+            if masks:
+                apply_masks(self.model, masks)
+                if phase["epochs"] == 0:
+                    self.log_epoch(prefix, global_epoch, p, float("nan"), 0.0, masks)
+            for epoch in range(first, phase["epochs"]):
+                loss, speed = self.train_epoch(opt, sched, masks, global_epoch)
+                self.log_epoch(prefix, global_epoch, p, loss, speed, masks)
+                self.save_checkpoint(opt, sched, masks, p, epoch)
+                global_epoch += 1
+        return self.finish(time.perf_counter() - start)
+
+    def log_epoch(self, prefix: str, step: int, phase: int, loss: float, speed: float, masks) -> None:
+        val_loss, val_acc = self.validate()
+        row = {f"{prefix}/loss": loss, f"{prefix}/samples_per_second": speed, "val/loss": val_loss, "val/accuracy": val_acc}
+        if masks:
+            row[f"{prefix}/sparsity"] = sparsity_report(self.model)["sparsity"]
+        row = {k: v for k, v in row.items() if not math.isnan(v)}
+        self.history.append({"epoch": step, "phase": phase, **row})
+        self.sink.log(row, step)
+        if self.r.is_main:
+            print(json.dumps(self.history[-1]), flush=True)
+
+    def finish(self, seconds: float) -> dict[str, Any]:
+        val_loss, val_acc = self.validate()
+        result = {"val_accuracy": val_acc, "val_loss": val_loss, "seconds": seconds, "world_size": self.r.world,
+                  "device": self.r.device.type, "precision": str(self.amp or "fp32"), **sparsity_report(self.model)}
+        if self.r.is_main:
+            torch.save(self.model.state_dict(), self.out / "model.pt")
+            (self.out / "model.json").write_text(json.dumps(self.spec["arch"], indent=2))
+            (self.out / "history.json").write_text(json.dumps(self.history, indent=2))
+            (self.out / "result.json").write_text(json.dumps(result, indent=2))
+        return result
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: torchrun ... -m tasks.training.worker SPEC.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    r = setup_distributed()
+    torch.set_num_threads(max(1, spec.get("threads_per_process", 1)))
+    try:
+        Trainer(spec, r).run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
