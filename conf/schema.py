@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG = Path(__file__).with_name("pipeline.yaml")
 
@@ -125,6 +125,12 @@ class PipelineConfig(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
+    @model_validator(mode="after")
+    def _compatible_sections(self) -> PipelineConfig:
+        if self.train.model == "cnn" and self.reduce.method != "none":
+            raise ValueError("train.model 'cnn' works on raw images: set reduce.method to 'none'")
+        return self
+
     def digest(self) -> str:
         return config_digest(self.model_dump(mode="json"))
 
@@ -190,8 +196,11 @@ def validate_config(tree: dict[str, Any], source: str = "config") -> PipelineCon
         problems = []
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"])
+            message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 problems.append(f"unknown key '{key}' (check the spelling; see conf/pipeline.yaml)")
+            elif not key:  # a rule across sections: the message names the keys itself
+                problems.append(message)
             else:
-                problems.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
+                problems.append(f"'{key}': {message} (got {err.get('input')!r})")
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None

@@ -85,7 +85,11 @@ def stage_run(parent_run_id: str, stage: str, section: str, config: Any) -> Iter
     """A nested run for one stage, named after it, carrying its config slice as params."""
     import mlflow
 
-    with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id) as run:
+    # Tasks may run in other threads than the flow, where MLflow's active experiment is
+    # unset: take the parent's experiment explicitly or the run lands in "Default".
+    experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
+    with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id,
+                          experiment_id=experiment_id) as run:
         mlflow.set_tag("accelflow.stage", stage)
         params = flatten(config.model_dump(mode="json") if hasattr(config, "model_dump") else config)
         mlflow.log_params({f"{section}.{k}": v for k, v in params.items()})

@@ -1,0 +1,91 @@
+"""Shared fixtures: real data (Fashion-MNIST subsets, scikit-learn's digits) and configs."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conf.schema import PipelineConfig, load_config
+
+FMNIST = Path(os.environ.get("ACCELFLOW_FMNIST", "/usr/share/datasets/fashion-mnist"))
+CLASS_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+
+for key, value in {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+}.items():
+    os.environ.setdefault(key, value)
+
+
+def tree_digest(path: Path) -> str:
+    """Digest of every file under `path` (names and bytes): proves input was not touched."""
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if p.is_file():
+            h.update(str(p.relative_to(path.parent)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+@pytest.fixture(scope="session")
+def fmnist_full() -> Path:
+    if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"Fashion-MNIST missing in {FMNIST}: run `make data` (Debian's dataset-fashion-mnist)")
+    return FMNIST
+
+
+@pytest.fixture(scope="session")
+def fmnist_small(fmnist_full: Path, tmp_path_factory) -> Path:
+    """A real Fashion-MNIST subset in IDX form: first 3000 train and 1000 test images."""
+    from tasks.ingest import read_idx
+
+    out = tmp_path_factory.mktemp("fmnist_small")
+    for prefix, n in (("train", 3000), ("t10k", 1000)):
+        write_idx(out / f"{prefix}-images-idx3-ubyte.gz", read_idx(fmnist_full / f"{prefix}-images-idx3-ubyte.gz")[:n])
+        write_idx(out / f"{prefix}-labels-idx1-ubyte.gz", read_idx(fmnist_full / f"{prefix}-labels-idx1-ubyte.gz")[:n])
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_frame() -> pd.DataFrame:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits(as_frame=True)
+    frame = digits.frame.rename(columns={"target": "digit"})
+    frame["digit"] = frame["digit"].map(lambda d: f"d{d}")  # string labels on purpose
+    return frame
+
+
+@pytest.fixture
+def digits_csv(digits_frame, tmp_path) -> Path:
+    path = tmp_path / "digits.csv"
+    digits_frame.to_csv(path, index=False)
+    return path
+
+
+def make_config(tmp_path: Path, source: Path | str, *overrides: str) -> PipelineConfig:
+    """The default config pointed at `source`, a temporary workdir and MLflow store, small limits."""
+    base = [
+        f"data.source={source}",
+        f"workdir={tmp_path / 'work'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "train.epochs=3",
+        "prune.finetune_epochs=1",
+        "dask.memory_limit=1GiB",
+        "evaluate.latency_repeats=5",
+    ]
+    return load_config(None, [*base, *overrides])

@@ -1,0 +1,59 @@
+"""Config schema: defaults validate, bad keys and values are errors that name the key."""
+
+import pytest
+
+from conf.schema import ConfigError, load_config
+
+
+def test_default_config_is_valid_and_flattens_to_param_names():
+    cfg = load_config()
+    flat = cfg.flat()
+    assert flat["train.optimizer"] == "adamw"
+    assert flat["reduce.variance_target"] == 0.95
+    assert "data.source" in flat and "registry.model_name" in flat
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(None, ["train.epochs=3", "train.hidden=[64, 32]", "data.max_rows=100", "train.world_size=1"])
+    assert cfg.train.epochs == 3 and cfg.train.hidden == [64, 32]
+    assert cfg.data.max_rows == 100 and cfg.train.world_size == 1
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("train.optimiser=sgd", "train.optimiser"),
+        ("train.lr=-1", "train.lr"),
+        ("train.optimizer=lion", "train.optimizer"),
+        ("data.val_fraction=1.5", "data.val_fraction"),
+        ("prune.sparsity=1.0", "prune.sparsity"),
+        ("train.world_size=0", "train.world_size"),
+        ("bogus.key=1", "bogus"),
+    ],
+)
+def test_bad_values_name_the_key(override, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_cross_section_rule_is_explained():
+    with pytest.raises(ConfigError, match="reduce.method"):
+        load_config(None, ["train.model=cnn"])
+    assert load_config(None, ["train.model=cnn", "reduce.method=none"]).train.model == "cnn"
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["train.epochs"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_digest_tracks_every_value():
+    a, b = load_config(), load_config(None, ["train.lr=0.01"])
+    assert a.digest() == load_config().digest()
+    assert a.digest() != b.digest()

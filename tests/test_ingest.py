@@ -1,0 +1,141 @@
+"""ingest: every format, the deterministic split, and each bad-input case."""
+
+import gzip
+
+import numpy as np
+import pytest
+from conftest import tree_digest, write_idx
+
+from conf.schema import DataConfig
+from tasks.ingest import DataError, ingest_dataset, read_source, split_table
+from tasks.stage import run_stage
+
+
+def ingest(tmp_path, **data):
+    cfg = DataConfig(**data)
+    return run_stage(tmp_path / "work", "ingest", "1", cfg.model_dump(mode="json"), [],
+                     lambda out: ingest_dataset(cfg, out))
+
+
+def test_idx_folder_keeps_the_shipped_test_set(fmnist_small, tmp_path):
+    before = tree_digest(fmnist_small)
+    m = ingest(tmp_path, source=str(fmnist_small)).manifest
+    assert m["splits"]["test"]["rows"] == 1000  # t10k, untouched by the split
+    assert m["splits"]["train"]["rows"] + m["splits"]["val"]["rows"] == 3000
+    assert 200 < m["splits"]["val"]["rows"] < 400  # ~10% by hash
+    assert m["image_shape"] == [1, 28, 28] and len(m["feature_names"]) == 784
+    assert m["classes"] == list(range(10))
+    assert tree_digest(fmnist_small) == before
+
+
+def test_csv_with_string_labels(digits_csv, tmp_path):
+    m = ingest(tmp_path, source=str(digits_csv), label="digit").manifest
+    assert m["classes"] == [f"d{i}" for i in range(10)]
+    assert sum(s["rows"] for s in m["splits"].values()) == 1797
+    y = np.load(m["splits"]["train"]["y"]["path"])
+    assert y.min() == 0 and y.max() == 9
+
+
+def test_parquet_and_npz_sources(digits_frame, tmp_path):
+    digits_frame.to_parquet(tmp_path / "digits.parquet")
+    X = digits_frame.drop(columns="digit").to_numpy().reshape(-1, 8, 8)
+    np.savez(tmp_path / "digits.npz", X=X, y=np.arange(len(X)) % 3)
+    pq = read_source(DataConfig(source=str(tmp_path / "digits.parquet"), label="digit"))
+    nz = read_source(DataConfig(source=str(tmp_path / "digits.npz")))
+    assert pq.X.shape == (1797, 64) and nz.X.shape == (1797, 64)
+    assert nz.image_shape == [1, 8, 8]
+
+
+def test_split_is_independent_of_row_order(digits_frame):
+    from tasks.ingest import Table
+
+    X = digits_frame.drop(columns="digit").to_numpy()
+    y = digits_frame["digit"].to_numpy()
+    cfg = DataConfig(source="x.csv", seed=7)
+    a = split_table(Table(X, y, []), cfg)
+    perm = np.random.default_rng(0).permutation(len(X))
+    b = split_table(Table(X[perm], y[perm], []), cfg)
+    for name in ("train", "val", "test"):
+        rows_a = {r.tobytes() for r in a[name][0]}
+        rows_b = {r.tobytes() for r in b[name][0]}
+        assert rows_a == rows_b, name
+    other_seed = split_table(Table(X, y, []), DataConfig(source="x.csv", seed=8))
+    assert {r.tobytes() for r in other_seed["test"][0]} != {r.tobytes() for r in a["test"][0]}
+
+
+def test_max_rows_subsamples_each_split(digits_csv, tmp_path):
+    m = ingest(tmp_path, source=str(digits_csv), label="digit", max_rows=50).manifest
+    assert {s["rows"] for s in m["splits"].values()} == {50}
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def expect_error(tmp_path, pattern, **data):
+    with pytest.raises(DataError, match=pattern):
+        ingest(tmp_path, **data)
+    # nothing half-written that a later run could mistake for a complete stage
+    stage = tmp_path / "work" / "ingest"
+    assert not stage.exists() or not [p for p in stage.iterdir() if not p.name.startswith(".")]
+
+
+def test_missing_file(tmp_path):
+    expect_error(tmp_path, r"nope\.csv: data source does not exist", source=str(tmp_path / "nope.csv"))
+
+
+def test_missing_label_column(digits_csv, tmp_path):
+    before = tree_digest(digits_csv)
+    expect_error(tmp_path, r"label column 'target' not found.*data\.label", source=str(digits_csv), label="target")
+    assert tree_digest(digits_csv) == before
+
+
+def test_empty_csv(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("a,b,label\n")
+    expect_error(tmp_path, "empty", source=str(path))
+
+
+def test_non_numeric_feature_column(digits_frame, tmp_path):
+    frame = digits_frame.copy()
+    frame["colour"] = "red"
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    expect_error(tmp_path, r"\['colour'\] are not numeric", source=str(tmp_path / "d.csv"), label="digit")
+
+
+def test_nan_names_column_and_row(digits_frame, tmp_path):
+    frame = digits_frame.copy().astype({"pixel_2_3": float})
+    frame.loc[17, "pixel_2_3"] = np.nan
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    expect_error(tmp_path, r"column 'pixel_2_3' at row 17", source=str(tmp_path / "d.csv"), label="digit")
+
+
+def test_single_class_label(digits_frame, tmp_path):
+    frame = digits_frame.copy()
+    frame["digit"] = "same"
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    expect_error(tmp_path, "single class", source=str(tmp_path / "d.csv"), label="digit")
+
+
+def test_truncated_idx(fmnist_small, tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    raw = gzip.decompress((fmnist_small / "train-images-idx3-ubyte.gz").read_bytes())
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw[: len(raw) // 2]))
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes((fmnist_small / "train-labels-idx1-ubyte.gz").read_bytes())
+    expect_error(tmp_path, r"train-images-idx3-ubyte\.gz: IDX header promises .* truncated", source=str(folder))
+
+
+def test_corrupt_gzip_and_wrong_magic(tmp_path):
+    folder = tmp_path / "corrupt"
+    folder.mkdir()
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b\x08garbage")
+    write_idx(folder / "train-labels-idx1-ubyte.gz", np.zeros(3, dtype=np.uint8))
+    expect_error(tmp_path, "cannot read IDX file", source=str(folder))
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"PK\x03\x04 not idx"))
+    expect_error(tmp_path, "bad magic number", source=str(folder))
+
+
+def test_unreadable_parquet(tmp_path):
+    path = tmp_path / "x.parquet"
+    path.write_bytes(b"PAR1 this is not parquet")
+    expect_error(tmp_path, r"x\.parquet: cannot read as parquet", source=str(path))

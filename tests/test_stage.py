@@ -1,0 +1,62 @@
+"""Stage folders: cache hits, reasons for re-running, atomic outputs."""
+
+import json
+
+import pytest
+
+from tasks.stage import run_stage
+
+
+def build_ok(out):
+    out.path("data.txt").write_text("hello")
+    return {"value": 1, "metrics": {}}
+
+
+def test_second_run_is_a_cache_hit_and_a_config_change_says_what_changed(tmp_path):
+    first = run_stage(tmp_path, "demo", "1", {"a": 1, "b": 2}, [], build_ok)
+    assert not first.cached and "first run" in first.reason
+    again = run_stage(tmp_path, "demo", "1", {"a": 1, "b": 2}, [], lambda out: pytest.fail("must not rebuild"))
+    assert again.cached and again.manifest["digest"] == first.manifest["digest"]
+    changed = run_stage(tmp_path, "demo", "1", {"a": 1, "b": 3}, [], build_ok)
+    assert not changed.cached and "config changed: b" in changed.reason
+    bumped = run_stage(tmp_path, "demo", "2", {"a": 1, "b": 3}, [], build_ok)
+    assert "code version" in bumped.reason
+
+
+def test_input_change_reruns_downstream(tmp_path):
+    up = run_stage(tmp_path, "up", "1", {"x": 1}, [], build_ok)
+    down = run_stage(tmp_path, "down", "1", {}, [up.manifest], build_ok)
+    up2 = run_stage(tmp_path, "up", "1", {"x": 2}, [], build_ok)
+    down2 = run_stage(tmp_path, "down", "1", {}, [up2.manifest], build_ok)
+    assert not down2.cached and "input changed: up" in down2.reason
+    assert down2.manifest["key"] != down.manifest["key"]
+
+
+def test_a_failed_build_leaves_nothing_that_looks_complete(tmp_path):
+    def crash(out):
+        out.path("half.bin").write_bytes(b"x" * 100)
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        run_stage(tmp_path, "demo", "1", {"a": 1}, [], crash)
+    assert [p.name for p in (tmp_path / "demo").iterdir()] == []  # tmp folder removed, no key folder
+    ok = run_stage(tmp_path, "demo", "1", {"a": 1}, [], build_ok)
+    assert not ok.cached and json.loads((tmp_path / "demo" / ok.manifest["key"] / "manifest.json").read_text())
+
+
+def test_resumable_stage_keeps_its_partial_folder(tmp_path):
+    def crash(out):
+        out.path("checkpoint.pt").write_text("epoch 3")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        run_stage(tmp_path, "train", "1", {}, [], crash, resumable=True)
+    partial = [p for p in (tmp_path / "train").iterdir()]
+    assert len(partial) == 1 and partial[0].name.startswith(".partial-")
+
+    def resume(out):
+        assert out.path("checkpoint.pt").read_text() == "epoch 3"
+        return {"resumed": True}
+
+    done = run_stage(tmp_path, "train", "1", {}, [], resume, resumable=True)
+    assert done.manifest["resumed"] and not any(p.name.startswith(".partial") for p in (tmp_path / "train").iterdir())
