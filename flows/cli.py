@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             print(validate(cfg))
             return 0
+        from tasks.ingest import preflight
+
+        preflight(cfg.data)  # fail in a second, before Prefect and Dask start
         from flows.pipeline import pipeline
 
         start = time.perf_counter()

@@ -163,7 +163,9 @@ def read_frame(path: Path, fmt: str, label: str) -> Table:
     return Table(X, frame[label].to_numpy(), [str(c) for c in features.columns])
 
 
-def read_source(cfg: DataConfig) -> Table:
+def preflight(cfg: DataConfig) -> str:
+    """Cheap checks before any stage starts: the source exists, its format is known and
+    (for tables) the label column is there. Returns the format."""
     path = Path(cfg.source).expanduser()
     if not path.exists():
         raise DataError(
@@ -172,6 +174,30 @@ def read_source(cfg: DataConfig) -> Table:
             "data.source at your own CSV / Parquet / .npz file."
         )
     fmt = detect_format(str(path), cfg.format)
+    if fmt in ("csv", "parquet") and path.is_file():
+        import pyarrow.parquet as pq
+
+        try:
+            columns = pq.read_schema(path).names if fmt == "parquet" else _csv_header(path)
+        except Exception as exc:
+            raise DataError(f"{path}: cannot read as {fmt} ({type(exc).__name__}: {exc})") from None
+        if columns and cfg.label not in columns:
+            raise DataError(
+                f"{path}: label column '{cfg.label}' not found; columns are {columns[:20]}. "
+                "Set data.label to the right column."
+            )
+    return fmt
+
+
+def _csv_header(path: Path) -> list[str]:
+    import pandas as pd
+
+    return [str(c) for c in pd.read_csv(path, nrows=0).columns]
+
+
+def read_source(cfg: DataConfig) -> Table:
+    path = Path(cfg.source).expanduser()
+    fmt = preflight(cfg)
     if fmt == "idx":
         table = read_idx_folder(path)
     elif fmt == "npz":

@@ -4,11 +4,16 @@ MLflow runs this file when the model is loaded (`mlflow.pyfunc.load_model`); the
 and `conf` packages travel with the model as code paths, the weights as an artifact.
 """
 
+import warnings
+
 import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from tasks.serving import Predictor
+
+# The schema comes from the logged signature; MLflow's type-hint inference is not used.
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
 
 
 class AccelflowClassifier(PythonModel):

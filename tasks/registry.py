@@ -8,7 +8,6 @@ measured on the same test set and scores higher; otherwise it becomes `challenge
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,18 +42,16 @@ def log_pyfunc(bundle: str, example, name: str):
 
     example = example.astype("float64")  # a float schema accepts integer pixels as well
     output = Predictor(bundle).predict(example.to_numpy())
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*type hint", category=UserWarning)
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(ENTRY),
-            artifacts={"bundle": bundle},
-            code_paths=[str(p) for p in CODE_DIRS],
-            signature=infer_signature(example, output),
-            input_example=example,
-            pip_requirements=PIP_REQUIREMENTS,  # skips MLflow's slow requirement inference
-            registered_model_name=name,
-        )
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(ENTRY),
+        artifacts={"bundle": bundle},
+        code_paths=[str(p) for p in CODE_DIRS],
+        signature=infer_signature(example, output),
+        input_example=example,
+        pip_requirements=PIP_REQUIREMENTS,  # skips MLflow's slow requirement inference
+        registered_model_name=name,
+    )
     return mlflow.MlflowClient().get_model_version(name, info.registered_model_version)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,19 @@ def resolve_world_size(cfg: TrainConfig) -> int:
     import torch
 
     return torch.cuda.device_count() or 2
+
+
+def root_cause(log: str) -> str:
+    """The workers' own exception line (first unindented line after a traceback header),
+    not torchrun's ChildFailedError summary."""
+    in_traceback = False
+    for raw in log.splitlines():
+        line = re.sub(r"^\[rank\d+\]: ", "", raw)
+        if line.startswith("Traceback (most recent call last)"):
+            in_traceback = True
+        elif in_traceback and line and not line[0].isspace():
+            return line[:500]
+    return "see the log"
 
 
 def launch(spec: dict[str, Any], world_size: int, workdir: Path, run_id: str | None = None) -> dict[str, Any]:
@@ -53,6 +67,8 @@ def launch(spec: dict[str, Any], world_size: int, workdir: Path, run_id: str | N
     with open(log_path, "w") as log:
         proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
     if proc.returncode != 0:
-        tail = "\n".join(log_path.read_text().splitlines()[-30:])
-        raise TrainingError(f"training workers exited with {proc.returncode}; log {log_path}:\n{tail}")
+        raise TrainingError(
+            f"training workers exited with {proc.returncode}: {root_cause(log_path.read_text())} "
+            f"(full log: {log_path})"
+        )
     return json.loads((Path(spec["out_dir"]) / "result.json").read_text())

@@ -296,11 +296,12 @@ def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     r = setup_distributed()
     torch.set_num_threads(max(1, spec.get("threads_per_process", 1)))
-    try:
-        Trainer(spec, r).run()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    Trainer(spec, r).run()
+    if dist.is_initialized():
+        # Wait for rank 0 to finish writing before any rank tears gloo down: a rank that
+        # exits while its peer is still in the group can abort ("terminate called ...").
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 

@@ -1,0 +1,107 @@
+"""The whole flow on a Fashion-MNIST subset: Prefect's test harness, a real Dask
+LocalCluster, 2 gloo DDP processes and a temporary MLflow sqlite store."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_config
+from mlflow import MlflowClient
+
+from flows.pipeline import pipeline
+from tasks.ingest import read_idx
+
+STAGES = ["ingest", "partition", "reduce", "train", "prune", "evaluate"]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_harness, fmnist_small, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = make_config(tmp, fmnist_small)
+    return cfg, pipeline(cfg)
+
+
+def stage_runs(client: MlflowClient, parent_id: str) -> dict[str, mlflow.entities.Run]:
+    parent = client.get_run(parent_id)
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {run.info.run_name: run for run in children}
+
+
+def test_parent_run_and_six_stage_runs_with_their_metrics(first_run):
+    cfg, result = first_run
+    client = MlflowClient(cfg.tracking.uri)
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    tags = parent.data.tags
+    assert tags["accelflow.config_digest"] == cfg.digest()
+    from prefect import get_client
+
+    with get_client(sync_client=True) as prefect:
+        flow_run = prefect.read_flow_run(tags["accelflow.flow_run_id"])
+        assert flow_run.state.is_completed()
+        assert flow_run.name == f"accelflow-{cfg.digest()[:8]}"
+    assert parent.data.params["train.optimizer"] == "adamw"
+    for key in ("test/accuracy", "baseline/accuracy", "prune/sparsity", "data/compression_ratio"):
+        assert key in parent.data.metrics, key
+    assert parent.data.metrics["test/accuracy"] > 0.7  # 3000 training images, 3 epochs
+    assert parent.data.metrics["prune/sparsity"] == pytest.approx(0.5, abs=0.01)
+
+    runs = stage_runs(client, parent.info.run_id)
+    assert sorted(runs) == sorted(STAGES)
+    for stage, run in runs.items():
+        assert run.info.experiment_id == parent.info.experiment_id
+        assert f"{stage}/seconds" in run.data.metrics
+        assert run.data.tags["accelflow.cached"] == "false"
+    assert runs["partition"].data.metrics["data/compression_ratio"] > 0
+    assert runs["reduce"].data.metrics["reduce/explained_variance"] >= 0.95
+    assert runs["train"].data.params["train.epochs"] == "3"
+    history = client.get_metric_history(runs["train"].info.run_id, "val/accuracy")
+    assert [m.step for m in history] == [0, 1, 2]  # logged live by rank 0, once per epoch
+    artifacts = {a.path for a in client.list_artifacts(runs["evaluate"].info.run_id, "evaluate")}
+    assert {"evaluate/confusion_baseline.png", "evaluate/summary.md"} <= artifacts
+    inputs = runs["partition"].inputs.dataset_inputs
+    assert {d.dataset.name for d in inputs} == {"partition-train", "partition-val", "partition-test"}
+
+
+def test_champion_scores_raw_test_pixels_with_the_logged_accuracy(first_run, fmnist_small):
+    cfg, result = first_run
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@champion")
+    pixels = read_idx(fmnist_small / "t10k-images-idx3-ubyte.gz").reshape(1000, -1)
+    labels = read_idx(fmnist_small / "t10k-labels-idx1-ubyte.gz")
+    frame = pd.DataFrame(pixels, columns=[f"pixel_{i}" for i in range(784)])
+    predictions = np.asarray(model.predict(frame))
+    logged = MlflowClient(cfg.tracking.uri).get_run(result["parent_run_id"]).data.metrics["test/accuracy"]
+    assert float((predictions == labels).mean()) == pytest.approx(logged, abs=1e-9)
+    assert result["promotion"]["alias"] == "champion"
+
+
+def test_rerun_is_all_cache_hits_and_reuses_the_registered_version(first_run):
+    cfg, result = first_run
+    again = pipeline(cfg)
+    assert [row["status"] for row in again["stages"]] == ["cached"] * 6
+    assert again["promotion"]["version"] == result["promotion"]["version"]
+    runs = stage_runs(MlflowClient(cfg.tracking.uri), again["parent_run_id"])
+    assert all(run.data.tags["accelflow.cached"] == "true" for run in runs.values())
+    assert "test/accuracy" in runs["evaluate"].data.metrics  # a cached stage still reports its figures
+
+
+def test_changing_the_learning_rate_reruns_train_and_after_only(first_run):
+    cfg, _ = first_run
+    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 0.002})})
+    result = pipeline(changed)
+    status = {row["stage"]: row for row in result["stages"]}
+    assert [status[s]["status"] for s in STAGES] == ["cached"] * 3 + ["ran"] * 3
+    assert "config changed: lr" in status["train"]["reason"]
+    assert "input changed" in status["evaluate"]["reason"]

@@ -1,0 +1,117 @@
+"""The trainer: optimizers and schedules by name, sparsity masks, real DDP (2 gloo processes), resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conf.schema import TrainConfig
+from tasks.prune import sparsity_schedule
+from tasks.training.launch import TrainingError, launch
+from tasks.training.models import build_model
+from tasks.training.sparsity import apply_masks, global_magnitude_masks, sparsity_report
+from tasks.training.worker import Rank, Trainer
+
+
+@pytest.fixture(scope="module")
+def digits_parquet(tmp_path_factory, digits_frame):
+    """Digits as train/val Parquet files with integer labels, the shape the trainer reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path_factory.mktemp("digits_pq")
+    frame = digits_frame.copy()
+    frame["label"] = frame.pop("digit").str[1:].astype("int64")
+    paths = {}
+    for name, part in (("train", frame.iloc[:1400]), ("val", frame.iloc[1400:])):
+        paths[name] = str(out / f"{name}.parquet")
+        pq.write_table(pa.Table.from_pandas(part, preserve_index=False), paths[name])
+    return paths, [c for c in frame.columns if c != "label"]
+
+
+def make_spec(digits_parquet, tmp_path, **overrides):
+    paths, features = digits_parquet
+    cfg = TrainConfig(hidden=[64], epochs=4, lr=0.01, batch_size=64)
+    spec = {
+        "train_files": [paths["train"]], "val_files": [paths["val"]], "features": features, "label": "label",
+        "arch": {"model": "mlp", "n_features": 64, "n_classes": 10, "hidden": [64], "dropout": 0.0, "image_shape": None},
+        "phases": [{"sparsity": None, "epochs": cfg.epochs, "lr": cfg.lr}],
+        **{k: getattr(cfg, k) for k in ("optimizer", "momentum", "weight_decay", "scheduler", "step_size", "gamma",
+                                        "label_smoothing", "batch_size", "precision", "compile", "seed")},
+        "init_from": None, "out_dir": str(tmp_path), "checkpoint_dir": str(tmp_path / "checkpoints"),
+        "metric_prefix": "train",
+    }
+    spec.update(overrides)
+    return spec
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop"])
+@pytest.mark.parametrize("scheduler", ["step", "exponential", "cosine", "onecycle"])
+def test_every_optimizer_and_schedule_learns(digits_parquet, tmp_path, optimizer, scheduler):
+    lr = {"sgd": 0.05, "adam": 0.003, "adamw": 0.003, "rmsprop": 0.001}[optimizer]
+    spec = make_spec(digits_parquet, tmp_path, optimizer=optimizer, scheduler=scheduler,
+                     phases=[{"sparsity": None, "epochs": 3, "lr": lr}])
+    result = Trainer(spec, Rank(0, 1, torch.device("cpu"))).run()
+    assert result["val_accuracy"] > 0.8, result  # chance is 0.1
+
+
+def test_ddp_two_gloo_processes_train_and_log_only_on_rank_0(digits_parquet, tmp_path):
+    spec = make_spec(digits_parquet, tmp_path)
+    result = launch(spec, world_size=2, workdir=tmp_path)
+    assert result["world_size"] == 2 and result["val_accuracy"] > 0.85
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    log = (tmp_path / "train.log").read_text()
+    assert log.count('"val/accuracy"') == 4  # one line per epoch: rank 1 stays quiet
+    model = build_model(spec["arch"])
+    model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+
+
+def test_resume_continues_after_the_last_checkpoint(digits_parquet, tmp_path):
+    short = make_spec(digits_parquet, tmp_path, scheduler="step", phases=[{"sparsity": None, "epochs": 2, "lr": 0.01}])
+    launch(short, world_size=2, workdir=tmp_path)
+    first = json.loads((tmp_path / "history.json").read_text())
+    longer = {**short, "phases": [{"sparsity": None, "epochs": 4, "lr": 0.01}]}
+    launch(longer, world_size=2, workdir=tmp_path)
+    resumed = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in resumed] == [0, 1, 2, 3]
+    assert resumed[:2] == first  # the first two epochs were not re-run
+    assert resumed[-1]["val/accuracy"] >= first[-1]["val/accuracy"] - 0.02
+
+
+def test_pruning_phases_reach_the_target_and_keep_zeros(digits_parquet, tmp_path):
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    launch(make_spec(digits_parquet, trained), world_size=2, workdir=trained)
+    out = tmp_path / "pruned"
+    out.mkdir()
+    phases = [{"sparsity": s, "epochs": 1, "lr": 0.003} for s in sparsity_schedule(0.8, 2)]
+    result = launch(make_spec(digits_parquet, out, phases=phases, init_from=str(trained / "model.pt")),
+                    world_size=2, workdir=out)
+    assert result["sparsity"] == pytest.approx(0.8, abs=0.01)
+    assert result["val_accuracy"] > 0.85
+
+
+def test_worker_failure_surfaces_the_log(digits_parquet, tmp_path):
+    spec = make_spec(digits_parquet, tmp_path, features=["no_such_column"])
+    with pytest.raises(TrainingError, match="no_such_column"):
+        launch(spec, world_size=2, workdir=tmp_path)
+
+
+def test_global_magnitude_masks():
+    torch.manual_seed(0)
+    model = build_model({"model": "mlp", "n_features": 20, "n_classes": 3, "hidden": [30, 10], "dropout": 0.0})
+    masks = global_magnitude_masks(model, 0.6)
+    apply_masks(model, masks)
+    assert sparsity_report(model)["sparsity"] == pytest.approx(0.6, abs=0.01)
+    kept = torch.cat([m.flatten() for m in masks.values()])
+    weights = torch.cat([w.detach().abs().flatten() for w in [model.body[0].weight, model.body[3].weight, model.body[6].weight]])
+    assert weights[kept].min() >= weights[~kept].max()  # global, not per layer
+
+
+def test_sparsity_schedule_is_geometric_and_ends_on_target():
+    assert sparsity_schedule(0.5, 1) == [0.5]
+    s = sparsity_schedule(0.875, 3)
+    assert s == pytest.approx([0.5, 0.75, 0.875])
+    assert np.all(np.diff(s) > 0)
