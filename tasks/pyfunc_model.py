@@ -4,16 +4,11 @@ MLflow runs this file when the model is loaded (`mlflow.pyfunc.load_model`); the
 and `conf` packages travel with the model as code paths, the weights as an artifact.
 """
 
-import warnings
-
 import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from tasks.serving import Predictor
-
-# The schema comes from the logged signature; MLflow's type-hint inference is not used.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method", category=UserWarning)
 
 
 class AccelflowClassifier(PythonModel):
@@ -22,8 +17,8 @@ class AccelflowClassifier(PythonModel):
     def load_context(self, context):
         self.predictor = Predictor(context.artifacts["bundle"])
 
-    def predict(self, context, model_input, params=None):
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        frame = model_input
         missing = [c for c in self.predictor.feature_names if c not in frame.columns]
         if missing:
             raise ValueError(f"input is missing feature column(s) {missing[:10]}; send raw rows "

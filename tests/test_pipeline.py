@@ -105,3 +105,20 @@ def test_changing_the_learning_rate_reruns_train_and_after_only(first_run):
     assert [status[s]["status"] for s in STAGES] == ["cached"] * 3 + ["ran"] * 3
     assert "config changed: lr" in status["train"]["reason"]
     assert "input changed" in status["evaluate"]["reason"]
+    # the gate: a new model takes `champion` only if it does not score below the current one
+    champion_accuracy = first_run[1]["headline"]["test/accuracy"]
+    expected = "challenger" if result["headline"]["test/accuracy"] < champion_accuracy else "champion"
+    assert result["promotion"]["alias"] == expected, result["promotion"]
+    assert result["promotion"]["version"] == first_run[1]["promotion"]["version"] + 1
+
+
+def test_each_stage_publishes_a_prefect_artifact(first_run):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        keys = {f"accelflow-{stage}" for stage in STAGES}
+        found = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=sorted(keys))))
+    assert {a.key for a in found} == keys
+    evaluate = next(a for a in found if a.key == "accelflow-evaluate")
+    assert "| accuracy |" in evaluate.data and "Chosen:" in evaluate.data

@@ -56,6 +56,13 @@ def test_every_optimizer_and_schedule_learns(digits_parquet, tmp_path, optimizer
     assert result["val_accuracy"] > 0.8, result  # chance is 0.1
 
 
+def test_cnn_trains_on_images(digits_parquet, tmp_path):
+    arch = {"model": "cnn", "n_features": 64, "n_classes": 10, "hidden": [32], "dropout": 0.0, "image_shape": [1, 8, 8]}
+    spec = make_spec(digits_parquet, tmp_path, arch=arch, phases=[{"sparsity": None, "epochs": 3, "lr": 0.003}])
+    result = Trainer(spec, Rank(0, 1, torch.device("cpu"))).run()
+    assert result["val_accuracy"] > 0.8
+
+
 def test_ddp_two_gloo_processes_train_and_log_only_on_rank_0(digits_parquet, tmp_path):
     spec = make_spec(digits_parquet, tmp_path)
     result = launch(spec, world_size=2, workdir=tmp_path)
