@@ -21,9 +21,10 @@ from tasks.tracking import quiet_environment
 def _user_errors() -> tuple[type[Exception], ...]:
     from conf.schema import ConfigError
     from tasks.ingest import DataError
+    from tasks.stage import StageInputError
     from tasks.training.launch import TrainingError
 
-    return (ConfigError, DataError, TrainingError)
+    return (ConfigError, DataError, StageInputError, TrainingError)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -47,6 +47,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+class StageInputError(RuntimeError):
+    """A stage's input (an earlier stage's output) was changed or removed by hand."""
+
+
 @dataclass
 class StageOutcome:
     manifest: Manifest
@@ -110,9 +114,20 @@ def run_stage(
     root = Path(workdir).resolve() / stage
     key = stage_key(stage, version, config, inputs)
     final = root / key
+    for upstream in inputs:
+        problem = damaged(upstream)
+        if problem:
+            raise StageInputError(
+                f"{stage}: input from stage '{upstream['stage']}' is damaged ({problem}); delete "
+                f"{upstream['dir']} and run again to rebuild it"
+            )
+    damage = None
     if (final / MANIFEST).is_file():
         manifest = json.loads((final / MANIFEST).read_text())
-        return StageOutcome(manifest, True, f"cache hit ({key})", time.perf_counter() - start)
+        damage = damaged(manifest)
+        if not damage:
+            return StageOutcome(manifest, True, f"cache hit ({key})", time.perf_counter() - start)
+        shutil.rmtree(final)  # a file was removed or truncated by hand: rebuild, don't trust it
 
     record = {
         "version": version,
@@ -122,7 +137,7 @@ def run_stage(
     }
     last_path = root / "last.json"
     previous = json.loads(last_path.read_text()) if last_path.is_file() else None
-    reason = why_it_ran(previous, record)
+    reason = f"cached output was damaged ({damage}); rebuilt" if damage else why_it_ran(previous, record)
 
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / (f".partial-{key}" if resumable else f".tmp-{key}-{uuid.uuid4().hex[:8]}")
@@ -142,9 +157,7 @@ def run_stage(
         "inputs": record["inputs"],
         "dir": str(final),
     }
-    manifest["digest"] = config_digest(
-        {"key": key, "files": _file_digests(manifest)}
-    )
+    manifest["digest"] = config_digest({"key": key, "files": _file_digests(manifest)})
     write_json_atomic(tmp / MANIFEST, manifest)
     if final.exists():  # another run finished the same key first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
@@ -155,15 +168,30 @@ def run_stage(
     return StageOutcome(manifest, False, reason, time.perf_counter() - start)
 
 
-def _file_digests(node: Any) -> list[str]:
-    """Every `digest` of a described file anywhere in the manifest body."""
-    found: list[str] = []
+def damaged(manifest: Manifest) -> str | None:
+    """A cheap integrity check (existence and size of every described file), or None."""
+    for entry in _described(manifest):
+        path = Path(entry["path"])
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{path} has {path.stat().st_size} bytes, expected {entry['bytes']}"
+    return None
+
+
+def _described(node: Any) -> list[dict[str, Any]]:
+    """Every described file ({path, bytes, digest}) anywhere in a manifest body."""
+    found: list[dict[str, Any]] = []
     if isinstance(node, dict):
-        if "digest" in node and "path" in node:
-            found.append(node["digest"])
+        if {"path", "bytes", "digest"} <= node.keys():
+            found.append(node)
         for value in node.values():
-            found.extend(_file_digests(value))
+            found.extend(_described(value))
     elif isinstance(node, list):
         for value in node:
-            found.extend(_file_digests(value))
+            found.extend(_described(value))
     return found
+
+
+def _file_digests(node: Any) -> list[str]:
+    return [entry["digest"] for entry in _described(node)]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tasks.stage import run_stage
+from tasks.stage import StageInputError, run_stage
 
 
 def build_ok(out):
@@ -60,3 +60,23 @@ def test_resumable_stage_keeps_its_partial_folder(tmp_path):
 
     done = run_stage(tmp_path, "train", "1", {}, [], resume, resumable=True)
     assert done.manifest["resumed"] and not any(p.name.startswith(".partial") for p in (tmp_path / "train").iterdir())
+
+
+def build_described(out):
+    from tasks.stage import describe_files
+
+    out.path("data.bin").write_bytes(b"x" * 64)
+    entry = describe_files([out.path("data.bin")])[0] | {"path": out.final_path("data.bin")}
+    return {"file": entry}
+
+
+def test_damaged_cached_output_is_rebuilt_and_damaged_input_is_named(tmp_path):
+    from pathlib import Path
+
+    first = run_stage(tmp_path, "up", "1", {}, [], build_described)
+    Path(first.manifest["file"]["path"]).write_bytes(b"truncated")
+    again = run_stage(tmp_path, "up", "1", {}, [], build_described)
+    assert not again.cached and "damaged" in again.reason and "expected 64" in again.reason
+    Path(again.manifest["file"]["path"]).unlink()
+    with pytest.raises(StageInputError, match=r"input from stage 'up' is damaged .*data\.bin is missing"):
+        run_stage(tmp_path, "down", "1", {}, [again.manifest], build_ok)
