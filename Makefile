@@ -15,11 +15,13 @@ export DO_NOT_TRACK ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
 
-.PHONY: run test test-fast lint format data setup clean help
+.PHONY: run test test-fast lint format data setup test-tools serve stop status clean help
 
 help:
 	@echo "make run    - set up and run the pipeline on embedded defaults (ARGS='--set train.epochs=3')"
 	@echo "make test   - set up and run the test suite"
+	@echo "make serve  - start Prefect server + worker and MLflow server on 127.0.0.1, register deployments"
+	@echo "make stop   - stop exactly what make serve started"
 	@echo "make lint   - ruff"
 	@echo "make clean  - remove stage outputs and the local MLflow store (keeps .venv)"
 
@@ -49,12 +51,34 @@ data:
 	  echo "your own data: make run ARGS='--set data.source=/path/data.csv --set data.label=target'"; \
 	fi
 
+# The integration tests drive a real browser and validate the compose file: fetch the
+# Debian tools when they are missing and apt is usable (root); otherwise those tests skip
+# with the reason (and CI, which runs as root, fails on such a skip).
+test-tools:
+	@missing=""; command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v docker-compose >/dev/null 2>&1 || missing="$$missing docker-compose"; \
+	if [ -n "$$missing" ] && command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing$$missing (Debian packages, for the integration tests)"; \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing || \
+	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing)) >/dev/null; \
+	elif [ -n "$$missing" ]; then echo "note:$$missing not installed; the tests that need them will skip"; fi
+
 run: setup data
 	$(BIN)/accelflow run $(ARGS)
 
-test: setup data
+test: setup data test-tools
 	$(BIN)/python -m pytest $(ARGS)
 
+serve: setup data
+	$(BIN)/python -m flows.serve start
+
+stop:
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m flows.serve stop; fi
+
+status:
+	@$(BIN)/python -m flows.serve status
+
+# unit tests only: no end-to-end flow runs, no servers
 test-fast: setup data
 	$(BIN)/python -m pytest -m "not slow and not integration" $(ARGS)
 

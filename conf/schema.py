@@ -5,12 +5,15 @@ are errors that name the key, so a typo never silently falls back to a default.
 
     from conf.schema import load_config
     cfg = load_config("conf/pipeline.yaml", ["train.epochs=3", "data.source=/data/x.csv"])
+    cfg = load_config(profile="cluster")   # conf/profiles/cluster.yaml laid over the defaults
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_CONFIG = Path(__file__).with_name("pipeline.yaml")
+PROFILES = Path(__file__).with_name("profiles")
 
 
 class ConfigError(ValueError):
@@ -173,9 +177,33 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({exc})") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Read YAML, apply `--set` overrides, validate. Raises ConfigError naming the key."""
-    path = Path(path) if path else DEFAULT_CONFIG
+ENV_REFERENCE = re.compile(r"\$\{(\w+)(?::-([^}]*))?\}")
+
+
+def expand_env(node: Any, key: str = "") -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in string values, so endpoints and secrets
+    come from the environment (or docker/.env), never from committed files."""
+    if isinstance(node, dict):
+        return {k: expand_env(v, f"{key}{k}.") for k, v in node.items()}
+    if isinstance(node, list):
+        return [expand_env(v, key) for v in node]
+    if not isinstance(node, str):
+        return node
+
+    def substitute(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise ConfigError(f"'{key.rstrip('.')}' needs environment variable {name}; set it or give "
+                              f"a default as ${{{name}:-value}}")
+        return default
+
+    expanded = ENV_REFERENCE.sub(substitute, node)
+    return yaml.safe_load(expanded) if expanded != node and expanded.strip() else expanded
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -184,9 +212,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(tree).__name__}")
+    return tree
+
+
+def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in overlay.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def profile_path(profile: str) -> Path:
+    path = Path(profile)
+    if path.suffix in (".yaml", ".yml"):
+        return path
+    found = PROFILES / f"{profile}.yaml"
+    if not found.is_file():
+        known = sorted(p.stem for p in PROFILES.glob("*.yaml"))
+        raise ConfigError(f"profile '{profile}' not found in {PROFILES}; known profiles: {known}")
+    return found
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, profile: str | None = None
+) -> PipelineConfig:
+    """Read YAML, lay a profile over it, expand ${ENV} references, apply `--set` overrides,
+    validate. Raises ConfigError naming the key."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    tree = read_yaml(path)
+    source = str(path)
+    if profile:
+        tree = merge(tree, read_yaml(profile_path(profile)))
+        source = f"{path} + profile {profile}"
+    tree = expand_env(tree)
     for assignment in overrides or []:
         apply_override(tree, assignment)
-    return validate_config(tree, source=str(path))
+    return validate_config(tree, source=source)
 
 
 def validate_config(tree: dict[str, Any], source: str = "config") -> PipelineConfig:

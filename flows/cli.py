@@ -2,6 +2,7 @@
 
     accelflow run                                   # conf/pipeline.yaml, embedded defaults
     accelflow run -c my.yaml --set train.epochs=3 --set data.source=/data/x.csv
+    accelflow run --profile cluster                 # Dask/MLflow endpoints from the environment
     accelflow validate --set data.label=target      # config + data checks, no stages run
 
 User errors (bad config, bad data, a failed training run) print one paragraph that names
@@ -33,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, text in (("run", "run the whole pipeline"), ("validate", "check config and data only")):
         p = sub.add_parser(name, help=text)
         p.add_argument("-c", "--config", default=None, help="YAML config (default: conf/pipeline.yaml)")
+        p.add_argument("-p", "--profile", default=None,
+                       help="overlay from conf/profiles (serve, cluster, gpu) or a YAML path")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.epochs=3 (repeatable)")
     return parser.parse_args(argv)
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from conf.schema import load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, args.profile)
         if args.command == "validate":
             print(validate(cfg))
             return 0

@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from conf.schema import PipelineConfig
+from conf.schema import PipelineConfig, load_config
 from tasks import steps, tracking
 
 HEADLINE = {  # parent-run metric → (stage, manifest metric)
@@ -34,16 +34,40 @@ KEY_FIGURE = {
 }
 
 
+def resolve_config(
+    config: PipelineConfig | dict | None, config_path: str | None, profile: str | None, overrides: list[str] | None
+) -> PipelineConfig:
+    """A validated config given directly (CLI, tests) or by path + profile + overrides (deployments)."""
+    if config is not None:
+        return config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
+    return load_config(config_path, overrides, profile)
+
+
 def run_name() -> str:
-    config = flow_run.parameters.get("config") or {}
-    digest = config.digest() if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config).digest()
+    p = flow_run.parameters
+    try:
+        digest = resolve_config(p.get("config"), p.get("config_path"), p.get("profile"), p.get("overrides")).digest()
+    except Exception:  # a bad config fails the run itself with a clear message; name it plainly
+        digest = "invalid-config"
     return f"accelflow-{digest[:8]}"
 
 
 @flow(name="accelflow", flow_run_name=run_name, log_prints=True)
-def pipeline(config: PipelineConfig) -> dict[str, Any]:
-    """Run every stage; return the parent MLflow run id and a row per stage."""
+def pipeline(
+    config: PipelineConfig | None = None,
+    config_path: str | None = None,
+    profile: str | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Run every stage; return the parent MLflow run id and a row per stage.
+
+    Pass a validated `config`, or (as deployments do) a `config_path` relative to the
+    working directory, an optional `profile` from conf/profiles and `overrides` such as
+    ["train.epochs=3"].
+    """
     logger = get_run_logger()
+    config = resolve_config(config, config_path, profile, overrides)
+    logger.info("config %s (%s)", config.digest(), "given" if config_path is None else config_path)
     experiment_id = tracking.configure(config)
     with tracking.pipeline_run(config, experiment_id) as parent:
         ingested = steps.ingest_data(config, parent)
@@ -73,6 +97,4 @@ def pipeline(config: PipelineConfig) -> dict[str, Any]:
 
 if __name__ == "__main__":
     tracking.quiet_environment()
-    from conf.schema import load_config
-
     print(pipeline(load_config()))

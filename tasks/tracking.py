@@ -49,7 +49,9 @@ def configure(cfg: PipelineConfig) -> str:
         # keep artifacts beside the sqlite file, not in whatever folder the run starts from
         db = Path(cfg.tracking.uri.removeprefix("sqlite:///")).resolve()
         artifact_location = (db.parent / "mlartifacts").as_uri()
-    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location)
+    # Without this tag MLflow 3's UI opens the experiment in its GenAI mode.
+    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location,
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def git_commit() -> str:
@@ -73,6 +75,7 @@ def pipeline_run(cfg: PipelineConfig, experiment_id: str) -> Iterator[str]:
         "accelflow.deployment": str(deployment.name or "none"),
         "accelflow.config_digest": cfg.digest(),
         "mlflow.source.git.commit": git_commit(),
+        "mlflow.source.name": "flows/pipeline.py",  # not Prefect's engine module
     }
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"pipeline-{cfg.digest()[:8]}", tags=tags) as run:
         mlflow.log_params(cfg.flat())

@@ -1,0 +1,4 @@
+-- One PostgreSQL server, one database per backend.
+CREATE DATABASE prefect;
+CREATE DATABASE mlflow;
+CREATE DATABASE optuna;

@@ -1,0 +1,260 @@
+"""Start and stop the local serving stack: Prefect server + worker, MLflow tracking server.
+
+    make serve        # python -m flows.serve start
+    make stop         # python -m flows.serve stop
+
+`start` launches each service in its own process group on 127.0.0.1, waits until it
+answers, creates the work pools, registers the deployments in prefect.yaml, and records
+the pids in <state>/services.json; `stop` stops exactly those process groups. The same
+helpers start the real servers (on PostgreSQL too) and Dask processes in the integration
+tests, so what the tests exercise is what users run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+QUIET = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    # lean MLflow server: no job-execution workers (15 processes and 3 GB otherwise)
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+}
+
+
+class ServiceError(RuntimeError):
+    """A service did not start; the message carries the end of its log."""
+
+
+@dataclass
+class Running:
+    name: str
+    pid: int
+    log: str
+    url: str | None = None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log_tail(path: str, lines: int = 25) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _answers(url: str) -> bool:
+    if url.startswith("tcp://"):
+        host, port = url.removeprefix("tcp://").rsplit(":", 1)
+        with socket.socket() as s:
+            s.settimeout(1)
+            return s.connect_ex((host, int(port))) == 0
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def start(name: str, argv: list[str], state: Path, env: dict[str, str] | None = None,
+          health: str | None = None, timeout: float = 120, cwd: Path = PROJECT) -> Running:
+    """Start a process in its own session (so `stop` can end its whole group) and wait for it."""
+    state.mkdir(parents=True, exist_ok=True)
+    log = state / f"{name}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **QUIET, **(env or {})}, cwd=cwd)
+    deadline = time.monotonic() + timeout
+    while health and not _answers(health):
+        if proc.poll() is not None:
+            raise ServiceError(f"{name} exited with {proc.returncode} while starting:\n{_log_tail(str(log))}")
+        if time.monotonic() > deadline:
+            stop(Running(name, proc.pid, str(log)))
+            raise ServiceError(f"{name} did not answer at {health} within {timeout:.0f} s:\n{_log_tail(str(log))}")
+        time.sleep(0.5)
+    if proc.poll() is not None:
+        raise ServiceError(f"{name} exited with {proc.returncode}:\n{_log_tail(str(log))}")
+    return Running(name, proc.pid, str(log), health)
+
+
+def stop(service: Running, grace: float = 20) -> None:
+    """SIGTERM the service's process group, again after 5 s (an idle Prefect worker may need
+    it), SIGKILL at the end of the grace period."""
+    try:
+        os.killpg(service.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    began, nudged = time.monotonic(), False
+    while time.monotonic() - began < grace:
+        _reap(service.pid)  # a child of this process stays a zombie (and "alive") until reaped
+        if not _alive(service.pid):
+            return
+        if not nudged and time.monotonic() - began > 5:
+            _signal_group(service.pid, signal.SIGTERM)
+            nudged = True
+        time.sleep(0.25)
+    _signal_group(service.pid, signal.SIGKILL)
+    _reap(service.pid)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+# ---------------------------------------------------------------- the services
+
+
+def prefect_server(state: Path, port: int, database_url: str | None = None) -> Running:
+    env = {"PREFECT_HOME": str(state / "prefect")}
+    if database_url:  # e.g. postgresql+asyncpg://user@host:5432/prefect
+        env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
+    argv = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    return start("prefect-server", argv, state, env, health=f"http://127.0.0.1:{port}/api/health")
+
+
+def mlflow_server(state: Path, port: int, backend_uri: str | None = None) -> Running:
+    backend_uri = backend_uri or f"sqlite:///{state / 'mlflow.db'}"
+    argv = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", backend_uri, "--artifacts-destination", str(state / "mlartifacts")]
+    return start("mlflow-server", argv, state, health=f"http://127.0.0.1:{port}/health")
+
+
+def prefect_worker(state: Path, api_url: str, pool: str, env: dict[str, str] | None = None) -> Running:
+    argv = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", f"{pool}-local"]
+    running = start(f"worker-{pool}", argv, state, {"PREFECT_API_URL": api_url, **(env or {})})
+    time.sleep(2)  # it exits at once on a bad pool or API URL: catch that here
+    if not _alive(running.pid):
+        raise ServiceError(f"the {pool} worker exited:\n{_log_tail(running.log)}")
+    return running
+
+
+def dask_scheduler(state: Path, port: int) -> Running:
+    argv = [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]
+    return start("dask-scheduler", argv, state, health=f"tcp://127.0.0.1:{port}")
+
+
+def dask_workers(state: Path, address: str, n: int = 2, memory_limit: str = "1GiB") -> Running:
+    argv = [str(BIN / "dask"), "worker", address, "--nworkers", str(n), "--nthreads", "1",
+            "--memory-limit", memory_limit, "--no-dashboard"]
+    return start("dask-workers", argv, state)
+
+
+def prefect_cli(args: list[str], api_url: str, env: dict[str, str] | None = None, timeout: float = 300
+                ) -> subprocess.CompletedProcess:
+    """Run the `prefect` CLI against a server; raise with its output if it fails."""
+    out = subprocess.run([str(BIN / "prefect"), *args], capture_output=True, text=True, timeout=timeout,
+                         cwd=PROJECT, env={**os.environ, **QUIET, "PREFECT_API_URL": api_url, **(env or {})})
+    if out.returncode != 0:
+        raise ServiceError(f"prefect {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def register_deployments(api_url: str) -> None:
+    """Create the work pools (the GPU pool runs one flow at a time) and deploy prefect.yaml."""
+    for pool in ("accelflow-cpu", "accelflow-gpu"):
+        prefect_cli(["work-pool", "create", pool, "--type", "process", "--overwrite"], api_url)
+    prefect_cli(["work-pool", "set-concurrency-limit", "accelflow-gpu", "1"], api_url)
+    prefect_cli(["--no-prompt", "deploy", "--all"], api_url, {"ACCELFLOW_PROJECT_DIR": str(PROJECT)})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.killpg(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+# ---------------------------------------------------------------- make serve / make stop
+
+
+def serve(state: Path, prefect_port: int, mlflow_port: int) -> list[Running]:
+    started: list[Running] = []
+    try:
+        started.append(prefect_server(state, prefect_port))
+        started.append(mlflow_server(state, mlflow_port))
+        api_url, tracking = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
+        register_deployments(api_url)
+        started.append(prefect_worker(state, api_url, "accelflow-cpu", {"MLFLOW_TRACKING_URI": tracking}))
+    except BaseException:
+        for service in reversed(started):
+            stop(service)
+        raise
+    return started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["start", "stop", "status"])
+    parser.add_argument("--state-dir", default=str(PROJECT / ".accelflow" / "serve"))
+    parser.add_argument("--prefect-port", type=int, default=int(os.environ.get("ACCELFLOW_PREFECT_PORT", 4200)))
+    parser.add_argument("--mlflow-port", type=int, default=int(os.environ.get("ACCELFLOW_MLFLOW_PORT", 5000)))
+    args = parser.parse_args(argv)
+    state = Path(args.state_dir)
+    record = state / "services.json"
+    running = [Running(**r) for r in json.loads(record.read_text())] if record.is_file() else []
+    running = [r for r in running if _alive(r.pid)]
+
+    if args.command == "status":
+        for r in running:
+            print(f"{r.name:<22} pid {r.pid:<8} {r.url or ''}  log {r.log}")
+        print("nothing running" if not running else "")
+        return 0
+    if args.command == "stop":
+        for r in reversed(running):
+            stop(r)
+            print(f"stopped {r.name} (pid {r.pid})")
+        record.unlink(missing_ok=True)
+        print("nothing was running" if not running else "all stopped")
+        return 0
+    if running:
+        print("already running (make stop first):", ", ".join(r.name for r in running))
+        return 0
+    try:
+        started = serve(state, args.prefect_port, args.mlflow_port)
+    except ServiceError as exc:
+        print(f"serve: {exc}", file=sys.stderr)
+        return 1
+    record.write_text(json.dumps([asdict(s) for s in started], indent=2))
+    api = f"http://127.0.0.1:{args.prefect_port}/api"
+    print(f"""
+Prefect UI   http://127.0.0.1:{args.prefect_port}
+MLflow UI    http://127.0.0.1:{args.mlflow_port}
+Deployments  accelflow/nightly (02:00 UTC), accelflow/adhoc, accelflow/cluster (pool accelflow-cpu),
+             accelflow/gpu (pool accelflow-gpu, one run at a time; start a worker on a GPU node)
+
+Trigger a run and follow it:
+  export PREFECT_API_URL={api}
+  {BIN / 'prefect'} deployment run 'accelflow/adhoc' --param overrides='["train.epochs=3"]' --watch
+
+Logs in {state}; stop everything with: make stop""")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

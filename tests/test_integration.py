@@ -1,0 +1,228 @@
+"""Integration: real servers and workers, started and stopped by the tests themselves.
+
+- a Prefect server + worker with the deployments of prefect.yaml, triggered by the CLI
+  `prefect deployment run ... --watch`, logging to a real MLflow tracking server;
+- the MLflow UI rendered in headless Chromium (DOM dump + screenshot in tests/artifacts/);
+- docker/compose.yaml validated by docker-compose;
+- the cluster profile against separate processes: a Dask scheduler + 2 workers, an MLflow
+  server on PostgreSQL and a Prefect server on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from flows import serve
+
+pytestmark = pytest.mark.integration
+ARTIFACTS = Path(__file__).parent / "artifacts"
+STAGES = {"ingest", "partition", "reduce", "train", "prune", "evaluate"}
+POSTGRES = os.environ.get("ACCELFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+SMALL = ["data.max_rows=1500", "train.epochs=3", "train.batch_size=64", "train.hidden=[128]", "prune.finetune_epochs=1",
+         "evaluate.latency_repeats=5"]
+
+
+def parent_and_stages(client: MlflowClient, flow_run_id: str):
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    parents = client.search_runs(experiments, f"tags.`accelflow.flow_run_id` = '{flow_run_id}'")
+    assert len(parents) == 1, f"expected one parent run for flow run {flow_run_id}, found {len(parents)}"
+    parent = parents[0]
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return parent, {c.info.run_name: c for c in children}
+
+
+# ---------------------------------------------------------------- Prefect deployment + MLflow UI
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, fmnist_small):
+    """Prefect server, MLflow server, deployments from prefect.yaml, a worker on the CPU pool."""
+    state = tmp_path_factory.mktemp("serve")
+    started = []
+    try:
+        started.append(serve.prefect_server(state, serve.free_port()))
+        api = started[-1].url.removesuffix("/health")
+        started.append(serve.mlflow_server(state, serve.free_port()))
+        tracking = started[-1].url.removesuffix("/health")
+        serve.register_deployments(api)
+        started.append(serve.prefect_worker(state, api, "accelflow-cpu", {"MLFLOW_TRACKING_URI": tracking}))
+        yield {"api": api, "tracking": tracking, "state": state, "data": fmnist_small}
+    finally:
+        for service in reversed(started):
+            serve.stop(service)
+        assert not any(serve._alive(s.pid) for s in started)
+
+
+@pytest.fixture(scope="module")
+def deployed_run(stack):
+    """`prefect deployment run 'accelflow/adhoc' --param overrides=[...] --watch`, as a user types it."""
+    overrides = [*SMALL, f"data.source={stack['data']}", f"workdir={stack['state'] / 'work'}"]
+    out = serve.prefect_cli(["deployment", "run", "accelflow/adhoc", "--param", f"overrides={json.dumps(overrides)}",
+                             "--watch", "--watch-timeout", "600"], stack["api"], timeout=660)
+    match = re.search(r"UUID: ([0-9a-f-]{36})", out.stdout)
+    assert match, out.stdout
+    return match.group(1), out.stdout
+
+
+def test_deployments_are_registered_with_schedule_and_pools(stack):
+    out = serve.prefect_cli(["deployment", "ls"], stack["api"]).stdout
+    for name in ("accelflow/nightly", "accelflow/adhoc", "accelflow/cluster", "accelflow/gpu"):
+        assert name in out
+    nightly = serve.prefect_cli(["deployment", "inspect", "accelflow/nightly"], stack["api"]).stdout
+    assert "0 2 * * *" in nightly
+    gpu = serve.prefect_cli(["work-pool", "inspect", "accelflow-gpu"], stack["api"]).stdout
+    assert re.search(r"concurrency_limit['\"]?[:=]\s*1\b", gpu), gpu
+
+
+def test_prefect_deployment_run_completes_and_lands_in_mlflow(stack, deployed_run):
+    flow_run_id, output = deployed_run
+    assert "Completed" in output
+    parent, stages = parent_and_stages(MlflowClient(stack["tracking"]), flow_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["accelflow.deployment"] == "adhoc"
+    assert set(stages) == STAGES
+    assert parent.data.metrics["test/accuracy"] > 0.5
+    assert parent.data.params["data.max_rows"] == "1500"
+    inspect = serve.prefect_cli(["flow-run", "inspect", flow_run_id], stack["api"]).stdout
+    assert re.search(r"name='accelflow-[0-9a-f]{8}'", inspect), inspect  # run name carries the config digest
+
+
+def chromium(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not binary:
+        pytest.skip("chromium not installed (apt-get install chromium; `make test` does it as root)")
+    profile = Path(os.environ.get("TMPDIR", "/tmp")) / f"chromium-{uuid.uuid4().hex[:8]}"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
+             "--window-size=1500,1100", "--virtual-time-budget=25000"]
+    try:
+        return subprocess.run([binary, *flags, *args], capture_output=True, text=True, timeout=timeout)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_mlflow_ui_renders_the_run_its_stages_and_the_model(stack, deployed_run):
+    flow_run_id, _ = deployed_run
+    parent, stages = parent_and_stages(MlflowClient(stack["tracking"]), flow_run_id)
+    ARTIFACTS.mkdir(exist_ok=True)
+    experiment = parent.info.experiment_id
+    pages = {
+        "runs": f"{stack['tracking']}/#/experiments/{experiment}/runs",
+        "run": f"{stack['tracking']}/#/experiments/{experiment}/runs/{parent.info.run_id}",
+        "model": f"{stack['tracking']}/#/models/accelflow-classifier",
+    }
+    dom = {}
+    for name, url in pages.items():
+        out = chromium("--dump-dom", url)
+        dom[name] = out.stdout
+        (ARTIFACTS / f"mlflow-{name}.html").write_text(out.stdout)
+        chromium(f"--screenshot={ARTIFACTS / f'mlflow-{name}.png'}", url)
+        assert (ARTIFACTS / f"mlflow-{name}.png").stat().st_size > 10_000, name
+    assert parent.info.run_name in dom["runs"]  # the pipeline run in the runs table
+    assert "test/accuracy" in dom["run"]  # its headline metric on the run page
+    for stage in STAGES:  # the six nested stage runs, linked as child runs
+        assert f">{stage}<" in dom["run"], stage
+    assert "accelflow.flow_run_id" in dom["run"] or flow_run_id in dom["run"]
+    assert "champion" in dom["model"] and "Version 1" in dom["model"]
+
+
+# ---------------------------------------------------------------- docker/
+
+
+def test_compose_file_is_valid_and_needs_the_secret():
+    binary = shutil.which("docker-compose")
+    if not binary:
+        pytest.skip("docker-compose not installed (apt-get install docker-compose; `make test` does it as root)")
+    compose = Path(__file__).parent.parent / "docker" / "compose.yaml"
+    env = {**os.environ, "POSTGRES_PASSWORD": "test-only"}
+    services = subprocess.run([binary, "-f", str(compose), "--profile", "gpu", "config", "--services"],
+                              capture_output=True, text=True, env=env)
+    assert services.returncode == 0, services.stderr
+    assert set(services.stdout.split()) == {"postgres", "prefect-server", "mlflow", "dask-scheduler", "dask-worker",
+                                            "prefect-worker", "prefect-worker-gpu"}
+    resolved = subprocess.run([binary, "-f", str(compose), "config"], capture_output=True, text=True, env=env).stdout
+    assert "postgresql+psycopg2://accelflow:test-only@postgres:5432/mlflow" in resolved
+    assert "driver: nvidia" in resolved
+    env.pop("POSTGRES_PASSWORD")
+    missing = subprocess.run([binary, "-f", str(compose), "config", "-q"], capture_output=True, text=True, env=env)
+    assert missing.returncode != 0 and "set POSTGRES_PASSWORD" in missing.stderr
+
+
+# ---------------------------------------------------------------- cluster profile on PostgreSQL
+
+
+@pytest.fixture(scope="module")
+def postgres_databases():
+    """Two fresh databases (Prefect, MLflow) on the machine's PostgreSQL, dropped afterwards."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        admin = psycopg2.connect(POSTGRES, connect_timeout=5)
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at {POSTGRES} ({exc}); set ACCELFLOW_TEST_POSTGRES")
+    admin.autocommit = True
+    names = [f"accelflow_test_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("prefect", "mlflow")]
+    with admin.cursor() as cur:
+        for name in names:
+            cur.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES.rsplit("/", 1)[0]
+    try:
+        yield {"prefect": f"{base.replace('postgresql://', 'postgresql+asyncpg://')}/{names[0]}",
+               "mlflow": f"{base.replace('postgresql://', 'postgresql+psycopg2://')}/{names[1]}"}
+    finally:
+        with admin.cursor() as cur:
+            for name in names:
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+def test_cluster_profile_runs_on_separate_dask_mlflow_and_prefect_processes(
+    postgres_databases, fmnist_small, tmp_path
+):
+    state = tmp_path / "cluster"
+    started = []
+    try:
+        started.append(serve.prefect_server(state, serve.free_port(), postgres_databases["prefect"]))
+        api = started[-1].url.removesuffix("/health")
+        started.append(serve.mlflow_server(state, serve.free_port(), postgres_databases["mlflow"]))
+        tracking = started[-1].url.removesuffix("/health")
+        scheduler_port = serve.free_port()
+        started.append(serve.dask_scheduler(state, scheduler_port))
+        scheduler = f"tcp://127.0.0.1:{scheduler_port}"
+        started.append(serve.dask_workers(state, scheduler, n=2))
+
+        env = {**os.environ, **serve.QUIET, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": tracking,
+               "DASK_SCHEDULER_ADDRESS": scheduler, "ACCELFLOW_WORKDIR": str(tmp_path / "work"),
+               "ACCELFLOW_DATA": str(fmnist_small)}
+        sets = [arg for o in SMALL for arg in ("--set", o)]
+        out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", "cluster", *sets],
+                             capture_output=True, text=True, env=env, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+        client = MlflowClient(tracking)
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        parent = client.search_runs(experiments, "tags.`accelflow.deployment` = 'none'")[0]
+        flow_run_id = parent.data.tags["accelflow.flow_run_id"]
+        parent, stages = parent_and_stages(client, flow_run_id)
+        assert set(stages) == STAGES and parent.data.params["dask.address"] == scheduler
+        inspect = serve.prefect_cli(["flow-run", "inspect", flow_run_id], api).stdout
+        assert "COMPLETED" in inspect  # the flow run is recorded on the PostgreSQL-backed server
+
+        from dask.distributed import Client
+
+        with Client(scheduler, timeout="20s") as dask:
+            prefixes = set(dask.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes)))
+        assert {"partition_moments", "project_partition"} <= prefixes, prefixes  # PCA ran on this cluster
+    finally:
+        for service in reversed(started):
+            serve.stop(service)
+    assert not any(serve._alive(s.pid) for s in started)
