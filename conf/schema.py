@@ -75,7 +75,9 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.05, ge=0.0, lt=1.0)
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(256, ge=1)
-    world_size: int | Literal["auto"] = "auto"  # auto: one process per GPU, else 2 on CPU
+    world_size: int | Literal["auto"] = "auto"  # per node; auto: one process per GPU, else 2 on CPU
+    nnodes: int = Field(1, ge=1, description="nodes in the torchrun rendezvous")
+    rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous (nnodes > 1)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
     seed: int = 0
@@ -86,6 +88,12 @@ class TrainConfig(Section):
         if not v or any(w < 1 for w in v):
             raise ValueError("hidden must list at least one positive layer width")
         return v
+
+    @model_validator(mode="after")
+    def _rendezvous_for_many_nodes(self) -> TrainConfig:
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("train.nnodes > 1 needs train.rdzv_endpoint (host:port reachable from every node)")
+        return self
 
     @field_validator("world_size")
     @classmethod

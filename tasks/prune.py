@@ -44,7 +44,7 @@ def prune_model(features: Manifest, trained: Manifest, cfg: PruneConfig, train_c
         "metric_prefix": "prune",
     }
     world = resolve_world_size(train_cfg)
-    result = launch(spec, world, out.tmp, run_id)
+    result = launch(spec, world, out.tmp, run_id, nnodes=train_cfg.nnodes, endpoint=train_cfg.rdzv_endpoint)
     return {
         "model": model_files(out),
         "arch": trained["arch"],

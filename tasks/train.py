@@ -61,7 +61,7 @@ def train_model(features: Manifest, cfg: TrainConfig, out: StageDir, run_id: str
         "metric_prefix": "train",
     }
     world = resolve_world_size(cfg)
-    result = launch(spec, world, out.tmp, run_id)
+    result = launch(spec, world, out.tmp, run_id, nnodes=cfg.nnodes, endpoint=cfg.rdzv_endpoint)
     return {
         "model": model_files(out),
         "arch": spec["arch"],

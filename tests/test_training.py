@@ -122,3 +122,31 @@ def test_sparsity_schedule_is_geometric_and_ends_on_target():
     s = sparsity_schedule(0.875, 3)
     assert s == pytest.approx([0.5, 0.75, 0.875])
     assert np.all(np.diff(s) > 0)
+
+
+def test_two_node_rendezvous(digits_parquet, tmp_path):
+    """Two "nodes" on this machine join one c10d rendezvous, as torchrun does across hosts."""
+    import subprocess
+    import threading
+
+    from flows.serve import free_port
+    from tasks.training.launch import torchrun_command
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    spec = make_spec(digits_parquet, tmp_path)
+    result: dict = {}
+
+    def node0():
+        try:
+            result.update(launch(spec, world_size=1, workdir=tmp_path, nnodes=2, endpoint=endpoint))
+        except Exception as exc:  # surfaced below instead of dying silently in the thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=node0)
+    thread.start()
+    node1 = subprocess.run(torchrun_command(tmp_path / "spec.json", 1, 2, endpoint, rdzv_id=tmp_path.name),
+                           capture_output=True, text=True, timeout=180)
+    thread.join(timeout=180)
+    assert "error" not in result, result.get("error")
+    assert node1.returncode == 0, node1.stdout[-2000:] + node1.stderr[-2000:]
+    assert result["world_size"] == 2 and result["val_accuracy"] > 0.85

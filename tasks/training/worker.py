@@ -18,6 +18,7 @@ on rank 0, only when a run id is given).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -296,14 +297,24 @@ def main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     r = setup_distributed()
     torch.set_num_threads(max(1, spec.get("threads_per_process", 1)))
-    Trainer(spec, r).run()
+    trainer = Trainer(spec, r)
+    trainer.run()
     if dist.is_initialized():
-        # Wait for rank 0 to finish writing before any rank tears gloo down: a rank that
-        # exits while its peer is still in the group can abort ("terminate called ...").
+        # Tear gloo down while the interpreter is fully alive: drop the DDP reducer (which
+        # can sit in a reference cycle) and collect it now, wait for rank 0 to finish
+        # writing, then destroy the group. Gloo objects left for interpreter finalization
+        # abort the process ("terminate called without an active exception").
+        del trainer
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    # Everything is written and flushed; skip interpreter finalization, where leftover
+    # C++ communication threads can still abort a finished worker.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
