@@ -46,21 +46,21 @@ def parent_and_stages(client: MlflowClient, flow_run_id: str):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, fmnist_small):
-    """Prefect server, MLflow server, deployments from prefect.yaml, a worker on the CPU pool."""
+    """What `make serve` starts (same entry point, free ports): Prefect server, MLflow server,
+    deployments from prefect.yaml, a worker on the CPU pool; `make stop`'s code stops it."""
     state = tmp_path_factory.mktemp("serve")
-    started = []
+    prefect_port, mlflow_port = serve.free_port(), serve.free_port()
+    args = ["--state-dir", str(state), "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)]
+    assert serve.main(["start", *args]) == 0
+    running = json.loads((state / "services.json").read_text())
+    assert [r["name"] for r in running] == ["prefect-server", "mlflow-server", "worker-accelflow-cpu"]
     try:
-        started.append(serve.prefect_server(state, serve.free_port()))
-        api = started[-1].url.removesuffix("/health")
-        started.append(serve.mlflow_server(state, serve.free_port()))
-        tracking = started[-1].url.removesuffix("/health")
-        serve.register_deployments(api)
-        started.append(serve.prefect_worker(state, api, "accelflow-cpu", {"MLFLOW_TRACKING_URI": tracking}))
-        yield {"api": api, "tracking": tracking, "state": state, "data": fmnist_small}
+        yield {"api": f"http://127.0.0.1:{prefect_port}/api", "tracking": f"http://127.0.0.1:{mlflow_port}",
+               "state": state, "data": fmnist_small}
     finally:
-        for service in reversed(started):
-            serve.stop(service)
-        assert not any(serve._alive(s.pid) for s in started)
+        assert serve.main(["stop", *args]) == 0
+        assert not any(serve._alive(r["pid"]) for r in running)  # stopped exactly what it started
+        assert not (state / "services.json").exists()
 
 
 @pytest.fixture(scope="module")
