@@ -50,9 +50,22 @@ class DaskConfig(Section):
 
 
 class PartitionConfig(Section):
-    codec: Literal["zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
-    compression_level: int = Field(3, ge=1, le=22)
+    codec: Literal["auto", "zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
+    compression_level: int = Field(3, ge=1, le=22, description="zstd 1-22, gzip 1-9; others have none")
     target_partition_mb: float = Field(32.0, gt=0)
+    row_group_mb: float = Field(8.0, gt=0)
+    sample_mb: float = Field(8.0, gt=0, description="training rows the codec report measures")
+    storage_dtype: Literal["native", "float16"] = "native"  # float16: lossy, halves float columns
+
+    @model_validator(mode="after")
+    def _level_fits_codec(self) -> PartitionConfig:
+        if self.codec == "gzip" and self.compression_level > 9:
+            raise ValueError("partition.compression_level: gzip takes 1-9")
+        return self
+
+    @property
+    def level(self) -> int | None:
+        return self.compression_level if self.codec in ("zstd", "gzip") else None
 
 
 class ReduceConfig(Section):

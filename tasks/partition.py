@@ -1,12 +1,20 @@
-"""partition: Dask writes each split as compressed Parquet partitions of a target size.
+"""partition: Dask writes each split as compressed Parquet files of a target size.
 
-Dictionary encoding is off: on dense numeric columns it inflates files (~50% measured on
-this stack) and halves write speed. Each Dask task reads its row range straight from the
-ingest `.npy` (memory-mapped), so no process ever holds a whole split.
+Each Dask task memory-maps its row range of the ingest `.npy`, transposes it once into
+contiguous columns and writes one Parquet file with pyarrow: no pandas round trip and no
+process ever holds a whole split. (Measured on this stack, going through dask.dataframe's
+writer halves throughput against plain pyarrow; this path keeps both cores busy instead.)
+
+Before writing, a codec report measures every candidate codec on a sample of the training
+split (ratio, write and read speed); `partition.codec: auto` picks by a stated rule.
+Dictionary encoding is enabled per column only where the sample shows few distinct values:
+on dense high-cardinality floats it inflates files (~50% measured) and halves write speed.
 """
 
 from __future__ import annotations
 
+import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,72 +23,199 @@ import numpy as np
 from conf.schema import PartitionConfig
 from tasks.stage import Manifest, StageDir, describe_files
 
-VERSION = "1"
+VERSION = "2"
 LABEL = "label"
-
-
-def _load_rows(bounds: tuple[int, int], x_path: str, y_path: str, names: list[str]):
-    import pandas as pd
-
-    start, stop = bounds
-    X = np.load(x_path, mmap_mode="r")[start:stop]
-    frame = pd.DataFrame(np.ascontiguousarray(X), columns=names)
-    frame[LABEL] = np.load(y_path, mmap_mode="r")[start:stop]
-    return frame
+CANDIDATES = [("none", None), ("snappy", None), ("lz4", None), ("gzip", 1), ("gzip", 6),
+              ("zstd", 1), ("zstd", 3), ("zstd", 9), ("zstd", 15)]
+READ_TOLERANCE = 0.8  # auto: best ratio among codecs reading at >= 80% of the fastest
 
 
 def rows_per_partition(row_bytes: int, target_mb: float) -> int:
     return max(1, int(target_mb * 2**20 // max(row_bytes, 1)))
 
 
-def write_split(split: dict[str, Any], names: list[str], dest: Path, cfg: PartitionConfig) -> list[Path]:
-    """Write one split as Parquet files under `dest` on the current Dask client."""
-    import dask.dataframe as dd
+def to_table(X: np.ndarray, y: np.ndarray, names: list[str], storage_dtype: str | None = None):
+    """Rows → an Arrow table, one contiguous column each (one transpose copy per chunk)."""
+    import pyarrow as pa
 
-    X = np.load(split["X"]["path"], mmap_mode="r")
-    step = rows_per_partition(X.shape[1] * X.dtype.itemsize, cfg.target_partition_mb)
-    bounds = [(i, min(i + step, len(X))) for i in range(0, len(X), step)] or [(0, 0)]
-    meta = _load_rows((0, 0), split["X"]["path"], split["y"]["path"], names)
-    frame = dd.from_map(
-        _load_rows, bounds, x_path=split["X"]["path"], y_path=split["y"]["path"], names=names,
-        meta=meta, enforce_metadata=False,
-    )
-    codec = None if cfg.codec == "none" else cfg.codec
-    level = cfg.compression_level if cfg.codec in ("zstd", "gzip") else None
-    frame.to_parquet(
-        dest, engine="pyarrow", compression=codec, compression_level=level,
-        use_dictionary=False, write_index=False, write_metadata_file=False,
-        name_function=lambda i: f"part-{i:05d}.parquet",
-    )
-    return sorted(dest.glob("part-*.parquet"))
+    columns = np.ascontiguousarray(X.T)
+    if storage_dtype == "float16" and columns.dtype.kind == "f":
+        columns = columns.astype(np.float16)  # lossy by request: halves float storage
+    arrays = [pa.array(col) for col in columns]
+    return pa.table([*arrays, pa.array(np.asarray(y))], names=[*names, LABEL])
 
 
-def partition_dataset(ingest: Manifest, cfg: PartitionConfig, out: StageDir) -> dict[str, Any]:
-    """Write every split; return the manifest body with bytes in/out and the ratio."""
+def write_options(codec: str, level: int | None, dictionary: list[str], row_group_rows: int,
+                  byte_stream_split: list[str] | None = None) -> dict:
+    return {"compression": None if codec == "none" else codec, "compression_level": level,
+            "use_dictionary": dictionary, "use_byte_stream_split": byte_stream_split or False,
+            "row_group_size": row_group_rows}
+
+
+def write_chunk(bounds: tuple[int, int], x_path: str, y_path: str, names: list[str], dest: str,
+                options: dict, storage_dtype: str | None) -> dict[str, Any]:
+    """Write one file and describe it (size, digest) here, so hashing runs in parallel too."""
+    import pyarrow.parquet as pq
+
+    start, stop = bounds
+    X = np.load(x_path, mmap_mode="r")[start:stop]
+    y = np.load(y_path, mmap_mode="r")[start:stop]
+    pq.write_table(to_table(X, y, names, storage_dtype), dest, **options)
+    return describe_files([Path(dest)])[0]
+
+
+def float_columns(table, exclude: list[str]) -> list[str]:
+    """Float columns stored plainly: byte-stream-split groups their exponent bytes, which
+    compresses better and encodes faster (measured: ratio +1.4%, write speed +30%)."""
+    import pyarrow as pa
+
+    return [f.name for f in table.schema if pa.types.is_floating(f.type) and f.name not in exclude]
+
+
+# ---------------------------------------------------------------- codec report
+
+
+def dictionary_columns(table, max_distinct_fraction: float = 0.05) -> list[str]:
+    """Columns whose sample has few distinct values: dictionary encoding pays there."""
+    import pyarrow.compute as pc
+
+    limit = max(2, int(table.num_rows * max_distinct_fraction))
+    return [name for name in table.column_names if pc.count_distinct(table[name]).as_py() <= limit]
+
+
+def measure(table, codec: str, level: int | None, dictionary, repeats: int = 2) -> dict[str, Any]:
+    """Ratio against Arrow's in-memory size, best-of-N write and read speed in MB/s."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw_mb = table.nbytes / 2**20
+    writes, reads, size = [], [], 0
+    for _ in range(repeats):
+        sink = io.BytesIO()
+        start = time.perf_counter()
+        pq.write_table(table, sink, **write_options(codec, level, dictionary, table.num_rows))
+        writes.append(time.perf_counter() - start)
+        size = sink.tell()
+        start = time.perf_counter()
+        pq.read_table(pa.BufferReader(sink.getbuffer()))
+        reads.append(time.perf_counter() - start)
+    return {"codec": codec, "level": level, "ratio": table.nbytes / size, "bytes": size,
+            "write_mb_s": raw_mb / min(writes), "read_mb_s": raw_mb / min(reads)}
+
+
+def codec_report(sample, dictionary) -> list[dict[str, Any]]:
+    return [measure(sample, codec, level, dictionary) for codec, level in CANDIDATES]
+
+
+def choose_codec(report: list[dict[str, Any]]) -> dict[str, Any]:
+    """The stated rule: best ratio among codecs that read within 20% of the fastest reader;
+    ties go to the faster writer."""
+    fastest = max(r["read_mb_s"] for r in report)
+    eligible = [r for r in report if r["read_mb_s"] >= READ_TOLERANCE * fastest]
+    return max(eligible, key=lambda r: (round(r["ratio"], 3), r["write_mb_s"]))
+
+
+def sample_rows(split: dict[str, Any], row_bytes: int, sample_mb: float) -> tuple[np.ndarray, np.ndarray]:
+    """The first rows of a split: ingest orders rows by a seeded hash, so this is a random sample."""
+    n = rows_per_partition(row_bytes, sample_mb)
+    return np.load(split["X"]["path"], mmap_mode="r")[:n], np.load(split["y"]["path"], mmap_mode="r")[:n]
+
+
+def plot_report(report: list[dict[str, Any]], chosen: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in report:
+        label = r["codec"] + (f"-{r['level']}" if r["level"] is not None else "")
+        ax.scatter(r["read_mb_s"], r["ratio"], s=20 + r["write_mb_s"] / 5, color="tab:red" if r is chosen else "tab:blue")
+        ax.annotate(label, (r["read_mb_s"], r["ratio"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("read MB/s (in-memory, one thread)")
+    ax.set_ylabel("compression ratio")
+    ax.set_title("codec report on a sample of the training split (marker size: write speed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report_markdown(report: list[dict[str, Any]], chosen: dict[str, Any], sample_mb: float) -> str:
+    lines = [f"Codec report on {sample_mb:.1f} MB of training rows. Rule: best ratio among codecs whose "
+             f"read speed is within {100 - READ_TOLERANCE * 100:.0f}% of the fastest.", "",
+             "| codec | level | ratio | write MB/s | read MB/s | |", "|---|---|---|---|---|---|"]
+    for r in report:
+        mark = "**chosen**" if r is chosen else ""
+        lines.append(f"| {r['codec']} | {r['level'] if r['level'] is not None else ''} | {r['ratio']:.2f} | "
+                     f"{r['write_mb_s']:.0f} | {r['read_mb_s']:.0f} | {mark} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def partition_dataset(ingest: Manifest, cfg: PartitionConfig, out: StageDir, client) -> dict[str, Any]:
+    """Measure codecs, then write every split on the Dask cluster; return the manifest body."""
+    started = time.perf_counter()
     names = ingest["feature_names"]
+    train = ingest["splits"]["train"]
+    item = np.load(train["X"]["path"], mmap_mode="r")
+    row_bytes = item.shape[1] * item.dtype.itemsize
+    Xs, ys = sample_rows(train, row_bytes, cfg.sample_mb)
+    sample = to_table(np.asarray(Xs), np.asarray(ys), names, cfg.storage_dtype)
+    dictionary = dictionary_columns(sample)
+    report = codec_report(sample, dictionary)
+    chosen = next((r for r in report if (r["codec"], r["level"]) == (cfg.codec, cfg.level)), None)
+    if cfg.codec == "auto":
+        chosen = choose_codec(report)
+    elif chosen is None:  # a level the report did not try: measure it too
+        chosen = measure(sample, cfg.codec, cfg.level, dictionary)
+        report.append(chosen)
+    plot_report(report, chosen, out.path("codec_report.png"))
+    options = write_options(chosen["codec"], chosen["level"], dictionary,
+                            rows_per_partition(row_bytes, cfg.row_group_mb), float_columns(sample, dictionary))
+    report_seconds = time.perf_counter() - started
+
     splits: dict[str, Any] = {}
     bytes_in = bytes_out = 0
     for name, split in ingest["splits"].items():
-        files = write_split(split, names, out.path(name), cfg)
-        described = describe_files(files)
-        for d in described:
-            d["path"] = out.final_path(f"{name}/{Path(d['path']).name}")
+        out.path(name).mkdir()
+        step = rows_per_partition(row_bytes, cfg.target_partition_mb)
+        bounds = [(i, min(i + step, split["rows"])) for i in range(0, split["rows"], step)] or [(0, 0)]
+        targets = [str(out.path(f"{name}/part-{i:05d}.parquet")) for i in range(len(bounds))]
+        described = client.gather(client.map(
+            write_chunk, bounds, [split["X"]["path"]] * len(bounds), [split["y"]["path"]] * len(bounds),
+            [names] * len(bounds), targets, options=options, storage_dtype=cfg.storage_dtype, pure=False))
+        for d, t in zip(described, targets, strict=True):
+            d["path"] = out.final_path(f"{name}/{Path(t).name}")
         splits[name] = {"files": described, "rows": split["rows"]}
         bytes_in += split["X"]["bytes"] + split["y"]["bytes"]
         bytes_out += sum(d["bytes"] for d in described)
     ratio = bytes_in / max(bytes_out, 1)
+    codec = chosen["codec"] + (f"-{chosen['level']}" if chosen["level"] is not None else "")
+    summary = (f"{bytes_in / 2**20:.1f} MiB → {bytes_out / 2**20:.1f} MiB with {codec} (ratio {ratio:.2f}); "
+               f"dictionary encoding on {len(dictionary)}/{len(names) + 1} columns\n\n"
+               + report_markdown(report, chosen, sample.nbytes / 2**20))
     return {
         "splits": splits,
         "feature_names": names,
         "label": LABEL,
         "classes": ingest["classes"],
         "image_shape": ingest["image_shape"],
+        "codec": {"codec": chosen["codec"], "level": chosen["level"], "dictionary_columns": len(dictionary),
+                  "storage_dtype": cfg.storage_dtype},
+        "codec_report": report,
+        "plots": [out.final_path("codec_report.png")],
         "metrics": {
             "data/bytes_in": bytes_in,
             "data/bytes_out": bytes_out,
             "data/compression_ratio": round(ratio, 4),
             "data/partitions": sum(len(s["files"]) for s in splits.values()),
+            "data/codec_ratio_on_sample": chosen["ratio"],
+            "data/codec_read_mb_s": chosen["read_mb_s"],
+            "data/codec_write_mb_s": chosen["write_mb_s"],
+            "data/codec_report_seconds": report_seconds,
+            "data/write_seconds": time.perf_counter() - started - report_seconds,
         },
-        "summary": f"{bytes_in / 2**20:.1f} MiB → {bytes_out / 2**20:.1f} MiB "
-        f"({cfg.codec} level {cfg.compression_level}, ratio {ratio:.2f})",
+        "summary": summary,
     }

@@ -15,7 +15,7 @@ from conf.schema import PipelineConfig
 from tasks import evaluate, ingest, partition, prune, reduce, registry, train
 from tasks.cluster import dask_client
 from tasks.stage import Manifest, StageOutcome, run_stage
-from tasks.tracking import log_dataset, publish, stage_run
+from tasks.tracking import log_dataset, publish, publish_table, stage_run
 
 
 @task(name="ingest", cache_policy=NO_CACHE)
@@ -33,14 +33,15 @@ def partition_data(cfg: PipelineConfig, parent: str, ingested: Manifest) -> Stag
     """Write the splits as compressed Parquet partitions on a Dask cluster."""
 
     def build(out):
-        with dask_client(cfg.dask):
-            return partition.partition_dataset(ingested, cfg.partition, out)
+        with dask_client(cfg.dask) as client:
+            return partition.partition_dataset(ingested, cfg.partition, out, client)
 
     with stage_run(parent, "partition", "partition", cfg.partition):
         outcome = run_stage(cfg.workdir, "partition", partition.VERSION, cfg.partition.model_dump(mode="json"),
                             [ingested], build)
         for split in ("train", "val", "test"):
             log_dataset(outcome.manifest, split, context=split)
+        publish_table("partition", "codec-report", outcome.manifest["codec_report"], outcome.manifest["plots"])
         publish("partition", outcome)
     return outcome
 

@@ -117,6 +117,24 @@ def publish(stage: str, outcome: StageOutcome) -> None:
     _prefect_markdown(stage, summary)
 
 
+def publish_table(stage: str, name: str, rows: list[dict[str, Any]], plots: list[str] = ()) -> None:
+    """A table (and its plots) in the active MLflow run and as a Prefect table artifact."""
+    import mlflow
+    import pandas as pd
+
+    mlflow.log_table(pd.DataFrame(rows), artifact_file=f"{stage}/{name}.json")
+    for plot in plots:
+        mlflow.log_artifact(plot, stage)
+    try:
+        from prefect.artifacts import create_table_artifact
+        from prefect.context import TaskRunContext
+
+        if TaskRunContext.get() is not None:
+            create_table_artifact(table=rows, key=f"accelflow-{stage}-{name}", description=f"{stage}: {name}")
+    except Exception as exc:  # an artifact is a convenience: never fail a stage over it
+        print(f"note: could not publish the Prefect table for {stage}/{name}: {exc}")
+
+
 def log_dataset(manifest: Manifest, split: str, context: str) -> None:
     """`mlflow.log_input` from a manifest: name, digest, source, row count — no data loaded."""
     import mlflow

@@ -1,5 +1,7 @@
 """partition + reduce on a real Dask LocalCluster."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -7,7 +9,7 @@ import pytest
 from conf.schema import DaskConfig, DataConfig, PartitionConfig, ReduceConfig
 from tasks.cluster import dask_client
 from tasks.ingest import ingest_dataset
-from tasks.partition import partition_dataset
+from tasks.partition import CANDIDATES, choose_codec, partition_dataset
 from tasks.reduce import apply_reduction, fit_reduction, load_reduction, read_features
 from tasks.stage import run_stage
 
@@ -23,9 +25,9 @@ def partitioned(fmnist_small, tmp_path_factory, client):
     work = tmp_path_factory.mktemp("work")
     data = DataConfig(source=str(fmnist_small))
     ingested = run_stage(work, "ingest", "1", {}, [], lambda out: ingest_dataset(data, out)).manifest
-    cfg = PartitionConfig(target_partition_mb=0.5, compression_level=5)
+    cfg = PartitionConfig(target_partition_mb=0.5, compression_level=5, sample_mb=1)
     parts = run_stage(work, "partition", "1", cfg.model_dump(), [ingested],
-                      lambda out: partition_dataset(ingested, cfg, out)).manifest
+                      lambda out: partition_dataset(ingested, cfg, out, client)).manifest
     return work, ingested, parts
 
 
@@ -61,3 +63,60 @@ def test_pca_matches_scikit_learn_and_meets_the_variance_target(partitioned, cli
     assert np.allclose(ours, theirs * signs, atol=1e-2 * np.abs(theirs).max())
     rows = sum(pq.ParquetFile(f["path"]).metadata.num_rows for f in m["splits"]["val"]["files"])
     assert rows == parts["splits"]["val"]["rows"]
+
+
+def test_codec_report_measures_every_candidate_and_auto_follows_the_rule(partitioned, client, tmp_path):
+    _, ingested, parts = partitioned
+    report = parts["codec_report"]
+    assert [(r["codec"], r["level"]) for r in report] == [*CANDIDATES, ("zstd", 5)]  # + the configured level
+    assert parts["codec"] == {**parts["codec"], "codec": "zstd", "level": 5}
+    assert all(r["ratio"] > 0 and r["write_mb_s"] > 0 and r["read_mb_s"] > 0 for r in report)
+    none = next(r for r in report if r["codec"] == "none")
+    zstd9 = next(r for r in report if r == {**r, "codec": "zstd", "level": 9})
+    assert zstd9["ratio"] > none["ratio"]  # compression compresses real pixels
+    cfg = PartitionConfig(codec="auto", sample_mb=1)
+    auto = run_stage(tmp_path, "partition", "1", cfg.model_dump(), [ingested],
+                     lambda out: partition_dataset(ingested, cfg, out, client)).manifest
+    chosen = auto["codec"]
+    fastest = max(r["read_mb_s"] for r in auto["codec_report"])
+    winner = next(r for r in auto["codec_report"] if (r["codec"], r["level"]) == (chosen["codec"], chosen["level"]))
+    assert winner["read_mb_s"] >= 0.8 * fastest
+    assert "**chosen**" in auto["summary"] and Path(auto["plots"][0]).is_file()
+    column = pq.ParquetFile(auto["splits"]["train"]["files"][0]["path"]).metadata.row_group(0).column(0)
+    expected = "UNCOMPRESSED" if chosen["codec"] == "none" else chosen["codec"].upper()
+    assert column.compression == expected
+
+
+def test_choose_codec_rule():
+    report = [
+        {"codec": "none", "level": None, "ratio": 1.0, "write_mb_s": 900, "read_mb_s": 1000},
+        {"codec": "zstd", "level": 3, "ratio": 3.0, "write_mb_s": 300, "read_mb_s": 850},
+        {"codec": "zstd", "level": 15, "ratio": 3.4, "write_mb_s": 20, "read_mb_s": 820},
+        {"codec": "gzip", "level": 6, "ratio": 3.6, "write_mb_s": 40, "read_mb_s": 300},  # reads too slowly
+    ]
+    assert choose_codec(report) is report[2]
+
+
+def test_float16_storage_halves_float_columns(client, tmp_path):
+    from sklearn.datasets import load_breast_cancer
+
+    from conf.schema import DataConfig
+
+    frame = load_breast_cancer(as_frame=True).frame  # 30 continuous, high-cardinality features
+    pixels = [c for c in frame.columns if c != "target"]
+    frame.to_csv(tmp_path / "cancer.csv", index=False)
+    data = DataConfig(source=str(tmp_path / "cancer.csv"), label="target")
+    ingested = run_stage(tmp_path, "ingest", "1", {}, [], lambda out: ingest_dataset(data, out)).manifest
+    sizes, values = {}, {}
+    for dtype in ("native", "float16"):
+        cfg = PartitionConfig(codec="none", storage_dtype=dtype, sample_mb=0.1)
+        m = run_stage(tmp_path, "partition", "1", cfg.model_dump(), [ingested],
+                      lambda out, cfg=cfg: partition_dataset(ingested, cfg, out, client)).manifest
+        path = m["splits"]["train"]["files"][0]["path"]
+        sizes[dtype] = sum(pq.ParquetFile(path).metadata.row_group(0).column(i).total_uncompressed_size
+                           for i in range(len(pixels)))
+        values[dtype] = read_features(path, pixels)
+        assert str(pq.read_schema(path).field(0).type) == ("halffloat" if dtype == "float16" else "float")
+    assert sizes["float16"] < 0.6 * sizes["native"]
+    relative = np.abs(values["float16"] - values["native"]) / np.maximum(np.abs(values["native"]), 1e-3)
+    assert relative.max() < 1e-3  # lossy, but only in the fourth significant digit
