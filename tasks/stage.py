@@ -140,7 +140,8 @@ def run_stage(
     reason = f"cached output was damaged ({damage}); rebuilt" if damage else why_it_ran(previous, record)
 
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / (f".partial-{key}" if resumable else f".tmp-{key}-{uuid.uuid4().hex[:8]}")
+    sweep_abandoned(root)
+    tmp = root / (f".partial-{key}" if resumable else f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(exist_ok=True)
     try:
         body = build(StageDir(tmp=tmp, final=final))
@@ -166,6 +167,22 @@ def run_stage(
         os.replace(tmp, final)
     write_json_atomic(last_path, {**record, "key": key})
     return StageOutcome(manifest, False, reason, time.perf_counter() - start)
+
+
+def sweep_abandoned(root: Path) -> None:
+    """Remove temporary folders of builds whose process is gone (killed mid-write). They
+    never looked complete; this only reclaims their space. Live builds are left alone."""
+    for tmp in root.glob(".tmp-*"):
+        try:
+            pid = int(tmp.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, owned by someone else
+            pass
 
 
 def damaged(manifest: Manifest) -> str | None:

@@ -120,3 +120,56 @@ def test_float16_storage_halves_float_columns(client, tmp_path):
     assert sizes["float16"] < 0.6 * sizes["native"]
     relative = np.abs(values["float16"] - values["native"]) / np.maximum(np.abs(values["native"]), 1e-3)
     assert relative.max() < 1e-3  # lossy, but only in the fourth significant digit
+
+
+KILL_SCRIPT = """
+import json, sys
+from conf.schema import DaskConfig, PartitionConfig
+from tasks.cluster import dask_client
+from tasks.partition import partition_dataset
+from tasks.stage import run_stage
+
+if __name__ == "__main__":
+    work, manifest = sys.argv[1], json.load(open(sys.argv[2]))
+    cfg = PartitionConfig(target_partition_mb=0.05, sample_mb=0.5)  # many small files: a long write
+    with dask_client(DaskConfig(n_workers=1, memory_limit="1GiB")) as client:
+        run_stage(work, "partition", "1", cfg.model_dump(), [manifest],
+                  lambda out: partition_dataset(manifest, cfg, out, client))
+"""
+
+
+def test_a_run_killed_mid_write_leaves_nothing_that_looks_complete(partitioned, client, tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _, ingested, _ = partitioned
+    (tmp_path / "ingest.json").write_text(json.dumps(ingested))
+    (tmp_path / "kill.py").write_text(KILL_SCRIPT)
+    work = tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "kill.py"), str(work), str(tmp_path / "ingest.json")],
+                            start_new_session=True, cwd=Path(__file__).parent.parent)
+    deadline = time.monotonic() + 120
+    while not list(work.glob("partition/.tmp-*/train/part-*.parquet")):
+        assert proc.poll() is None, "the writer finished before it could be killed"
+        assert time.monotonic() < deadline, "no partition file appeared"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: driver and Dask workers
+    proc.wait()
+
+    stage = work / "partition"
+    assert not [p for p in stage.iterdir() if not p.name.startswith(".")]  # no key folder, no last.json
+    assert not list(stage.glob("*/manifest.json"))
+    leftovers = list(stage.glob(".tmp-*"))
+    assert leftovers  # the half-written folder is there, under a name no run trusts
+
+    cfg = PartitionConfig(target_partition_mb=0.05, sample_mb=0.5)
+    done = run_stage(work, "partition", "1", cfg.model_dump(), [ingested],
+                     lambda out: partition_dataset(ingested, cfg, out, client))
+    assert not done.cached and "first run" in done.reason
+    assert not any(p.exists() for p in leftovers)  # the dead writer's folder was swept
+    rows = sum(pq.ParquetFile(f["path"]).metadata.num_rows for f in done.manifest["splits"]["train"]["files"])
+    assert rows == ingested["splits"]["train"]["rows"]
