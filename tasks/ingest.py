@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,18 +43,34 @@ class Table:
 # ---------------------------------------------------------------- readers
 
 
+CSV_COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2", ".xz": "xz"}
+
+
+def filesystem(source: str):
+    """Any fsspec URL (file://, s3://, gs://, …) or a plain path → (filesystem, path)."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(str(Path(source).expanduser()) if "://" not in source else source)
+    except (ImportError, ValueError) as exc:
+        raise DataError(f"{source}: no filesystem for this URL ({exc}); install its fsspec package "
+                        "(e.g. s3fs for s3://)") from None
+
+
 def detect_format(source: str, declared: str) -> str:
     if declared != "auto":
         return declared
-    path = Path(source)
-    name = path.name.lower()
-    if path.is_dir():
-        if any("idx" in p.name for p in path.iterdir()):
+    fs, path = filesystem(source)
+    name = path.rsplit("/", 1)[-1].lower()
+    if fs.isdir(path):
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+        if any("idx" in n for n in names):
             return "idx"
-        if any(p.suffix == ".parquet" for p in path.iterdir()):
+        if any(n.endswith(".parquet") for n in names):
             return "parquet"
-    for suffix, fmt in ((".csv", "csv"), (".csv.gz", "csv"), (".parquet", "parquet"), (".npz", "npz")):
-        if name.endswith(suffix):
+    stem = name.removesuffix(Path(name).suffix) if Path(name).suffix in CSV_COMPRESSION else name
+    for suffix, fmt in ((".csv", "csv"), (".parquet", "parquet"), (".npz", "npz")):
+        if stem.endswith(suffix):
             return fmt
     if "idx" in name:
         return "idx"
@@ -63,13 +80,23 @@ def detect_format(source: str, declared: str) -> str:
     )
 
 
-def read_idx(path: Path) -> np.ndarray:
+def source_fingerprint(cfg: DataConfig) -> list[list]:
+    """Name, size and modification time of every source file: a cheap content proxy that
+    goes into ingest's cache key, so data edited in place is read again."""
+    fs, path = filesystem(cfg.source)
+    files = sorted(fs.find(path, detail=True).items()) if fs.isdir(path) else [(path, fs.info(path))]
+    return [[name.rsplit("/", 1)[-1], info.get("size"), str(info.get("mtime") or info.get("LastModified") or "")]
+            for name, info in files]
+
+
+def read_idx(path: Path | str, fs=None) -> np.ndarray:
     """Parse one IDX file (optionally gzip'd): magic, dims, then the raw array."""
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as fh:
+        with (fs.open(str(path), "rb") if fs else open(path, "rb")) as fh:
             raw = fh.read()
-    except (OSError, EOFError) as exc:
+        if str(path).endswith(".gz"):
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: cannot read IDX file ({exc}); is it complete?") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
@@ -86,21 +113,21 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(dims)
 
 
-def _find_idx(folder: Path, prefix: str, kind: str) -> Path | None:
-    hits = sorted(folder.glob(f"{prefix}-{kind}-idx*"))
+def _find_idx(fs, folder: str, prefix: str, kind: str) -> str | None:
+    hits = sorted(fs.glob(f"{folder.rstrip('/')}/{prefix}-{kind}-idx*"))
     return hits[0] if hits else None
 
 
-def read_idx_folder(folder: Path) -> Table:
-    if not folder.is_dir():
+def read_idx_folder(fs, folder: str) -> Table:
+    if not fs.isdir(folder):
         raise DataError(f"{folder}: an IDX source must be a folder holding train-images-idx3-ubyte[.gz] etc.")
     pairs = {}
     for prefix in ("train", "t10k"):
-        images, labels = _find_idx(folder, prefix, "images"), _find_idx(folder, prefix, "labels")
+        images, labels = _find_idx(fs, folder, prefix, "images"), _find_idx(fs, folder, prefix, "labels")
         if images and labels:
-            X, y = read_idx(images), read_idx(labels)
+            X, y = read_idx(images, fs), read_idx(labels, fs)
             if len(X) != len(y):
-                raise DataError(f"{images}: {len(X)} images but {labels.name} has {len(y)} labels")
+                raise DataError(f"{images}: {len(X)} images but {labels} has {len(y)} labels")
             pairs[prefix] = (X, y)
     if "train" not in pairs:
         raise DataError(
@@ -117,9 +144,9 @@ def read_idx_folder(folder: Path) -> Table:
     return Table(flat, y, names, image_shape=shape, test=test)
 
 
-def read_npz(path: Path) -> Table:
+def read_npz(fs, path: str) -> Table:
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with fs.open(path, "rb") as fh, np.load(fh, allow_pickle=False) as data:
             missing = {"X", "y"} - set(data.files)
             if missing:
                 raise DataError(f"{path}: missing array(s) {sorted(missing)}; an .npz source needs X and y")
@@ -135,12 +162,18 @@ def read_npz(path: Path) -> Table:
     return Table(flat, y, [f"f{i}" for i in range(flat.shape[1])], image_shape=shape)
 
 
-def read_frame(path: Path, fmt: str, label: str) -> Table:
-    """CSV or Parquet → Table; every feature column must be numeric."""
+def read_frame(fs, path: str, fmt: str, label: str) -> Table:
+    """CSV (optionally .gz/.zst/.bz2/.xz) or Parquet (a file or a folder) → Table; every
+    feature column must be numeric."""
     import pandas as pd
+    import pyarrow.parquet as pq
 
     try:
-        frame = pd.read_csv(path) if fmt == "csv" else pd.read_parquet(path)
+        if fmt == "csv":
+            with fs.open(path, "rb") as fh:
+                frame = pd.read_csv(fh, compression=CSV_COMPRESSION.get(Path(path).suffix))
+        else:
+            frame = pq.read_table(path, filesystem=fs).to_pandas()
     except Exception as exc:  # pandas/pyarrow raise many types for unreadable files
         raise DataError(f"{path}: cannot read as {fmt} ({type(exc).__name__}: {exc})") from None
     if label not in frame.columns:
@@ -166,19 +199,19 @@ def read_frame(path: Path, fmt: str, label: str) -> Table:
 def preflight(cfg: DataConfig) -> str:
     """Cheap checks before any stage starts: the source exists, its format is known and
     (for tables) the label column is there. Returns the format."""
-    path = Path(cfg.source).expanduser()
-    if not path.exists():
+    fs, path = filesystem(cfg.source)
+    if not fs.exists(path):
         raise DataError(
             f"{path}: data source does not exist. For Fashion-MNIST install Debian's "
             "'dataset-fashion-mnist' (or copy its four IDX .gz files there), or point "
             "data.source at your own CSV / Parquet / .npz file."
         )
-    fmt = detect_format(str(path), cfg.format)
-    if fmt in ("csv", "parquet") and path.is_file():
+    fmt = detect_format(cfg.source, cfg.format)
+    if fmt in ("csv", "parquet") and fs.isfile(path):
         import pyarrow.parquet as pq
 
         try:
-            columns = pq.read_schema(path).names if fmt == "parquet" else _csv_header(path)
+            columns = pq.read_schema(path, filesystem=fs).names if fmt == "parquet" else _csv_header(fs, path)
         except Exception as exc:
             raise DataError(f"{path}: cannot read as {fmt} ({type(exc).__name__}: {exc})") from None
         if columns and cfg.label not in columns:
@@ -189,22 +222,23 @@ def preflight(cfg: DataConfig) -> str:
     return fmt
 
 
-def _csv_header(path: Path) -> list[str]:
+def _csv_header(fs, path: str) -> list[str]:
     import pandas as pd
 
-    return [str(c) for c in pd.read_csv(path, nrows=0).columns]
+    with fs.open(path, "rb") as fh:
+        return [str(c) for c in pd.read_csv(fh, nrows=0, compression=CSV_COMPRESSION.get(Path(path).suffix)).columns]
 
 
 def read_source(cfg: DataConfig) -> Table:
-    path = Path(cfg.source).expanduser()
     fmt = preflight(cfg)
+    fs, path = filesystem(cfg.source)
     if fmt == "idx":
-        table = read_idx_folder(path)
+        table = read_idx_folder(fs, path)
     elif fmt == "npz":
-        table = read_npz(path)
+        table = read_npz(fs, path)
     else:
-        table = read_frame(path, fmt, cfg.label)
-    validate(table, str(path))
+        table = read_frame(fs, path, fmt, cfg.label)
+    validate(table, cfg.source)
     return table
 
 
@@ -308,7 +342,7 @@ def ingest_dataset(cfg: DataConfig, out: StageDir) -> dict[str, Any]:
         files[name] = {"X": described[0], "y": described[1], "rows": len(y)}
     rows = {name: files[name]["rows"] for name in files}
     return {
-        "source": str(Path(cfg.source).expanduser().resolve()),
+        "source": cfg.source if "://" in cfg.source else str(Path(cfg.source).expanduser().resolve()),
         "format": detect_format(cfg.source, cfg.format),
         "splits": files,
         "feature_names": table.feature_names,

@@ -22,7 +22,9 @@ from tasks.tracking import log_dataset, publish, publish_table, stage_run
 def ingest_data(cfg: PipelineConfig, parent: str) -> StageOutcome:
     """Read, validate and split the source data."""
     with stage_run(parent, "ingest", "data", cfg.data):
-        outcome = run_stage(cfg.workdir, "ingest", ingest.VERSION, cfg.data.model_dump(mode="json"), [],
+        # the source files' fingerprint is part of the key: data edited in place is re-read
+        key = {**cfg.data.model_dump(mode="json"), "source_files": ingest.source_fingerprint(cfg.data)}
+        outcome = run_stage(cfg.workdir, "ingest", ingest.VERSION, key, [],
                             lambda out: ingest.ingest_dataset(cfg.data, out))
         publish("ingest", outcome)
     return outcome

@@ -46,6 +46,39 @@ def test_parquet_and_npz_sources(digits_frame, tmp_path):
     assert nz.image_shape == [1, 8, 8]
 
 
+@pytest.mark.parametrize("name", ["digits.csv.gz", "digits.csv.zst", "parquet_folder", "file_url"])
+def test_compressed_csv_parquet_folder_and_file_urls(digits_frame, tmp_path, name):
+    if name == "parquet_folder":
+        source = tmp_path / "digits_parts"
+        source.mkdir()
+        for i in range(3):
+            digits_frame.iloc[i * 600 : (i + 1) * 600].to_parquet(source / f"part-{i}.parquet")
+    elif name == "file_url":
+        digits_frame.to_csv(tmp_path / "digits.csv", index=False)
+        source = (tmp_path / "digits.csv").as_uri()  # file:///...
+    else:
+        source = tmp_path / name
+        digits_frame.to_csv(source, index=False)  # pandas compresses by the suffix
+    m = ingest(tmp_path, source=str(source), label="digit").manifest
+    assert sum(s["rows"] for s in m["splits"].values()) == 1797
+    assert len(m["feature_names"]) == 64 and m["classes"][0] == "d0"
+
+
+def test_editing_the_source_in_place_changes_its_fingerprint(digits_frame, tmp_path):
+    import os
+
+    from tasks.ingest import source_fingerprint
+
+    path = tmp_path / "digits.csv"
+    digits_frame.to_csv(path, index=False)
+    cfg = DataConfig(source=str(path), label="digit")
+    before = source_fingerprint(cfg)
+    assert before == source_fingerprint(cfg)
+    digits_frame.iloc[:100].to_csv(path, index=False)
+    os.utime(path, (1, 1))  # even with an old timestamp, the size differs
+    assert source_fingerprint(cfg) != before
+
+
 def test_split_is_independent_of_row_order(digits_frame):
     from tasks.ingest import Table
 
