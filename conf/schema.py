@@ -40,6 +40,9 @@ class DataConfig(Section):
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 0
     max_rows: int | None = Field(None, ge=10, description="deterministic subsample per split")
+    missing: Literal["fill", "error"] = "fill"  # fill: training median / a <missing> category
+    on_bad_rows: Literal["error", "drop", "quarantine"] = "error"  # label missing, a stray string in a number column
+    max_onehot: int = Field(16, ge=1, description="categoricals with more values get integer codes")
 
 
 class DaskConfig(Section):

@@ -22,7 +22,7 @@ from tasks.reduce import read_features
 from tasks.serving import Predictor, write_bundle
 from tasks.stage import Manifest, StageDir
 
-VERSION = "1"
+VERSION = "2"
 
 
 def load_test_split(partitions: Manifest) -> tuple[np.ndarray, np.ndarray]:
@@ -36,12 +36,11 @@ def load_test_split(partitions: Manifest) -> tuple[np.ndarray, np.ndarray]:
     return X, y
 
 
-def input_example(partitions: Manifest, rows: int = 5):
-    """The first raw test rows as a DataFrame: the registered model's input example."""
-    import pyarrow.parquet as pq
+def input_example(partitions: Manifest):
+    """A few raw test rows (as ingest saw them): the registered model's input example."""
+    import pandas as pd
 
-    first = partitions["splits"]["test"]["files"][0]["path"]
-    return pq.read_table(first, columns=partitions["feature_names"]).slice(0, rows).to_pandas()
+    return pd.read_parquet(partitions["raw_example"]["path"])
 
 
 @torch.inference_mode()
@@ -122,17 +121,20 @@ def evaluate_model(partitions: Manifest, features: Manifest, trained: Manifest, 
     """Score baseline and pruned side by side, choose one; return the manifest body."""
     X, y = load_test_split(partitions)
     reduction = features["reduction"]["path"] if features.get("reduction") else None
-    meta = {"feature_names": partitions["feature_names"], "classes": partitions["classes"]}
+    encoder = partitions["encoder"]["path"] if partitions.get("encoder") else None
+    meta = {"feature_names": partitions["feature_names"], "classes": partitions["classes"],
+            "raw_columns": partitions.get("raw_columns", partitions["feature_names"])}
     results = {}
     for name, manifest in (("baseline", trained), ("pruned", pruned)):
-        bundle = write_bundle(out.path(name), manifest["model"], reduction, meta)
+        bundle = write_bundle(out.path(name), manifest["model"], reduction, meta, encoder)
         results[name] = score(Predictor(bundle), X, y, cfg)
         plot_confusion(results[name]["confusion"], partitions["classes"], f"{name} (test)",
                        out.path(f"confusion_{name}.png"))
     drop = results["baseline"]["accuracy"] - results["pruned"]["accuracy"]
     chosen = "pruned" if drop <= cfg.max_accuracy_drop else "baseline"
     weights = (pruned if chosen == "pruned" else trained)["model"]["weights"]["digest"]
-    model_digest = weights + (features["reduction"]["digest"] if reduction else "")
+    model_digest = (weights + (features["reduction"]["digest"] if reduction else "")
+                    + (partitions["encoder"]["digest"] if encoder else ""))
     speedup = results["baseline"]["latency_b256_ms"] / max(results["pruned"]["latency_b256_ms"], 1e-9)
     table = markdown_table(results, TABLE_KEYS)
     summary = (f"{table}\n\nChosen: **{chosen}** (accuracy drop {drop:+.4f}, allowed "

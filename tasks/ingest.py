@@ -13,16 +13,17 @@ from __future__ import annotations
 import gzip
 import hashlib
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from conf.schema import DataConfig
+from tasks.encoding import fit_encoder
 from tasks.stage import StageDir, describe_files
 
-VERSION = "1"
+VERSION = "2"
 SPLITS = ("train", "val", "test")
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -33,11 +34,20 @@ class DataError(ValueError):
 
 @dataclass
 class Table:
-    X: np.ndarray  # (rows, features), numeric
+    X: Any  # (rows, features): a numeric array, or for tables the cleaned raw-column DataFrame
     y: np.ndarray  # (rows,), raw labels (ints or strings)
-    feature_names: list[str]
+    feature_names: list[str]  # raw column names
     image_shape: list[int] | None = None  # (channels, height, width) for image data
     test: tuple[np.ndarray, np.ndarray] | None = None  # a test set shipped with the data
+    numeric: list[str] | None = None  # tables only: numeric and categorical raw columns
+    categorical: list[str] | None = None
+    rejected: Any = None  # tables only: bad rows with a `_reason` column
+    warnings: list[str] = field(default_factory=list)
+    missing_values: int = 0
+
+    @property
+    def is_frame(self) -> bool:
+        return self.numeric is not None
 
 
 # ---------------------------------------------------------------- readers
@@ -162,9 +172,8 @@ def read_npz(fs, path: str) -> Table:
     return Table(flat, y, [f"f{i}" for i in range(flat.shape[1])], image_shape=shape)
 
 
-def read_frame(fs, path: str, fmt: str, label: str) -> Table:
-    """CSV (optionally .gz/.zst/.bz2/.xz) or Parquet (a file or a folder) → Table; every
-    feature column must be numeric."""
+def read_frame(fs, path: str, fmt: str, cfg: DataConfig) -> Table:
+    """CSV (optionally .gz/.zst/.bz2/.xz) or Parquet (a file or a folder) → a cleaned Table."""
     import pandas as pd
     import pyarrow.parquet as pq
 
@@ -176,24 +185,80 @@ def read_frame(fs, path: str, fmt: str, label: str) -> Table:
             frame = pq.read_table(path, filesystem=fs).to_pandas()
     except Exception as exc:  # pandas/pyarrow raise many types for unreadable files
         raise DataError(f"{path}: cannot read as {fmt} ({type(exc).__name__}: {exc})") from None
-    if label not in frame.columns:
+    if cfg.label not in frame.columns:
         raise DataError(
-            f"{path}: label column '{label}' not found; columns are {list(frame.columns)[:20]}. "
+            f"{path}: label column '{cfg.label}' not found; columns are {list(frame.columns)[:20]}. "
             "Set data.label to the right column."
         )
-    features = frame.drop(columns=[label])
-    bad = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
-    if bad:
-        raise DataError(
-            f"{path}: feature column(s) {bad[:10]} are not numeric; accelflow needs numeric "
-            "features (encode or drop these columns first)"
-        )
+    frame.columns = [str(c) for c in frame.columns]
+    return clean_frame(frame.reset_index(drop=True), cfg, path)
+
+
+def clean_frame(frame, cfg: DataConfig, where: str) -> Table:
+    """Type every column, apply the bad-row policy and the missing-value policy.
+
+    A string column whose values are ≥ 95% numbers is a numeric column with stray values
+    (those rows are bad rows); other string columns are categorical.
+    """
+    import pandas as pd
+
+    features = frame.drop(columns=[cfg.label])
     if features.shape[1] == 0:
-        raise DataError(f"{path}: no feature columns besides the label '{label}'")
-    X = features.to_numpy()
-    if X.dtype.kind == "f" or X.dtype == object:
-        X = X.astype(np.float32)
-    return Table(X, frame[label].to_numpy(), [str(c) for c in features.columns])
+        raise DataError(f"{where}: no feature columns besides the label '{cfg.label}'")
+    if len(frame) == 0:
+        raise DataError(f"{where}: the dataset is empty (0 rows)")
+    reasons = pd.Series("", index=frame.index, dtype=object)
+
+    def flag(mask, reason):
+        fresh = mask & (reasons == "")
+        reasons[fresh] = [reason(i) for i in fresh[fresh].index]
+
+    flag(frame[cfg.label].isna(), lambda i: "label missing")
+    numeric, categorical, warnings = [], [], []
+    for column in features.columns:
+        values = features[column]
+        present = values.notna()
+        if not present.any():
+            raise DataError(f"{where}: column '{column}' has no values (all missing); drop it or fill it")
+        if values.nunique(dropna=True) == 1:
+            warnings.append(f"column '{column}' is constant ({values[present].iloc[0]!r}): it carries no signal")
+        if pd.api.types.is_numeric_dtype(values):
+            numeric.append(column)
+            continue
+        parsed = pd.to_numeric(values, errors="coerce")
+        parsed_ok = parsed.notna() & present
+        if parsed_ok.sum() >= 0.95 * present.sum():  # numbers with a few stray strings: mixed types
+            flag(present & ~parsed_ok, lambda i, c=column: f"column '{c}': {features.at[i, c]!r} is not a number")
+            features[column] = parsed
+            numeric.append(column)
+        else:
+            categorical.append(column)
+    for column in numeric:
+        flag(pd.Series(np.isinf(features[column].to_numpy(dtype=float)), index=frame.index),
+             lambda i, c=column: f"column '{c}': infinite value")
+
+    bad = reasons != ""
+    rejected = None
+    if bad.any():
+        first = int(bad.idxmax())
+        if cfg.on_bad_rows == "error":
+            raise DataError(
+                f"{where}: {int(bad.sum())} bad row(s), first at row {first}: {reasons[first]}. Fix the data, "
+                "or set data.on_bad_rows to drop or quarantine to continue without them"
+            )
+        rejected = frame[bad].assign(_reason=reasons[bad])
+        features, frame = features[~bad], frame[~bad]
+    missing = features.isna()
+    if cfg.missing == "error" and missing.to_numpy().any():
+        rows, cols = np.nonzero(missing.to_numpy())
+        raise DataError(
+            f"{where}: {int(missing.to_numpy().sum())} missing value(s), first in column "
+            f"'{features.columns[cols[0]]}' at row {int(features.index[rows[0]])}; fill or drop them first, "
+            "or set data.missing: fill"
+        )
+    return Table(features.reset_index(drop=True), frame[cfg.label].to_numpy(), list(features.columns),
+                 numeric=numeric, categorical=categorical, rejected=rejected, warnings=warnings,
+                 missing_values=int(missing.to_numpy().sum()))
 
 
 def preflight(cfg: DataConfig) -> str:
@@ -237,7 +302,7 @@ def read_source(cfg: DataConfig) -> Table:
     elif fmt == "npz":
         table = read_npz(fs, path)
     else:
-        table = read_frame(fs, path, fmt, cfg.label)
+        table = read_frame(fs, path, fmt, cfg)
     validate(table, cfg.source)
     return table
 
@@ -248,20 +313,21 @@ def read_source(cfg: DataConfig) -> Table:
 def validate(table: Table, where: str) -> None:
     if len(table.X) == 0:
         raise DataError(f"{where}: the dataset is empty (0 rows)")
-    for X, y, part in [(table.X, table.y, "data"), *([(*table.test, "test set")] if table.test else [])]:
-        if X.dtype.kind not in "biuf":
-            raise DataError(f"{where}: features must be numeric, got dtype {X.dtype}")
-        if X.dtype.kind == "f":
-            bad = ~np.isfinite(X)
-            if bad.any():
-                row, col = map(int, np.argwhere(bad)[0])
-                raise DataError(
-                    f"{where} ({part}): {int(bad.sum())} missing or infinite value(s), first in column "
-                    f"'{table.feature_names[col]}' at row {row}; fill or drop them first"
-                )
-        y_missing = _missing_labels(y)
-        if y_missing.any():
-            raise DataError(f"{where} ({part}): label missing at row {int(np.argmax(y_missing))}")
+    if not table.is_frame:  # arrays (IDX, .npz); tables were checked column by column
+        for X, y, part in [(table.X, table.y, "data"), *([(*table.test, "test set")] if table.test else [])]:
+            if X.dtype.kind not in "biuf":
+                raise DataError(f"{where}: features must be numeric, got dtype {X.dtype}")
+            if X.dtype.kind == "f":
+                bad = ~np.isfinite(X)
+                if bad.any():
+                    row, col = map(int, np.argwhere(bad)[0])
+                    raise DataError(
+                        f"{where} ({part}): {int(bad.sum())} missing or infinite value(s), first in column "
+                        f"'{table.feature_names[col]}' at row {row}; fill or drop them first"
+                    )
+            y_missing = _missing_labels(y)
+            if y_missing.any():
+                raise DataError(f"{where} ({part}): label missing at row {int(np.argmax(y_missing))}")
     if len(np.unique(table.y)) < 2:
         raise DataError(f"{where}: the label has a single class ({table.y[0]!r}); nothing to learn")
 
@@ -274,8 +340,13 @@ def _missing_labels(y: np.ndarray) -> np.ndarray:
     return np.zeros(len(y), dtype=bool)
 
 
-def row_uniforms(X: np.ndarray, seed: int) -> np.ndarray:
-    """A number in [0, 1) per row from a seeded hash of its bytes: order-independent."""
+def row_uniforms(X, seed: int) -> np.ndarray:
+    """A number in [0, 1) per row from a seeded hash of its content: order-independent."""
+    if not isinstance(X, np.ndarray):  # a DataFrame: pandas hashes rows vectorised
+        import pandas as pd
+
+        key = f"{seed & (2**53 - 1):016d}"[-16:]
+        return pd.util.hash_pandas_object(X, index=False, hash_key=key).to_numpy() / 2**64
     rows = np.ascontiguousarray(X)
     salt = seed.to_bytes(8, "little", signed=True)
     out = np.empty(len(rows), dtype=np.float64)
@@ -297,19 +368,24 @@ def split_table(table: Table, cfg: DataConfig) -> dict[str, tuple[np.ndarray, np
     for name, mask in masks.items():
         index = np.flatnonzero(mask)
         index = index[np.argsort(u[index], kind="stable")]  # a subsample keeps the same rows
-        splits[name] = (table.X[index], table.y[index])
+        splits[name] = (_take(table.X, index), table.y[index])
     if table.test is not None:
         Xt, yt = table.test
         order = np.argsort(row_uniforms(Xt, cfg.seed), kind="stable")
         splits["test"] = (Xt[order], yt[order])
     if cfg.max_rows:
-        splits = {k: (X[: cfg.max_rows], y[: cfg.max_rows]) for k, (X, y) in splits.items()}
+        head = np.arange(cfg.max_rows)
+        splits = {k: (_take(X, head[: len(y)]), y[: cfg.max_rows]) for k, (X, y) in splits.items()}
     for name in SPLITS:
         if len(splits[name][0]) == 0 and (name == "train" or getattr(cfg, f"{name}_fraction") > 0):
             raise DataError(
                 f"{cfg.source}: the {name} split is empty; use more rows or a larger data.{name}_fraction"
             )
     return splits
+
+
+def _take(rows, index: np.ndarray):
+    return rows[index] if isinstance(rows, np.ndarray) else rows.iloc[index].reset_index(drop=True)
 
 
 def encode_labels(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[list[Any], dict]:
@@ -332,6 +408,22 @@ def ingest_dataset(cfg: DataConfig, out: StageDir) -> dict[str, Any]:
     """Read, validate, split and save; return the manifest body."""
     table = read_source(cfg)
     classes, splits = encode_labels(split_table(table, cfg))
+    raw_example = _example(splits, table.feature_names)
+    extras: dict[str, Any] = {"encoder": None, "quarantine": None}
+    feature_names = table.feature_names
+    if table.is_frame:  # tables: fit fills and vocabularies on train, encode every split
+        encoder = fit_encoder(splits["train"][0], table.numeric, table.categorical, cfg.max_onehot)
+        splits = {name: (encoder.transform(frame), y) for name, (frame, y) in splits.items()}
+        feature_names = encoder.feature_names
+        encoder.save(out.path("encoder.json"))
+        extras["encoder"] = describe_files([out.path("encoder.json")])[0] | {"path": out.final_path("encoder.json")}
+        if table.rejected is not None and cfg.on_bad_rows == "quarantine":
+            table.rejected.to_csv(out.path("quarantine.csv"), index=False)
+            extras["quarantine"] = describe_files([out.path("quarantine.csv")])[0] | {
+                "path": out.final_path("quarantine.csv")}
+    raw_example.to_parquet(out.path("raw_example.parquet"))
+    extras["raw_example"] = describe_files([out.path("raw_example.parquet")])[0] | {
+        "path": out.final_path("raw_example.parquet")}
     files: dict[str, Any] = {}
     for name, (X, y) in splits.items():
         np.save(out.path(f"{name}_X.npy"), X)
@@ -341,16 +433,37 @@ def ingest_dataset(cfg: DataConfig, out: StageDir) -> dict[str, Any]:
             d["path"] = out.final_path(Path(d["path"]).name)
         files[name] = {"X": described[0], "y": described[1], "rows": len(y)}
     rows = {name: files[name]["rows"] for name in files}
+    rejected = 0 if table.rejected is None else len(table.rejected)
+    notes = [f"{rejected} bad row(s) {'quarantined' if extras['quarantine'] else 'dropped'}"] if rejected else []
+    if table.missing_values:
+        notes.append(f"{table.missing_values} missing value(s) filled from the training split")
+    if table.is_frame:
+        notes.append(f"{len(table.numeric)} numeric and {len(table.categorical)} categorical column(s) "
+                     f"→ {len(feature_names)} features")
     return {
         "source": cfg.source if "://" in cfg.source else str(Path(cfg.source).expanduser().resolve()),
         "format": detect_format(cfg.source, cfg.format),
         "splits": files,
-        "feature_names": table.feature_names,
-        "feature_dtype": str(table.X.dtype),
+        "feature_names": feature_names,
+        "raw_columns": table.feature_names,
+        "feature_dtype": str(splits["train"][0].dtype),
         "classes": classes,
         "image_shape": table.image_shape,
+        "warnings": table.warnings,
+        **extras,
         "metrics": {f"data/{k}_rows": v for k, v in rows.items()}
-        | {"data/features": len(table.feature_names), "data/classes": len(classes)},
-        "summary": f"{sum(rows.values())} rows ({rows}), {len(table.feature_names)} features, "
-        f"{len(classes)} classes",
+        | {"data/features": len(feature_names), "data/classes": len(classes), "data/rejected_rows": rejected,
+           "data/missing_values_filled": table.missing_values},
+        "summary": f"{sum(rows.values())} rows ({rows}), {len(feature_names)} features, {len(classes)} classes"
+        + "".join(f"; {n}" for n in notes) + "".join(f"\n- warning: {w}" for w in table.warnings),
     }
+
+
+def _example(splits: dict[str, tuple[Any, np.ndarray]], columns: list[str], rows: int = 5):
+    """A few raw test rows: the registered model's input example and signature."""
+    import pandas as pd
+
+    X = splits["test"][0] if len(splits["test"][1]) else splits["train"][0]
+    if isinstance(X, np.ndarray):
+        return pd.DataFrame(np.asarray(X[:rows], dtype=np.float64), columns=columns)
+    return X.head(rows).reset_index(drop=True)

@@ -23,7 +23,7 @@ import numpy as np
 from conf.schema import PartitionConfig
 from tasks.stage import Manifest, StageDir, describe_files
 
-VERSION = "2"
+VERSION = "3"
 LABEL = "label"
 CANDIDATES = [("none", None), ("snappy", None), ("lz4", None), ("gzip", 1), ("gzip", 6),
               ("zstd", 1), ("zstd", 3), ("zstd", 9), ("zstd", 15)]
@@ -202,6 +202,10 @@ def partition_dataset(ingest: Manifest, cfg: PartitionConfig, out: StageDir, cli
         "label": LABEL,
         "classes": ingest["classes"],
         "image_shape": ingest["image_shape"],
+        # what serving needs to score raw rows: the raw columns, the fitted encoder, an example
+        "raw_columns": ingest.get("raw_columns", names),
+        "encoder": ingest.get("encoder"),
+        "raw_example": ingest.get("raw_example"),
         "codec": {"codec": chosen["codec"], "level": chosen["level"], "dictionary_columns": len(dictionary),
                   "storage_dtype": cfg.storage_dtype},
         "codec_report": report,

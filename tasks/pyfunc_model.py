@@ -18,13 +18,7 @@ class AccelflowClassifier(PythonModel):
         self.predictor = Predictor(context.artifacts["bundle"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
-        frame = model_input
-        missing = [c for c in self.predictor.feature_names if c not in frame.columns]
-        if missing:
-            raise ValueError(f"input is missing feature column(s) {missing[:10]}; send raw rows "
-                             "with the columns the model was trained on")
-        return pd.Series(self.predictor.predict(frame[self.predictor.feature_names].to_numpy()),
-                         name="prediction")
+        return pd.Series(self.predictor.predict_frame(model_input), name="prediction")
 
 
 mlflow.models.set_model(AccelflowClassifier())

@@ -40,8 +40,9 @@ def log_pyfunc(bundle: str, example, name: str):
 
     from tasks.serving import Predictor
 
-    example = example.astype("float64")  # a float schema accepts integer pixels as well
-    output = Predictor(bundle).predict(example.to_numpy())
+    numeric = example.select_dtypes("number").columns
+    example = example.astype({c: "float64" for c in numeric})  # a float schema accepts integers too
+    output = Predictor(bundle).predict_frame(example)
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=str(ENTRY),

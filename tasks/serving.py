@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from tasks.encoding import Encoder
 from tasks.reduce import apply_reduction, load_reduction
 from tasks.training.models import build_model
 
-BUNDLE_FILES = ("model.pt", "model.json", "meta.json", "reduction.npz")
+BUNDLE_FILES = ("model.pt", "model.json", "meta.json", "reduction.npz", "encoder.json")
 
 
 class Predictor:
@@ -26,7 +27,10 @@ class Predictor:
         self.bundle = bundle = Path(bundle)
         meta = json.loads((bundle / "meta.json").read_text())
         self.feature_names: list[str] = meta["feature_names"]
+        self.raw_columns: list[str] = meta.get("raw_columns", self.feature_names)
         self.classes: list[Any] = meta["classes"]
+        encoder = bundle / "encoder.json"
+        self.encoder = Encoder.load(encoder) if encoder.exists() else None
         reduction = bundle / "reduction.npz"
         self.reduction = load_reduction(reduction) if reduction.exists() else None
         self.model = build_model(json.loads((bundle / "model.json").read_text()))
@@ -45,15 +49,31 @@ class Predictor:
         return torch.cat([self.model(Z[i : i + batch]).argmax(1) for i in range(0, len(Z), batch)]).numpy()
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return np.asarray(self.classes, dtype=object)[self.predict_codes(X)]
+        return np.asarray(self.classes)[self.predict_codes(X)]
+
+    def encode(self, frame) -> np.ndarray:
+        """Raw rows (a DataFrame) → the features the reduction and network expect."""
+        if self.encoder is not None:
+            return self.encoder.transform(frame)
+        missing = [c for c in self.feature_names if c not in frame.columns]
+        if missing:
+            raise ValueError(f"input is missing feature column(s) {missing[:10]}; send raw rows "
+                             "with the columns the model was trained on")
+        return frame[self.feature_names].to_numpy(dtype=np.float32)
+
+    def predict_frame(self, frame) -> np.ndarray:
+        return self.predict(self.encode(frame))
 
 
-def write_bundle(dest: Path, model: dict[str, Any], reduction_path: str | None, meta: dict[str, Any]) -> Path:
-    """Copy weights, architecture, reduction and metadata into one self-contained folder."""
+def write_bundle(dest: Path, model: dict[str, Any], reduction_path: str | None, meta: dict[str, Any],
+                 encoder_path: str | None = None) -> Path:
+    """Copy weights, architecture, encoder, reduction and metadata into one self-contained folder."""
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(model["weights"]["path"], dest / "model.pt")
     shutil.copy(model["arch"]["path"], dest / "model.json")
     if reduction_path:
         shutil.copy(reduction_path, dest / "reduction.npz")
+    if encoder_path:
+        shutil.copy(encoder_path, dest / "encoder.json")
     (dest / "meta.json").write_text(json.dumps(meta, indent=2))
     return dest

@@ -44,17 +44,41 @@ def test_run_rejects_a_missing_label_before_starting_anything(digits_csv):
 
 
 @pytest.mark.slow
-def test_run_on_a_csv_end_to_end(digits_csv, tmp_path):
-    """The user's path: a CSV with string labels through the CLI, local Prefect, sqlite MLflow."""
-    out = accelflow(
-        "run", "--set", f"data.source={digits_csv}", "--set", "data.label=digit",
-        "--set", f"workdir={tmp_path / 'work'}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "--set", "train.epochs=5", "--set", "train.hidden=[128]", "--set", "prune.finetune_epochs=1",
-        cwd=tmp_path,
-    )
+def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
+    """The user's path with a real-world table: string labels, a categorical column, missing
+    values and a bad row, through the CLI, local Prefect and a sqlite MLflow store. The
+    registered model then scores raw rows with the accuracy evaluate logged."""
+    import mlflow
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from conf.schema import load_config
+    from tasks.ingest import read_source, split_table
+
+    frame = digits_frame.copy().astype({"pixel_4_4": float, "pixel_0_2": object})
+    frame["ink"] = np.where(frame["pixel_3_3"] > 8, "dark", "light")
+    frame.loc[[3, 4], "pixel_4_4"] = np.nan
+    frame.loc[5, "pixel_0_2"] = "n/a?"
+    source = tmp_path / "messy.csv"
+    frame.to_csv(source, index=False)
+    sets = [f"data.source={source}", "data.label=digit", "data.on_bad_rows=quarantine", f"workdir={tmp_path / 'work'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.epochs=5", "train.hidden=[128]", "train.batch_size=32",
+            "prune.finetune_epochs=1"]
+    out = accelflow("run", *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     for stage in ("ingest", "partition", "reduce", "train", "prune", "evaluate"):
         assert re.search(rf"^ {stage}\s+\| ran\s+\|", out.stdout, re.MULTILINE), stage
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in out.stdout
     assert "as 'champion'" in out.stdout
     assert not (tmp_path / "mlruns").exists()  # artifacts live beside the store, not in the cwd
+
+    cfg = load_config(None, sets)
+    raw_X, raw_y = split_table(read_source(cfg.data), cfg.data)["test"]  # the held-out raw rows, recomputed
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@champion")
+    predictions = np.asarray(model.predict(raw_X))
+    client = MlflowClient(cfg.tracking.uri)
+    parent = client.search_runs([client.get_experiment_by_name("accelflow").experiment_id],
+                                "tags.mlflow.runName LIKE 'pipeline-%'")[0]
+    assert float((predictions == raw_y).mean()) == pytest.approx(parent.data.metrics["test/accuracy"], abs=1e-9)
+    assert parent.data.metrics["test/accuracy"] > 0.8

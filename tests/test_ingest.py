@@ -128,18 +128,68 @@ def test_empty_csv(tmp_path):
     expect_error(tmp_path, "empty", source=str(path))
 
 
-def test_non_numeric_feature_column(digits_frame, tmp_path):
-    frame = digits_frame.copy()
-    frame["colour"] = "red"
-    frame.to_csv(tmp_path / "d.csv", index=False)
-    expect_error(tmp_path, r"\['colour'\] are not numeric", source=str(tmp_path / "d.csv"), label="digit")
-
-
-def test_nan_names_column_and_row(digits_frame, tmp_path):
+def test_nan_is_an_error_when_fills_are_off(digits_frame, tmp_path):
     frame = digits_frame.copy().astype({"pixel_2_3": float})
     frame.loc[17, "pixel_2_3"] = np.nan
     frame.to_csv(tmp_path / "d.csv", index=False)
-    expect_error(tmp_path, r"column 'pixel_2_3' at row 17", source=str(tmp_path / "d.csv"), label="digit")
+    expect_error(tmp_path, r"column 'pixel_2_3' at row 17.*data\.missing: fill", source=str(tmp_path / "d.csv"),
+                 label="digit", missing="error")
+
+
+def test_all_missing_column(digits_frame, tmp_path):
+    frame = digits_frame.copy()
+    frame["empty"] = np.nan
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    expect_error(tmp_path, r"column 'empty' has no values", source=str(tmp_path / "d.csv"), label="digit")
+
+
+def test_a_stray_string_in_a_number_column_is_a_bad_row(digits_frame, tmp_path):
+    frame = digits_frame.copy().astype({"pixel_0_2": object})
+    frame.loc[5, "pixel_0_2"] = "n/a?"
+    frame.loc[9, "digit"] = None
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    source = str(tmp_path / "d.csv")
+    expect_error(tmp_path, r"2 bad row\(s\), first at row 5: column 'pixel_0_2': 'n/a\?' is not a number.*"
+                 r"data\.on_bad_rows", source=source, label="digit")
+    dropped = ingest(tmp_path / "drop", source=source, label="digit", on_bad_rows="drop").manifest
+    assert sum(s["rows"] for s in dropped["splits"].values()) == 1797 - 2
+    assert dropped["metrics"]["data/rejected_rows"] == 2 and dropped["quarantine"] is None
+    kept = ingest(tmp_path / "quarantine", source=source, label="digit", on_bad_rows="quarantine").manifest
+    import pandas as pd
+
+    quarantine = pd.read_csv(kept["quarantine"]["path"])
+    assert sorted(quarantine["_reason"]) == ["column 'pixel_0_2': 'n/a?' is not a number", "label missing"]
+
+
+def test_categorical_columns_and_fills_are_fitted_on_train_and_reused(digits_frame, tmp_path):
+    import pandas as pd
+
+    from tasks.encoding import Encoder
+
+    frame = digits_frame.copy()
+    frame["ink"] = np.where(frame["pixel_3_3"] > 8, "dark", "light")  # 2 categories → one-hot
+    frame["writer"] = [f"w{i % 40}" for i in range(len(frame))]  # 40 categories → integer codes
+    frame["const"] = "same"
+    frame = frame.astype({"pixel_4_4": float})
+    frame.loc[[3, 4], "pixel_4_4"] = np.nan
+    frame.loc[7, "ink"] = None
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    m = ingest(tmp_path, source=str(tmp_path / "d.csv"), label="digit", max_onehot=16).manifest
+    encoder = Encoder.load(m["encoder"]["path"])
+    assert set(encoder.categorical) == {"ink", "writer", "const"} and "writer" not in encoder.onehot
+    assert "ink=dark" in m["feature_names"] and "writer#code" in m["feature_names"]
+    assert m["metrics"]["data/missing_values_filled"] == 3
+    assert any("'const' is constant" in w for w in m["warnings"])
+    # the fill is the training median, not the whole file's
+    train_index = np.load(m["splits"]["train"]["X"]["path"])
+    assert encoder.fills["pixel_4_4"] == pytest.approx(float(np.median(train_index[:, m["feature_names"].index("pixel_4_4")])))
+    # raw rows with an unseen category and a missing value still encode, deterministically
+    raw = pd.read_parquet(m["raw_example"]["path"])
+    raw.loc[0, "writer"] = "never-seen"
+    raw.loc[1, "pixel_4_4"] = np.nan
+    X = encoder.transform(raw)
+    assert X.shape == (len(raw), len(m["feature_names"])) and np.isfinite(X).all()
+    assert X[0, m["feature_names"].index("writer#code")] == len(encoder.categorical["writer"])  # the unseen slot
 
 
 def test_single_class_label(digits_frame, tmp_path):
