@@ -43,6 +43,8 @@ class DataConfig(Section):
     missing: Literal["fill", "error"] = "fill"  # fill: training median / a <missing> category
     on_bad_rows: Literal["error", "drop", "quarantine"] = "error"  # label missing, a stray string in a number column
     max_onehot: int = Field(16, ge=1, description="categoricals with more values get integer codes")
+    # a declared schema (optional): only these feature columns, with these types; else inferred
+    columns: dict[str, Literal["numeric", "categorical"]] | None = None
 
 
 class DaskConfig(Section):

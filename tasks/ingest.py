@@ -203,6 +203,17 @@ def clean_frame(frame, cfg: DataConfig, where: str) -> Table:
     import pandas as pd
 
     features = frame.drop(columns=[cfg.label])
+    declared = cfg.columns or {}
+    warnings = []
+    if declared:
+        unknown = [c for c in declared if c not in features.columns]
+        if unknown:
+            raise DataError(f"{where}: declared column(s) {unknown[:10]} (data.columns) are not in the file; "
+                            f"its columns are {list(features.columns)[:20]}")
+        ignored = [c for c in features.columns if c not in declared]
+        if ignored:
+            warnings.append(f"{len(ignored)} column(s) not declared in data.columns are ignored: {ignored[:10]}")
+        features = features[list(declared)]
     if features.shape[1] == 0:
         raise DataError(f"{where}: no feature columns besides the label '{cfg.label}'")
     if len(frame) == 0:
@@ -214,7 +225,7 @@ def clean_frame(frame, cfg: DataConfig, where: str) -> Table:
         reasons[fresh] = [reason(i) for i in fresh[fresh].index]
 
     flag(frame[cfg.label].isna(), lambda i: "label missing")
-    numeric, categorical, warnings = [], [], []
+    numeric, categorical = [], []
     for column in features.columns:
         values = features[column]
         present = values.notna()
@@ -222,12 +233,17 @@ def clean_frame(frame, cfg: DataConfig, where: str) -> Table:
             raise DataError(f"{where}: column '{column}' has no values (all missing); drop it or fill it")
         if values.nunique(dropna=True) == 1:
             warnings.append(f"column '{column}' is constant ({values[present].iloc[0]!r}): it carries no signal")
+        kind = declared.get(column)
+        if kind == "categorical":  # declared: e.g. zip codes, which look numeric
+            features[column] = values.astype("object").where(present, None).map(lambda v: v if v is None else str(v))
+            categorical.append(column)
+            continue
         if pd.api.types.is_numeric_dtype(values):
             numeric.append(column)
             continue
         parsed = pd.to_numeric(values, errors="coerce")
         parsed_ok = parsed.notna() & present
-        if parsed_ok.sum() >= 0.95 * present.sum():  # numbers with a few stray strings: mixed types
+        if kind == "numeric" or parsed_ok.sum() >= 0.95 * present.sum():  # numbers with stray strings
             flag(present & ~parsed_ok, lambda i, c=column: f"column '{c}': {features.at[i, c]!r} is not a number")
             features[column] = parsed
             numeric.append(column)

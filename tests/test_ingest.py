@@ -192,6 +192,22 @@ def test_categorical_columns_and_fills_are_fitted_on_train_and_reused(digits_fra
     assert X[0, m["feature_names"].index("writer#code")] == len(encoder.categorical["writer"])  # the unseen slot
 
 
+def test_declared_schema_selects_and_types_columns(digits_frame, tmp_path):
+    from tasks.encoding import Encoder
+
+    frame = digits_frame.copy()
+    frame["zip"] = [10115 + (i % 7) for i in range(len(frame))]  # numbers that are really categories
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    columns = {"pixel_3_3": "numeric", "pixel_4_4": "numeric", "zip": "categorical"}
+    m = ingest(tmp_path, source=str(tmp_path / "d.csv"), label="digit", columns=columns).manifest
+    encoder = Encoder.load(m["encoder"]["path"])
+    assert encoder.numeric == ["pixel_3_3", "pixel_4_4"] and list(encoder.categorical) == ["zip"]
+    assert len(m["feature_names"]) == 2 + 7 + 1  # two numbers, zip one-hot (7 values + unseen)
+    assert any("not declared" in w for w in m["warnings"])
+    expect_error(tmp_path / "bad", r"declared column\(s\) \['colour'\] \(data\.columns\) are not in the file",
+                 source=str(tmp_path / "d.csv"), label="digit", columns={"colour": "categorical"})
+
+
 def test_single_class_label(digits_frame, tmp_path):
     frame = digits_frame.copy()
     frame["digit"] = "same"
