@@ -57,3 +57,14 @@ def test_digest_tracks_every_value():
     a, b = load_config(), load_config(None, ["train.lr=0.01"])
     assert a.digest() == load_config().digest()
     assert a.digest() != b.digest()
+
+
+def test_pipeline_yaml_documents_every_key_with_the_schema_default():
+    import yaml
+
+    from conf.schema import DEFAULT_CONFIG, PipelineConfig, flatten
+
+    written = flatten(yaml.safe_load(DEFAULT_CONFIG.read_text()))
+    defaults = PipelineConfig().flat()
+    assert sorted(written) == sorted(defaults)  # no key missing from (or unknown to) the file
+    assert load_config().flat() == defaults
