@@ -21,7 +21,7 @@ from tasks.tracking import quiet_environment
 
 def _user_errors() -> tuple[type[Exception], ...]:
     from conf.schema import ConfigError
-    from tasks.ingest import DataError
+    from tasks.readers import DataError
     from tasks.stage import StageInputError
     from tasks.training.launch import TrainingError
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             print(validate(cfg))
             return 0
-        from tasks.ingest import preflight
+        from tasks.readers import preflight
 
         preflight(cfg.data)  # fail in a second, before Prefect and Dask start
         from flows.pipeline import pipeline

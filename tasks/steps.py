@@ -12,7 +12,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import PipelineConfig
-from tasks import evaluate, ingest, partition, prune, reduce, registry, train
+from tasks import evaluate, ingest, partition, prune, readers, reduce, registry, train
 from tasks.cluster import dask_client
 from tasks.stage import Manifest, StageOutcome, run_stage
 from tasks.tracking import log_dataset, publish, publish_table, stage_run
@@ -23,7 +23,7 @@ def ingest_data(cfg: PipelineConfig, parent: str) -> StageOutcome:
     """Read, validate and split the source data."""
     with stage_run(parent, "ingest", "data", cfg.data):
         # the source files' fingerprint is part of the key: data edited in place is re-read
-        key = {**cfg.data.model_dump(mode="json"), "source_files": ingest.source_fingerprint(cfg.data)}
+        key = {**cfg.data.model_dump(mode="json"), "source_files": readers.source_fingerprint(cfg.data)}
         outcome = run_stage(cfg.workdir, "ingest", ingest.VERSION, key, [],
                             lambda out: ingest.ingest_dataset(cfg.data, out))
         publish("ingest", outcome)

@@ -51,7 +51,7 @@ def fmnist_full() -> Path:
 @pytest.fixture(scope="session")
 def fmnist_small(fmnist_full: Path, tmp_path_factory) -> Path:
     """A real Fashion-MNIST subset in IDX form: first 3000 train and 1000 test images."""
-    from tasks.ingest import read_idx
+    from tasks.readers import read_idx
 
     out = tmp_path_factory.mktemp("fmnist_small")
     for prefix, n in (("train", 3000), ("t10k", 1000)):

@@ -7,7 +7,8 @@ import pytest
 from conftest import tree_digest, write_idx
 
 from conf.schema import DataConfig
-from tasks.ingest import DataError, ingest_dataset, read_source, split_table
+from tasks.ingest import ingest_dataset, read_source, split_table
+from tasks.readers import DataError
 from tasks.stage import run_stage
 
 
@@ -67,7 +68,7 @@ def test_compressed_csv_parquet_folder_and_file_urls(digits_frame, tmp_path, nam
 def test_editing_the_source_in_place_changes_its_fingerprint(digits_frame, tmp_path):
     import os
 
-    from tasks.ingest import source_fingerprint
+    from tasks.readers import source_fingerprint
 
     path = tmp_path / "digits.csv"
     digits_frame.to_csv(path, index=False)
@@ -80,7 +81,7 @@ def test_editing_the_source_in_place_changes_its_fingerprint(digits_frame, tmp_p
 
 
 def test_split_is_independent_of_row_order(digits_frame):
-    from tasks.ingest import Table
+    from tasks.readers import Table
 
     X = digits_frame.drop(columns="digit").to_numpy()
     y = digits_frame["digit"].to_numpy()

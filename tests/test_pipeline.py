@@ -11,7 +11,7 @@ from conftest import make_config
 from mlflow import MlflowClient
 
 from flows.pipeline import pipeline
-from tasks.ingest import read_idx
+from tasks.readers import read_idx
 
 STAGES = ["ingest", "partition", "reduce", "train", "prune", "evaluate"]
 pytestmark = pytest.mark.slow

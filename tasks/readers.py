@@ -1,0 +1,212 @@
+"""Reading sources: IDX folders, CSV (plain or compressed), Parquet files or folders, NumPy
+`.npz`, from a local path or any fsspec URL. Pure I/O and format checks; the ingest stage
+cleans, validates and splits what these return.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from conf.schema import DataConfig
+
+IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+CSV_COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2", ".xz": "xz"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, column or row and what to do."""
+
+
+@dataclass
+class Table:
+    X: Any  # (rows, features): a numeric array, or for tables the cleaned raw-column DataFrame
+    y: np.ndarray  # (rows,), raw labels (ints or strings)
+    feature_names: list[str]  # raw column names
+    image_shape: list[int] | None = None  # (channels, height, width) for image data
+    test: tuple[np.ndarray, np.ndarray] | None = None  # a test set shipped with the data
+    numeric: list[str] | None = None  # tables only: numeric and categorical raw columns
+    categorical: list[str] | None = None
+    rejected: Any = None  # tables only: bad rows with a `_reason` column
+    warnings: list[str] = field(default_factory=list)
+    missing_values: int = 0
+
+    @property
+    def is_frame(self) -> bool:
+        return self.numeric is not None
+
+
+def filesystem(source: str):
+    """Any fsspec URL (file://, s3://, gs://, …) or a plain path → (filesystem, path)."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(str(Path(source).expanduser()) if "://" not in source else source)
+    except (ImportError, ValueError) as exc:
+        raise DataError(f"{source}: no filesystem for this URL ({exc}); install its fsspec package "
+                        "(e.g. s3fs for s3://)") from None
+
+
+def detect_format(source: str, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    fs, path = filesystem(source)
+    name = path.rsplit("/", 1)[-1].lower()
+    if fs.isdir(path):
+        names = [p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+        if any("idx" in n for n in names):
+            return "idx"
+        if any(n.endswith(".parquet") for n in names):
+            return "parquet"
+    stem = name.removesuffix(Path(name).suffix) if Path(name).suffix in CSV_COMPRESSION else name
+    for suffix, fmt in ((".csv", "csv"), (".parquet", "parquet"), (".npz", "npz")):
+        if stem.endswith(suffix):
+            return fmt
+    if "idx" in name:
+        return "idx"
+    raise DataError(
+        f"{source}: cannot tell the data format from the name; set data.format to one of "
+        "idx, csv, parquet, npz"
+    )
+
+
+def source_fingerprint(cfg: DataConfig) -> list[list]:
+    """Name, size and modification time of every source file: a cheap content proxy that
+    goes into ingest's cache key, so data edited in place is read again."""
+    fs, path = filesystem(cfg.source)
+    files = sorted(fs.find(path, detail=True).items()) if fs.isdir(path) else [(path, fs.info(path))]
+    return [[name.rsplit("/", 1)[-1], info.get("size"), str(info.get("mtime") or info.get("LastModified") or "")]
+            for name, info in files]
+
+
+def read_idx(path: Path | str, fs=None) -> np.ndarray:
+    """Parse one IDX file (optionally gzip'd): magic, dims, then the raw array."""
+    try:
+        with (fs.open(str(path), "rb") if fs else open(path, "rb")) as fh:
+            raw = fh.read()
+        if str(path).endswith(".gz"):
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot read IDX file ({exc}); is it complete?") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    dtype = np.dtype(IDX_DTYPES[raw[2]])
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - offset != expected:
+        raise DataError(
+            f"{path}: IDX header promises {dims} ({expected} bytes) but the file holds "
+            f"{len(raw) - offset}; the file is truncated or corrupt"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(dims)
+
+
+def _find_idx(fs, folder: str, prefix: str, kind: str) -> str | None:
+    hits = sorted(fs.glob(f"{folder.rstrip('/')}/{prefix}-{kind}-idx*"))
+    return hits[0] if hits else None
+
+
+def read_idx_folder(fs, folder: str) -> Table:
+    if not fs.isdir(folder):
+        raise DataError(f"{folder}: an IDX source must be a folder holding train-images-idx3-ubyte[.gz] etc.")
+    pairs = {}
+    for prefix in ("train", "t10k"):
+        images, labels = _find_idx(fs, folder, prefix, "images"), _find_idx(fs, folder, prefix, "labels")
+        if images and labels:
+            X, y = read_idx(images, fs), read_idx(labels, fs)
+            if len(X) != len(y):
+                raise DataError(f"{images}: {len(X)} images but {labels} has {len(y)} labels")
+            pairs[prefix] = (X, y)
+    if "train" not in pairs:
+        raise DataError(
+            f"{folder}: no train-images-idx3-ubyte[.gz] + train-labels-idx1-ubyte[.gz] pair found"
+        )
+    X, y = pairs["train"]
+    shape = [1, *X.shape[1:]] if X.ndim == 3 else list(X.shape[1:])
+    flat = X.reshape(len(X), -1)
+    test = None
+    if "t10k" in pairs:
+        Xt, yt = pairs["t10k"]
+        test = (Xt.reshape(len(Xt), -1), yt)
+    names = [f"pixel_{i}" for i in range(flat.shape[1])]
+    return Table(flat, y, names, image_shape=shape, test=test)
+
+
+def read_npz(fs, path: str) -> Table:
+    try:
+        with fs.open(path, "rb") as fh, np.load(fh, allow_pickle=False) as data:
+            missing = {"X", "y"} - set(data.files)
+            if missing:
+                raise DataError(f"{path}: missing array(s) {sorted(missing)}; an .npz source needs X and y")
+            X, y = data["X"], data["y"]
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{path}: cannot read .npz ({exc})") from None
+    if X.ndim < 2 or len(X) != len(y):
+        raise DataError(f"{path}: X must be (rows, features...) with one y per row; got X{X.shape}, y{y.shape}")
+    shape = [1, *X.shape[1:]] if X.ndim == 3 else (list(X.shape[1:]) if X.ndim == 4 else None)
+    flat = X.reshape(len(X), -1)
+    return Table(flat, y, [f"f{i}" for i in range(flat.shape[1])], image_shape=shape)
+
+
+def read_frame(fs, path: str, fmt: str, label: str):
+    """CSV (optionally .gz/.zst/.bz2/.xz) or Parquet (a file or a folder) → a raw DataFrame."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    try:
+        if fmt == "csv":
+            with fs.open(path, "rb") as fh:
+                frame = pd.read_csv(fh, compression=CSV_COMPRESSION.get(Path(path).suffix))
+        else:
+            frame = pq.read_table(path, filesystem=fs).to_pandas()
+    except Exception as exc:  # pandas/pyarrow raise many types for unreadable files
+        raise DataError(f"{path}: cannot read as {fmt} ({type(exc).__name__}: {exc})") from None
+    if label not in frame.columns:
+        raise DataError(
+            f"{path}: label column '{label}' not found; columns are {list(frame.columns)[:20]}. "
+            "Set data.label to the right column."
+        )
+    frame.columns = [str(c) for c in frame.columns]
+    return frame.reset_index(drop=True)
+
+
+def preflight(cfg: DataConfig) -> str:
+    """Cheap checks before any stage starts: the source exists, its format is known and
+    (for tables) the label column is there. Returns the format."""
+    fs, path = filesystem(cfg.source)
+    if not fs.exists(path):
+        raise DataError(
+            f"{path}: data source does not exist. For Fashion-MNIST install Debian's "
+            "'dataset-fashion-mnist' (or copy its four IDX .gz files there), or point "
+            "data.source at your own CSV / Parquet / .npz file."
+        )
+    fmt = detect_format(cfg.source, cfg.format)
+    if fmt in ("csv", "parquet") and fs.isfile(path):
+        import pyarrow.parquet as pq
+
+        try:
+            columns = pq.read_schema(path, filesystem=fs).names if fmt == "parquet" else _csv_header(fs, path)
+        except Exception as exc:
+            raise DataError(f"{path}: cannot read as {fmt} ({type(exc).__name__}: {exc})") from None
+        if columns and cfg.label not in columns:
+            raise DataError(
+                f"{path}: label column '{cfg.label}' not found; columns are {columns[:20]}. "
+                "Set data.label to the right column."
+            )
+    return fmt
+
+
+def _csv_header(fs, path: str) -> list[str]:
+    import pandas as pd
+
+    with fs.open(path, "rb") as fh:
+        return [str(c) for c in pd.read_csv(fh, nrows=0, compression=CSV_COMPRESSION.get(Path(path).suffix)).columns]
