@@ -42,7 +42,7 @@ def dask_client(cfg: DaskConfig) -> Iterator:
             threads_per_worker=cfg.threads_per_worker,
             memory_limit=cfg.memory_limit,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port: two runs on one machine must not collide
             silence_logs=40,  # logging.ERROR: keep worker chatter out of the run log
         ) as cluster,
         Client(cluster) as client,

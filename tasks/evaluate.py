@@ -82,6 +82,17 @@ def score(predictor: Predictor, X: np.ndarray, y: np.ndarray, cfg: EvaluateConfi
     }
 
 
+def storage_impact(partitions: Manifest, predictor: Predictor, stored_accuracy: float) -> dict[str, float]:
+    """With lossy storage (float16), the chosen model's accuracy on the full-precision test
+    features too, so the cost of the smaller files is a number, not a guess."""
+    split = partitions.get("full_precision_test")
+    if not split or not split["rows"]:
+        return {}
+    X, y = np.load(split["X"]["path"]), np.load(split["y"]["path"])
+    accuracy = float((predictor.predict_codes(X) == y).mean())
+    return {"evaluate/full_precision_accuracy": accuracy, "evaluate/storage_accuracy_delta": stored_accuracy - accuracy}
+
+
 def plot_confusion(matrix: list[list[int]], classes: list[Any], title: str, path: Path) -> None:
     import matplotlib
 
@@ -132,6 +143,7 @@ def evaluate_model(partitions: Manifest, features: Manifest, trained: Manifest, 
                        out.path(f"confusion_{name}.png"))
     drop = results["baseline"]["accuracy"] - results["pruned"]["accuracy"]
     chosen = "pruned" if drop <= cfg.max_accuracy_drop else "baseline"
+    storage = storage_impact(partitions, Predictor(out.path(chosen)), results[chosen]["accuracy"])
     weights = (pruned if chosen == "pruned" else trained)["model"]["weights"]["digest"]
     model_digest = (weights + (features["reduction"]["digest"] if reduction else "")
                     + (partitions["encoder"]["digest"] if encoder else ""))
@@ -139,8 +151,13 @@ def evaluate_model(partitions: Manifest, features: Manifest, trained: Manifest, 
     table = markdown_table(results, TABLE_KEYS)
     summary = (f"{table}\n\nChosen: **{chosen}** (accuracy drop {drop:+.4f}, allowed "
                f"{cfg.max_accuracy_drop}); batch-256 latency ratio baseline/pruned {speedup:.2f}×")
-    (out.path("summary.md")).write_text(summary + "\n")
     metrics = {f"evaluate/{n}_{k}": float(v) for n, r in results.items() for k, v in r.items() if k in TABLE_KEYS}
+    if storage:
+        metrics |= storage
+        summary += (f"\n\nLossy storage ({partitions['codec']['storage_dtype']}): accuracy "
+                    f"{results[chosen]['accuracy']:.4f} vs {storage['evaluate/full_precision_accuracy']:.4f} "
+                    f"on full-precision features ({storage['evaluate/storage_accuracy_delta']:+.4f})")
+    (out.path("summary.md")).write_text(summary + "\n")
     metrics |= {
         "test/accuracy": results[chosen]["accuracy"],
         "test/macro_f1": results[chosen]["macro_f1"],

@@ -206,6 +206,8 @@ def partition_dataset(ingest: Manifest, cfg: PartitionConfig, out: StageDir, cli
         "raw_columns": ingest.get("raw_columns", names),
         "encoder": ingest.get("encoder"),
         "raw_example": ingest.get("raw_example"),
+        # full-precision test features, so evaluate can measure what lossy storage costs
+        "full_precision_test": ingest["splits"]["test"] if cfg.storage_dtype != "native" else None,
         "codec": {"codec": chosen["codec"], "level": chosen["level"], "dictionary_columns": len(dictionary),
                   "storage_dtype": cfg.storage_dtype},
         "codec_report": report,

@@ -122,3 +122,20 @@ def test_each_stage_publishes_a_prefect_artifact(first_run):
     assert {a.key for a in found} == keys
     evaluate = next(a for a in found if a.key == "accelflow-evaluate")
     assert "| accuracy |" in evaluate.data and "Chosen:" in evaluate.data
+
+
+def test_float16_storage_reports_its_accuracy_impact(prefect_harness, tmp_path):
+    """Lossy storage on real float features (scikit-learn's breast-cancer table): evaluate
+    scores the chosen model on stored and on full-precision features and logs the gap."""
+    from sklearn.datasets import load_breast_cancer
+
+    load_breast_cancer(as_frame=True).frame.to_csv(tmp_path / "cancer.csv", index=False)
+    cfg = make_config(tmp_path, tmp_path / "cancer.csv", "data.label=target", "partition.storage_dtype=float16",
+                      "train.batch_size=32", "train.epochs=5", "reduce.variance_target=0.99")
+    result = pipeline(cfg)
+    runs = stage_runs(MlflowClient(cfg.tracking.uri), result["parent_run_id"])
+    metrics = runs["evaluate"].data.metrics
+    assert metrics["evaluate/full_precision_accuracy"] > 0.85
+    assert metrics["evaluate/storage_accuracy_delta"] == pytest.approx(
+        metrics["test/accuracy"] - metrics["evaluate/full_precision_accuracy"])
+    assert abs(metrics["evaluate/storage_accuracy_delta"]) <= 0.03  # float16 costs almost nothing here
