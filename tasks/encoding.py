@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -86,7 +85,3 @@ def fit_encoder(train, numeric: list[str], categorical: list[str], max_onehot: i
     onehot = [c for c, vocab in vocabularies.items() if len(vocab) <= max_onehot]
     return Encoder(numeric=numeric, fills=fills, categorical=vocabularies, onehot=onehot)
 
-
-def describe(encoder: Encoder) -> dict[str, Any]:
-    return {"numeric": len(encoder.numeric), "categorical": len(encoder.categorical),
-            "onehot": len(encoder.onehot), "features": len(encoder.feature_names)}

@@ -19,8 +19,6 @@ from tasks.encoding import Encoder
 from tasks.reduce import apply_reduction, load_reduction
 from tasks.training.models import build_model
 
-BUNDLE_FILES = ("model.pt", "model.json", "meta.json", "reduction.npz", "encoder.json")
-
 
 class Predictor:
     def __init__(self, bundle: str | Path):
