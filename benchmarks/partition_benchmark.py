@@ -63,7 +63,7 @@ def manifest(path: Path, rows: int, names: list[str]) -> dict:
 
 def run_accelflow(path: Path, out: Path, level: int) -> dict:
     from conf.schema import DaskConfig, PartitionConfig
-    from tasks.cluster import dask_client
+    from tasks.cluster import dask_client, peak_memory_mib
     from tasks.partition import partition_dataset
     from tasks.stage import StageDir
 
@@ -74,11 +74,11 @@ def run_accelflow(path: Path, out: Path, level: int) -> dict:
         start = time.perf_counter()
         body = partition_dataset(manifest(path, meta["rows"], meta["names"]), cfg, StageDir(out, out), client)
         seconds = time.perf_counter() - start
-        worker_peak = max(client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss).values())
+        worker_peak = max(client.run(peak_memory_mib).values())
     return {"seconds": seconds, "bytes_out": body["metrics"]["data/bytes_out"],
             "codec_report_seconds": body["metrics"]["data/codec_report_seconds"],
             "write_seconds": body["metrics"]["data/write_seconds"],
-            "dictionary_columns": body["codec"]["dictionary_columns"], "worker_peak_rss_mb": worker_peak / 1024}
+            "dictionary_columns": body["codec"]["dictionary_columns"], "worker_peak_rss_mb": worker_peak}
 
 
 def run_pyarrow(path: Path, out: Path, codec: str, level: int, max_rows: int | None = None) -> dict:

@@ -48,3 +48,14 @@ def dask_client(cfg: DaskConfig) -> Iterator:
         Client(cluster) as client,
     ):
         yield client
+
+
+def peak_memory_mib() -> float:
+    """This process's peak resident memory (VmHWM, Linux). Run it on workers with
+    `client.run(peak_memory_mib)`. Not ru_maxrss: that carries the parent's peak across
+    fork+exec, so a worker spawned by a big process would report the parent's memory."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    return float("nan")

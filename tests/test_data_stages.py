@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conf.schema import DaskConfig, DataConfig, PartitionConfig, ReduceConfig
-from tasks.cluster import dask_client
+from tasks.cluster import dask_client, peak_memory_mib
 from tasks.ingest import ingest_dataset
 from tasks.partition import CANDIDATES, choose_codec, partition_dataset
 from tasks.reduce import apply_reduction, fit_reduction, load_reduction, read_features
@@ -125,7 +125,7 @@ def test_float16_storage_halves_float_columns(client, tmp_path):
 KILL_SCRIPT = """
 import json, sys
 from conf.schema import DaskConfig, PartitionConfig
-from tasks.cluster import dask_client
+from tasks.cluster import dask_client, peak_memory_mib
 from tasks.partition import partition_dataset
 from tasks.stage import run_stage
 
@@ -173,3 +173,33 @@ def test_a_run_killed_mid_write_leaves_nothing_that_looks_complete(partitioned, 
     assert not any(p.exists() for p in leftovers)  # the dead writer's folder was swept
     rows = sum(pq.ParquetFile(f["path"]).metadata.num_rows for f in done.manifest["splits"]["train"]["files"])
     assert rows == ingested["splits"]["train"]["rows"]
+
+
+def test_partition_handles_data_several_times_larger_than_worker_memory(tmp_path):
+    """1.6 GiB of rows through 2 Dask workers limited to 400 MiB each: every task maps only
+    its own row range, so no worker ever holds a split (Dask would kill one that did)."""
+    rows, columns = 6_400_000, 64  # 6.4 M x 64 float32 = 1.6 GiB, 4x one worker's limit
+    rng = np.random.default_rng(0)
+    X = np.lib.format.open_memmap(tmp_path / "train_X.npy", mode="w+", dtype=np.float32, shape=(rows, columns))
+    y = np.lib.format.open_memmap(tmp_path / "train_y.npy", mode="w+", dtype=np.int64, shape=(rows,))
+    for start in range(0, rows, 1 << 20):
+        n = min(1 << 20, rows - start)
+        X[start : start + n] = np.round(rng.lognormal(3, 1, (n, columns)), 2)
+        y[start : start + n] = rng.integers(0, 3, n)
+    X.flush(), y.flush()
+    del X, y
+    files = {k: {"path": str(tmp_path / f"train_{k}.npy"), "bytes": (tmp_path / f"train_{k}.npy").stat().st_size}
+             for k in "Xy"}
+    empty = {**files, "rows": 0}
+    ingested = {"stage": "ingest", "digest": "synthetic", "feature_names": [f"c{i}" for i in range(columns)],
+                "classes": [0, 1, 2], "image_shape": None,
+                "splits": {"train": {**files, "rows": rows}, "val": empty, "test": empty}}
+    cfg = PartitionConfig(target_partition_mb=16, sample_mb=1)
+    with dask_client(DaskConfig(n_workers=2, memory_limit="400MiB")) as small:
+        workers = set(small.scheduler_info()["workers"])
+        m = run_stage(tmp_path / "work", "partition", "1", cfg.model_dump(), [ingested],
+                      lambda out: partition_dataset(ingested, cfg, out, small)).manifest
+        peaks = small.run(peak_memory_mib)
+        assert set(small.scheduler_info()["workers"]) == workers  # none was killed and restarted
+    assert sum(pq.ParquetFile(f["path"]).metadata.num_rows for f in m["splits"]["train"]["files"]) == rows
+    assert max(peaks.values()) < 400, f"worker peaks (MiB): {peaks}"
