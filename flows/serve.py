@@ -106,7 +106,7 @@ def stop(service: Running, grace: float = 20) -> None:
     began, nudged = time.monotonic(), False
     while time.monotonic() - began < grace:
         _reap(service.pid)  # a child of this process stays a zombie (and "alive") until reaped
-        if not _alive(service.pid):
+        if not alive(service.pid):
             return
         if not nudged and time.monotonic() - began > 5:
             _signal_group(service.pid, signal.SIGTERM)
@@ -148,7 +148,7 @@ def prefect_worker(state: Path, api_url: str, pool: str, env: dict[str, str] | N
     argv = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", f"{pool}-local"]
     running = start(f"worker-{pool}", argv, state, {"PREFECT_API_URL": api_url, **(env or {})})
     time.sleep(2)  # it exits at once on a bad pool or API URL: catch that here
-    if not _alive(running.pid):
+    if not alive(running.pid):
         raise ServiceError(f"the {pool} worker exited:\n{_log_tail(running.log)}")
     return running
 
@@ -182,7 +182,7 @@ def register_deployments(api_url: str) -> None:
     prefect_cli(["--no-prompt", "deploy", "--all"], api_url, {"ACCELFLOW_PROJECT_DIR": str(PROJECT)})
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.killpg(pid, 0)
         return True
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     state = Path(args.state_dir)
     record = state / "services.json"
     running = [Running(**r) for r in json.loads(record.read_text())] if record.is_file() else []
-    running = [r for r in running if _alive(r.pid)]
+    running = [r for r in running if alive(r.pid)]
 
     if args.command == "status":
         for r in running:

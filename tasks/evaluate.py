@@ -135,15 +135,15 @@ def evaluate_model(partitions: Manifest, features: Manifest, trained: Manifest, 
     encoder = partitions["encoder"]["path"] if partitions.get("encoder") else None
     meta = {"feature_names": partitions["feature_names"], "classes": partitions["classes"],
             "raw_columns": partitions.get("raw_columns", partitions["feature_names"])}
-    results = {}
+    results, predictors = {}, {}
     for name, manifest in (("baseline", trained), ("pruned", pruned)):
-        bundle = write_bundle(out.path(name), manifest["model"], reduction, meta, encoder)
-        results[name] = score(Predictor(bundle), X, y, cfg)
+        predictors[name] = Predictor(write_bundle(out.path(name), manifest["model"], reduction, meta, encoder))
+        results[name] = score(predictors[name], X, y, cfg)
         plot_confusion(results[name]["confusion"], partitions["classes"], f"{name} (test)",
                        out.path(f"confusion_{name}.png"))
     drop = results["baseline"]["accuracy"] - results["pruned"]["accuracy"]
     chosen = "pruned" if drop <= cfg.max_accuracy_drop else "baseline"
-    storage = storage_impact(partitions, Predictor(out.path(chosen)), results[chosen]["accuracy"])
+    storage = storage_impact(partitions, predictors[chosen], results[chosen]["accuracy"])
     weights = (pruned if chosen == "pruned" else trained)["model"]["weights"]["digest"]
     model_digest = (weights + (features["reduction"]["digest"] if reduction else "")
                     + (partitions["encoder"]["digest"] if encoder else ""))

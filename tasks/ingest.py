@@ -28,7 +28,7 @@ from tasks.readers import (
     read_idx_folder,
     read_npz,
 )
-from tasks.stage import StageDir, describe_files
+from tasks.stage import StageDir
 
 VERSION = "2"
 SPLITS = ("train", "val", "test")
@@ -239,22 +239,18 @@ def ingest_dataset(cfg: DataConfig, out: StageDir) -> dict[str, Any]:
         splits = {name: (encoder.transform(frame), y) for name, (frame, y) in splits.items()}
         feature_names = encoder.feature_names
         encoder.save(out.path("encoder.json"))
-        extras["encoder"] = describe_files([out.path("encoder.json")])[0] | {"path": out.final_path("encoder.json")}
+        extras["encoder"] = out.describe("encoder.json")[0]
         if table.rejected is not None and cfg.on_bad_rows == "quarantine":
             table.rejected.to_csv(out.path("quarantine.csv"), index=False)
-            extras["quarantine"] = describe_files([out.path("quarantine.csv")])[0] | {
-                "path": out.final_path("quarantine.csv")}
+            extras["quarantine"] = out.describe("quarantine.csv")[0]
     raw_example.to_parquet(out.path("raw_example.parquet"))
-    extras["raw_example"] = describe_files([out.path("raw_example.parquet")])[0] | {
-        "path": out.final_path("raw_example.parquet")}
+    extras["raw_example"] = out.describe("raw_example.parquet")[0]
     files: dict[str, Any] = {}
     for name, (X, y) in splits.items():
         np.save(out.path(f"{name}_X.npy"), X)
         np.save(out.path(f"{name}_y.npy"), y)
-        described = describe_files([out.path(f"{name}_X.npy"), out.path(f"{name}_y.npy")])
-        for d in described:
-            d["path"] = out.final_path(Path(d["path"]).name)
-        files[name] = {"X": described[0], "y": described[1], "rows": len(y)}
+        X_file, y_file = out.describe(f"{name}_X.npy", f"{name}_y.npy")
+        files[name] = {"X": X_file, "y": y_file, "rows": len(y)}
     rows = {name: files[name]["rows"] for name in files}
     rejected = 0 if table.rejected is None else len(table.rejected)
     notes = [f"{rejected} bad row(s) {'quarantined' if extras['quarantine'] else 'dropped'}"] if rejected else []

@@ -183,11 +183,9 @@ def partition_dataset(ingest: Manifest, cfg: PartitionConfig, out: StageDir, cli
         step = rows_per_partition(row_bytes, cfg.target_partition_mb)
         bounds = [(i, min(i + step, split["rows"])) for i in range(0, split["rows"], step)] or [(0, 0)]
         targets = [str(out.path(f"{name}/part-{i:05d}.parquet")) for i in range(len(bounds))]
-        described = client.gather(client.map(
+        described = [out.moved(d) for d in client.gather(client.map(
             write_chunk, bounds, [split["X"]["path"]] * len(bounds), [split["y"]["path"]] * len(bounds),
-            [names] * len(bounds), targets, options=options, storage_dtype=cfg.storage_dtype, pure=False))
-        for d, t in zip(described, targets, strict=True):
-            d["path"] = out.final_path(f"{name}/{Path(t).name}")
+            [names] * len(bounds), targets, options=options, storage_dtype=cfg.storage_dtype, pure=False))]
         splits[name] = {"files": described, "rows": split["rows"]}
         bytes_in += split["X"]["bytes"] + split["y"]["bytes"]
         bytes_out += sum(d["bytes"] for d in described)

@@ -65,7 +65,8 @@ def load_reduction(path: str | Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def project_partition(src: str, dest: str, columns: list[str], label: str, reduction_path: str) -> str:
+def project_partition(src: str, dest: str, columns: list[str], label: str, reduction_path: str) -> dict[str, Any]:
+    """Project one partition and describe the written file here, so hashing runs in parallel too."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -75,7 +76,7 @@ def project_partition(src: str, dest: str, columns: list[str], label: str, reduc
     names = [f"pc_{i}" for i in range(Z.shape[1])]
     table = pa.table([*(pa.array(Z[:, i]) for i in range(Z.shape[1])), labels], names=[*names, label])
     pq.write_table(table, dest, compression="zstd", use_dictionary=False)
-    return dest
+    return describe_files([Path(dest)])[0]
 
 
 def fit_reduction(partitions: Manifest, cfg: ReduceConfig, out: StageDir, client) -> dict[str, Any]:
@@ -92,18 +93,14 @@ def fit_reduction(partitions: Manifest, cfg: ReduceConfig, out: StageDir, client
         out.path(name).mkdir()
         sources = [f["path"] for f in split["files"]]
         targets = [str(out.path(f"{name}/{Path(s).name}")) for s in sources]
-        client.gather(
+        described = [out.moved(d) for d in client.gather(
             client.map(project_partition, sources, targets, columns=columns, label=label,
-                       reduction_path=reduction_path, pure=False)
-        )
-        described = describe_files([Path(t) for t in targets])
-        for d, t in zip(described, targets, strict=True):
-            d["path"] = out.final_path(f"{name}/{Path(t).name}")
+                       reduction_path=reduction_path, pure=False))]
         splits[name] = {"files": described, "rows": split["rows"]}
 
     k, d = reduction["components"].shape
     explained = float(reduction["explained_variance_ratio"].sum())
-    described = describe_files([out.path("reduction.npz")])[0] | {"path": out.final_path("reduction.npz")}
+    described = out.describe("reduction.npz")[0]
     return {
         "splits": splits,
         "feature_names": [f"pc_{i}" for i in range(k)],

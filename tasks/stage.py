@@ -72,6 +72,14 @@ class StageDir:
     def final_path(self, name: str) -> str:
         return str(self.final / name)
 
+    def moved(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """A file described in `tmp` (here or on a worker), with the path it will have."""
+        return {**entry, "path": self.final_path(str(Path(entry["path"]).relative_to(self.tmp)))}
+
+    def describe(self, *names: str) -> list[dict[str, Any]]:
+        """Describe files written in `tmp` (size, digest) under their final paths."""
+        return [self.moved(entry) for entry in describe_files([self.path(n) for n in names])]
+
 
 def stage_key(stage: str, version: str, config: dict[str, Any], inputs: list[Manifest]) -> str:
     return config_digest(

@@ -114,7 +114,8 @@ def publish(stage: str, outcome: StageOutcome) -> None:
     mlflow.log_dict(m, f"{stage}/manifest.json")
     summary = f"### {stage}\n\n{'cached' if outcome.cached else 'ran'}: {outcome.reason}\n\n{m.get('summary', '')}\n"
     mlflow.log_text(summary, f"{stage}/summary.md")
-    _prefect_markdown(stage, summary)
+    _prefect_artifact("create_markdown_artifact", markdown=summary, key=f"accelflow-{stage}",
+                      description=f"{stage} summary")
 
 
 def publish_table(stage: str, name: str, rows: list[dict[str, Any]], plots: list[str] = ()) -> None:
@@ -125,14 +126,8 @@ def publish_table(stage: str, name: str, rows: list[dict[str, Any]], plots: list
     mlflow.log_table(pd.DataFrame(rows), artifact_file=f"{stage}/{name}.json")
     for plot in plots:
         mlflow.log_artifact(plot, stage)
-    try:
-        from prefect.artifacts import create_table_artifact
-        from prefect.context import TaskRunContext
-
-        if TaskRunContext.get() is not None:
-            create_table_artifact(table=rows, key=f"accelflow-{stage}-{name}", description=f"{stage}: {name}")
-    except Exception as exc:  # an artifact is a convenience: never fail a stage over it
-        print(f"note: could not publish the Prefect table for {stage}/{name}: {exc}")
+    _prefect_artifact("create_table_artifact", table=rows, key=f"accelflow-{stage}-{name}",
+                      description=f"{stage}: {name}")
 
 
 def log_dataset(manifest: Manifest, split: str, context: str) -> None:
@@ -152,15 +147,17 @@ def log_dataset(manifest: Manifest, split: str, context: str) -> None:
     mlflow.log_input(dataset, context=context)
 
 
-def _prefect_markdown(stage: str, text: str) -> None:
+def _prefect_artifact(factory: str, **kwargs: Any) -> None:
+    """Create a Prefect artifact (`create_markdown_artifact`, `create_table_artifact`) for the
+    current task run; outside a task run there is nowhere to attach it."""
     try:
-        from prefect.artifacts import create_markdown_artifact
+        import prefect.artifacts
         from prefect.context import TaskRunContext
 
-        if TaskRunContext.get() is not None:  # outside a task run there is nowhere to attach it
-            create_markdown_artifact(markdown=text, key=f"accelflow-{stage}", description=f"{stage} summary")
+        if TaskRunContext.get() is not None:
+            getattr(prefect.artifacts, factory)(**kwargs)
     except Exception as exc:  # an artifact is a convenience: never fail a stage over it
-        print(f"note: could not publish the Prefect artifact for {stage}: {exc}")
+        print(f"note: could not publish the Prefect artifact {kwargs.get('key')}: {exc}")
 
 
 def _yaml(cfg: PipelineConfig) -> str:

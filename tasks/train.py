@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from conf.schema import TrainConfig
-from tasks.stage import Manifest, StageDir, describe_files
+from tasks.stage import Manifest, StageDir
 from tasks.training.launch import launch, resolve_world_size
 
 VERSION = "1"
@@ -38,11 +38,8 @@ def model_arch(features: Manifest, cfg: TrainConfig) -> dict[str, Any]:
 
 
 def model_files(out: StageDir) -> dict[str, Any]:
-    weights, arch = describe_files([out.path("model.pt"), out.path("model.json")])
-    return {
-        "weights": weights | {"path": out.final_path("model.pt")},
-        "arch": arch | {"path": out.final_path("model.json")},
-    }
+    weights, arch = out.describe("model.pt", "model.json")
+    return {"weights": weights, "arch": arch}
 
 
 def train_model(features: Manifest, cfg: TrainConfig, out: StageDir, run_id: str | None = None) -> dict[str, Any]:

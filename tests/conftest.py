@@ -77,6 +77,13 @@ def digits_csv(digits_frame, tmp_path) -> Path:
     return path
 
 
+def stage_runs(client, parent_id: str) -> dict:
+    """The nested stage runs of a pipeline's parent run, by stage name."""
+    parent = client.get_run(parent_id)
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {run.info.run_name: run for run in children}
+
+
 def make_config(tmp_path: Path, source: Path | str, *overrides: str) -> PipelineConfig:
     """The default config pointed at `source`, a temporary workdir and MLflow store, small limits."""
     base = [

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import stage_runs
 from mlflow import MlflowClient
 
 from flows import serve
@@ -36,9 +37,7 @@ def parent_and_stages(client: MlflowClient, flow_run_id: str):
     experiments = [e.experiment_id for e in client.search_experiments()]
     parents = client.search_runs(experiments, f"tags.`accelflow.flow_run_id` = '{flow_run_id}'")
     assert len(parents) == 1, f"expected one parent run for flow run {flow_run_id}, found {len(parents)}"
-    parent = parents[0]
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    return parent, {c.info.run_name: c for c in children}
+    return parents[0], stage_runs(client, parents[0].info.run_id)
 
 
 # ---------------------------------------------------------------- Prefect deployment + MLflow UI
@@ -59,7 +58,7 @@ def stack(tmp_path_factory, fmnist_small):
                "state": state, "data": fmnist_small}
     finally:
         assert serve.main(["stop", *args]) == 0
-        assert not any(serve._alive(r["pid"]) for r in running)  # stopped exactly what it started
+        assert not any(serve.alive(r["pid"]) for r in running)  # stopped exactly what it started
         assert not (state / "services.json").exists()
 
 
@@ -225,4 +224,4 @@ def test_cluster_profile_runs_on_separate_dask_mlflow_and_prefect_processes(
     finally:
         for service in reversed(started):
             serve.stop(service)
-    assert not any(serve._alive(s.pid) for s in started)
+    assert not any(serve.alive(s.pid) for s in started)

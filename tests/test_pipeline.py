@@ -7,7 +7,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_config
+from conftest import make_config, stage_runs
 from mlflow import MlflowClient
 
 from flows.pipeline import pipeline
@@ -30,12 +30,6 @@ def first_run(prefect_harness, fmnist_small, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     cfg = make_config(tmp, fmnist_small)
     return cfg, pipeline(cfg)
-
-
-def stage_runs(client: MlflowClient, parent_id: str) -> dict[str, mlflow.entities.Run]:
-    parent = client.get_run(parent_id)
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
-    return {run.info.run_name: run for run in children}
 
 
 def test_parent_run_and_six_stage_runs_with_their_metrics(first_run):
