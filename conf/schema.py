@@ -45,6 +45,8 @@ class DataConfig(Section):
     max_onehot: int = Field(16, ge=1, description="categoricals with more values get integer codes")
     # a declared schema (optional): only these feature columns, with these types; else inferred
     columns: dict[str, Literal["numeric", "categorical"]] | None = None
+    # tables are read in blocks of about this size, each by one Dask task (output does not depend on it)
+    block_mb: float = Field(64.0, gt=0)
 
 
 class DaskConfig(Section):

@@ -42,12 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def validate(cfg) -> str:
-    from tasks.ingest import read_source, split_table
+    from tasks.ingest import check_source
 
-    table = read_source(cfg.data)
-    splits = split_table(table, cfg.data)
-    sizes = ", ".join(f"{k} {len(v[1])}" for k, v in splits.items())
-    return f"config OK; data OK: {len(table.feature_names)} features, splits: {sizes}"
+    return f"config OK; data OK: {check_source(cfg.data, cfg.dask)}"
 
 
 def print_summary(result: dict, tracking_uri: str, seconds: float) -> None:

@@ -52,8 +52,8 @@ class Encoder:
             parts.append(values.fillna(self.fills[column]).to_numpy(dtype=np.float32)[:, None])
         for column, vocab in self.categorical.items():
             index = {v: i for i, v in enumerate(vocab)}
-            raw = frame[column].astype("object").where(frame[column].notna(), MISSING)
-            codes = np.array([index.get(str(v), len(vocab)) for v in raw], dtype=np.int64)  # unseen → last slot
+            text = as_text(frame[column]).fillna(MISSING)
+            codes = text.map(index).fillna(len(vocab)).to_numpy(dtype=np.int64)  # unseen → last slot
             if column in self.onehot:
                 parts.append(np.eye(len(vocab) + 1, dtype=np.float32)[codes])
             else:
@@ -68,20 +68,27 @@ class Encoder:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def fit_encoder(train, numeric: list[str], categorical: list[str], max_onehot: int) -> Encoder:
-    """Medians and vocabularies from the training rows only (no leakage from val/test)."""
+def as_text(values):
+    """Categorical values as strings, identical for every block of a table and at serving time.
+    Whole numbers print without a decimal point: a CSV block where a code column has a gap
+    reads 12 as 12.0, and both must be the category "12". Missing values stay None."""
     import pandas as pd
 
-    fills = {}
-    for column in numeric:
-        median = pd.to_numeric(train[column], errors="coerce").median()
-        fills[column] = float(median) if pd.notna(median) else 0.0
-    vocabularies = {}
-    for column in categorical:
-        values = train[column].astype("object").where(train[column].notna(), MISSING).map(str)
-        counts = values.value_counts(sort=False)
-        # most frequent first; ties broken by the value itself, so the order is deterministic
-        vocabularies[column] = sorted(counts.index, key=lambda v: (-counts[v], v))
-    onehot = [c for c, vocab in vocabularies.items() if len(vocab) <= max_onehot]
-    return Encoder(numeric=numeric, fills=fills, categorical=vocabularies, onehot=onehot)
+    present = values.notna()
+    if pd.api.types.is_float_dtype(values):
+        finite = present & np.isfinite(values.to_numpy(dtype=np.float64, na_value=np.nan))
+        whole = finite & (values == np.floor(values.where(finite, 0)))
+        text = pd.Series(None, index=values.index, dtype=object)
+        text[whole] = values[whole].astype(np.int64).astype(str)
+        text[present & ~whole] = values[present & ~whole].astype(str)
+        return text
+    return values.astype(object).where(present, None).map(lambda v: v if v is None else str(v))
 
+
+def fit_encoder(fills: dict[str, float], counts: dict[str, dict[str, int]], max_onehot: int) -> Encoder:
+    """From statistics of the training rows only (no leakage from val/test): the median of
+    each numeric column and the value counts of each categorical one."""
+    # most frequent first; ties broken by the value itself, so the order is deterministic
+    vocabularies = {column: sorted(c, key=lambda v, c=c: (-c[v], v)) for column, c in counts.items()}
+    onehot = [c for c, vocab in vocabularies.items() if len(vocab) <= max_onehot]
+    return Encoder(numeric=list(fills), fills=fills, categorical=vocabularies, onehot=onehot)

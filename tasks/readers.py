@@ -1,15 +1,14 @@
-"""Reading sources: IDX folders, CSV (plain or compressed), Parquet files or folders, NumPy
-`.npz`, from a local path or any fsspec URL. Pure I/O and format checks; the ingest stage
-cleans, validates and splits what these return.
+"""Reading sources from a local path or any fsspec URL: IDX folders and NumPy `.npz` (whole
+arrays), format detection and the cheap checks before a run. Tables (CSV, Parquet) are read
+block by block on the cluster by `tasks.tables`.
 """
 
 from __future__ import annotations
 
 import gzip
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -25,20 +24,13 @@ class DataError(ValueError):
 
 @dataclass
 class Table:
-    X: Any  # (rows, features): a numeric array, or for tables the cleaned raw-column DataFrame
-    y: np.ndarray  # (rows,), raw labels (ints or strings)
-    feature_names: list[str]  # raw column names
+    """An array source (IDX, .npz), small enough to hold: tables go through `tasks.tables`."""
+
+    X: np.ndarray  # (rows, features)
+    y: np.ndarray  # (rows,), raw labels
+    feature_names: list[str]
     image_shape: list[int] | None = None  # (channels, height, width) for image data
     test: tuple[np.ndarray, np.ndarray] | None = None  # a test set shipped with the data
-    numeric: list[str] | None = None  # tables only: numeric and categorical raw columns
-    categorical: list[str] | None = None
-    rejected: Any = None  # tables only: bad rows with a `_reason` column
-    warnings: list[str] = field(default_factory=list)
-    missing_values: int = 0
-
-    @property
-    def is_frame(self) -> bool:
-        return self.numeric is not None
 
 
 def filesystem(source: str):
@@ -157,28 +149,6 @@ def read_npz(fs, path: str) -> Table:
     return Table(flat, y, [f"f{i}" for i in range(flat.shape[1])], image_shape=shape)
 
 
-def read_frame(fs, path: str, fmt: str, label: str):
-    """CSV (optionally .gz/.zst/.bz2/.xz) or Parquet (a file or a folder) → a raw DataFrame."""
-    import pandas as pd
-    import pyarrow.parquet as pq
-
-    try:
-        if fmt == "csv":
-            with fs.open(path, "rb") as fh:
-                frame = pd.read_csv(fh, compression=CSV_COMPRESSION.get(Path(path).suffix))
-        else:
-            frame = pq.read_table(path, filesystem=fs).to_pandas()
-    except Exception as exc:  # pandas/pyarrow raise many types for unreadable files
-        raise DataError(f"{path}: cannot read as {fmt} ({type(exc).__name__}: {exc})") from None
-    if label not in frame.columns:
-        raise DataError(
-            f"{path}: label column '{label}' not found; columns are {list(frame.columns)[:20]}. "
-            "Set data.label to the right column."
-        )
-    frame.columns = [str(c) for c in frame.columns]
-    return frame.reset_index(drop=True)
-
-
 def preflight(cfg: DataConfig) -> str:
     """Cheap checks before any stage starts: the source exists, its format is known and
     (for tables) the label column is there. Returns the format."""
@@ -194,7 +164,7 @@ def preflight(cfg: DataConfig) -> str:
         import pyarrow.parquet as pq
 
         try:
-            columns = pq.read_schema(path, filesystem=fs).names if fmt == "parquet" else _csv_header(fs, path)
+            columns = pq.read_schema(path, filesystem=fs).names if fmt == "parquet" else csv_header(fs, path)
         except Exception as exc:
             raise DataError(f"{path}: cannot read as {fmt} ({type(exc).__name__}: {exc})") from None
         if columns and cfg.label not in columns:
@@ -205,7 +175,7 @@ def preflight(cfg: DataConfig) -> str:
     return fmt
 
 
-def _csv_header(fs, path: str) -> list[str]:
+def csv_header(fs, path: str) -> list[str]:
     import pandas as pd
 
     with fs.open(path, "rb") as fh:

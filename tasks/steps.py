@@ -23,9 +23,11 @@ def ingest_data(cfg: PipelineConfig, parent: str) -> StageOutcome:
     """Read, validate and split the source data."""
     with stage_run(parent, "ingest", "data", cfg.data):
         # the source files' fingerprint is part of the key: data edited in place is re-read
-        key = {**cfg.data.model_dump(mode="json"), "source_files": readers.source_fingerprint(cfg.data)}
+        # block_mb only changes how the work is cut, never the output: not part of the key
+        key = {**cfg.data.model_dump(mode="json", exclude={"block_mb"}),
+               "source_files": readers.source_fingerprint(cfg.data)}
         outcome = run_stage(cfg.workdir, "ingest", ingest.VERSION, key, [],
-                            lambda out: ingest.ingest_dataset(cfg.data, out))
+                            lambda out: ingest.ingest_dataset(cfg.data, out, dask=cfg.dask))
         publish("ingest", outcome)
     return outcome
 

@@ -61,6 +61,16 @@ def fmnist_small(fmnist_full: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cluster():
+    """A Dask LocalCluster client shared by the data-stage tests (2 worker processes)."""
+    from conf.schema import DaskConfig
+    from tasks.cluster import dask_client
+
+    with dask_client(DaskConfig(n_workers=2, memory_limit="1GiB")) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
 def digits_frame() -> pd.DataFrame:
     from sklearn.datasets import load_digits
 

@@ -52,8 +52,10 @@ def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
     import numpy as np
     from mlflow import MlflowClient
 
+    import pandas as pd
+
     from conf.schema import load_config
-    from tasks.ingest import read_source, split_table
+    from tasks.tables import assign_splits, clean_block, decide_schema, profile_raw, row_uniforms
 
     frame = digits_frame.copy().astype({"pixel_4_4": float, "pixel_0_2": object})
     frame["ink"] = np.where(frame["pixel_3_3"] > 8, "dark", "light")
@@ -73,7 +75,12 @@ def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
     assert not (tmp_path / "mlruns").exists()  # artifacts live beside the store, not in the cwd
 
     cfg = load_config(None, sets)
-    raw_X, raw_y = split_table(read_source(cfg.data), cfg.data)["test"]  # the held-out raw rows, recomputed
+    # the held-out raw rows, recomputed: the whole small file is one block
+    raw = pd.read_csv(source)
+    features, labels, reasons = clean_block(raw, decide_schema([profile_raw(raw)], cfg.data))
+    good = (reasons == "").to_numpy()
+    test = assign_splits(row_uniforms(features[good], cfg.data.seed), cfg.data) == 2
+    raw_X, raw_y = features[good][test], labels[good][test].to_numpy()
     mlflow.set_tracking_uri(cfg.tracking.uri)
     model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@champion")
     predictions = np.asarray(model.predict(raw_X))

@@ -15,16 +15,15 @@ from tasks.stage import run_stage
 
 
 @pytest.fixture(scope="module")
-def client():
-    with dask_client(DaskConfig(n_workers=2, memory_limit="1GiB")) as c:
-        yield c
+def client(cluster):
+    return cluster
 
 
 @pytest.fixture(scope="module")
 def partitioned(fmnist_small, tmp_path_factory, client):
     work = tmp_path_factory.mktemp("work")
     data = DataConfig(source=str(fmnist_small))
-    ingested = run_stage(work, "ingest", "1", {}, [], lambda out: ingest_dataset(data, out)).manifest
+    ingested = run_stage(work, "ingest", "1", {}, [], lambda out: ingest_dataset(data, out, client)).manifest
     cfg = PartitionConfig(target_partition_mb=0.5, compression_level=5, sample_mb=1)
     parts = run_stage(work, "partition", "1", cfg.model_dump(), [ingested],
                       lambda out: partition_dataset(ingested, cfg, out, client)).manifest
@@ -106,7 +105,7 @@ def test_float16_storage_halves_float_columns(client, tmp_path):
     pixels = [c for c in frame.columns if c != "target"]
     frame.to_csv(tmp_path / "cancer.csv", index=False)
     data = DataConfig(source=str(tmp_path / "cancer.csv"), label="target")
-    ingested = run_stage(tmp_path, "ingest", "1", {}, [], lambda out: ingest_dataset(data, out)).manifest
+    ingested = run_stage(tmp_path, "ingest", "1", {}, [], lambda out: ingest_dataset(data, out, client)).manifest
     sizes, values = {}, {}
     for dtype in ("native", "float16"):
         cfg = PartitionConfig(codec="none", storage_dtype=dtype, sample_mb=0.1)

@@ -12,10 +12,16 @@ from tasks.readers import DataError
 from tasks.stage import run_stage
 
 
+@pytest.fixture(autouse=True)
+def _cluster(cluster):
+    global CLIENT
+    CLIENT = cluster
+
+
 def ingest(tmp_path, **data):
     cfg = DataConfig(**data)
     return run_stage(tmp_path / "work", "ingest", "1", cfg.model_dump(mode="json"), [],
-                     lambda out: ingest_dataset(cfg, out))
+                     lambda out: ingest_dataset(cfg, out, CLIENT))
 
 
 def test_idx_folder_keeps_the_shipped_test_set(fmnist_small, tmp_path):
@@ -41,10 +47,10 @@ def test_parquet_and_npz_sources(digits_frame, tmp_path):
     digits_frame.to_parquet(tmp_path / "digits.parquet")
     X = digits_frame.drop(columns="digit").to_numpy().reshape(-1, 8, 8)
     np.savez(tmp_path / "digits.npz", X=X, y=np.arange(len(X)) % 3)
-    pq = read_source(DataConfig(source=str(tmp_path / "digits.parquet"), label="digit"))
+    pq = ingest(tmp_path / "pq", source=str(tmp_path / "digits.parquet"), label="digit").manifest
+    assert sum(s["rows"] for s in pq["splits"].values()) == 1797 and len(pq["feature_names"]) == 64
     nz = read_source(DataConfig(source=str(tmp_path / "digits.npz")))
-    assert pq.X.shape == (1797, 64) and nz.X.shape == (1797, 64)
-    assert nz.image_shape == [1, 8, 8]
+    assert nz.X.shape == (1797, 64) and nz.image_shape == [1, 8, 8]
 
 
 @pytest.mark.parametrize("name", ["digits.csv.gz", "digits.csv.zst", "parquet_folder", "file_url"])
