@@ -50,9 +50,8 @@ def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
     registered model then scores raw rows with the accuracy evaluate logged."""
     import mlflow
     import numpy as np
-    from mlflow import MlflowClient
-
     import pandas as pd
+    from mlflow import MlflowClient
 
     from conf.schema import load_config
     from tasks.tables import assign_splits, clean_block, decide_schema, profile_raw, row_uniforms
