@@ -46,7 +46,7 @@ class DataConfig(Section):
     # a declared schema (optional): only these feature columns, with these types; else inferred
     columns: dict[str, Literal["numeric", "categorical"]] | None = None
     # tables are read in blocks of about this size, each by one Dask task (output does not depend on it)
-    block_mb: float = Field(64.0, gt=0)
+    block_mb: float = Field(32.0, gt=0)
 
 
 class DaskConfig(Section):

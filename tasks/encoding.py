@@ -75,6 +75,10 @@ def as_text(values):
     import pandas as pd
 
     present = values.notna()
+    if isinstance(values.dtype, pd.StringDtype) or (
+        values.dtype == object and pd.api.types.infer_dtype(values, skipna=True) == "string"
+    ):  # already text (the usual case): no per-value work
+        return values.astype(object).where(present, None)
     if pd.api.types.is_float_dtype(values):
         finite = present & np.isfinite(values.to_numpy(dtype=np.float64, na_value=np.nan))
         whole = finite & (values == np.floor(values.where(finite, 0)))

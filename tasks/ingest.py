@@ -152,8 +152,10 @@ def ingest_dataset(cfg: DataConfig, out: StageDir, client=None, dask: DaskConfig
         if table["missing_values"]:
             notes.append(f"{table['missing_values']} missing value(s) filled from the training split")
         notes.append(f"{len(table['numeric'])} numeric and {len(table['categorical'])} categorical column(s) "
-                     f"→ {len(table['feature_names'])} features; read in {table['blocks']} block(s)")
-        image_shape = None
+                     f"→ {len(table['feature_names'])} features; read in {table['blocks']} block(s) of "
+                     f"≤ {table['block_mb']} MB on Dask")
+        image_shape, blocks = None, table["blocks"]
+        timings = {f"data/ingest_{name}_seconds": v for name, v in table["seconds"].items()}
     else:
         arrays = read_source(cfg)
         classes, splits = encode_labels(split_table(arrays, cfg))
@@ -164,7 +166,7 @@ def ingest_dataset(cfg: DataConfig, out: StageDir, client=None, dask: DaskConfig
         extras = {"encoder": None, "quarantine": None, "raw_example": out.describe("raw_example.parquet")[0]}
         table = {"classes": classes, "feature_names": arrays.feature_names, "raw_columns": arrays.feature_names,
                  "rejected": 0, "missing_values": 0, "warnings": []}
-        notes, image_shape = [], arrays.image_shape
+        notes, image_shape, blocks, timings = [], arrays.image_shape, 1, {}
     files: dict[str, Any] = {}
     for name in SPLITS:
         X_file, y_file = out.describe(f"{name}_X.npy", f"{name}_y.npy")
@@ -184,7 +186,7 @@ def ingest_dataset(cfg: DataConfig, out: StageDir, client=None, dask: DaskConfig
         **extras,
         "metrics": {f"data/{k}_rows": v for k, v in rows.items()}
         | {"data/features": len(feature_names), "data/classes": len(classes), "data/rejected_rows": table["rejected"],
-           "data/missing_values_filled": table["missing_values"]},
+           "data/missing_values_filled": table["missing_values"], "data/source_blocks": blocks} | timings,
         "summary": f"{sum(rows.values())} rows ({rows}), {len(feature_names)} features, {len(classes)} classes"
         + "".join(f"; {n}" for n in notes) + "".join(f"\n- warning: {w}" for w in table["warnings"]),
     }

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from conf.schema import DataConfig
+from tasks.cluster import hands_back_memory
 from tasks.encoding import MISSING, Encoder, as_text, fit_encoder
 from tasks.readers import CSV_COMPRESSION, DataError, csv_header, filesystem
 from tasks.stage import StageDir
@@ -39,6 +40,10 @@ NUMERIC_SHARE = 0.95  # a column whose values are at least this share numbers is
 FILL_SAMPLE_ROWS = 20_000  # hash-ranked training rows whose median fills missing numbers
 FILL_SAMPLE_VALUES = 2_000_000  # ... fewer rows for very wide tables: bounded task results
 EXAMPLE_ROWS = 5
+# Measured on this stack: a task holds about 10x its block while it works (pandas frame,
+# typed copies, hashes, encoded rows), on top of a worker's ~200 MiB at rest.
+TASK_MEMORY_PER_BLOCK = 10
+WORKER_AT_REST = 200 * 2**20
 SPLITS = ("train", "val", "test")
 
 
@@ -68,12 +73,24 @@ def profile_raw(frame) -> dict[str, Any]:
     for name in frame.columns:
         values = frame[name]
         typed = bool(pd.api.types.is_numeric_dtype(values))
-        numbers = int(present[name]) if typed else int(pd.to_numeric(values, errors="coerce").notna().sum())
+        numbers = int(present[name]) if typed else int(to_numbers(values).notna().sum())
         fractional = typed and pd.api.types.is_float_dtype(values) and bool(
             (values.dropna() % 1 != 0).any())
         columns[name] = {"present": int(present[name]), "numbers": numbers, "typed": typed,
                          "fractional": fractional, "integer": bool(pd.api.types.is_integer_dtype(values))}
     return {"rows": len(frame), "names": [str(c) for c in frame.columns], "columns": columns}
+
+
+def to_numbers(values):
+    """Text → float64 (NaN where a value is not a number), parsing each distinct value once:
+    text columns repeat their values, and parsing is what costs."""
+    import pandas as pd
+
+    if pd.api.types.is_numeric_dtype(values):
+        return values.astype(np.float64)
+    codes, uniques = pd.factorize(values)
+    parsed = pd.to_numeric(pd.Series(np.asarray(uniques, dtype=object)), errors="coerce").to_numpy(dtype=np.float64)
+    return pd.Series(np.where(codes >= 0, parsed[codes], np.nan), index=values.index)
 
 
 def _keep(frame, scratch: str, name: str, where: str) -> dict[str, Any]:
@@ -93,6 +110,7 @@ def _keep(frame, scratch: str, name: str, where: str) -> dict[str, Any]:
     return block
 
 
+@hands_back_memory
 def scan_csv_range(source: str, offset: int, length: int, header: list[str], scratch: str) -> list[dict]:
     """One byte range of an uncompressed CSV, cut at line ends (fsspec's read_block)."""
     import pandas as pd
@@ -109,9 +127,11 @@ def scan_csv_range(source: str, offset: int, length: int, header: list[str], scr
                  if data.strip() else pd.DataFrame(columns=header))
     except Exception as exc:  # pandas raises several types for malformed text
         raise DataError(f"{where}: cannot parse as CSV ({type(exc).__name__}: {exc})") from None
+    del data
     return [_keep(frame, scratch, f"csv-{offset:015d}", where)]
 
 
+@hands_back_memory
 def scan_csv_stream(source: str, rows_per_block: int, scratch: str) -> list[dict]:
     """A compressed CSV cannot be cut by bytes: one task streams it in blocks of rows."""
     import pandas as pd
@@ -130,6 +150,7 @@ def scan_csv_stream(source: str, rows_per_block: int, scratch: str) -> list[dict
     return blocks or [_keep(pd.DataFrame(columns=csv_header(fs, path)), scratch, "stream-empty", path)]
 
 
+@hands_back_memory
 def scan_parquet(source: str, path: str, row_group: int, rows_per_block: int, scratch: str, name: str
                  ) -> list[dict]:
     import pyarrow.parquet as pq
@@ -153,7 +174,7 @@ def scan(cfg: DataConfig, fmt: str, scratch: str, client) -> list[dict]:
     import pyarrow.parquet as pq
 
     fs, path = filesystem(cfg.source)
-    block_bytes = int(cfg.block_mb * 2**20)
+    block_bytes = block_size(cfg.block_mb, client)
     if fmt == "csv" and Path(path).suffix not in CSV_COMPRESSION:
         header = csv_header(fs, path)
         size = fs.size(path)
@@ -182,6 +203,17 @@ def scan(cfg: DataConfig, fmt: str, scratch: str, client) -> list[dict]:
     blocks = [block for result in client.gather(futures) for block in result]
     non_empty = [b for b in blocks if b["rows"]]
     return non_empty or blocks[:1]
+
+
+def block_size(block_mb: float, client) -> int:
+    """`data.block_mb`, made smaller where the workers' memory limit calls for it: a task
+    should stay under 60% of the limit (Dask pauses a worker at 80%)."""
+    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()]
+    wanted = int(block_mb * 2**20)
+    if not limits or min(limits) == 0:  # no limit set
+        return wanted
+    fits = int((0.6 * min(limits) - WORKER_AT_REST) / TASK_MEMORY_PER_BLOCK)
+    return min(wanted, max(2**20, fits))
 
 
 def _rows_per_block(fs, path: str, block_bytes: int) -> int:
@@ -259,24 +291,26 @@ def read_block(block: dict):
 
 
 def clean_block(frame, schema: Schema, first_row: int = 0):
-    """Raw block → (typed features, labels, reasons): numeric columns as float64, categorical
-    ones as text; `reasons` is "" for a good row, else why the row is bad (the first reason
-    found). Row numbers in reasons are the table's, counted from 0 after the header."""
+    """Raw block → (typed features, labels, bad, reasons): numeric columns as float64,
+    categorical ones as text; `bad` marks the rows to leave out and `reasons` says why, by
+    the table's row number (counted from 0 after the header; the first reason found)."""
     import pandas as pd
 
-    reasons = pd.Series("", index=frame.index, dtype=object)
+    bad = np.zeros(len(frame), dtype=bool)
+    reasons: dict[int, str] = {}
 
     def flag(mask, reason):
-        fresh = mask & (reasons == "")
-        reasons[fresh] = [reason(i) for i in fresh[fresh].index]
+        fresh = np.flatnonzero(np.asarray(mask) & ~bad)
+        bad[fresh] = True
+        reasons.update({first_row + int(i): reason(int(i)) for i in fresh})
 
     raw_label = frame[schema.label]
     flag(raw_label.isna(), lambda i: "label missing")
     if schema.label_kind == "text":
         labels = as_text(raw_label)
     else:
-        labels = pd.to_numeric(raw_label, errors="coerce")
-        flag(raw_label.notna() & labels.isna(), lambda i: f"label {raw_label[i]!r} is not a number")
+        labels = to_numbers(raw_label)
+        flag(raw_label.notna() & labels.isna(), lambda i: f"label {raw_label.iloc[i]!r} is not a number")
         if schema.label_kind == "int":
             labels = labels.fillna(0).astype(np.int64)
     features = {}
@@ -285,15 +319,13 @@ def clean_block(frame, schema: Schema, first_row: int = 0):
         if name in schema.categorical:
             features[name] = as_text(values)
             continue
-        parsed = pd.to_numeric(values, errors="coerce").astype(np.float64)
-        flag(values.notna() & parsed.isna(), lambda i, c=name: f"column '{c}': {frame.at[i, c]!r} is not a number")
-        flag(pd.Series(np.isinf(parsed.to_numpy()), index=frame.index), lambda i, c=name: f"column '{c}': infinite value")
+        parsed = to_numbers(values)
+        flag(values.notna() & parsed.isna(), lambda i, v=values, c=name: f"column '{c}': {v.iloc[i]!r} is not a number")
+        flag(np.isinf(parsed.to_numpy()), lambda i, c=name: f"column '{c}': infinite value")
         features[name] = parsed
-    features = pd.DataFrame(features, index=frame.index)
     index = pd.RangeIndex(first_row, first_row + len(frame))
-    for series in (features, labels, reasons):
-        series.index = index
-    return features, labels, reasons
+    features = pd.DataFrame(features).set_axis(index)
+    return features, labels.set_axis(index), bad, reasons
 
 
 def row_uniforms(features, seed: int) -> np.ndarray:
@@ -310,44 +342,47 @@ def assign_splits(u: np.ndarray, cfg: DataConfig) -> np.ndarray:
     return np.where(u < cfg.test_fraction, 2, np.where(u < cfg.test_fraction + cfg.val_fraction, 1, 0))
 
 
-def _good_rows(block: dict, schema: Schema, cfg: DataConfig, first_row: int):
-    features, labels, reasons = clean_block(read_block(block), schema, first_row)
-    good = (reasons == "").to_numpy()
-    features, labels = features[good], labels[good]
+def _good_rows(frame, schema: Schema, cfg: DataConfig, first_row: int):
+    features, labels, bad, reasons = clean_block(frame, schema, first_row)
+    if bad.any():  # a copy only when there is something to leave out
+        features, labels = features[~bad], labels[~bad]
     u = row_uniforms(features, cfg.seed)
-    return features, labels, reasons, u, assign_splits(u, cfg)
+    return features, labels, bad, reasons, u, assign_splits(u, cfg)
 
 
 # ---------------------------------------------------------------- pass 2: profile
 
 
+@hands_back_memory
 def profile_block(block: dict, schema: Schema, cfg: DataConfig, first_row: int, quarantine: str | None) -> dict:
     """Everything the driver needs from one block, in a result of bounded size."""
-    features, labels, reasons, u, split = _good_rows(block, schema, cfg, first_row)
-    bad = reasons != ""
+    frame = read_block(block)
+    features, labels, bad, reasons, u, split = _good_rows(frame, schema, cfg, first_row)
     result: dict[str, Any] = {"rows": [int((split == s).sum()) for s in range(3)], "bad": int(bad.sum()),
                               "first_bad": None, "quarantine": None}
-    if result["bad"]:
-        first = int(bad.idxmax())
+    if reasons:
+        first = min(reasons)
         result["first_bad"] = (first, reasons[first])
         if quarantine:
-            rejected = read_block(block).set_axis(reasons.index)[bad.to_numpy()]
-            rejected.insert(0, "_row", rejected.index)
-            rejected.assign(_reason=reasons[bad]).to_csv(quarantine, index=False)
+            rejected = frame[bad]
+            rejected.insert(0, "_row", sorted(reasons))
+            rejected.assign(_reason=[reasons[row] for row in sorted(reasons)]).to_csv(quarantine, index=False)
             result["quarantine"] = quarantine
-    missing = features.isna()
-    result["missing"] = int(missing.to_numpy().sum())
+    del frame
+    missing = features.isna().to_numpy()
+    result["missing"] = int(missing.sum())
     if result["missing"]:
-        rows, cols = np.nonzero(missing.to_numpy())
+        rows, cols = np.nonzero(missing)
         result["first_missing"] = (int(features.index[rows[0]]), features.columns[cols[0]])
-    result["labels"] = [Counter(labels[split == s].tolist()) for s in range(3)]
-    train = split == 0
-    result["categories"] = {c: Counter(features.loc[train, c].fillna(MISSING).tolist()) for c in schema.categorical}
+    del missing
+    result["labels"] = [dict(labels[split == s].value_counts()) for s in range(3)]
+    train = np.flatnonzero(split == 0)
+    result["categories"] = {c: dict(features[c].iloc[train].fillna(MISSING).value_counts()) for c in schema.categorical}
     # bottom-k by hash: merging blocks' bottom-k gives the table's bottom-k, whatever the blocks
     k = min(FILL_SAMPLE_ROWS, max(100, FILL_SAMPLE_VALUES // max(len(schema.numeric), 1)))
-    order = np.argsort(u[train], kind="stable")[:k]
-    result["fill_sample"] = (u[train][order], features.loc[train, schema.numeric].to_numpy()[order])
-    result["distinct"] = {c: features[c].dropna().drop_duplicates().head(2).tolist() for c in schema.columns}
+    sample = train[np.argsort(u[train], kind="stable")[:k]]
+    result["fill_sample"] = (u[sample], features[schema.numeric].iloc[sample].to_numpy())
+    result["distinct"] = {c: _two_values(features[c]) for c in schema.columns}
     example = {}
     for s in (0, 2):
         rows = np.flatnonzero(split == s)
@@ -357,6 +392,16 @@ def profile_block(block: dict, schema: Schema, cfg: DataConfig, first_row: int, 
     if cfg.max_rows:
         result["lowest_u"] = [np.sort(u[split == s])[: cfg.max_rows] for s in range(3)]
     return result
+
+
+def _two_values(values) -> list:
+    """Up to two distinct values (enough to tell a constant column), without hashing them all."""
+    present = values.dropna()
+    if present.empty:
+        return []
+    first = present.iloc[0]
+    other = present[present != first]
+    return [first, *other.iloc[:1].tolist()]
 
 
 @dataclass
@@ -461,11 +506,12 @@ def plan(blocks: list[dict], schema: Schema, cfg: DataConfig, scratch: str | Non
 # ---------------------------------------------------------------- pass 3: write
 
 
+@hands_back_memory
 def write_block(block: dict, schema: Schema, cfg: DataConfig, first_row: int, encoder_path: str,
                 classes: list[Any], cutoffs: list[float], counts: list[int], offsets: list[int],
                 targets: dict[str, tuple[str, str]]) -> list[int]:
     """Encode one block and write its rows of each split into that split's arrays."""
-    features, labels, _, u, split = _good_rows(block, schema, cfg, first_row)
+    features, labels, _, _, u, split = _good_rows(read_block(block), schema, cfg, first_row)
     encoder = Encoder.load(encoder_path)
     lookup = {c: i for i, c in enumerate(classes)}
     written = []
@@ -490,14 +536,19 @@ def write_block(block: dict, schema: Schema, cfg: DataConfig, first_row: int, en
 
 def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, Any]:
     """Scan, profile, write; returns what the ingest manifest needs."""
+    import time
+
     import pandas as pd
 
     scratch = out.path("scratch")
     scratch.mkdir()
+    seconds = {"scan": time.perf_counter()}
     blocks = scan(cfg, fmt, str(scratch), client)
     schema = decide_schema(blocks, cfg)
+    seconds["profile"] = time.perf_counter()
     keep_rejected = cfg.on_bad_rows == "quarantine"
     p = plan(blocks, schema, cfg, str(scratch) if keep_rejected else None, client)
+    seconds["write"] = time.perf_counter()
     p.encoder.save(out.path("encoder.json"))
     sizes = np.array(p.counts, dtype=np.int64).reshape(len(blocks), 3)
     for s, name in enumerate(SPLITS):
@@ -534,7 +585,11 @@ def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, 
     example = example.astype({c: "int64" for c in schema.integers if example[c].notna().all()})
     example.to_parquet(out.path("raw_example.parquet"))
     shutil.rmtree(scratch)
+    seconds["end"] = time.perf_counter()
+    marks = list(seconds.values())
     return {
+        "seconds": {name: round(end - start, 3) for name, start, end in zip(seconds, marks, marks[1:], strict=False)},
+        "block_mb": round(block_size(cfg.block_mb, client) / 2**20, 1),
         "classes": p.classes,
         "feature_names": p.encoder.feature_names,
         "raw_columns": schema.columns,

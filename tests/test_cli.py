@@ -76,8 +76,8 @@ def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
     cfg = load_config(None, sets)
     # the held-out raw rows, recomputed: the whole small file is one block
     raw = pd.read_csv(source)
-    features, labels, reasons = clean_block(raw, decide_schema([profile_raw(raw)], cfg.data))
-    good = (reasons == "").to_numpy()
+    features, labels, bad, _ = clean_block(raw, decide_schema([profile_raw(raw)], cfg.data))
+    good = ~bad
     test = assign_splits(row_uniforms(features[good], cfg.data.seed), cfg.data) == 2
     raw_X, raw_y = features[good][test], labels[good][test].to_numpy()
     mlflow.set_tracking_uri(cfg.tracking.uri)

@@ -1,6 +1,7 @@
 """ingest: every format, the deterministic split, and each bad-input case."""
 
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,6 +102,34 @@ def test_split_is_independent_of_row_order(digits_frame):
         assert rows_a == rows_b, name
     other_seed = split_table(Table(X, y, []), DataConfig(source="x.csv", seed=8))
     assert {r.tobytes() for r in other_seed["test"][0]} != {r.tobytes() for r in a["test"][0]}
+
+
+def test_tables_give_the_same_splits_whatever_the_blocks_row_order_or_format(digits_frame, tmp_path):
+    """The split, the encoder and the fills depend on row contents only: one block or many,
+    rows shuffled, CSV or a folder of Parquet files, the output holds the same rows."""
+    frame = digits_frame.copy().astype({"pixel_4_4": float})
+    frame["writer"] = [f"w{i % 40}" for i in range(len(frame))]
+    frame.loc[[3, 400, 1500], "pixel_4_4"] = np.nan
+    frame.to_csv(tmp_path / "one.csv", index=False)
+    frame.sample(frac=1, random_state=1).to_csv(tmp_path / "shuffled.csv", index=False)
+    (tmp_path / "parts").mkdir()
+    shuffled = frame.sample(frac=1, random_state=2)
+    for i in range(4):
+        shuffled.iloc[i * 450 : (i + 1) * 450].to_parquet(tmp_path / "parts" / f"part-{i}.parquet", row_group_size=150)
+    variants = {"one block": ("one.csv", 32), "many blocks": ("one.csv", 0.02),
+                "shuffled": ("shuffled.csv", 0.03), "parquet": ("parts", 32)}
+    outputs = {}
+    for name, (source, block_mb) in variants.items():
+        m = ingest(tmp_path / name, source=str(tmp_path / source), label="digit", block_mb=block_mb).manifest
+        rows = {split: sorted(map(bytes, np.column_stack([np.load(m["splits"][split]["X"]["path"]),
+                                                          np.load(m["splits"][split]["y"]["path"])])))
+                for split in ("train", "val", "test")}
+        outputs[name] = (rows, Path(m["encoder"]["path"]).read_text(), m["classes"], m["metrics"]["data/source_blocks"])
+    assert outputs["many blocks"][3] > 5 and outputs["parquet"][3] >= 4  # really cut into blocks
+    reference = outputs["one block"]
+    assert reference[3] == 1
+    for name, output in outputs.items():
+        assert output[:3] == reference[:3], name
 
 
 def test_max_rows_subsamples_each_split(digits_csv, tmp_path):
