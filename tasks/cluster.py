@@ -7,8 +7,10 @@ import ctypes
 import functools
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from conf.schema import DaskConfig
+from tasks.readers import DataError
 
 
 @contextlib.contextmanager
@@ -63,8 +65,25 @@ def peak_memory_mib() -> float:
     return float("nan")
 
 
-def hands_back_memory(task: Callable) -> Callable:
-    """Run a Dask task, then return its freed memory to the OS.
+@dataclass
+class BadInput:
+    """A DataError met inside a Dask task, returned rather than raised: a raised one makes
+    every worker log a traceback ("Compute Failed") for what is a message about the user's
+    data. `checked` raises it again in the driver."""
+
+    message: str
+
+
+def checked(result):
+    """A task's result, or the DataError it met."""
+    if isinstance(result, BadInput):
+        raise DataError(result.message)
+    return result
+
+
+def data_task(task: Callable) -> Callable:
+    """How our data tasks run on Dask workers: bad input comes back as `BadInput`, and freed
+    memory goes back to the OS when the task ends.
 
     pandas and Arrow free a block's buffers, but glibc and Arrow's allocator keep the pages;
     Dask counts them against the worker's memory limit, pauses a worker at 80% and restarts
@@ -76,6 +95,8 @@ def hands_back_memory(task: Callable) -> Callable:
     def run(*args, **kwargs):
         try:
             return task(*args, **kwargs)
+        except DataError as exc:
+            return BadInput(str(exc))
         finally:  # no gc.collect(): it cost 35 ms a task here, and a block's frames hold no cycles
             with contextlib.suppress(ImportError):
                 import pyarrow

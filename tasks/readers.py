@@ -166,7 +166,8 @@ def preflight(cfg: DataConfig) -> str:
         try:
             columns = pq.read_schema(path, filesystem=fs).names if fmt == "parquet" else csv_header(fs, path)
         except Exception as exc:
-            raise DataError(f"{path}: cannot read as {fmt} ({type(exc).__name__}: {exc})") from None
+            raise DataError(f"{path}: cannot read as {fmt} ({type(exc).__name__}: {exc}); is the file complete?"
+                            ) from None
         if columns and cfg.label not in columns:
             raise DataError(
                 f"{path}: label column '{cfg.label}' not found; columns are {columns[:20]}. "

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from conf.schema import DataConfig
-from tasks.cluster import hands_back_memory
+from tasks.cluster import checked, data_task
 from tasks.encoding import MISSING, Encoder, as_text, fit_encoder
 from tasks.readers import CSV_COMPRESSION, DataError, csv_header, filesystem
 from tasks.stage import StageDir
@@ -110,7 +110,7 @@ def _keep(frame, scratch: str, name: str, where: str) -> dict[str, Any]:
     return block
 
 
-@hands_back_memory
+@data_task
 def scan_csv_range(source: str, offset: int, length: int, header: list[str], scratch: str) -> list[dict]:
     """One byte range of an uncompressed CSV, cut at line ends (fsspec's read_block)."""
     import pandas as pd
@@ -126,12 +126,14 @@ def scan_csv_range(source: str, offset: int, length: int, header: list[str], scr
         frame = (pd.read_csv(io.BytesIO(data), header=None, names=header, index_col=False, low_memory=False)
                  if data.strip() else pd.DataFrame(columns=header))
     except Exception as exc:  # pandas raises several types for malformed text
-        raise DataError(f"{where}: cannot parse as CSV ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{where}: cannot parse as CSV ({type(exc).__name__}: {str(exc).strip()}; lines are "
+                        "counted from the start of this byte range). Fix that line, or quote fields that "
+                        "hold the delimiter") from None
     del data
     return [_keep(frame, scratch, f"csv-{offset:015d}", where)]
 
 
-@hands_back_memory
+@data_task
 def scan_csv_stream(source: str, rows_per_block: int, scratch: str) -> list[dict]:
     """A compressed CSV cannot be cut by bytes: one task streams it in blocks of rows."""
     import pandas as pd
@@ -150,7 +152,7 @@ def scan_csv_stream(source: str, rows_per_block: int, scratch: str) -> list[dict
     return blocks or [_keep(pd.DataFrame(columns=csv_header(fs, path)), scratch, "stream-empty", path)]
 
 
-@hands_back_memory
+@data_task
 def scan_parquet(source: str, path: str, row_group: int, rows_per_block: int, scratch: str, name: str
                  ) -> list[dict]:
     import pyarrow.parquet as pq
@@ -200,7 +202,7 @@ def scan(cfg: DataConfig, fmt: str, scratch: str, client) -> list[dict]:
                                              f"pq-{number:05d}-{group:05d}", pure=False))
         if not futures:
             raise DataError(f"{path}: no .parquet files, or only empty ones")
-    blocks = [block for result in client.gather(futures) for block in result]
+    blocks = [block for result in client.gather(futures) for block in checked(result)]
     non_empty = [b for b in blocks if b["rows"]]
     return non_empty or blocks[:1]
 
@@ -353,7 +355,7 @@ def _good_rows(frame, schema: Schema, cfg: DataConfig, first_row: int):
 # ---------------------------------------------------------------- pass 2: profile
 
 
-@hands_back_memory
+@data_task
 def profile_block(block: dict, schema: Schema, cfg: DataConfig, first_row: int, quarantine: str | None) -> dict:
     """Everything the driver needs from one block, in a result of bounded size."""
     frame = read_block(block)
@@ -437,7 +439,7 @@ def plan(blocks: list[dict], schema: Schema, cfg: DataConfig, scratch: str | Non
     lowest = [np.empty(0) for _ in SPLITS]
     bad, missing = [], []
     for future in as_completed(futures):
-        i, r = futures[future], future.result()
+        i, r = futures[future], checked(future.result())
         future.release()
         per_block[i] = {"rows": r["rows"], "quarantine": r["quarantine"], "bad": r["bad"], "missing": r["missing"],
                         "lowest_u": r.get("lowest_u")}
@@ -506,7 +508,7 @@ def plan(blocks: list[dict], schema: Schema, cfg: DataConfig, scratch: str | Non
 # ---------------------------------------------------------------- pass 3: write
 
 
-@hands_back_memory
+@data_task
 def write_block(block: dict, schema: Schema, cfg: DataConfig, first_row: int, encoder_path: str,
                 classes: list[Any], cutoffs: list[float], counts: list[int], offsets: list[int],
                 targets: dict[str, tuple[str, str]]) -> list[int]:
@@ -566,10 +568,10 @@ def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, 
         np.lib.format.open_memmap(y_path, mode="w+", dtype=np.int64, shape=(int(sizes[:, s].sum()),))
         targets[name] = (str(X_path), str(y_path))
     first_rows = np.cumsum([0] + [b["rows"] for b in blocks])[:-1].tolist()
-    written = client.gather([
+    written = [checked(r) for r in client.gather([
         client.submit(write_block, b, schema, cfg, first, str(out.path("encoder.json")), p.classes, p.cutoffs,
                       p.counts[i], offsets[i].tolist(), targets, pure=False)
-        for i, (b, first) in enumerate(zip(blocks, first_rows, strict=True))])
+        for i, (b, first) in enumerate(zip(blocks, first_rows, strict=True))])]
     if np.asarray(written).tolist() != sizes.tolist():  # the two passes must agree row for row
         raise RuntimeError(f"ingest wrote {written} rows per block and split, the profile pass counted {sizes}")
 

@@ -274,3 +274,15 @@ def test_unreadable_parquet(tmp_path):
     path = tmp_path / "x.parquet"
     path.write_bytes(b"PAR1 this is not parquet")
     expect_error(tmp_path, r"x\.parquet: cannot read as parquet", source=str(path))
+
+
+def test_ragged_and_truncated_csv(digits_csv, tmp_path):
+    lines = digits_csv.read_text().splitlines()
+    lines[10] += ",99"  # one field too many
+    (tmp_path / "ragged.csv").write_text("\n".join(lines) + "\n")
+    expect_error(tmp_path / "a", r"ragged\.csv \(bytes 0-\d+\): cannot parse as CSV .*Expected 65 fields",
+                 source=str(tmp_path / "ragged.csv"), label="digit")
+    packed = gzip.compress(digits_csv.read_bytes())
+    (tmp_path / "cut.csv.gz").write_bytes(packed[: len(packed) // 2])
+    expect_error(tmp_path / "b", r"cut\.csv\.gz: cannot read as csv .*complete\?",
+                 source=str(tmp_path / "cut.csv.gz"), label="digit")
