@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from conf.schema import PipelineConfig, load_config
-from tasks import steps, tracking
+from tasks import cluster, steps, tracking
 
 HEADLINE = {  # parent-run metric → (stage, manifest metric)
     "test/accuracy": ("evaluate", "test/accuracy"),
@@ -69,7 +69,7 @@ def pipeline(
     config = resolve_config(config, config_path, profile, overrides)
     logger.info("config %s (%s)", config.digest(), "given" if config_path is None else config_path)
     experiment_id = tracking.configure(config)
-    with tracking.pipeline_run(config, experiment_id) as parent:
+    with cluster.one_cluster_per_run(), tracking.pipeline_run(config, experiment_id) as parent:
         ingested = steps.ingest_data(config, parent)
         partitions = steps.partition_data(config, parent, ingested.manifest)
         features = steps.reduce_features(config, parent, partitions.manifest)
