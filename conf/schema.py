@@ -50,7 +50,7 @@ class DataConfig(Section):
 
 
 class DaskConfig(Section):
-    address: str | None = None  # None: start a LocalCluster for the stage
+    address: str | None = None  # None: a LocalCluster for the flow run (or the stage, outside a flow)
     n_workers: int = Field(2, ge=1)
     threads_per_worker: int = Field(1, ge=1)
     memory_limit: str = "2GiB"
