@@ -182,7 +182,7 @@ def test_all_missing_column(digits_frame, tmp_path):
 def test_a_stray_string_in_a_number_column_is_a_bad_row(digits_frame, tmp_path):
     frame = digits_frame.copy().astype({"pixel_0_2": object})
     frame.loc[5, "pixel_0_2"] = "n/a?"
-    frame.loc[9, "digit"] = None
+    frame.loc[1500, "digit"] = None
     frame.to_csv(tmp_path / "d.csv", index=False)
     source = str(tmp_path / "d.csv")
     expect_error(tmp_path, r"2 bad row\(s\), first at row 5: column 'pixel_0_2': 'n/a\?' is not a number.*"
@@ -195,6 +195,11 @@ def test_a_stray_string_in_a_number_column_is_a_bad_row(digits_frame, tmp_path):
 
     quarantine = pd.read_csv(kept["quarantine"]["path"])
     assert sorted(quarantine["_reason"]) == ["column 'pixel_0_2': 'n/a?' is not a number", "label missing"]
+    assert list(quarantine["_row"]) == [5, 1500]  # the table's row numbers, header not counted
+    # cut into many blocks, the two bad rows land in different blocks: one file, same rows
+    blocks = ingest(tmp_path / "blocks", source=source, label="digit", on_bad_rows="quarantine", block_mb=0.05)
+    assert blocks.manifest["metrics"]["data/source_blocks"] > 5
+    assert pd.read_csv(blocks.manifest["quarantine"]["path"]).equals(quarantine)
 
 
 def test_categorical_columns_and_fills_are_fitted_on_train_and_reused(digits_frame, tmp_path):
