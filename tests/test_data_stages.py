@@ -174,6 +174,7 @@ def test_a_run_killed_mid_write_leaves_nothing_that_looks_complete(partitioned, 
     assert rows == ingested["splits"]["train"]["rows"]
 
 
+@pytest.mark.slow
 def test_partition_handles_data_several_times_larger_than_worker_memory(tmp_path):
     """1.6 GiB of rows through 2 Dask workers limited to 400 MiB each: every task maps only
     its own row range, so no worker ever holds a split (Dask would kill one that did)."""
@@ -204,6 +205,7 @@ def test_partition_handles_data_several_times_larger_than_worker_memory(tmp_path
     assert max(peaks.values()) < 400, f"worker peaks (MiB): {peaks}"
 
 
+@pytest.mark.slow
 def test_ingest_handles_a_csv_several_times_larger_than_worker_memory(tmp_path):
     """A 1.2 GiB CSV through 2 Dask workers limited to 400 MiB each: every task holds one
     block, the driver only small per-block summaries (Dask would kill a worker that did
