@@ -63,6 +63,8 @@ def manifest(path: Path, rows: int, names: list[str]) -> dict:
 
 
 def run_accelflow(path: Path, out: Path, level: int) -> dict:
+    import pyarrow.parquet  # noqa: F401  imported before the clock starts, as for the pyarrow writer
+
     from conf.schema import DaskConfig, PartitionConfig
     from tasks.cluster import dask_client, peak_memory_mib
     from tasks.partition import partition_dataset
