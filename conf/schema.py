@@ -60,7 +60,7 @@ class PartitionConfig(Section):
     codec: Literal["auto", "zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
     compression_level: int = Field(3, ge=1, le=22, description="zstd 1-22, gzip 1-9; others have none")
     target_partition_mb: float = Field(32.0, gt=0)
-    row_group_mb: float = Field(8.0, gt=0)
+    row_group_mb: float = Field(64.0, gt=0, description="capped by the file size; large groups let dictionaries pay")
     sample_mb: float = Field(4.0, gt=0, description="training rows the codec report measures")
     storage_dtype: Literal["native", "float16"] = "native"  # float16: lossy, halves float columns
 
