@@ -291,3 +291,12 @@ def test_ragged_and_truncated_csv(digits_csv, tmp_path):
     (tmp_path / "cut.csv.gz").write_bytes(packed[: len(packed) // 2])
     expect_error(tmp_path / "b", r"cut\.csv\.gz: cannot read as csv .*complete\?",
                  source=str(tmp_path / "cut.csv.gz"), label="digit")
+
+
+def test_parquet_parts_with_different_columns(digits_frame, tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    digits_frame.iloc[:900].to_parquet(folder / "part-0.parquet")
+    digits_frame.iloc[900:].drop(columns="pixel_0_0").to_parquet(folder / "part-1.parquet")
+    expect_error(tmp_path, r"part-1\.parquet \(row group 0\): columns .* differ from the first part's",
+                 source=str(folder), label="digit")
