@@ -170,13 +170,12 @@ def scan_parquet(source: str, path: str, row_group: int, rows_per_block: int, sc
     return blocks
 
 
-def scan(cfg: DataConfig, fmt: str, scratch: str, client) -> list[dict]:
+def scan(cfg: DataConfig, fmt: str, scratch: str, client, block_bytes: int) -> list[dict]:
     """Pass 1 on the cluster; returns the non-empty blocks in source order (and one empty
     block for an empty source, so its columns are still known)."""
     import pyarrow.parquet as pq
 
     fs, path = filesystem(cfg.source)
-    block_bytes = block_size(cfg.block_mb, client)
     if fmt == "csv" and Path(path).suffix not in CSV_COMPRESSION:
         header = csv_header(fs, path)
         size = fs.size(path)
@@ -203,8 +202,11 @@ def scan(cfg: DataConfig, fmt: str, scratch: str, client) -> list[dict]:
         if not futures:
             raise DataError(f"{path}: no .parquet files, or only empty ones")
     blocks = [block for result in client.gather(futures) for block in checked(result)]
-    non_empty = [b for b in blocks if b["rows"]]
-    return non_empty or blocks[:1]
+    blocks = [b for b in blocks if b["rows"]] or blocks[:1]
+    first_row = 0
+    for block in blocks:  # rows are numbered across the whole table, as the user counts them
+        block["first_row"], first_row = first_row, first_row + block["rows"]
+    return blocks
 
 
 def block_size(block_mb: float, client) -> int:
@@ -356,10 +358,10 @@ def _good_rows(frame, schema: Schema, cfg: DataConfig, first_row: int):
 
 
 @data_task
-def profile_block(block: dict, schema: Schema, cfg: DataConfig, first_row: int, quarantine: str | None) -> dict:
+def profile_block(block: dict, schema: Schema, cfg: DataConfig, quarantine: str | None) -> dict:
     """Everything the driver needs from one block, in a result of bounded size."""
     frame = read_block(block)
-    features, labels, bad, reasons, u, split = _good_rows(frame, schema, cfg, first_row)
+    features, labels, bad, reasons, u, split = _good_rows(frame, schema, cfg, block["first_row"])
     result: dict[str, Any] = {"rows": [int((split == s).sum()) for s in range(3)], "bad": int(bad.sum()),
                               "first_bad": None, "quarantine": None}
     if reasons:
@@ -426,10 +428,9 @@ def plan(blocks: list[dict], schema: Schema, cfg: DataConfig, scratch: str | Non
     at a time."""
     from dask.distributed import as_completed
 
-    first_rows = np.cumsum([0] + [b["rows"] for b in blocks])[:-1].tolist()
-    futures = {client.submit(profile_block, b, schema, cfg, first,
-                             f"{scratch}/quarantine-{i:06d}.csv" if scratch else None, pure=False): i
-               for i, (b, first) in enumerate(zip(blocks, first_rows, strict=True))}
+    futures = {client.submit(profile_block, b, schema, cfg, f"{scratch}/quarantine-{i:06d}.csv" if scratch else None,
+                             pure=False): i
+               for i, b in enumerate(blocks)}
     per_block: dict[int, dict] = {}
     labels = [Counter() for _ in SPLITS]
     categories = {c: Counter() for c in schema.categorical}
@@ -509,11 +510,11 @@ def plan(blocks: list[dict], schema: Schema, cfg: DataConfig, scratch: str | Non
 
 
 @data_task
-def write_block(block: dict, schema: Schema, cfg: DataConfig, first_row: int, encoder_path: str,
+def write_block(block: dict, schema: Schema, cfg: DataConfig, encoder_path: str,
                 classes: list[Any], cutoffs: list[float], counts: list[int], offsets: list[int],
                 targets: dict[str, tuple[str, str]]) -> list[int]:
     """Encode one block and write its rows of each split into that split's arrays."""
-    features, labels, _, _, u, split = _good_rows(read_block(block), schema, cfg, first_row)
+    features, labels, _, _, u, split = _good_rows(read_block(block), schema, cfg, block["first_row"])
     encoder = Encoder.load(encoder_path)
     lookup = {c: i for i, c in enumerate(classes)}
     written = []
@@ -545,7 +546,8 @@ def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, 
     scratch = out.path("scratch")
     scratch.mkdir()
     seconds = {"scan": time.perf_counter()}
-    blocks = scan(cfg, fmt, str(scratch), client)
+    block_bytes = block_size(cfg.block_mb, client)
+    blocks = scan(cfg, fmt, str(scratch), client, block_bytes)
     schema = decide_schema(blocks, cfg)
     seconds["profile"] = time.perf_counter()
     keep_rejected = cfg.on_bad_rows == "quarantine"
@@ -567,11 +569,10 @@ def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, 
         np.lib.format.open_memmap(X_path, mode="w+", dtype=np.float32, shape=(int(sizes[:, s].sum()), width))
         np.lib.format.open_memmap(y_path, mode="w+", dtype=np.int64, shape=(int(sizes[:, s].sum()),))
         targets[name] = (str(X_path), str(y_path))
-    first_rows = np.cumsum([0] + [b["rows"] for b in blocks])[:-1].tolist()
     written = [checked(r) for r in client.gather([
-        client.submit(write_block, b, schema, cfg, first, str(out.path("encoder.json")), p.classes, p.cutoffs,
+        client.submit(write_block, b, schema, cfg, str(out.path("encoder.json")), p.classes, p.cutoffs,
                       p.counts[i], offsets[i].tolist(), targets, pure=False)
-        for i, (b, first) in enumerate(zip(blocks, first_rows, strict=True))])]
+        for i, b in enumerate(blocks)])]
     if np.asarray(written).tolist() != sizes.tolist():  # the two passes must agree row for row
         raise RuntimeError(f"ingest wrote {written} rows per block and split, the profile pass counted {sizes}")
 
@@ -591,7 +592,7 @@ def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, 
     marks = list(seconds.values())
     return {
         "seconds": {name: round(end - start, 3) for name, start, end in zip(seconds, marks, marks[1:], strict=False)},
-        "block_mb": round(block_size(cfg.block_mb, client) / 2**20, 1),
+        "block_mb": round(block_bytes / 2**20, 1),
         "classes": p.classes,
         "feature_names": p.encoder.feature_names,
         "raw_columns": schema.columns,
