@@ -85,7 +85,9 @@ def as_text(values):
         text = pd.Series(None, index=values.index, dtype=object)
         text[whole] = values[whole].astype(np.int64).astype(str)
         text[present & ~whole] = values[present & ~whole].astype(str)
-        return text
+        return text.where(present, None)  # None, as every other branch: row hashes must agree
+    if pd.api.types.is_integer_dtype(values) or pd.api.types.is_bool_dtype(values):
+        return values.astype(str).astype(object).where(present, None)  # vectorised; e.g. zip codes
     return values.astype(object).where(present, None).map(lambda v: v if v is None else str(v))
 
 

@@ -199,12 +199,10 @@ def check_source(cfg: DataConfig, dask: DaskConfig | None = None) -> str:
         import tempfile
 
         from tasks.cluster import dask_client
-        from tasks.tables import block_size, decide_schema, plan, scan
+        from tasks.tables import survey
 
         with tempfile.TemporaryDirectory() as scratch, dask_client(dask or DaskConfig()) as client:
-            blocks = scan(cfg, fmt, scratch, client, block_size(cfg.block_mb, client))
-            schema = decide_schema(blocks, cfg)
-            fixed = plan(blocks, schema, cfg, None, client)
+            _, _, fixed, _, _ = survey(cfg, fmt, scratch, client)
         rows = np.asarray(fixed.counts).sum(axis=0).tolist()
         features, notes = len(fixed.encoder.feature_names), [f"{fixed.rejected} bad row(s)", *fixed.warnings]
     else:

@@ -537,6 +537,20 @@ def write_block(block: dict, schema: Schema, cfg: DataConfig, encoder_path: str,
 # ---------------------------------------------------------------- the whole table
 
 
+def survey(cfg: DataConfig, fmt: str, scratch: str, client, keep_rejected: bool = False):
+    """Passes 1 and 2: every check ingest makes, and the plan for writing. `accelflow
+    validate` stops here. Returns (blocks, schema, plan, block bytes, start times)."""
+    import time
+
+    seconds = {"scan": time.perf_counter()}
+    block_bytes = block_size(cfg.block_mb, client)
+    blocks = scan(cfg, fmt, scratch, client, block_bytes)
+    schema = decide_schema(blocks, cfg)
+    seconds["profile"] = time.perf_counter()
+    fixed = plan(blocks, schema, cfg, scratch if keep_rejected else None, client)
+    return blocks, schema, fixed, block_bytes, seconds
+
+
 def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, Any]:
     """Scan, profile, write; returns what the ingest manifest needs."""
     import time
@@ -545,13 +559,8 @@ def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, 
 
     scratch = out.path("scratch")
     scratch.mkdir()
-    seconds = {"scan": time.perf_counter()}
-    block_bytes = block_size(cfg.block_mb, client)
-    blocks = scan(cfg, fmt, str(scratch), client, block_bytes)
-    schema = decide_schema(blocks, cfg)
-    seconds["profile"] = time.perf_counter()
-    keep_rejected = cfg.on_bad_rows == "quarantine"
-    p = plan(blocks, schema, cfg, str(scratch) if keep_rejected else None, client)
+    blocks, schema, p, block_bytes, seconds = survey(cfg, fmt, str(scratch), client,
+                                                     cfg.on_bad_rows == "quarantine")
     seconds["write"] = time.perf_counter()
     p.encoder.save(out.path("encoder.json"))
     sizes = np.array(p.counts, dtype=np.int64).reshape(len(blocks), 3)

@@ -300,3 +300,18 @@ def test_parquet_parts_with_different_columns(digits_frame, tmp_path):
     digits_frame.iloc[900:].drop(columns="pixel_0_0").to_parquet(folder / "part-1.parquet")
     expect_error(tmp_path, r"part-1\.parquet \(row group 0\): columns .* differ from the first part's",
                  source=str(folder), label="digit")
+
+
+def test_a_code_column_reads_the_same_whatever_type_a_block_gave_it():
+    """One block of a CSV may read a code column as floats (it has a gap), another as text:
+    both must give the same categories and the same row hashes, or the split would depend
+    on where blocks begin."""
+    import pandas as pd
+
+    from tasks.encoding import as_text
+    from tasks.tables import row_uniforms
+
+    as_floats = as_text(pd.Series([12.0, None, 2.5]))
+    as_strings = as_text(pd.Series(["12", None, "2.5"], dtype=object))
+    assert as_floats.tolist() == as_strings.tolist() == ["12", None, "2.5"]
+    assert (row_uniforms(as_floats.to_frame("c"), 0) == row_uniforms(as_strings.to_frame("c"), 0)).all()
