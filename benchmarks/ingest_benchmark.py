@@ -25,9 +25,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CATEGORIES = {"region": ["north", "south", "east", "west", "centre"],
-              "channel": ["web", "store", "phone", "partner"],
-              "plan": [f"plan-{i:02d}" for i in range(40)]}  # 40 values: integer codes, not one-hot
+CATEGORIES = {
+    "region": ["north", "south", "east", "west", "centre"],
+    "channel": ["web", "store", "phone", "partner"],
+    "plan": [f"plan-{i:02d}" for i in range(40)],
+}  # 40 values: integer codes, not one-hot
 
 
 def write_csv(path: Path, rows: int, seed: int = 0, chunk: int = 200_000) -> int:
@@ -46,7 +48,9 @@ def write_csv(path: Path, rows: int, seed: int = 0, chunk: int = 200_000) -> int
             measures = np.round(rng.normal(0, 1, (n, 8)), 3)
             counts = rng.poisson(3, (n, 4))
             for i in range(8):
-                columns[f"price_{i}"] = pa.array(prices[:, i], mask=rng.random(n) < 0.002)  # some missing
+                columns[f"price_{i}"] = pa.array(
+                    prices[:, i], mask=rng.random(n) < 0.002
+                )  # some missing
                 columns[f"measure_{i}"] = pa.array(measures[:, i])
             for i in range(3):
                 columns[f"count_{i}"] = pa.array(counts[:, i])
@@ -76,15 +80,26 @@ def run_accelflow(source: Path, work: Path, worker_memory: str, block_mb: float)
     with dask_client(DaskConfig(n_workers=2, memory_limit=worker_memory)) as client:
         workers = set(client.scheduler_info()["workers"])
         start = time.perf_counter()
-        manifest = run_stage(work, "ingest", "bench", cfg.model_dump(mode="json"), [],
-                             lambda out: ingest_dataset(cfg, out, client)).manifest
+        manifest = run_stage(
+            work,
+            "ingest",
+            "bench",
+            cfg.model_dump(mode="json"),
+            [],
+            lambda out: ingest_dataset(cfg, out, client),
+        ).manifest
         seconds = time.perf_counter() - start
         peaks = client.run(peak_memory_mib)
         restarted = set(client.scheduler_info()["workers"]) != workers
-    return {"seconds": seconds, "rows": {k: v["rows"] for k, v in manifest["splits"].items()},
-            "blocks": manifest["metrics"]["data/source_blocks"], "rejected": manifest["metrics"]["data/rejected_rows"],
-            "worker_peak_mib": max(peaks.values()), "workers_restarted": restarted,
-            "driver_peak_mib": peak_memory_mib()}
+    return {
+        "seconds": seconds,
+        "rows": {k: v["rows"] for k, v in manifest["splits"].items()},
+        "blocks": manifest["metrics"]["data/source_blocks"],
+        "rejected": manifest["metrics"]["data/rejected_rows"],
+        "worker_peak_mib": max(peaks.values()),
+        "workers_restarted": restarted,
+        "driver_peak_mib": peak_memory_mib(),
+    }
 
 
 def run_pandas(source: Path) -> dict:
@@ -94,12 +109,18 @@ def run_pandas(source: Path) -> dict:
 
     start = time.perf_counter()
     frame = pd.read_csv(source)
-    return {"seconds": time.perf_counter() - start, "rows": len(frame), "peak_mib": peak_memory_mib()}
+    return {
+        "seconds": time.perf_counter() - start,
+        "rows": len(frame),
+        "peak_mib": peak_memory_mib(),
+    }
 
 
 def in_subprocess(*args: str) -> dict:
     """Each contender in a fresh process, so peak memory is its own."""
-    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, __file__, *args], capture_output=True, text=True, check=False
+    )
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -120,7 +141,11 @@ def main() -> None:
         print(json.dumps({"rows": rows, "bytes": write_csv(Path(args.source), rows)}))
         return
     if args.variant == "accelflow":
-        print(json.dumps(run_accelflow(Path(args.source), Path(args.work), args.worker_memory, args.block_mb)))
+        print(
+            json.dumps(
+                run_accelflow(Path(args.source), Path(args.work), args.worker_memory, args.block_mb)
+            )
+        )
         return
     if args.variant == "pandas":
         print(json.dumps(run_pandas(Path(args.source))))
@@ -131,24 +156,45 @@ def main() -> None:
         start = time.perf_counter()
         rows = int(args.gb * 2**30 / 134)  # ~134 bytes per row
         size = write_csv(source, rows)
-        print(f"generated {size / 2**30:.2f} GiB CSV ({rows:,} rows x 24 columns + label) "
-              f"in {time.perf_counter() - start:.0f} s")
-        ours = in_subprocess("--variant", "accelflow", "--source", str(source), "--work", f"{tmp}/work",
-                             "--worker-memory", args.worker_memory, "--block-mb", str(args.block_mb))
+        print(
+            f"generated {size / 2**30:.2f} GiB CSV ({rows:,} rows x 24 columns + label) "
+            f"in {time.perf_counter() - start:.0f} s"
+        )
+        ours = in_subprocess(
+            "--variant",
+            "accelflow",
+            "--source",
+            str(source),
+            "--work",
+            f"{tmp}/work",
+            "--worker-memory",
+            args.worker_memory,
+            "--block-mb",
+            str(args.block_mb),
+        )
         whole = in_subprocess("--variant", "pandas", "--source", str(source))
 
     mb = size / 2**20
-    result = {"csv_mib": round(mb, 1), "rows": rows, "worker_memory": args.worker_memory, "block_mb": args.block_mb,
-              "accelflow": {**ours, "mb_s": mb / ours["seconds"]},
-              "pandas_read_csv": {**whole, "mb_s": mb / whole["seconds"]}}
+    result = {
+        "csv_mib": round(mb, 1),
+        "rows": rows,
+        "worker_memory": args.worker_memory,
+        "block_mb": args.block_mb,
+        "accelflow": {**ours, "mb_s": mb / ours["seconds"]},
+        "pandas_read_csv": {**whole, "mb_s": mb / whole["seconds"]},
+    }
     a, p = result["accelflow"], result["pandas_read_csv"]
     print(f"\n| reader ({mb:,.0f} MiB CSV) | seconds | MB/s | peak MiB | note |")
     print("|---|---|---|---|---|")
-    print(f"| accelflow ingest (2 workers x {args.worker_memory}) | {a['seconds']:.1f} | {a['mb_s']:.0f} | "
-          f"{a['worker_peak_mib']:.0f} per worker, {a['driver_peak_mib']:.0f} driver | "
-          f"{a['blocks']} blocks, split + encoded + written; workers restarted: {a['workers_restarted']} |")
-    print(f"| pandas.read_csv, one process | {p['seconds']:.1f} | {p['mb_s']:.0f} | {p['peak_mib']:.0f} | "
-          "parse only |")
+    print(
+        f"| accelflow ingest (2 workers x {args.worker_memory}) | {a['seconds']:.1f} | {a['mb_s']:.0f} | "
+        f"{a['worker_peak_mib']:.0f} per worker, {a['driver_peak_mib']:.0f} driver | "
+        f"{a['blocks']} blocks, split + encoded + written; workers restarted: {a['workers_restarted']} |"
+    )
+    print(
+        f"| pandas.read_csv, one process | {p['seconds']:.1f} | {p['mb_s']:.0f} | {p['peak_mib']:.0f} | "
+        "parse only |"
+    )
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
     (out / "ingest.json").write_text(json.dumps(result, indent=1))

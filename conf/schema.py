@@ -41,7 +41,9 @@ class DataConfig(Section):
     seed: int = 0
     max_rows: int | None = Field(None, ge=10, description="deterministic subsample per split")
     missing: Literal["fill", "error"] = "fill"  # fill: training median / a <missing> category
-    on_bad_rows: Literal["error", "drop", "quarantine"] = "error"  # label missing, a stray string in a number column
+    on_bad_rows: Literal["error", "drop", "quarantine"] = (
+        "error"  # label missing, a stray string in a number column
+    )
     max_onehot: int = Field(16, ge=1, description="categoricals with more values get integer codes")
     # a declared schema (optional): only these feature columns, with these types; else inferred
     columns: dict[str, Literal["numeric", "categorical"]] | None = None
@@ -50,7 +52,9 @@ class DataConfig(Section):
 
 
 class DaskConfig(Section):
-    address: str | None = None  # None: a LocalCluster for the flow run (or the stage, outside a flow)
+    address: str | None = (
+        None  # None: a LocalCluster for the flow run (or the stage, outside a flow)
+    )
     n_workers: int = Field(2, ge=1)
     threads_per_worker: int = Field(1, ge=1)
     memory_limit: str = "2GiB"
@@ -58,9 +62,13 @@ class DaskConfig(Section):
 
 class PartitionConfig(Section):
     codec: Literal["auto", "zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
-    compression_level: int = Field(3, ge=1, le=22, description="zstd 1-22, gzip 1-9; others have none")
+    compression_level: int = Field(
+        3, ge=1, le=22, description="zstd 1-22, gzip 1-9; others have none"
+    )
     target_partition_mb: float = Field(32.0, gt=0)
-    row_group_mb: float = Field(64.0, gt=0, description="capped by the file size; large groups let dictionaries pay")
+    row_group_mb: float = Field(
+        64.0, gt=0, description="capped by the file size; large groups let dictionaries pay"
+    )
     sample_mb: float = Field(4.0, gt=0, description="training rows the codec report measures")
     storage_dtype: Literal["native", "float16"] = "native"  # float16: lossy, halves float columns
 
@@ -97,7 +105,9 @@ class TrainConfig(Section):
     batch_size: int = Field(256, ge=1)
     world_size: int | Literal["auto"] = "auto"  # per node; auto: one process per GPU, else 2 on CPU
     nnodes: int = Field(1, ge=1, description="nodes in the torchrun rendezvous")
-    rdzv_endpoint: str | None = Field(None, description="host:port of the c10d rendezvous (nnodes > 1)")
+    rdzv_endpoint: str | None = Field(
+        None, description="host:port of the c10d rendezvous (nnodes > 1)"
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
     seed: int = 0
@@ -112,7 +122,9 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _rendezvous_for_many_nodes(self) -> TrainConfig:
         if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError("train.nnodes > 1 needs train.rdzv_endpoint (host:port reachable from every node)")
+            raise ValueError(
+                "train.nnodes > 1 needs train.rdzv_endpoint (host:port reachable from every node)"
+            )
         return self
 
     @field_validator("world_size")
@@ -223,8 +235,10 @@ def expand_env(node: Any, key: str = "") -> Any:
         if name in os.environ:
             return os.environ[name]
         if default is None:
-            raise ConfigError(f"'{key.rstrip('.')}' needs environment variable {name}; set it or give "
-                              f"a default as ${{{name}:-value}}")
+            raise ConfigError(
+                f"'{key.rstrip('.')}' needs environment variable {name}; set it or give "
+                f"a default as ${{{name}:-value}}"
+            )
         return default
 
     expanded = ENV_REFERENCE.sub(substitute, node)
@@ -239,14 +253,20 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(tree, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(tree).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections, not {type(tree).__name__}"
+        )
     return tree
 
 
 def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in overlay.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
     return out
 
 

@@ -31,13 +31,28 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="accelflow", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("run", "run the whole pipeline"), ("validate", "check config and data only")):
+    for name, text in (
+        ("run", "run the whole pipeline"),
+        ("validate", "check config and data only"),
+    ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("-c", "--config", default=None, help="YAML config (default: conf/pipeline.yaml)")
-        p.add_argument("-p", "--profile", default=None,
-                       help="overlay from conf/profiles (serve, cluster, gpu) or a YAML path")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+        p.add_argument(
+            "-c", "--config", default=None, help="YAML config (default: conf/pipeline.yaml)"
+        )
+        p.add_argument(
+            "-p",
+            "--profile",
+            default=None,
+            help="overlay from conf/profiles (serve, cluster, gpu) or a YAML path",
+        )
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set train.epochs=3 (repeatable)",
+        )
     return parser.parse_args(argv)
 
 
@@ -54,10 +69,14 @@ def print_summary(result: dict, tracking_uri: str, seconds: float) -> None:
     for r in rows:
         print(f" {r['stage']:<10} | {r['status']:<6} | {r['seconds']:>7.1f} | {r['figure']}")
     p = result["promotion"]
-    print(f"\nTotal {seconds:.1f} s. Registered {p['model_name']} v{p['version']} as '{p['alias']}' ({p['why']}).")
+    print(
+        f"\nTotal {seconds:.1f} s. Registered {p['model_name']} v{p['version']} as '{p['alias']}' ({p['why']})."
+    )
     print("Review it in the MLflow UI:")
     print(f"  mlflow ui --backend-store-uri {tracking_uri} --port 5000")
-    print(f"  http://127.0.0.1:5000/#/experiments/{result['experiment_id']}/runs/{result['parent_run_id']}")
+    print(
+        f"  http://127.0.0.1:5000/#/experiments/{result['experiment_id']}/runs/{result['parent_run_id']}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"accelflow: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("accelflow: interrupted; completed stages are kept and the next run reuses them", file=sys.stderr)
+        print(
+            "accelflow: interrupted; completed stages are kept and the next run reuses them",
+            file=sys.stderr,
+        )
         return 130
 
 

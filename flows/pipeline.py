@@ -35,18 +35,25 @@ KEY_FIGURE = {
 
 
 def resolve_config(
-    config: PipelineConfig | dict | None, config_path: str | None, profile: str | None, overrides: list[str] | None
+    config: PipelineConfig | dict | None,
+    config_path: str | None,
+    profile: str | None,
+    overrides: list[str] | None,
 ) -> PipelineConfig:
     """A validated config given directly (CLI, tests) or by path + profile + overrides (deployments)."""
     if config is not None:
-        return config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
+        return (
+            config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
+        )
     return load_config(config_path, overrides, profile)
 
 
 def run_name() -> str:
     p = flow_run.parameters
     try:
-        digest = resolve_config(p.get("config"), p.get("config_path"), p.get("profile"), p.get("overrides")).digest()
+        digest = resolve_config(
+            p.get("config"), p.get("config_path"), p.get("profile"), p.get("overrides")
+        ).digest()
     except Exception:  # a bad config fails the run itself with a clear message; name it plainly
         digest = "invalid-config"
     return f"accelflow-{digest[:8]}"
@@ -75,24 +82,53 @@ def pipeline(
         features = steps.reduce_features(config, parent, partitions.manifest)
         trained = steps.train_network(config, parent, features.manifest)
         pruned = steps.prune_network(config, parent, features.manifest, trained.manifest)
-        evaluated = steps.evaluate_and_register(config, parent, partitions.manifest, features.manifest,
-                                                trained.manifest, pruned.manifest)
-        outcomes = {"ingest": ingested, "partition": partitions, "reduce": features,
-                    "train": trained, "prune": pruned, "evaluate": evaluated}
+        evaluated = steps.evaluate_and_register(
+            config,
+            parent,
+            partitions.manifest,
+            features.manifest,
+            trained.manifest,
+            pruned.manifest,
+        )
+        outcomes = {
+            "ingest": ingested,
+            "partition": partitions,
+            "reduce": features,
+            "train": trained,
+            "prune": pruned,
+            "evaluate": evaluated,
+        }
         headline = {k: outcomes[s].manifest["metrics"][m] for k, (s, m) in HEADLINE.items()}
         import mlflow
 
         mlflow.log_metrics(headline)
         promotion = evaluated.manifest["promotion"]
-        mlflow.set_tags({"accelflow.registered_version": promotion["version"], "accelflow.alias": promotion["alias"]})
+        mlflow.set_tags(
+            {
+                "accelflow.registered_version": promotion["version"],
+                "accelflow.alias": promotion["alias"],
+            }
+        )
     rows = []
     for stage, outcome in outcomes.items():
         status = "cached" if outcome.cached else "ran"
         logger.info("%s: %s (%s)", stage, status, outcome.reason)
-        rows.append({"stage": stage, "status": status, "seconds": round(outcome.seconds, 1),
-                     "figure": KEY_FIGURE[stage](outcome.manifest), "reason": outcome.reason})
-    return {"parent_run_id": parent, "experiment_id": experiment_id, "stages": rows,
-            "headline": headline, "promotion": promotion}
+        rows.append(
+            {
+                "stage": stage,
+                "status": status,
+                "seconds": round(outcome.seconds, 1),
+                "figure": KEY_FIGURE[stage](outcome.manifest),
+                "reason": outcome.reason,
+            }
+        )
+    return {
+        "parent_run_id": parent,
+        "experiment_id": experiment_id,
+        "stages": rows,
+        "headline": headline,
+        "promotion": promotion,
+    }
 
 
 if __name__ == "__main__":

@@ -75,21 +75,38 @@ def _answers(url: str) -> bool:
         return False
 
 
-def start(name: str, argv: list[str], state: Path, env: dict[str, str] | None = None,
-          health: str | None = None, timeout: float = 120, cwd: Path = PROJECT) -> Running:
+def start(
+    name: str,
+    argv: list[str],
+    state: Path,
+    env: dict[str, str] | None = None,
+    health: str | None = None,
+    timeout: float = 120,
+    cwd: Path = PROJECT,
+) -> Running:
     """Start a process in its own session (so `stop` can end its whole group) and wait for it."""
     state.mkdir(parents=True, exist_ok=True)
     log = state / f"{name}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **QUIET, **(env or {})}, cwd=cwd)
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **QUIET, **(env or {})},
+            cwd=cwd,
+        )
     deadline = time.monotonic() + timeout
     while health and not _answers(health):
         if proc.poll() is not None:
-            raise ServiceError(f"{name} exited with {proc.returncode} while starting:\n{_log_tail(str(log))}")
+            raise ServiceError(
+                f"{name} exited with {proc.returncode} while starting:\n{_log_tail(str(log))}"
+            )
         if time.monotonic() > deadline:
             stop(Running(name, proc.pid, str(log)))
-            raise ServiceError(f"{name} did not answer at {health} within {timeout:.0f} s:\n{_log_tail(str(log))}")
+            raise ServiceError(
+                f"{name} did not answer at {health} within {timeout:.0f} s:\n{_log_tail(str(log))}"
+            )
         time.sleep(0.5)
     if proc.poll() is not None:
         raise ServiceError(f"{name} exited with {proc.returncode}:\n{_log_tail(str(log))}")
@@ -139,12 +156,26 @@ def prefect_server(state: Path, port: int, database_url: str | None = None) -> R
 
 def mlflow_server(state: Path, port: int, backend_uri: str | None = None) -> Running:
     backend_uri = backend_uri or f"sqlite:///{state / 'mlflow.db'}"
-    argv = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", backend_uri, "--artifacts-destination", str(state / "mlartifacts")]
+    argv = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        backend_uri,
+        "--artifacts-destination",
+        str(state / "mlartifacts"),
+    ]
     return start("mlflow-server", argv, state, health=f"http://127.0.0.1:{port}/health")
 
 
-def prefect_worker(state: Path, api_url: str, pool: str, env: dict[str, str] | None = None) -> Running:
+def prefect_worker(
+    state: Path, api_url: str, pool: str, env: dict[str, str] | None = None
+) -> Running:
     argv = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name", f"{pool}-local"]
     running = start(f"worker-{pool}", argv, state, {"PREFECT_API_URL": api_url, **(env or {})})
     time.sleep(2)  # it exits at once on a bad pool or API URL: catch that here
@@ -154,23 +185,50 @@ def prefect_worker(state: Path, api_url: str, pool: str, env: dict[str, str] | N
 
 
 def dask_scheduler(state: Path, port: int) -> Running:
-    argv = [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]
+    argv = [
+        str(BIN / "dask"),
+        "scheduler",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-dashboard",
+    ]
     return start("dask-scheduler", argv, state, health=f"tcp://127.0.0.1:{port}")
 
 
 def dask_workers(state: Path, address: str, n: int = 2, memory_limit: str = "1GiB") -> Running:
-    argv = [str(BIN / "dask"), "worker", address, "--nworkers", str(n), "--nthreads", "1",
-            "--memory-limit", memory_limit, "--no-dashboard"]
+    argv = [
+        str(BIN / "dask"),
+        "worker",
+        address,
+        "--nworkers",
+        str(n),
+        "--nthreads",
+        "1",
+        "--memory-limit",
+        memory_limit,
+        "--no-dashboard",
+    ]
     return start("dask-workers", argv, state)
 
 
-def prefect_cli(args: list[str], api_url: str, env: dict[str, str] | None = None, timeout: float = 300
-                ) -> subprocess.CompletedProcess:
+def prefect_cli(
+    args: list[str], api_url: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run the `prefect` CLI against a server; raise with its output if it fails."""
-    out = subprocess.run([str(BIN / "prefect"), *args], capture_output=True, text=True, timeout=timeout,
-                         cwd=PROJECT, env={**os.environ, **QUIET, "PREFECT_API_URL": api_url, **(env or {})})
+    out = subprocess.run(
+        [str(BIN / "prefect"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=PROJECT,
+        env={**os.environ, **QUIET, "PREFECT_API_URL": api_url, **(env or {})},
+    )
     if out.returncode != 0:
-        raise ServiceError(f"prefect {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+        raise ServiceError(
+            f"prefect {' '.join(args)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}"
+        )
     return out
 
 
@@ -179,7 +237,9 @@ def register_deployments(api_url: str) -> None:
     for pool in ("accelflow-cpu", "accelflow-gpu"):
         prefect_cli(["work-pool", "create", pool, "--type", "process", "--overwrite"], api_url)
     prefect_cli(["work-pool", "set-concurrency-limit", "accelflow-gpu", "1"], api_url)
-    prefect_cli(["--no-prompt", "deploy", "--all"], api_url, {"ACCELFLOW_PROJECT_DIR": str(PROJECT)})
+    prefect_cli(
+        ["--no-prompt", "deploy", "--all"], api_url, {"ACCELFLOW_PROJECT_DIR": str(PROJECT)}
+    )
 
 
 def alive(pid: int) -> bool:
@@ -198,9 +258,14 @@ def serve(state: Path, prefect_port: int, mlflow_port: int) -> list[Running]:
     try:
         started.append(prefect_server(state, prefect_port))
         started.append(mlflow_server(state, mlflow_port))
-        api_url, tracking = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
+        api_url, tracking = (
+            f"http://127.0.0.1:{prefect_port}/api",
+            f"http://127.0.0.1:{mlflow_port}",
+        )
         register_deployments(api_url)
-        started.append(prefect_worker(state, api_url, "accelflow-cpu", {"MLFLOW_TRACKING_URI": tracking}))
+        started.append(
+            prefect_worker(state, api_url, "accelflow-cpu", {"MLFLOW_TRACKING_URI": tracking})
+        )
     except BaseException:
         for service in reversed(started):
             stop(service)
@@ -209,11 +274,17 @@ def serve(state: Path, prefect_port: int, mlflow_port: int) -> list[Running]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.serve", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("command", choices=["start", "stop", "status"])
     parser.add_argument("--state-dir", default=str(PROJECT / ".accelflow" / "serve"))
-    parser.add_argument("--prefect-port", type=int, default=int(os.environ.get("ACCELFLOW_PREFECT_PORT", 4200)))
-    parser.add_argument("--mlflow-port", type=int, default=int(os.environ.get("ACCELFLOW_MLFLOW_PORT", 5000)))
+    parser.add_argument(
+        "--prefect-port", type=int, default=int(os.environ.get("ACCELFLOW_PREFECT_PORT", 4200))
+    )
+    parser.add_argument(
+        "--mlflow-port", type=int, default=int(os.environ.get("ACCELFLOW_MLFLOW_PORT", 5000))
+    )
     args = parser.parse_args(argv)
     state = Path(args.state_dir)
     record = state / "services.json"
@@ -250,7 +321,7 @@ Deployments  accelflow/nightly (02:00 UTC), accelflow/adhoc, accelflow/cluster (
 
 Trigger a run and follow it:
   export PREFECT_API_URL={api}
-  {BIN / 'prefect'} deployment run 'accelflow/adhoc' --param overrides='["train.epochs=3"]' --watch
+  {BIN / "prefect"} deployment run 'accelflow/adhoc' --param overrides='["train.epochs=3"]' --watch
 
 Logs in {state}; stop everything with: make stop""")
     return 0

@@ -45,7 +45,9 @@ class Encoder:
 
         missing = [c for c in self.raw_columns if c not in frame.columns]
         if missing:
-            raise ValueError(f"input is missing column(s) {missing[:10]}; send the raw columns the model was trained on")
+            raise ValueError(
+                f"input is missing column(s) {missing[:10]}; send the raw columns the model was trained on"
+            )
         parts = []
         for column in self.numeric:
             values = pd.to_numeric(frame[column], errors="coerce").astype("float64")
@@ -53,7 +55,9 @@ class Encoder:
         for column, vocab in self.categorical.items():
             index = {v: i for i, v in enumerate(vocab)}
             text = as_text(frame[column]).fillna(MISSING)
-            codes = text.map(index).fillna(len(vocab)).to_numpy(dtype=np.int64)  # unseen → last slot
+            codes = (
+                text.map(index).fillna(len(vocab)).to_numpy(dtype=np.int64)
+            )  # unseen → last slot
             if column in self.onehot:
                 parts.append(np.eye(len(vocab) + 1, dtype=np.float32)[codes])
             else:
@@ -91,10 +95,14 @@ def as_text(values):
     return values.astype(object).where(present, None).map(lambda v: v if v is None else str(v))
 
 
-def fit_encoder(fills: dict[str, float], counts: dict[str, dict[str, int]], max_onehot: int) -> Encoder:
+def fit_encoder(
+    fills: dict[str, float], counts: dict[str, dict[str, int]], max_onehot: int
+) -> Encoder:
     """From statistics of the training rows only (no leakage from val/test): the median of
     each numeric column and the value counts of each categorical one."""
     # most frequent first; ties broken by the value itself, so the order is deterministic
-    vocabularies = {column: sorted(c, key=lambda v, c=c: (-c[v], v)) for column, c in counts.items()}
+    vocabularies = {
+        column: sorted(c, key=lambda v, c=c: (-c[v], v)) for column, c in counts.items()
+    }
     onehot = [c for c, vocab in vocabularies.items() if len(vocab) <= max_onehot]
     return Encoder(numeric=list(fills), fills=fills, categorical=vocabularies, onehot=onehot)

@@ -32,7 +32,9 @@ def load_test_split(partitions: Manifest) -> tuple[np.ndarray, np.ndarray]:
     if not files:
         raise ValueError("evaluate: the test split is empty; set data.test_fraction > 0")
     X = np.concatenate([read_features(f, partitions["feature_names"]) for f in files])
-    y = np.concatenate([pq.read_table(f, columns=[partitions["label"]]).column(0).to_numpy() for f in files])
+    y = np.concatenate(
+        [pq.read_table(f, columns=[partitions["label"]]).column(0).to_numpy() for f in files]
+    )
     return X, y
 
 
@@ -62,7 +64,9 @@ def latency_ms(model: torch.nn.Module, Z: torch.Tensor, batch: int, repeats: int
         torch.set_num_threads(threads)
 
 
-def score(predictor: Predictor, X: np.ndarray, y: np.ndarray, cfg: EvaluateConfig) -> dict[str, Any]:
+def score(
+    predictor: Predictor, X: np.ndarray, y: np.ndarray, cfg: EvaluateConfig
+) -> dict[str, Any]:
     from sklearn.metrics import confusion_matrix, f1_score
 
     codes = predictor.predict_codes(X)
@@ -82,7 +86,9 @@ def score(predictor: Predictor, X: np.ndarray, y: np.ndarray, cfg: EvaluateConfi
     }
 
 
-def storage_impact(partitions: Manifest, predictor: Predictor, stored_accuracy: float) -> dict[str, float]:
+def storage_impact(
+    partitions: Manifest, predictor: Predictor, stored_accuracy: float
+) -> dict[str, float]:
     """With lossy storage (float16), the chosen model's accuracy on the full-precision test
     features too, so the cost of the smaller files is a number, not a guess."""
     split = partitions.get("full_precision_test")
@@ -90,7 +96,10 @@ def storage_impact(partitions: Manifest, predictor: Predictor, stored_accuracy: 
         return {}
     X, y = np.load(split["X"]["path"]), np.load(split["y"]["path"])
     accuracy = float((predictor.predict_codes(X) == y).mean())
-    return {"evaluate/full_precision_accuracy": accuracy, "evaluate/storage_accuracy_delta": stored_accuracy - accuracy}
+    return {
+        "evaluate/full_precision_accuracy": accuracy,
+        "evaluate/storage_accuracy_delta": stored_accuracy - accuracy,
+    }
 
 
 def plot_confusion(matrix: list[list[int]], classes: list[Any], title: str, path: Path) -> None:
@@ -108,7 +117,15 @@ def plot_confusion(matrix: list[list[int]], classes: list[Any], title: str, path
     ax.set_ylabel("true")
     ax.set_title(title)
     for (i, j), v in np.ndenumerate(m):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > m.max() / 2 else "black")
+        ax.text(
+            j,
+            i,
+            str(v),
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if v > m.max() / 2 else "black",
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -118,45 +135,84 @@ def markdown_table(rows: dict[str, dict[str, Any]], keys: list[str]) -> str:
     names = list(rows)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for k in keys:
-        cells = [f"{rows[n][k]:.4f}" if isinstance(rows[n][k], float) else str(rows[n][k]) for n in names]
+        cells = [
+            f"{rows[n][k]:.4f}" if isinstance(rows[n][k], float) else str(rows[n][k]) for n in names
+        ]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-TABLE_KEYS = ["accuracy", "macro_f1", "latency_b1_ms", "latency_b256_ms", "parameters",
-              "nonzero_parameters", "size_bytes", "size_zstd_bytes"]
+TABLE_KEYS = [
+    "accuracy",
+    "macro_f1",
+    "latency_b1_ms",
+    "latency_b256_ms",
+    "parameters",
+    "nonzero_parameters",
+    "size_bytes",
+    "size_zstd_bytes",
+]
 
 
-def evaluate_model(partitions: Manifest, features: Manifest, trained: Manifest, pruned: Manifest,
-                   cfg: EvaluateConfig, out: StageDir) -> dict[str, Any]:
+def evaluate_model(
+    partitions: Manifest,
+    features: Manifest,
+    trained: Manifest,
+    pruned: Manifest,
+    cfg: EvaluateConfig,
+    out: StageDir,
+) -> dict[str, Any]:
     """Score baseline and pruned side by side, choose one; return the manifest body."""
     X, y = load_test_split(partitions)
     reduction = features["reduction"]["path"] if features.get("reduction") else None
     encoder = partitions["encoder"]["path"] if partitions.get("encoder") else None
-    meta = {"feature_names": partitions["feature_names"], "classes": partitions["classes"],
-            "raw_columns": partitions.get("raw_columns", partitions["feature_names"])}
+    meta = {
+        "feature_names": partitions["feature_names"],
+        "classes": partitions["classes"],
+        "raw_columns": partitions.get("raw_columns", partitions["feature_names"]),
+    }
     results, predictors = {}, {}
     for name, manifest in (("baseline", trained), ("pruned", pruned)):
-        predictors[name] = Predictor(write_bundle(out.path(name), manifest["model"], reduction, meta, encoder))
+        predictors[name] = Predictor(
+            write_bundle(out.path(name), manifest["model"], reduction, meta, encoder)
+        )
         results[name] = score(predictors[name], X, y, cfg)
-        plot_confusion(results[name]["confusion"], partitions["classes"], f"{name} (test)",
-                       out.path(f"confusion_{name}.png"))
+        plot_confusion(
+            results[name]["confusion"],
+            partitions["classes"],
+            f"{name} (test)",
+            out.path(f"confusion_{name}.png"),
+        )
     drop = results["baseline"]["accuracy"] - results["pruned"]["accuracy"]
     chosen = "pruned" if drop <= cfg.max_accuracy_drop else "baseline"
     storage = storage_impact(partitions, predictors[chosen], results[chosen]["accuracy"])
     weights = (pruned if chosen == "pruned" else trained)["model"]["weights"]["digest"]
-    model_digest = (weights + (features["reduction"]["digest"] if reduction else "")
-                    + (partitions["encoder"]["digest"] if encoder else ""))
-    speedup = results["baseline"]["latency_b256_ms"] / max(results["pruned"]["latency_b256_ms"], 1e-9)
+    model_digest = (
+        weights
+        + (features["reduction"]["digest"] if reduction else "")
+        + (partitions["encoder"]["digest"] if encoder else "")
+    )
+    speedup = results["baseline"]["latency_b256_ms"] / max(
+        results["pruned"]["latency_b256_ms"], 1e-9
+    )
     table = markdown_table(results, TABLE_KEYS)
-    summary = (f"{table}\n\nChosen: **{chosen}** (accuracy drop {drop:+.4f}, allowed "
-               f"{cfg.max_accuracy_drop}); batch-256 latency ratio baseline/pruned {speedup:.2f}×")
-    metrics = {f"evaluate/{n}_{k}": float(v) for n, r in results.items() for k, v in r.items() if k in TABLE_KEYS}
+    summary = (
+        f"{table}\n\nChosen: **{chosen}** (accuracy drop {drop:+.4f}, allowed "
+        f"{cfg.max_accuracy_drop}); batch-256 latency ratio baseline/pruned {speedup:.2f}×"
+    )
+    metrics = {
+        f"evaluate/{n}_{k}": float(v)
+        for n, r in results.items()
+        for k, v in r.items()
+        if k in TABLE_KEYS
+    }
     if storage:
         metrics |= storage
-        summary += (f"\n\nLossy storage ({partitions['codec']['storage_dtype']}): accuracy "
-                    f"{results[chosen]['accuracy']:.4f} vs {storage['evaluate/full_precision_accuracy']:.4f} "
-                    f"on full-precision features ({storage['evaluate/storage_accuracy_delta']:+.4f})")
+        summary += (
+            f"\n\nLossy storage ({partitions['codec']['storage_dtype']}): accuracy "
+            f"{results[chosen]['accuracy']:.4f} vs {storage['evaluate/full_precision_accuracy']:.4f} "
+            f"on full-precision features ({storage['evaluate/storage_accuracy_delta']:+.4f})"
+        )
     (out.path("summary.md")).write_text(summary + "\n")
     metrics |= {
         "test/accuracy": results[chosen]["accuracy"],

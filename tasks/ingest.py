@@ -54,7 +54,10 @@ def read_source(cfg: DataConfig) -> Table:
 def validate(table: Table, where: str) -> None:
     if len(table.X) == 0:
         raise DataError(f"{where}: the dataset is empty (0 rows)")
-    for X, y, part in [(table.X, table.y, "data"), *([(*table.test, "test set")] if table.test else [])]:
+    for X, y, part in [
+        (table.X, table.y, "data"),
+        *([(*table.test, "test set")] if table.test else []),
+    ]:
         if X.dtype.kind not in "biuf":
             raise DataError(f"{where}: features must be numeric, got dtype {X.dtype}")
         if X.dtype.kind == "f":
@@ -127,7 +130,9 @@ def encode_labels(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[lis
     for name, (X, y) in splits.items():
         unseen = set(np.unique(y).tolist()) - lookup.keys()
         if unseen:
-            raise DataError(f"{name} split has label(s) {sorted(unseen)[:5]} never seen in training")
+            raise DataError(
+                f"{name} split has label(s) {sorted(unseen)[:5]} never seen in training"
+            )
         encoded[name] = (X, np.array([lookup[v] for v in y.tolist()], dtype=np.int64))
     return classes, encoded
 
@@ -135,7 +140,9 @@ def encode_labels(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[lis
 # ---------------------------------------------------------------- the stage
 
 
-def ingest_dataset(cfg: DataConfig, out: StageDir, client=None, dask: DaskConfig | None = None) -> dict[str, Any]:
+def ingest_dataset(
+    cfg: DataConfig, out: StageDir, client=None, dask: DaskConfig | None = None
+) -> dict[str, Any]:
     """Read, validate, split and save; return the manifest body. Tables run on `client`, or
     on a cluster started from `dask` for the stage when no client is given."""
     fmt = preflight(cfg)
@@ -145,15 +152,27 @@ def ingest_dataset(cfg: DataConfig, out: StageDir, client=None, dask: DaskConfig
 
         with contextlib.nullcontext(client) if client else dask_client(dask or DaskConfig()) as c:
             table = ingest_table(cfg, fmt, out, c)
-        extras = {"encoder": out.describe("encoder.json")[0], "raw_example": out.describe("raw_example.parquet")[0],
-                  "quarantine": out.describe("quarantine.csv")[0] if table["quarantined"] else None}
-        notes = [f"{table['rejected']} bad row(s) {'quarantined' if table['quarantined'] else 'dropped'}"
-                 ] if table["rejected"] else []
+        extras = {
+            "encoder": out.describe("encoder.json")[0],
+            "raw_example": out.describe("raw_example.parquet")[0],
+            "quarantine": out.describe("quarantine.csv")[0] if table["quarantined"] else None,
+        }
+        notes = (
+            [
+                f"{table['rejected']} bad row(s) {'quarantined' if table['quarantined'] else 'dropped'}"
+            ]
+            if table["rejected"]
+            else []
+        )
         if table["missing_values"]:
-            notes.append(f"{table['missing_values']} missing value(s) filled from the training split")
-        notes.append(f"{len(table['numeric'])} numeric and {len(table['categorical'])} categorical column(s) "
-                     f"→ {len(table['feature_names'])} features; read in {table['blocks']} block(s) of "
-                     f"≤ {table['block_mb']} MB on Dask")
+            notes.append(
+                f"{table['missing_values']} missing value(s) filled from the training split"
+            )
+        notes.append(
+            f"{len(table['numeric'])} numeric and {len(table['categorical'])} categorical column(s) "
+            f"→ {len(table['feature_names'])} features; read in {table['blocks']} block(s) of "
+            f"≤ {table['block_mb']} MB on Dask"
+        )
         image_shape, blocks = None, table["blocks"]
         timings = {f"data/ingest_{name}_seconds": v for name, v in table["seconds"].items()}
     else:
@@ -163,18 +182,34 @@ def ingest_dataset(cfg: DataConfig, out: StageDir, client=None, dask: DaskConfig
             np.save(out.path(f"{name}_X.npy"), X)
             np.save(out.path(f"{name}_y.npy"), y)
         _example(splits, arrays.feature_names).to_parquet(out.path("raw_example.parquet"))
-        extras = {"encoder": None, "quarantine": None, "raw_example": out.describe("raw_example.parquet")[0]}
-        table = {"classes": classes, "feature_names": arrays.feature_names, "raw_columns": arrays.feature_names,
-                 "rejected": 0, "missing_values": 0, "warnings": []}
+        extras = {
+            "encoder": None,
+            "quarantine": None,
+            "raw_example": out.describe("raw_example.parquet")[0],
+        }
+        table = {
+            "classes": classes,
+            "feature_names": arrays.feature_names,
+            "raw_columns": arrays.feature_names,
+            "rejected": 0,
+            "missing_values": 0,
+            "warnings": [],
+        }
         notes, image_shape, blocks, timings = [], arrays.image_shape, 1, {}
     files: dict[str, Any] = {}
     for name in SPLITS:
         X_file, y_file = out.describe(f"{name}_X.npy", f"{name}_y.npy")
-        files[name] = {"X": X_file, "y": y_file, "rows": int(np.load(out.path(f"{name}_y.npy"), mmap_mode="r").shape[0])}
+        files[name] = {
+            "X": X_file,
+            "y": y_file,
+            "rows": int(np.load(out.path(f"{name}_y.npy"), mmap_mode="r").shape[0]),
+        }
     rows = {name: files[name]["rows"] for name in files}
     feature_names, classes = table["feature_names"], table["classes"]
     return {
-        "source": cfg.source if "://" in cfg.source else str(Path(cfg.source).expanduser().resolve()),
+        "source": cfg.source
+        if "://" in cfg.source
+        else str(Path(cfg.source).expanduser().resolve()),
         "format": detect_format(cfg.source, cfg.format),
         "splits": files,
         "feature_names": feature_names,
@@ -185,10 +220,17 @@ def ingest_dataset(cfg: DataConfig, out: StageDir, client=None, dask: DaskConfig
         "warnings": table["warnings"],
         **extras,
         "metrics": {f"data/{k}_rows": v for k, v in rows.items()}
-        | {"data/features": len(feature_names), "data/classes": len(classes), "data/rejected_rows": table["rejected"],
-           "data/missing_values_filled": table["missing_values"], "data/source_blocks": blocks} | timings,
+        | {
+            "data/features": len(feature_names),
+            "data/classes": len(classes),
+            "data/rejected_rows": table["rejected"],
+            "data/missing_values_filled": table["missing_values"],
+            "data/source_blocks": blocks,
+        }
+        | timings,
         "summary": f"{sum(rows.values())} rows ({rows}), {len(feature_names)} features, {len(classes)} classes"
-        + "".join(f"; {n}" for n in notes) + "".join(f"\n- warning: {w}" for w in table["warnings"]),
+        + "".join(f"; {n}" for n in notes)
+        + "".join(f"\n- warning: {w}" for w in table["warnings"]),
     }
 
 
@@ -204,7 +246,10 @@ def check_source(cfg: DataConfig, dask: DaskConfig | None = None) -> str:
         with tempfile.TemporaryDirectory() as scratch, dask_client(dask or DaskConfig()) as client:
             _, _, fixed, _, _ = survey(cfg, fmt, scratch, client)
         rows = np.asarray(fixed.counts).sum(axis=0).tolist()
-        features, notes = len(fixed.encoder.feature_names), [f"{fixed.rejected} bad row(s)", *fixed.warnings]
+        features, notes = (
+            len(fixed.encoder.feature_names),
+            [f"{fixed.rejected} bad row(s)", *fixed.warnings],
+        )
     else:
         splits = split_table(read_source(cfg), cfg)
         rows = [len(splits[name][1]) for name in SPLITS]

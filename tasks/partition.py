@@ -26,8 +26,17 @@ from tasks.stage import Manifest, StageDir, describe_files
 
 VERSION = "3"
 LABEL = "label"
-CANDIDATES = [("none", None), ("snappy", None), ("lz4", None), ("gzip", 1), ("gzip", 6),
-              ("zstd", 1), ("zstd", 3), ("zstd", 9), ("zstd", 15)]
+CANDIDATES = [
+    ("none", None),
+    ("snappy", None),
+    ("lz4", None),
+    ("gzip", 1),
+    ("gzip", 6),
+    ("zstd", 1),
+    ("zstd", 3),
+    ("zstd", 9),
+    ("zstd", 15),
+]
 READ_TOLERANCE = 0.8  # auto: best ratio among codecs reading at >= 80% of the fastest
 
 
@@ -46,15 +55,31 @@ def to_table(X: np.ndarray, y: np.ndarray, names: list[str], storage_dtype: str 
     return pa.table([*arrays, pa.array(np.asarray(y))], names=[*names, LABEL])
 
 
-def write_options(codec: str, level: int | None, dictionary: list[str], row_group_rows: int,
-                  byte_stream_split: list[str] | None = None) -> dict:
-    return {"compression": None if codec == "none" else codec, "compression_level": level,
-            "use_dictionary": dictionary, "use_byte_stream_split": byte_stream_split or False,
-            "row_group_size": row_group_rows}
+def write_options(
+    codec: str,
+    level: int | None,
+    dictionary: list[str],
+    row_group_rows: int,
+    byte_stream_split: list[str] | None = None,
+) -> dict:
+    return {
+        "compression": None if codec == "none" else codec,
+        "compression_level": level,
+        "use_dictionary": dictionary,
+        "use_byte_stream_split": byte_stream_split or False,
+        "row_group_size": row_group_rows,
+    }
 
 
-def write_chunk(bounds: tuple[int, int], x_path: str, y_path: str, names: list[str], dest: str,
-                options: dict, storage_dtype: str | None) -> dict[str, Any]:
+def write_chunk(
+    bounds: tuple[int, int],
+    x_path: str,
+    y_path: str,
+    names: list[str],
+    dest: str,
+    options: dict,
+    storage_dtype: str | None,
+) -> dict[str, Any]:
     """Write one file and describe it (size, digest) here, so hashing runs in parallel too."""
     import pyarrow.parquet as pq
 
@@ -76,7 +101,9 @@ def float_columns(table, exclude: list[str]) -> list[str]:
 # ---------------------------------------------------------------- codec report
 
 
-def dictionary_columns(table, max_distinct_fraction: float = 0.05, saturation: float = 1.6) -> list[str]:
+def dictionary_columns(
+    table, max_distinct_fraction: float = 0.05, saturation: float = 1.6
+) -> list[str]:
     """Columns where dictionary encoding pays, judged on the sample: few distinct values, or
     a distinct count that stops growing with more rows (prices in cents: a bounded set of
     values that a large row group repeats many times). A dense float column's distinct count
@@ -90,7 +117,9 @@ def dictionary_columns(table, max_distinct_fraction: float = 0.05, saturation: f
     chosen = []
     for name in table.column_names:
         distinct = pc.count_distinct(table[name]).as_py()
-        saturating = table.num_rows >= 2000 and distinct < saturation * pc.count_distinct(half[name]).as_py()
+        saturating = (
+            table.num_rows >= 2000 and distinct < saturation * pc.count_distinct(half[name]).as_py()
+        )
         if distinct <= limit or saturating:
             chosen.append(name)
     return chosen
@@ -116,16 +145,25 @@ def measure(table, codec: str, level: int | None, dictionary, repeats: int = 2) 
         reads.append(time.perf_counter() - start)
         if writes[-1] > 0.1:
             break
-    return {"codec": codec, "level": level, "ratio": table.nbytes / size, "bytes": size,
-            "write_mb_s": raw_mb / min(writes), "read_mb_s": raw_mb / min(reads),
-            "seconds": time.perf_counter() - started}
+    return {
+        "codec": codec,
+        "level": level,
+        "ratio": table.nbytes / size,
+        "bytes": size,
+        "write_mb_s": raw_mb / min(writes),
+        "read_mb_s": raw_mb / min(reads),
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def codec_report(sample, dictionary, candidates, client) -> list:
     """Futures measuring each candidate on the cluster, one task each, so the report runs
     on all workers and, for a fixed codec, alongside the writes."""
     [shared] = client.scatter([sample], broadcast=True)
-    return [client.submit(measure, shared, codec, level, dictionary, pure=False) for codec, level in candidates]
+    return [
+        client.submit(measure, shared, codec, level, dictionary, pure=False)
+        for codec, level in candidates
+    ]
 
 
 def choose_codec(report: list[dict[str, Any]]) -> dict[str, Any]:
@@ -136,8 +174,9 @@ def choose_codec(report: list[dict[str, Any]]) -> dict[str, Any]:
     return max(eligible, key=lambda r: (round(r["ratio"], 3), r["write_mb_s"]))
 
 
-def sample_rows(split: dict[str, Any], row_bytes: int, sample_mb: float, runs: int = 64
-                ) -> tuple[np.ndarray, np.ndarray]:
+def sample_rows(
+    split: dict[str, Any], row_bytes: int, sample_mb: float, runs: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     """Rows from `runs` evenly spaced stretches of a split: a sample of the whole file,
     whatever order its rows are in. Stretches, not single rows: one row per page would
     fault in a page per row (measured: 0.33 s for 4 MB, before any task could start)."""
@@ -160,8 +199,19 @@ def plot_report(report: list[dict[str, Any]], chosen: dict[str, Any], path: Path
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in report:
         label = r["codec"] + (f"-{r['level']}" if r["level"] is not None else "")
-        ax.scatter(r["read_mb_s"], r["ratio"], s=20 + r["write_mb_s"] / 5, color="tab:red" if r is chosen else "tab:blue")
-        ax.annotate(label, (r["read_mb_s"], r["ratio"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+        ax.scatter(
+            r["read_mb_s"],
+            r["ratio"],
+            s=20 + r["write_mb_s"] / 5,
+            color="tab:red" if r is chosen else "tab:blue",
+        )
+        ax.annotate(
+            label,
+            (r["read_mb_s"], r["ratio"]),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
     ax.set_xlabel("read MB/s (in-memory, one thread)")
     ax.set_ylabel("compression ratio")
     ax.set_title("codec report on a sample of the training split (marker size: write speed)")
@@ -171,20 +221,28 @@ def plot_report(report: list[dict[str, Any]], chosen: dict[str, Any], path: Path
 
 
 def report_markdown(report: list[dict[str, Any]], chosen: dict[str, Any], sample_mb: float) -> str:
-    lines = [f"Codec report on {sample_mb:.1f} MB of training rows. Rule: best ratio among codecs whose "
-             f"read speed is within {100 - READ_TOLERANCE * 100:.0f}% of the fastest.", "",
-             "| codec | level | ratio | write MB/s | read MB/s | |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Codec report on {sample_mb:.1f} MB of training rows. Rule: best ratio among codecs whose "
+        f"read speed is within {100 - READ_TOLERANCE * 100:.0f}% of the fastest.",
+        "",
+        "| codec | level | ratio | write MB/s | read MB/s | |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in report:
         mark = "**chosen**" if r is chosen else ""
-        lines.append(f"| {r['codec']} | {r['level'] if r['level'] is not None else ''} | {r['ratio']:.2f} | "
-                     f"{r['write_mb_s']:.0f} | {r['read_mb_s']:.0f} | {mark} |")
+        lines.append(
+            f"| {r['codec']} | {r['level'] if r['level'] is not None else ''} | {r['ratio']:.2f} | "
+            f"{r['write_mb_s']:.0f} | {r['read_mb_s']:.0f} | {mark} |"
+        )
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- the stage
 
 
-def partition_dataset(ingest: Manifest, cfg: PartitionConfig, out: StageDir, client) -> dict[str, Any]:
+def partition_dataset(
+    ingest: Manifest, cfg: PartitionConfig, out: StageDir, client
+) -> dict[str, Any]:
     """Measure codecs, then write every split on the Dask cluster; return the manifest body."""
     started = time.perf_counter()
     names = ingest["feature_names"]
@@ -203,18 +261,33 @@ def partition_dataset(ingest: Manifest, cfg: PartitionConfig, out: StageDir, cli
         codec, level = chosen["codec"], chosen["level"]
     else:
         codec, level = cfg.codec, cfg.level
-    options = write_options(codec, level, dictionary, rows_per_partition(row_bytes, cfg.row_group_mb),
-                            float_columns(sample, dictionary))
+    options = write_options(
+        codec,
+        level,
+        dictionary,
+        rows_per_partition(row_bytes, cfg.row_group_mb),
+        float_columns(sample, dictionary),
+    )
 
     writing: dict[str, list] = {}
     for name, split in ingest["splits"].items():
         out.path(name).mkdir()
         step = rows_per_partition(row_bytes, cfg.target_partition_mb)
-        bounds = [(i, min(i + step, split["rows"])) for i in range(0, split["rows"], step)] or [(0, 0)]
+        bounds = [(i, min(i + step, split["rows"])) for i in range(0, split["rows"], step)] or [
+            (0, 0)
+        ]
         targets = [str(out.path(f"{name}/part-{i:05d}.parquet")) for i in range(len(bounds))]
         writing[name] = client.map(
-            write_chunk, bounds, [split["X"]["path"]] * len(bounds), [split["y"]["path"]] * len(bounds),
-            [names] * len(bounds), targets, options=options, storage_dtype=cfg.storage_dtype, pure=False)
+            write_chunk,
+            bounds,
+            [split["X"]["path"]] * len(bounds),
+            [split["y"]["path"]] * len(bounds),
+            [names] * len(bounds),
+            targets,
+            options=options,
+            storage_dtype=cfg.storage_dtype,
+            pure=False,
+        )
     report = client.gather(measuring)
     chosen = next(r for r in report if (r["codec"], r["level"]) == (codec, level))
     plot_report(report, chosen, out.path("codec_report.png"))
@@ -228,9 +301,11 @@ def partition_dataset(ingest: Manifest, cfg: PartitionConfig, out: StageDir, cli
         bytes_out += sum(d["bytes"] for d in described)
     ratio = bytes_in / max(bytes_out, 1)
     codec = chosen["codec"] + (f"-{chosen['level']}" if chosen["level"] is not None else "")
-    summary = (f"{bytes_in / 2**20:.1f} MiB → {bytes_out / 2**20:.1f} MiB with {codec} (ratio {ratio:.2f}); "
-               f"dictionary encoding on {len(dictionary)}/{len(names) + 1} columns\n\n"
-               + report_markdown(report, chosen, sample.nbytes / 2**20))
+    summary = (
+        f"{bytes_in / 2**20:.1f} MiB → {bytes_out / 2**20:.1f} MiB with {codec} (ratio {ratio:.2f}); "
+        f"dictionary encoding on {len(dictionary)}/{len(names) + 1} columns\n\n"
+        + report_markdown(report, chosen, sample.nbytes / 2**20)
+    )
     return {
         "splits": splits,
         "feature_names": names,
@@ -243,8 +318,12 @@ def partition_dataset(ingest: Manifest, cfg: PartitionConfig, out: StageDir, cli
         "raw_example": ingest.get("raw_example"),
         # full-precision test features, so evaluate can measure what lossy storage costs
         "full_precision_test": ingest["splits"]["test"] if cfg.storage_dtype != "native" else None,
-        "codec": {"codec": chosen["codec"], "level": chosen["level"], "dictionary_columns": len(dictionary),
-                  "storage_dtype": cfg.storage_dtype},
+        "codec": {
+            "codec": chosen["codec"],
+            "level": chosen["level"],
+            "dictionary_columns": len(dictionary),
+            "storage_dtype": cfg.storage_dtype,
+        },
         "codec_report": report,
         "plots": [out.final_path("codec_report.png")],
         "metrics": {
@@ -255,7 +334,9 @@ def partition_dataset(ingest: Manifest, cfg: PartitionConfig, out: StageDir, cli
             "data/codec_ratio_on_sample": chosen["ratio"],
             "data/codec_read_mb_s": chosen["read_mb_s"],
             "data/codec_write_mb_s": chosen["write_mb_s"],
-            "data/codec_report_seconds": sum(r["seconds"] for r in report),  # task time, on the workers
+            "data/codec_report_seconds": sum(
+                r["seconds"] for r in report
+            ),  # task time, on the workers
             "data/seconds": time.perf_counter() - started,
         },
         "summary": summary,

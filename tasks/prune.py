@@ -23,11 +23,19 @@ def sparsity_schedule(target: float, rounds: int) -> list[float]:
     return [round(1.0 - keep ** (i + 1), 6) for i in range(rounds - 1)] + [target]
 
 
-def prune_model(features: Manifest, trained: Manifest, cfg: PruneConfig, train_cfg: TrainConfig,
-                out: StageDir, run_id: str | None = None) -> dict[str, Any]:
+def prune_model(
+    features: Manifest,
+    trained: Manifest,
+    cfg: PruneConfig,
+    train_cfg: TrainConfig,
+    out: StageDir,
+    run_id: str | None = None,
+) -> dict[str, Any]:
     """Prune (and fine-tune) the trained weights; return the manifest body."""
-    phases = [{"sparsity": s, "epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr}
-              for s in sparsity_schedule(cfg.sparsity, cfg.rounds)]
+    phases = [
+        {"sparsity": s, "epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr}
+        for s in sparsity_schedule(cfg.sparsity, cfg.rounds)
+    ]
     spec = {
         "train_files": split_files(features, "train"),
         "val_files": split_files(features, "val") or split_files(features, "train"),
@@ -44,7 +52,9 @@ def prune_model(features: Manifest, trained: Manifest, cfg: PruneConfig, train_c
         "metric_prefix": "prune",
     }
     world = resolve_world_size(train_cfg)
-    result = launch(spec, world, out.tmp, run_id, nnodes=train_cfg.nnodes, endpoint=train_cfg.rdzv_endpoint)
+    result = launch(
+        spec, world, out.tmp, run_id, nnodes=train_cfg.nnodes, endpoint=train_cfg.rdzv_endpoint
+    )
     return {
         "model": model_files(out),
         "arch": trained["arch"],
@@ -69,6 +79,9 @@ def skip_pruning(trained: Manifest) -> dict[str, Any]:
         "arch": trained["arch"],
         "result": result,
         "schedule": [],
-        "metrics": {"prune/sparsity": result["sparsity"], "prune/val_accuracy": result["val_accuracy"]},
+        "metrics": {
+            "prune/sparsity": result["sparsity"],
+            "prune/val_accuracy": result["val_accuracy"],
+        },
         "summary": "pruning disabled (prune.method: none)",
     }

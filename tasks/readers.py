@@ -38,10 +38,14 @@ def filesystem(source: str):
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(str(Path(source).expanduser()) if "://" not in source else source)
+        return fsspec.core.url_to_fs(
+            str(Path(source).expanduser()) if "://" not in source else source
+        )
     except (ImportError, ValueError) as exc:
-        raise DataError(f"{source}: no filesystem for this URL ({exc}); install its fsspec package "
-                        "(e.g. s3fs for s3://)") from None
+        raise DataError(
+            f"{source}: no filesystem for this URL ({exc}); install its fsspec package "
+            "(e.g. s3fs for s3://)"
+        ) from None
 
 
 def detect_format(source: str, declared: str) -> str:
@@ -71,15 +75,23 @@ def source_fingerprint(cfg: DataConfig) -> list[list]:
     """Name, size and modification time of every source file: a cheap content proxy that
     goes into ingest's cache key, so data edited in place is read again."""
     fs, path = filesystem(cfg.source)
-    files = sorted(fs.find(path, detail=True).items()) if fs.isdir(path) else [(path, fs.info(path))]
-    return [[name.rsplit("/", 1)[-1], info.get("size"), str(info.get("mtime") or info.get("LastModified") or "")]
-            for name, info in files]
+    files = (
+        sorted(fs.find(path, detail=True).items()) if fs.isdir(path) else [(path, fs.info(path))]
+    )
+    return [
+        [
+            name.rsplit("/", 1)[-1],
+            info.get("size"),
+            str(info.get("mtime") or info.get("LastModified") or ""),
+        ]
+        for name, info in files
+    ]
 
 
 def read_idx(path: Path | str, fs=None) -> np.ndarray:
     """Parse one IDX file (optionally gzip'd): magic, dims, then the raw array."""
     try:
-        with (fs.open(str(path), "rb") if fs else open(path, "rb")) as fh:
+        with fs.open(str(path), "rb") if fs else open(path, "rb") as fh:
             raw = fh.read()
         if str(path).endswith(".gz"):
             raw = gzip.decompress(raw)
@@ -107,10 +119,15 @@ def _find_idx(fs, folder: str, prefix: str, kind: str) -> str | None:
 
 def read_idx_folder(fs, folder: str) -> Table:
     if not fs.isdir(folder):
-        raise DataError(f"{folder}: an IDX source must be a folder holding train-images-idx3-ubyte[.gz] etc.")
+        raise DataError(
+            f"{folder}: an IDX source must be a folder holding train-images-idx3-ubyte[.gz] etc."
+        )
     pairs = {}
     for prefix in ("train", "t10k"):
-        images, labels = _find_idx(fs, folder, prefix, "images"), _find_idx(fs, folder, prefix, "labels")
+        images, labels = (
+            _find_idx(fs, folder, prefix, "images"),
+            _find_idx(fs, folder, prefix, "labels"),
+        )
         if images and labels:
             X, y = read_idx(images, fs), read_idx(labels, fs)
             if len(X) != len(y):
@@ -136,14 +153,18 @@ def read_npz(fs, path: str) -> Table:
         with fs.open(path, "rb") as fh, np.load(fh, allow_pickle=False) as data:
             missing = {"X", "y"} - set(data.files)
             if missing:
-                raise DataError(f"{path}: missing array(s) {sorted(missing)}; an .npz source needs X and y")
+                raise DataError(
+                    f"{path}: missing array(s) {sorted(missing)}; an .npz source needs X and y"
+                )
             X, y = data["X"], data["y"]
     except (OSError, ValueError) as exc:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"{path}: cannot read .npz ({exc})") from None
     if X.ndim < 2 or len(X) != len(y):
-        raise DataError(f"{path}: X must be (rows, features...) with one y per row; got X{X.shape}, y{y.shape}")
+        raise DataError(
+            f"{path}: X must be (rows, features...) with one y per row; got X{X.shape}, y{y.shape}"
+        )
     shape = [1, *X.shape[1:]] if X.ndim == 3 else (list(X.shape[1:]) if X.ndim == 4 else None)
     flat = X.reshape(len(X), -1)
     return Table(flat, y, [f"f{i}" for i in range(flat.shape[1])], image_shape=shape)
@@ -164,10 +185,15 @@ def preflight(cfg: DataConfig) -> str:
         import pyarrow.parquet as pq
 
         try:
-            columns = pq.read_schema(path, filesystem=fs).names if fmt == "parquet" else csv_header(fs, path)
+            columns = (
+                pq.read_schema(path, filesystem=fs).names
+                if fmt == "parquet"
+                else csv_header(fs, path)
+            )
         except Exception as exc:
-            raise DataError(f"{path}: cannot read as {fmt} ({type(exc).__name__}: {exc}); is the file complete?"
-                            ) from None
+            raise DataError(
+                f"{path}: cannot read as {fmt} ({type(exc).__name__}: {exc}); is the file complete?"
+            ) from None
         if columns and cfg.label not in columns:
             raise DataError(
                 f"{path}: label column '{cfg.label}' not found; columns are {columns[:20]}. "
@@ -180,4 +206,9 @@ def csv_header(fs, path: str) -> list[str]:
     import pandas as pd
 
     with fs.open(path, "rb") as fh:
-        return [str(c) for c in pd.read_csv(fh, nrows=0, compression=CSV_COMPRESSION.get(Path(path).suffix)).columns]
+        return [
+            str(c)
+            for c in pd.read_csv(
+                fh, nrows=0, compression=CSV_COMPRESSION.get(Path(path).suffix)
+            ).columns
+        ]

@@ -33,7 +33,9 @@ def partition_moments(path: str, columns: list[str]) -> tuple[int, np.ndarray, n
     return len(X), X.sum(axis=0), X.T @ X
 
 
-def fit_pca(moments: list[tuple[int, np.ndarray, np.ndarray]], cfg: ReduceConfig) -> dict[str, np.ndarray]:
+def fit_pca(
+    moments: list[tuple[int, np.ndarray, np.ndarray]], cfg: ReduceConfig
+) -> dict[str, np.ndarray]:
     n = sum(m[0] for m in moments)
     if n < 2:
         raise ValueError("PCA needs at least 2 training rows")
@@ -65,7 +67,9 @@ def load_reduction(path: str | Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def project_partition(src: str, dest: str, columns: list[str], label: str, reduction_path: str) -> dict[str, Any]:
+def project_partition(
+    src: str, dest: str, columns: list[str], label: str, reduction_path: str
+) -> dict[str, Any]:
     """Project one partition and describe the written file here, so hashing runs in parallel too."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -74,7 +78,9 @@ def project_partition(src: str, dest: str, columns: list[str], label: str, reduc
     Z = apply_reduction(read_features(src, columns), reduction)
     labels = pq.read_table(src, columns=[label]).column(0)
     names = [f"pc_{i}" for i in range(Z.shape[1])]
-    table = pa.table([*(pa.array(Z[:, i]) for i in range(Z.shape[1])), labels], names=[*names, label])
+    table = pa.table(
+        [*(pa.array(Z[:, i]) for i in range(Z.shape[1])), labels], names=[*names, label]
+    )
     pq.write_table(table, dest, compression="zstd", use_dictionary=False)
     return describe_files([Path(dest)])[0]
 
@@ -93,9 +99,20 @@ def fit_reduction(partitions: Manifest, cfg: ReduceConfig, out: StageDir, client
         out.path(name).mkdir()
         sources = [f["path"] for f in split["files"]]
         targets = [str(out.path(f"{name}/{Path(s).name}")) for s in sources]
-        described = [out.moved(d) for d in client.gather(
-            client.map(project_partition, sources, targets, columns=columns, label=label,
-                       reduction_path=reduction_path, pure=False))]
+        described = [
+            out.moved(d)
+            for d in client.gather(
+                client.map(
+                    project_partition,
+                    sources,
+                    targets,
+                    columns=columns,
+                    label=label,
+                    reduction_path=reduction_path,
+                    pure=False,
+                )
+            )
+        ]
         splits[name] = {"files": described, "rows": split["rows"]}
 
     k, d = reduction["components"].shape
@@ -109,7 +126,11 @@ def fit_reduction(partitions: Manifest, cfg: ReduceConfig, out: StageDir, client
         "classes": partitions["classes"],
         "image_shape": None,
         "reduction": described,
-        "metrics": {"reduce/components": k, "reduce/input_features": d, "reduce/explained_variance": explained},
+        "metrics": {
+            "reduce/components": k,
+            "reduce/input_features": d,
+            "reduce/explained_variance": explained,
+        },
         "summary": f"PCA {d} → {k} components, {explained:.3f} of the variance",
     }
 
@@ -125,6 +146,10 @@ def skip_reduction(partitions: Manifest) -> dict[str, Any]:
         "classes": partitions["classes"],
         "image_shape": partitions["image_shape"],
         "reduction": None,
-        "metrics": {"reduce/components": n, "reduce/input_features": n, "reduce/explained_variance": 1.0},
+        "metrics": {
+            "reduce/components": n,
+            "reduce/input_features": n,
+            "reduce/explained_variance": 1.0,
+        },
         "summary": f"no reduction: {n} raw features",
     }

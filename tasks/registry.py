@@ -16,7 +16,15 @@ from tasks.stage import Manifest
 
 ENTRY = Path(__file__).resolve().with_name("pyfunc_model.py")
 CODE_DIRS = [Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "conf"]
-PIP_REQUIREMENTS = ["torch>=2.4", "numpy", "pandas", "pyarrow", "pydantic>=2.7", "pyyaml", "zstandard"]
+PIP_REQUIREMENTS = [
+    "torch>=2.4",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "pydantic>=2.7",
+    "pyyaml",
+    "zstandard",
+]
 
 
 def _existing_version(client, name: str, model_digest: str):
@@ -89,4 +97,9 @@ def register_and_promote(evaluation: Manifest, example, cfg: RegistryConfig) -> 
         else:
             why = f"champion v{champion.version} was tested on other data; the newest model takes over"
     client.set_registered_model_alias(cfg.model_name, alias, version.version)
-    return {"model_name": cfg.model_name, "version": int(version.version), "alias": alias, "why": why}
+    return {
+        "model_name": cfg.model_name,
+        "version": int(version.version),
+        "alias": alias,
+        "why": why,
+    }

@@ -32,7 +32,9 @@ class Predictor:
         reduction = bundle / "reduction.npz"
         self.reduction = load_reduction(reduction) if reduction.exists() else None
         self.model = build_model(json.loads((bundle / "model.json").read_text()))
-        self.model.load_state_dict(torch.load(bundle / "model.pt", map_location="cpu", weights_only=True))
+        self.model.load_state_dict(
+            torch.load(bundle / "model.pt", map_location="cpu", weights_only=True)
+        )
         self.model.eval()
 
     def features(self, X: np.ndarray) -> torch.Tensor:
@@ -44,7 +46,9 @@ class Predictor:
     @torch.inference_mode()
     def predict_codes(self, X: np.ndarray, batch: int = 8192) -> np.ndarray:
         Z = self.features(X)
-        return torch.cat([self.model(Z[i : i + batch]).argmax(1) for i in range(0, len(Z), batch)]).numpy()
+        return torch.cat(
+            [self.model(Z[i : i + batch]).argmax(1) for i in range(0, len(Z), batch)]
+        ).numpy()
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.classes)[self.predict_codes(X)]
@@ -55,16 +59,23 @@ class Predictor:
             return self.encoder.transform(frame)
         missing = [c for c in self.feature_names if c not in frame.columns]
         if missing:
-            raise ValueError(f"input is missing feature column(s) {missing[:10]}; send raw rows "
-                             "with the columns the model was trained on")
+            raise ValueError(
+                f"input is missing feature column(s) {missing[:10]}; send raw rows "
+                "with the columns the model was trained on"
+            )
         return frame[self.feature_names].to_numpy(dtype=np.float32)
 
     def predict_frame(self, frame) -> np.ndarray:
         return self.predict(self.encode(frame))
 
 
-def write_bundle(dest: Path, model: dict[str, Any], reduction_path: str | None, meta: dict[str, Any],
-                 encoder_path: str | None = None) -> Path:
+def write_bundle(
+    dest: Path,
+    model: dict[str, Any],
+    reduction_path: str | None,
+    meta: dict[str, Any],
+    encoder_path: str | None = None,
+) -> Path:
     """Copy weights, architecture, encoder, reduction and metadata into one self-contained folder."""
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(model["weights"]["path"], dest / "model.pt")

@@ -83,7 +83,12 @@ class StageDir:
 
 def stage_key(stage: str, version: str, config: dict[str, Any], inputs: list[Manifest]) -> str:
     return config_digest(
-        {"stage": stage, "version": version, "config": config, "inputs": [m["digest"] for m in inputs]}
+        {
+            "stage": stage,
+            "version": version,
+            "config": config,
+            "inputs": [m["digest"] for m in inputs],
+        }
     )
 
 
@@ -95,7 +100,9 @@ def why_it_ran(previous: dict[str, Any] | None, current: dict[str, Any]) -> str:
     if previous.get("version") != current["version"]:
         changes.append(f"stage code version {previous.get('version')} → {current['version']}")
     old_cfg, new_cfg = previous.get("config", {}), current["config"]
-    changed_keys = sorted(k for k in old_cfg.keys() | new_cfg.keys() if old_cfg.get(k) != new_cfg.get(k))
+    changed_keys = sorted(
+        k for k in old_cfg.keys() | new_cfg.keys() if old_cfg.get(k) != new_cfg.get(k)
+    )
     if changed_keys:
         changes.append("config changed: " + ", ".join(changed_keys))
     if previous.get("inputs") != current["inputs"]:
@@ -145,11 +152,15 @@ def run_stage(
     }
     last_path = root / "last.json"
     previous = json.loads(last_path.read_text()) if last_path.is_file() else None
-    reason = f"cached output was damaged ({damage}); rebuilt" if damage else why_it_ran(previous, record)
+    reason = (
+        f"cached output was damaged ({damage}); rebuilt" if damage else why_it_ran(previous, record)
+    )
 
     root.mkdir(parents=True, exist_ok=True)
     sweep_abandoned(root)
-    tmp = root / (f".partial-{key}" if resumable else f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = root / (
+        f".partial-{key}" if resumable else f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
     tmp.mkdir(exist_ok=True)
     try:
         body = build(StageDir(tmp=tmp, final=final))

@@ -24,10 +24,18 @@ def ingest_data(cfg: PipelineConfig, parent: str) -> StageOutcome:
     with stage_run(parent, "ingest", "data", cfg.data):
         # the source files' fingerprint is part of the key: data edited in place is re-read
         # block_mb only changes how the work is cut, never the output: not part of the key
-        key = {**cfg.data.model_dump(mode="json", exclude={"block_mb"}),
-               "source_files": readers.source_fingerprint(cfg.data)}
-        outcome = run_stage(cfg.workdir, "ingest", ingest.VERSION, key, [],
-                            lambda out: ingest.ingest_dataset(cfg.data, out, dask=cfg.dask))
+        key = {
+            **cfg.data.model_dump(mode="json", exclude={"block_mb"}),
+            "source_files": readers.source_fingerprint(cfg.data),
+        }
+        outcome = run_stage(
+            cfg.workdir,
+            "ingest",
+            ingest.VERSION,
+            key,
+            [],
+            lambda out: ingest.ingest_dataset(cfg.data, out, dask=cfg.dask),
+        )
         publish("ingest", outcome)
     return outcome
 
@@ -41,11 +49,19 @@ def partition_data(cfg: PipelineConfig, parent: str, ingested: Manifest) -> Stag
             return partition.partition_dataset(ingested, cfg.partition, out, client)
 
     with stage_run(parent, "partition", "partition", cfg.partition):
-        outcome = run_stage(cfg.workdir, "partition", partition.VERSION, cfg.partition.model_dump(mode="json"),
-                            [ingested], build)
+        outcome = run_stage(
+            cfg.workdir,
+            "partition",
+            partition.VERSION,
+            cfg.partition.model_dump(mode="json"),
+            [ingested],
+            build,
+        )
         for split in ("train", "val", "test"):
             log_dataset(outcome.manifest, split, context=split)
-        publish_table("partition", "codec-report", outcome.manifest["codec_report"], outcome.manifest["plots"])
+        publish_table(
+            "partition", "codec-report", outcome.manifest["codec_report"], outcome.manifest["plots"]
+        )
         publish("partition", outcome)
     return outcome
 
@@ -61,8 +77,14 @@ def reduce_features(cfg: PipelineConfig, parent: str, partitions: Manifest) -> S
             return reduce.fit_reduction(partitions, cfg.reduce, out, client)
 
     with stage_run(parent, "reduce", "reduce", cfg.reduce):
-        outcome = run_stage(cfg.workdir, "reduce", reduce.VERSION, cfg.reduce.model_dump(mode="json"),
-                            [partitions], build)
+        outcome = run_stage(
+            cfg.workdir,
+            "reduce",
+            reduce.VERSION,
+            cfg.reduce.model_dump(mode="json"),
+            [partitions],
+            build,
+        )
         publish("reduce", outcome)
     return outcome
 
@@ -71,14 +93,23 @@ def reduce_features(cfg: PipelineConfig, parent: str, partitions: Manifest) -> S
 def train_network(cfg: PipelineConfig, parent: str, features: Manifest) -> StageOutcome:
     """Train the configured model with DDP workers; resumes from its last checkpoint."""
     with stage_run(parent, "train", "train", cfg.train) as run_id:
-        outcome = run_stage(cfg.workdir, "train", train.VERSION, cfg.train.model_dump(mode="json"), [features],
-                            lambda out: train.train_model(features, cfg.train, out, run_id), resumable=True)
+        outcome = run_stage(
+            cfg.workdir,
+            "train",
+            train.VERSION,
+            cfg.train.model_dump(mode="json"),
+            [features],
+            lambda out: train.train_model(features, cfg.train, out, run_id),
+            resumable=True,
+        )
         publish("train", outcome)
     return outcome
 
 
 @task(name="prune", cache_policy=NO_CACHE)
-def prune_network(cfg: PipelineConfig, parent: str, features: Manifest, trained: Manifest) -> StageOutcome:
+def prune_network(
+    cfg: PipelineConfig, parent: str, features: Manifest, trained: Manifest
+) -> StageOutcome:
     """Prune the trained model by magnitude and fine-tune it with the mask held."""
 
     def build(out):
@@ -89,29 +120,42 @@ def prune_network(cfg: PipelineConfig, parent: str, features: Manifest, trained:
     with stage_run(parent, "prune", "prune", cfg.prune) as run_id:
         # the fine-tune uses train's optimizer settings, so they are part of this stage's key
         config = {**cfg.prune.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json")}
-        outcome = run_stage(cfg.workdir, "prune", prune.VERSION, config, [features, trained], build,
-                            resumable=True)
+        outcome = run_stage(
+            cfg.workdir, "prune", prune.VERSION, config, [features, trained], build, resumable=True
+        )
         publish("prune", outcome)
     return outcome
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_and_register(cfg: PipelineConfig, parent: str, partitions: Manifest, features: Manifest,
-                          trained: Manifest, pruned: Manifest) -> StageOutcome:
+def evaluate_and_register(
+    cfg: PipelineConfig,
+    parent: str,
+    partitions: Manifest,
+    features: Manifest,
+    trained: Manifest,
+    pruned: Manifest,
+) -> StageOutcome:
     """Score baseline and pruned models, pick one, register it and gate it against the champion."""
     import mlflow
 
     with stage_run(parent, "evaluate", "evaluate", cfg.evaluate):
         outcome = run_stage(
-            cfg.workdir, "evaluate", evaluate.VERSION, cfg.evaluate.model_dump(mode="json"),
+            cfg.workdir,
+            "evaluate",
+            evaluate.VERSION,
+            cfg.evaluate.model_dump(mode="json"),
             [partitions, features, trained, pruned],
-            lambda out: evaluate.evaluate_model(partitions, features, trained, pruned, cfg.evaluate, out),
+            lambda out: evaluate.evaluate_model(
+                partitions, features, trained, pruned, cfg.evaluate, out
+            ),
         )
         log_dataset(partitions, "test", context="evaluation")
         for plot in outcome.manifest["plots"]:
             mlflow.log_artifact(plot, "evaluate")
-        promotion = registry.register_and_promote(outcome.manifest, evaluate.input_example(partitions),
-                                                  cfg.registry)
+        promotion = registry.register_and_promote(
+            outcome.manifest, evaluate.input_example(partitions), cfg.registry
+        )
         mlflow.set_tags({f"accelflow.registry.{k}": str(v) for k, v in promotion.items()})
         outcome.manifest["promotion"] = promotion
         publish("evaluate", outcome)

@@ -56,7 +56,9 @@ class Schema:
     numeric: list[str]
     categorical: list[str]
     label_kind: str  # "int", "float" or "text"
-    integers: list[str] = field(default_factory=list)  # numeric columns stored as integers everywhere
+    integers: list[str] = field(
+        default_factory=list
+    )  # numeric columns stored as integers everywhere
     warnings: list[str] = field(default_factory=list)
 
 
@@ -74,10 +76,16 @@ def profile_raw(frame) -> dict[str, Any]:
         values = frame[name]
         typed = bool(pd.api.types.is_numeric_dtype(values))
         numbers = int(present[name]) if typed else int(to_numbers(values).notna().sum())
-        fractional = typed and pd.api.types.is_float_dtype(values) and bool(
-            (values.dropna() % 1 != 0).any())
-        columns[name] = {"present": int(present[name]), "numbers": numbers, "typed": typed,
-                         "fractional": fractional, "integer": bool(pd.api.types.is_integer_dtype(values))}
+        fractional = (
+            typed and pd.api.types.is_float_dtype(values) and bool((values.dropna() % 1 != 0).any())
+        )
+        columns[name] = {
+            "present": int(present[name]),
+            "numbers": numbers,
+            "typed": typed,
+            "fractional": fractional,
+            "integer": bool(pd.api.types.is_integer_dtype(values)),
+        }
     return {"rows": len(frame), "names": [str(c) for c in frame.columns], "columns": columns}
 
 
@@ -89,7 +97,9 @@ def to_numbers(values):
     if pd.api.types.is_numeric_dtype(values):
         return values.astype(np.float64)
     codes, uniques = pd.factorize(values)
-    parsed = pd.to_numeric(pd.Series(np.asarray(uniques, dtype=object)), errors="coerce").to_numpy(dtype=np.float64)
+    parsed = pd.to_numeric(pd.Series(np.asarray(uniques, dtype=object)), errors="coerce").to_numpy(
+        dtype=np.float64
+    )
     return pd.Series(np.where(codes >= 0, parsed[codes], np.nan), index=values.index)
 
 
@@ -105,13 +115,17 @@ def _keep(frame, scratch: str, name: str, where: str) -> dict[str, Any]:
     block = {**profile_raw(frame), "where": where, "path": None}
     if len(frame):
         path = f"{scratch}/{name}.arrow"
-        feather.write_feather(pa.Table.from_pandas(frame, preserve_index=False), path, compression="lz4")
+        feather.write_feather(
+            pa.Table.from_pandas(frame, preserve_index=False), path, compression="lz4"
+        )
         block["path"] = path
     return block
 
 
 @data_task
-def scan_csv_range(source: str, offset: int, length: int, header: list[str], scratch: str) -> list[dict]:
+def scan_csv_range(
+    source: str, offset: int, length: int, header: list[str], scratch: str
+) -> list[dict]:
     """One byte range of an uncompressed CSV, cut at line ends (fsspec's read_block)."""
     import pandas as pd
     from fsspec.utils import read_block
@@ -123,12 +137,19 @@ def scan_csv_range(source: str, offset: int, length: int, header: list[str], scr
         data = data.split(b"\n", 1)[1] if b"\n" in data else b""
     where = f"{path} (bytes {offset}-{offset + len(data)})"
     try:
-        frame = (pd.read_csv(io.BytesIO(data), header=None, names=header, index_col=False, low_memory=False)
-                 if data.strip() else pd.DataFrame(columns=header))
+        frame = (
+            pd.read_csv(
+                io.BytesIO(data), header=None, names=header, index_col=False, low_memory=False
+            )
+            if data.strip()
+            else pd.DataFrame(columns=header)
+        )
     except Exception as exc:  # pandas raises several types for malformed text
-        raise DataError(f"{where}: cannot parse as CSV ({type(exc).__name__}: {str(exc).strip()}; lines are "
-                        "counted from the start of this byte range). Fix that line, or quote fields that "
-                        "hold the delimiter") from None
+        raise DataError(
+            f"{where}: cannot parse as CSV ({type(exc).__name__}: {str(exc).strip()}; lines are "
+            "counted from the start of this byte range). Fix that line, or quote fields that "
+            "hold the delimiter"
+        ) from None
     del data
     return [_keep(frame, scratch, f"csv-{offset:015d}", where)]
 
@@ -144,27 +165,47 @@ def scan_csv_stream(source: str, rows_per_block: int, scratch: str) -> list[dict
         with fs.open(path, "rb", compression="infer") as fh:
             reader = pd.read_csv(fh, chunksize=rows_per_block, index_col=False, low_memory=False)
             for i, frame in enumerate(reader):
-                blocks.append(_keep(frame, scratch, f"stream-{i:06d}", f"{path} (rows from {i * rows_per_block})"))
+                blocks.append(
+                    _keep(
+                        frame,
+                        scratch,
+                        f"stream-{i:06d}",
+                        f"{path} (rows from {i * rows_per_block})",
+                    )
+                )
     except DataError:
         raise
     except Exception as exc:  # truncated streams, bad compression, malformed text
-        raise DataError(f"{path}: cannot read as CSV ({type(exc).__name__}: {exc}); is it complete?") from None
-    return blocks or [_keep(pd.DataFrame(columns=csv_header(fs, path)), scratch, "stream-empty", path)]
+        raise DataError(
+            f"{path}: cannot read as CSV ({type(exc).__name__}: {exc}); is it complete?"
+        ) from None
+    return blocks or [
+        _keep(pd.DataFrame(columns=csv_header(fs, path)), scratch, "stream-empty", path)
+    ]
 
 
 @data_task
-def scan_parquet(source: str, path: str, row_group: int, rows_per_block: int, scratch: str, name: str
-                 ) -> list[dict]:
+def scan_parquet(
+    source: str, path: str, row_group: int, rows_per_block: int, scratch: str, name: str
+) -> list[dict]:
     import pyarrow.parquet as pq
 
     fs, _ = filesystem(source)
     blocks = []
     try:
         with fs.open(path, "rb") as fh:
-            batches = pq.ParquetFile(fh).iter_batches(batch_size=rows_per_block, row_groups=[row_group])
+            batches = pq.ParquetFile(fh).iter_batches(
+                batch_size=rows_per_block, row_groups=[row_group]
+            )
             for i, batch in enumerate(batches):
-                blocks.append(_keep(batch.to_pandas(), scratch, f"{name}-{i:05d}",
-                                    f"{path} (row group {row_group})"))
+                blocks.append(
+                    _keep(
+                        batch.to_pandas(),
+                        scratch,
+                        f"{name}-{i:05d}",
+                        f"{path} (row group {row_group})",
+                    )
+                )
     except Exception as exc:
         raise DataError(f"{path}: cannot read as parquet ({type(exc).__name__}: {exc})") from None
     return blocks
@@ -179,26 +220,50 @@ def scan(cfg: DataConfig, fmt: str, scratch: str, client, block_bytes: int) -> l
     if fmt == "csv" and Path(path).suffix not in CSV_COMPRESSION:
         header = csv_header(fs, path)
         size = fs.size(path)
-        futures = [client.submit(scan_csv_range, cfg.source, offset, block_bytes, header, scratch, pure=False)
-                   for offset in range(0, max(size, 1), block_bytes)]
+        futures = [
+            client.submit(
+                scan_csv_range, cfg.source, offset, block_bytes, header, scratch, pure=False
+            )
+            for offset in range(0, max(size, 1), block_bytes)
+        ]
     elif fmt == "csv":
-        futures = [client.submit(scan_csv_stream, cfg.source, _rows_per_block(fs, path, block_bytes), scratch,
-                                 pure=False)]
+        futures = [
+            client.submit(
+                scan_csv_stream,
+                cfg.source,
+                _rows_per_block(fs, path, block_bytes),
+                scratch,
+                pure=False,
+            )
+        ]
     else:
-        files = sorted(p for p in fs.find(path) if p.endswith(".parquet")) if fs.isdir(path) else [path]
+        files = (
+            sorted(p for p in fs.find(path) if p.endswith(".parquet")) if fs.isdir(path) else [path]
+        )
         futures = []
         for number, file in enumerate(files):
             try:
                 with fs.open(file, "rb") as fh:
                     meta = pq.ParquetFile(fh).metadata
             except Exception as exc:
-                raise DataError(f"{file}: cannot read as parquet ({type(exc).__name__}: {exc})") from None
+                raise DataError(
+                    f"{file}: cannot read as parquet ({type(exc).__name__}: {exc})"
+                ) from None
             for group in range(meta.num_row_groups):
                 row_group = meta.row_group(group)
                 row_bytes = max(row_group.total_byte_size / max(row_group.num_rows, 1), 1)
-                futures.append(client.submit(scan_parquet, cfg.source, file, group,
-                                             max(1, int(block_bytes / row_bytes)), scratch,
-                                             f"pq-{number:05d}-{group:05d}", pure=False))
+                futures.append(
+                    client.submit(
+                        scan_parquet,
+                        cfg.source,
+                        file,
+                        group,
+                        max(1, int(block_bytes / row_bytes)),
+                        scratch,
+                        f"pq-{number:05d}-{group:05d}",
+                        pure=False,
+                    )
+                )
         if not futures:
             raise DataError(f"{path}: no .parquet files, or only empty ones")
     blocks = [block for result in client.gather(futures) for block in checked(result)]
@@ -236,11 +301,15 @@ def decide_schema(blocks: list[dict], cfg: DataConfig) -> Schema:
     names = blocks[0]["names"]
     for block in blocks[1:]:
         if block["names"] != names:
-            raise DataError(f"{block['where']}: columns {block['names'][:20]} differ from the first part's "
-                            f"{names[:20]}; every file of a table needs the same columns")
+            raise DataError(
+                f"{block['where']}: columns {block['names'][:20]} differ from the first part's "
+                f"{names[:20]}; every file of a table needs the same columns"
+            )
     if cfg.label not in names:
-        raise DataError(f"{where}: label column '{cfg.label}' not found; columns are {names[:20]}. "
-                        "Set data.label to the right column.")
+        raise DataError(
+            f"{where}: label column '{cfg.label}' not found; columns are {names[:20]}. "
+            "Set data.label to the right column."
+        )
     totals = {name: Counter() for name in names}
     typed = {name: True for name in names}
     integer = {name: True for name in names}
@@ -255,11 +324,15 @@ def decide_schema(blocks: list[dict], cfg: DataConfig) -> Schema:
     if declared:
         unknown = [c for c in declared if c not in features]
         if unknown:
-            raise DataError(f"{where}: declared column(s) {unknown[:10]} (data.columns) are not in the file; "
-                            f"its columns are {features[:20]}")
+            raise DataError(
+                f"{where}: declared column(s) {unknown[:10]} (data.columns) are not in the file; "
+                f"its columns are {features[:20]}"
+            )
         ignored = [c for c in features if c not in declared]
         if ignored:
-            warnings.append(f"{len(ignored)} column(s) not declared in data.columns are ignored: {ignored[:10]}")
+            warnings.append(
+                f"{len(ignored)} column(s) not declared in data.columns are ignored: {ignored[:10]}"
+            )
         features = list(declared)
     if not features:
         raise DataError(f"{where}: no feature columns besides the label '{cfg.label}'")
@@ -269,7 +342,9 @@ def decide_schema(blocks: list[dict], cfg: DataConfig) -> Schema:
     for name in features:
         t = totals[name]
         if t["present"] == 0:
-            raise DataError(f"{where}: column '{name}' has no values (all missing); drop it or fill it")
+            raise DataError(
+                f"{where}: column '{name}' has no values (all missing); drop it or fill it"
+            )
         kind = declared.get(name)
         if kind == "categorical":  # declared: e.g. zip codes, which look numeric
             categorical.append(name)
@@ -314,7 +389,10 @@ def clean_block(frame, schema: Schema, first_row: int = 0):
         labels = as_text(raw_label)
     else:
         labels = to_numbers(raw_label)
-        flag(raw_label.notna() & labels.isna(), lambda i: f"label {raw_label.iloc[i]!r} is not a number")
+        flag(
+            raw_label.notna() & labels.isna(),
+            lambda i: f"label {raw_label.iloc[i]!r} is not a number",
+        )
         if schema.label_kind == "int":
             labels = labels.fillna(0).astype(np.int64)
     features = {}
@@ -324,7 +402,10 @@ def clean_block(frame, schema: Schema, first_row: int = 0):
             features[name] = as_text(values)
             continue
         parsed = to_numbers(values)
-        flag(values.notna() & parsed.isna(), lambda i, v=values, c=name: f"column '{c}': {v.iloc[i]!r} is not a number")
+        flag(
+            values.notna() & parsed.isna(),
+            lambda i, v=values, c=name: f"column '{c}': {v.iloc[i]!r} is not a number",
+        )
         flag(np.isinf(parsed.to_numpy()), lambda i, c=name: f"column '{c}': infinite value")
         features[name] = parsed
     index = pd.RangeIndex(first_row, first_row + len(frame))
@@ -343,7 +424,9 @@ def row_uniforms(features, seed: int) -> np.ndarray:
 
 def assign_splits(u: np.ndarray, cfg: DataConfig) -> np.ndarray:
     """0 train, 1 val, 2 test, by where each row's hash falls."""
-    return np.where(u < cfg.test_fraction, 2, np.where(u < cfg.test_fraction + cfg.val_fraction, 1, 0))
+    return np.where(
+        u < cfg.test_fraction, 2, np.where(u < cfg.test_fraction + cfg.val_fraction, 1, 0)
+    )
 
 
 def _good_rows(frame, schema: Schema, cfg: DataConfig, first_row: int):
@@ -362,15 +445,21 @@ def profile_block(block: dict, schema: Schema, cfg: DataConfig, quarantine: str 
     """Everything the driver needs from one block, in a result of bounded size."""
     frame = read_block(block)
     features, labels, bad, reasons, u, split = _good_rows(frame, schema, cfg, block["first_row"])
-    result: dict[str, Any] = {"rows": [int((split == s).sum()) for s in range(3)], "bad": int(bad.sum()),
-                              "first_bad": None, "quarantine": None}
+    result: dict[str, Any] = {
+        "rows": [int((split == s).sum()) for s in range(3)],
+        "bad": int(bad.sum()),
+        "first_bad": None,
+        "quarantine": None,
+    }
     if reasons:
         first = min(reasons)
         result["first_bad"] = (first, reasons[first])
         if quarantine:
             rejected = frame[bad]
             rejected.insert(0, "_row", sorted(reasons))
-            rejected.assign(_reason=[reasons[row] for row in sorted(reasons)]).to_csv(quarantine, index=False)
+            rejected.assign(_reason=[reasons[row] for row in sorted(reasons)]).to_csv(
+                quarantine, index=False
+            )
             result["quarantine"] = quarantine
     del frame
     missing = features.isna().to_numpy()
@@ -381,7 +470,9 @@ def profile_block(block: dict, schema: Schema, cfg: DataConfig, quarantine: str 
     del missing
     result["labels"] = [dict(labels[split == s].value_counts()) for s in range(3)]
     train = np.flatnonzero(split == 0)
-    result["categories"] = {c: dict(features[c].iloc[train].fillna(MISSING).value_counts()) for c in schema.categorical}
+    result["categories"] = {
+        c: dict(features[c].iloc[train].fillna(MISSING).value_counts()) for c in schema.categorical
+    }
     # bottom-k by hash: merging blocks' bottom-k gives the table's bottom-k, whatever the blocks
     k = min(FILL_SAMPLE_ROWS, max(100, FILL_SAMPLE_VALUES // max(len(schema.numeric), 1)))
     sample = train[np.argsort(u[train], kind="stable")[:k]]
@@ -428,9 +519,17 @@ def plan(blocks: list[dict], schema: Schema, cfg: DataConfig, scratch: str | Non
     at a time."""
     from dask.distributed import as_completed
 
-    futures = {client.submit(profile_block, b, schema, cfg, f"{scratch}/quarantine-{i:06d}.csv" if scratch else None,
-                             pure=False): i
-               for i, b in enumerate(blocks)}
+    futures = {
+        client.submit(
+            profile_block,
+            b,
+            schema,
+            cfg,
+            f"{scratch}/quarantine-{i:06d}.csv" if scratch else None,
+            pure=False,
+        ): i
+        for i, b in enumerate(blocks)
+    }
     per_block: dict[int, dict] = {}
     labels = [Counter() for _ in SPLITS]
     categories = {c: Counter() for c in schema.categorical}
@@ -442,8 +541,13 @@ def plan(blocks: list[dict], schema: Schema, cfg: DataConfig, scratch: str | Non
     for future in as_completed(futures):
         i, r = futures[future], checked(future.result())
         future.release()
-        per_block[i] = {"rows": r["rows"], "quarantine": r["quarantine"], "bad": r["bad"], "missing": r["missing"],
-                        "lowest_u": r.get("lowest_u")}
+        per_block[i] = {
+            "rows": r["rows"],
+            "quarantine": r["quarantine"],
+            "bad": r["bad"],
+            "missing": r["missing"],
+            "lowest_u": r.get("lowest_u"),
+        }
         if r["first_bad"]:
             bad.append(r["first_bad"])
         if r["missing"]:
@@ -460,39 +564,60 @@ def plan(blocks: list[dict], schema: Schema, cfg: DataConfig, scratch: str | Non
         keep = np.argsort(fill_u, kind="stable")[:FILL_SAMPLE_ROWS]
         fill_u, fill_x = fill_u[keep], fill_x[keep]
         for s in examples:
-            examples[s] = heapq.nsmallest(EXAMPLE_ROWS, examples[s] + list(zip(*r["example"][s], strict=True)),
-                                          key=lambda pair: pair[0])
+            examples[s] = heapq.nsmallest(
+                EXAMPLE_ROWS,
+                examples[s] + list(zip(*r["example"][s], strict=True)),
+                key=lambda pair: pair[0],
+            )
         if cfg.max_rows:
-            lowest = [np.sort(np.concatenate([a, b]))[: cfg.max_rows] for a, b in zip(lowest, r["lowest_u"], strict=True)]
+            lowest = [
+                np.sort(np.concatenate([a, b]))[: cfg.max_rows]
+                for a, b in zip(lowest, r["lowest_u"], strict=True)
+            ]
 
     where = cfg.source
     rejected = sum(b["bad"] for b in per_block.values())
     if bad and cfg.on_bad_rows == "error":
         row, reason = min(bad)
-        raise DataError(f"{where}: {rejected} bad row(s), first at row {row}: {reason}. Fix the data, "
-                        "or set data.on_bad_rows to drop or quarantine to continue without them")
+        raise DataError(
+            f"{where}: {rejected} bad row(s), first at row {row}: {reason}. Fix the data, "
+            "or set data.on_bad_rows to drop or quarantine to continue without them"
+        )
     if missing and cfg.missing == "error":
         row, column = min(missing)
-        raise DataError(f"{where}: {sum(b['missing'] for b in per_block.values())} missing value(s), first in "
-                        f"column '{column}' at row {row}; fill or drop them first, or set data.missing: fill")
+        raise DataError(
+            f"{where}: {sum(b['missing'] for b in per_block.values())} missing value(s), first in "
+            f"column '{column}' at row {row}; fill or drop them first, or set data.missing: fill"
+        )
     warnings = [*schema.warnings]
-    warnings += [f"column '{c}' is constant ({next(iter(v))!r}): it carries no signal"
-                 for c, v in distinct.items() if len(v) == 1]
+    warnings += [
+        f"column '{c}' is constant ({next(iter(v))!r}): it carries no signal"
+        for c, v in distinct.items()
+        if len(v) == 1
+    ]
     all_labels = labels[0] + labels[1] + labels[2]
     if len(all_labels) < 2:
-        raise DataError(f"{where}: the label has a single class ({next(iter(all_labels), None)!r}); nothing to learn")
+        raise DataError(
+            f"{where}: the label has a single class ({next(iter(all_labels), None)!r}); nothing to learn"
+        )
     classes = sorted(labels[0])
     for s, name in ((1, "val"), (2, "test")):
         unseen = set(labels[s]) - set(classes)
         if unseen:
-            raise DataError(f"{where}: the {name} split has label(s) {sorted(unseen)[:5]} never seen in training; "
-                            "rare classes need more rows")
+            raise DataError(
+                f"{where}: the {name} split has label(s) {sorted(unseen)[:5]} never seen in training; "
+                "rare classes need more rows"
+            )
     fills = {}
     for j, c in enumerate(schema.numeric):
         values = fill_x[:, j][~np.isnan(fill_x[:, j])]
         fills[c] = float(np.median(values)) if len(values) else 0.0
-    encoder = fit_encoder(fills, {c: dict(categories[c]) for c in schema.categorical}, cfg.max_onehot)
-    cutoffs = [float(low[-1]) if cfg.max_rows and len(low) >= cfg.max_rows else 1.0 for low in lowest]
+    encoder = fit_encoder(
+        fills, {c: dict(categories[c]) for c in schema.categorical}, cfg.max_onehot
+    )
+    cutoffs = [
+        float(low[-1]) if cfg.max_rows and len(low) >= cfg.max_rows else 1.0 for low in lowest
+    ]
     counts = []
     for i in range(len(blocks)):
         b = per_block[i]
@@ -501,33 +626,55 @@ def plan(blocks: list[dict], schema: Schema, cfg: DataConfig, scratch: str | Non
         else:
             counts.append(b["rows"])
     example = [row for _, row in examples[2] or examples[0]]
-    return Plan(classes, encoder, counts, cutoffs, rejected, sum(b["missing"] for b in per_block.values()),
-                [per_block[i]["quarantine"] for i in sorted(per_block) if per_block[i]["quarantine"]],
-                example, warnings)
+    return Plan(
+        classes,
+        encoder,
+        counts,
+        cutoffs,
+        rejected,
+        sum(b["missing"] for b in per_block.values()),
+        [per_block[i]["quarantine"] for i in sorted(per_block) if per_block[i]["quarantine"]],
+        example,
+        warnings,
+    )
 
 
 # ---------------------------------------------------------------- pass 3: write
 
 
 @data_task
-def write_block(block: dict, schema: Schema, cfg: DataConfig, encoder_path: str,
-                classes: list[Any], cutoffs: list[float], counts: list[int], offsets: list[int],
-                targets: dict[str, tuple[str, str]]) -> list[int]:
+def write_block(
+    block: dict,
+    schema: Schema,
+    cfg: DataConfig,
+    encoder_path: str,
+    classes: list[Any],
+    cutoffs: list[float],
+    counts: list[int],
+    offsets: list[int],
+    targets: dict[str, tuple[str, str]],
+) -> list[int]:
     """Encode one block and write its rows of each split into that split's arrays."""
-    features, labels, _, _, u, split = _good_rows(read_block(block), schema, cfg, block["first_row"])
+    features, labels, _, _, u, split = _good_rows(
+        read_block(block), schema, cfg, block["first_row"]
+    )
     encoder = Encoder.load(encoder_path)
     lookup = {c: i for i, c in enumerate(classes)}
     written = []
     for s, name in enumerate(SPLITS):
         rows = np.flatnonzero((split == s) & (u <= cutoffs[s]))
-        if len(rows) > counts[s]:  # duplicate rows tied at a max_rows cutoff: keep as many as counted
+        if (
+            len(rows) > counts[s]
+        ):  # duplicate rows tied at a max_rows cutoff: keep as many as counted
             rows = np.sort(rows[np.argsort(u[rows], kind="stable")[: counts[s]]])
         if len(rows):
             X_path, y_path = targets[name]
             X = np.load(X_path, mmap_mode="r+")
             y = np.load(y_path, mmap_mode="r+")
             X[offsets[s] : offsets[s] + len(rows)] = encoder.transform(features.iloc[rows])
-            y[offsets[s] : offsets[s] + len(rows)] = labels.iloc[rows].map(lookup).to_numpy(dtype=np.int64)
+            y[offsets[s] : offsets[s] + len(rows)] = (
+                labels.iloc[rows].map(lookup).to_numpy(dtype=np.int64)
+            )
             X.flush(), y.flush()
             del X, y
         written.append(len(rows))
@@ -559,15 +706,18 @@ def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, 
 
     scratch = out.path("scratch")
     scratch.mkdir()
-    blocks, schema, p, block_bytes, seconds = survey(cfg, fmt, str(scratch), client,
-                                                     cfg.on_bad_rows == "quarantine")
+    blocks, schema, p, block_bytes, seconds = survey(
+        cfg, fmt, str(scratch), client, cfg.on_bad_rows == "quarantine"
+    )
     seconds["write"] = time.perf_counter()
     p.encoder.save(out.path("encoder.json"))
     sizes = np.array(p.counts, dtype=np.int64).reshape(len(blocks), 3)
     for s, name in enumerate(SPLITS):
         if not sizes[:, s].sum() and (name == "train" or getattr(cfg, f"{name}_fraction") > 0):
-            raise DataError(f"{cfg.source}: the {name} split is empty; use more rows or a larger "
-                            f"data.{name}_fraction")
+            raise DataError(
+                f"{cfg.source}: the {name} split is empty; use more rows or a larger "
+                f"data.{name}_fraction"
+            )
 
     offsets = np.vstack([np.zeros(3, dtype=np.int64), np.cumsum(sizes, axis=0)[:-1]])
     width = len(p.encoder.feature_names)
@@ -575,15 +725,38 @@ def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, 
     for s, name in enumerate(SPLITS):
         X_path, y_path = out.path(f"{name}_X.npy"), out.path(f"{name}_y.npy")
         # sized once here; each task writes its own rows into these files
-        np.lib.format.open_memmap(X_path, mode="w+", dtype=np.float32, shape=(int(sizes[:, s].sum()), width))
-        np.lib.format.open_memmap(y_path, mode="w+", dtype=np.int64, shape=(int(sizes[:, s].sum()),))
+        np.lib.format.open_memmap(
+            X_path, mode="w+", dtype=np.float32, shape=(int(sizes[:, s].sum()), width)
+        )
+        np.lib.format.open_memmap(
+            y_path, mode="w+", dtype=np.int64, shape=(int(sizes[:, s].sum()),)
+        )
         targets[name] = (str(X_path), str(y_path))
-    written = [checked(r) for r in client.gather([
-        client.submit(write_block, b, schema, cfg, str(out.path("encoder.json")), p.classes, p.cutoffs,
-                      p.counts[i], offsets[i].tolist(), targets, pure=False)
-        for i, b in enumerate(blocks)])]
+    written = [
+        checked(r)
+        for r in client.gather(
+            [
+                client.submit(
+                    write_block,
+                    b,
+                    schema,
+                    cfg,
+                    str(out.path("encoder.json")),
+                    p.classes,
+                    p.cutoffs,
+                    p.counts[i],
+                    offsets[i].tolist(),
+                    targets,
+                    pure=False,
+                )
+                for i, b in enumerate(blocks)
+            ]
+        )
+    ]
     if np.asarray(written).tolist() != sizes.tolist():  # the two passes must agree row for row
-        raise RuntimeError(f"ingest wrote {written} rows per block and split, the profile pass counted {sizes}")
+        raise RuntimeError(
+            f"ingest wrote {written} rows per block and split, the profile pass counted {sizes}"
+        )
 
     if p.quarantine:  # one CSV: the first part's header, every part's rows
         with open(out.path("quarantine.csv"), "wb") as sink:
@@ -600,7 +773,10 @@ def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, 
     seconds["end"] = time.perf_counter()
     marks = list(seconds.values())
     return {
-        "seconds": {name: round(end - start, 3) for name, start, end in zip(seconds, marks, marks[1:], strict=False)},
+        "seconds": {
+            name: round(end - start, 3)
+            for name, start, end in zip(seconds, marks, marks[1:], strict=False)
+        },
         "block_mb": round(block_bytes / 2**20, 1),
         "classes": p.classes,
         "feature_names": p.encoder.feature_names,

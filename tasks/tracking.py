@@ -50,14 +50,22 @@ def configure(cfg: PipelineConfig) -> str:
         db = Path(cfg.tracking.uri.removeprefix("sqlite:///")).resolve()
         artifact_location = (db.parent / "mlartifacts").as_uri()
     # Without this tag MLflow 3's UI opens the experiment in its GenAI mode.
-    return mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_location,
-                                    tags={"mlflow.experimentKind": "custom_model_development"})
+    return mlflow.create_experiment(
+        cfg.tracking.experiment,
+        artifact_location=artifact_location,
+        tags={"mlflow.experimentKind": "custom_model_development"},
+    )
 
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -77,7 +85,9 @@ def pipeline_run(cfg: PipelineConfig, experiment_id: str) -> Iterator[str]:
         "mlflow.source.git.commit": git_commit(),
         "mlflow.source.name": "flows/pipeline.py",  # not Prefect's engine module
     }
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"pipeline-{cfg.digest()[:8]}", tags=tags) as run:
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=f"pipeline-{cfg.digest()[:8]}", tags=tags
+    ) as run:
         mlflow.log_params(cfg.flat())
         mlflow.log_text(_yaml(cfg), "config/pipeline.yaml")
         yield run.info.run_id
@@ -91,10 +101,13 @@ def stage_run(parent_run_id: str, stage: str, section: str, config: Any) -> Iter
     # Tasks may run in other threads than the flow, where MLflow's active experiment is
     # unset: take the parent's experiment explicitly or the run lands in "Default".
     experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
-    with mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id,
-                          experiment_id=experiment_id) as run:
+    with mlflow.start_run(
+        run_name=stage, nested=True, parent_run_id=parent_run_id, experiment_id=experiment_id
+    ) as run:
         mlflow.set_tag("accelflow.stage", stage)
-        params = flatten(config.model_dump(mode="json") if hasattr(config, "model_dump") else config)
+        params = flatten(
+            config.model_dump(mode="json") if hasattr(config, "model_dump") else config
+        )
         mlflow.log_params({f"{section}.{k}": v for k, v in params.items()})
         yield run.info.run_id
 
@@ -104,18 +117,29 @@ def publish(stage: str, outcome: StageOutcome) -> None:
     import mlflow
 
     m = outcome.manifest
-    mlflow.set_tags({
-        "accelflow.cached": str(outcome.cached).lower(),
-        "accelflow.reason": outcome.reason[:5000],
-        "accelflow.stage_key": m["key"],
-    })
-    mlflow.log_metrics({**m.get("metrics", {}), f"{stage}/seconds": outcome.seconds,
-                        f"{stage}/cached": float(outcome.cached)})
+    mlflow.set_tags(
+        {
+            "accelflow.cached": str(outcome.cached).lower(),
+            "accelflow.reason": outcome.reason[:5000],
+            "accelflow.stage_key": m["key"],
+        }
+    )
+    mlflow.log_metrics(
+        {
+            **m.get("metrics", {}),
+            f"{stage}/seconds": outcome.seconds,
+            f"{stage}/cached": float(outcome.cached),
+        }
+    )
     mlflow.log_dict(m, f"{stage}/manifest.json")
     summary = f"### {stage}\n\n{'cached' if outcome.cached else 'ran'}: {outcome.reason}\n\n{m.get('summary', '')}\n"
     mlflow.log_text(summary, f"{stage}/summary.md")
-    _prefect_artifact("create_markdown_artifact", markdown=summary, key=f"accelflow-{stage}",
-                      description=f"{stage} summary")
+    _prefect_artifact(
+        "create_markdown_artifact",
+        markdown=summary,
+        key=f"accelflow-{stage}",
+        description=f"{stage} summary",
+    )
 
 
 def publish_table(stage: str, name: str, rows: list[dict[str, Any]], plots: list[str] = ()) -> None:
@@ -126,8 +150,12 @@ def publish_table(stage: str, name: str, rows: list[dict[str, Any]], plots: list
     mlflow.log_table(pd.DataFrame(rows), artifact_file=f"{stage}/{name}.json")
     for plot in plots:
         mlflow.log_artifact(plot, stage)
-    _prefect_artifact("create_table_artifact", table=rows, key=f"accelflow-{stage}-{name}",
-                      description=f"{stage}: {name}")
+    _prefect_artifact(
+        "create_table_artifact",
+        table=rows,
+        key=f"accelflow-{stage}-{name}",
+        description=f"{stage}: {name}",
+    )
 
 
 def log_dataset(manifest: Manifest, split: str, context: str) -> None:

@@ -13,8 +13,19 @@ from tasks.stage import Manifest, StageDir
 from tasks.training.launch import launch, resolve_world_size
 
 VERSION = "1"
-OPTIM_KEYS = ("optimizer", "momentum", "weight_decay", "scheduler", "step_size", "gamma",
-              "label_smoothing", "batch_size", "precision", "compile", "seed")
+OPTIM_KEYS = (
+    "optimizer",
+    "momentum",
+    "weight_decay",
+    "scheduler",
+    "step_size",
+    "gamma",
+    "label_smoothing",
+    "batch_size",
+    "precision",
+    "compile",
+    "seed",
+)
 
 
 def split_files(features: Manifest, split: str) -> list[str]:
@@ -42,7 +53,9 @@ def model_files(out: StageDir) -> dict[str, Any]:
     return {"weights": weights, "arch": arch}
 
 
-def train_model(features: Manifest, cfg: TrainConfig, out: StageDir, run_id: str | None = None) -> dict[str, Any]:
+def train_model(
+    features: Manifest, cfg: TrainConfig, out: StageDir, run_id: str | None = None
+) -> dict[str, Any]:
     """Launch the workers on train/val; return the manifest body with the model files."""
     spec = {
         "train_files": split_files(features, "train"),

@@ -14,7 +14,18 @@ import pytest
 from conf.schema import PipelineConfig, load_config
 
 FMNIST = Path(os.environ.get("ACCELFLOW_FMNIST", "/usr/share/datasets/fashion-mnist"))
-CLASS_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+CLASS_NAMES = [
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "boot",
+]
 
 for key, value in {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -44,7 +55,9 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 @pytest.fixture(scope="session")
 def fmnist_full() -> Path:
     if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"Fashion-MNIST missing in {FMNIST}: run `make data` (Debian's dataset-fashion-mnist)")
+        pytest.fail(
+            f"Fashion-MNIST missing in {FMNIST}: run `make data` (Debian's dataset-fashion-mnist)"
+        )
     return FMNIST
 
 
@@ -55,8 +68,14 @@ def fmnist_small(fmnist_full: Path, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("fmnist_small")
     for prefix, n in (("train", 3000), ("t10k", 1000)):
-        write_idx(out / f"{prefix}-images-idx3-ubyte.gz", read_idx(fmnist_full / f"{prefix}-images-idx3-ubyte.gz")[:n])
-        write_idx(out / f"{prefix}-labels-idx1-ubyte.gz", read_idx(fmnist_full / f"{prefix}-labels-idx1-ubyte.gz")[:n])
+        write_idx(
+            out / f"{prefix}-images-idx3-ubyte.gz",
+            read_idx(fmnist_full / f"{prefix}-images-idx3-ubyte.gz")[:n],
+        )
+        write_idx(
+            out / f"{prefix}-labels-idx1-ubyte.gz",
+            read_idx(fmnist_full / f"{prefix}-labels-idx1-ubyte.gz")[:n],
+        )
     return out
 
 
@@ -90,7 +109,9 @@ def digits_csv(digits_frame, tmp_path) -> Path:
 def stage_runs(client, parent_id: str) -> dict:
     """The nested stage runs of a pipeline's parent run, by stage name."""
     parent = client.get_run(parent_id)
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'"
+    )
     return {run.info.run_name: run for run in children}
 
 

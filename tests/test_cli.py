@@ -24,7 +24,10 @@ def test_validate_checks_config_and_data(digits_csv):
     [
         (["--set", "train.optimiser=sgd"], "unknown key 'train.optimiser'"),
         (["--set", "train.epochs=zero"], "'train.epochs'"),
-        (["--set", "data.source=/no/such/data.csv"], "/no/such/data.csv: data source does not exist"),
+        (
+            ["--set", "data.source=/no/such/data.csv"],
+            "/no/such/data.csv: data source does not exist",
+        ),
         (["-c", "/no/such/config.yaml"], "config file /no/such/config.yaml does not exist"),
     ],
 )
@@ -40,7 +43,9 @@ def test_run_rejects_a_missing_label_before_starting_anything(digits_csv):
     out = accelflow("run", "--set", f"data.source={digits_csv}")
     assert out.returncode == 2
     assert "label column 'label' not found" in out.stderr and "data.label" in out.stderr
-    assert "Starting temporary server" not in out.stdout + out.stderr  # failed before Prefect started
+    assert (
+        "Starting temporary server" not in out.stdout + out.stderr
+    )  # failed before Prefect started
 
 
 @pytest.mark.slow
@@ -62,9 +67,17 @@ def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
     frame.loc[5, "pixel_0_2"] = "n/a?"
     source = tmp_path / "messy.csv"
     frame.to_csv(source, index=False)
-    sets = [f"data.source={source}", "data.label=digit", "data.on_bad_rows=quarantine", f"workdir={tmp_path / 'work'}",
-            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.epochs=5", "train.hidden=[128]", "train.batch_size=32",
-            "prune.finetune_epochs=1"]
+    sets = [
+        f"data.source={source}",
+        "data.label=digit",
+        "data.on_bad_rows=quarantine",
+        f"workdir={tmp_path / 'work'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "train.epochs=5",
+        "train.hidden=[128]",
+        "train.batch_size=32",
+        "prune.finetune_epochs=1",
+    ]
     out = accelflow("run", *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     for stage in ("ingest", "partition", "reduce", "train", "prune", "evaluate"):
@@ -84,7 +97,11 @@ def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
     model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@champion")
     predictions = np.asarray(model.predict(raw_X))
     client = MlflowClient(cfg.tracking.uri)
-    parent = client.search_runs([client.get_experiment_by_name("accelflow").experiment_id],
-                                "tags.mlflow.runName LIKE 'pipeline-%'")[0]
-    assert float((predictions == raw_y).mean()) == pytest.approx(parent.data.metrics["test/accuracy"], abs=1e-9)
+    parent = client.search_runs(
+        [client.get_experiment_by_name("accelflow").experiment_id],
+        "tags.mlflow.runName LIKE 'pipeline-%'",
+    )[0]
+    assert float((predictions == raw_y).mean()) == pytest.approx(
+        parent.data.metrics["test/accuracy"], abs=1e-9
+    )
     assert parent.data.metrics["test/accuracy"] > 0.8

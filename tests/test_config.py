@@ -14,7 +14,9 @@ def test_default_config_is_valid_and_flattens_to_param_names():
 
 
 def test_overrides_parse_yaml_values():
-    cfg = load_config(None, ["train.epochs=3", "train.hidden=[64, 32]", "data.max_rows=100", "train.world_size=1"])
+    cfg = load_config(
+        None, ["train.epochs=3", "train.hidden=[64, 32]", "data.max_rows=100", "train.world_size=1"]
+    )
     assert cfg.train.epochs == 3 and cfg.train.hidden == [64, 32]
     assert cfg.data.max_rows == 100 and cfg.train.world_size == 1
 

@@ -23,10 +23,18 @@ def client(cluster):
 def partitioned(fmnist_small, tmp_path_factory, client):
     work = tmp_path_factory.mktemp("work")
     data = DataConfig(source=str(fmnist_small))
-    ingested = run_stage(work, "ingest", "1", {}, [], lambda out: ingest_dataset(data, out, client)).manifest
+    ingested = run_stage(
+        work, "ingest", "1", {}, [], lambda out: ingest_dataset(data, out, client)
+    ).manifest
     cfg = PartitionConfig(target_partition_mb=0.5, compression_level=5, sample_mb=1)
-    parts = run_stage(work, "partition", "1", cfg.model_dump(), [ingested],
-                      lambda out: partition_dataset(ingested, cfg, out, client)).manifest
+    parts = run_stage(
+        work,
+        "partition",
+        "1",
+        cfg.model_dump(),
+        [ingested],
+        lambda out: partition_dataset(ingested, cfg, out, client),
+    ).manifest
     return work, ingested, parts
 
 
@@ -34,14 +42,21 @@ def test_partitions_hold_every_row_compressed_with_zstd(partitioned):
     _, ingested, parts = partitioned
     for name, split in parts["splits"].items():
         files = [f["path"] for f in split["files"]]
-        assert sum(pq.ParquetFile(f).metadata.num_rows for f in files) == ingested["splits"][name]["rows"]
+        assert (
+            sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+            == ingested["splits"][name]["rows"]
+        )
         column = pq.ParquetFile(files[0]).metadata.row_group(0).column(0)
         assert column.compression == "ZSTD"
     assert len(parts["splits"]["train"]["files"]) > 1  # 0.5 MB target splits ~2 MB of train
-    X = np.concatenate([read_features(f["path"], parts["feature_names"]) for f in parts["splits"]["test"]["files"]])
+    X = np.concatenate(
+        [read_features(f["path"], parts["feature_names"]) for f in parts["splits"]["test"]["files"]]
+    )
     assert np.array_equal(X, np.load(ingested["splits"]["test"]["X"]["path"]))  # lossless
     m = parts["metrics"]
-    assert m["data/compression_ratio"] == pytest.approx(m["data/bytes_in"] / m["data/bytes_out"], rel=1e-3)
+    assert m["data/compression_ratio"] == pytest.approx(
+        m["data/bytes_in"] / m["data/bytes_out"], rel=1e-3
+    )
 
 
 def test_pca_matches_scikit_learn_and_meets_the_variance_target(partitioned, client, tmp_path):
@@ -49,9 +64,20 @@ def test_pca_matches_scikit_learn_and_meets_the_variance_target(partitioned, cli
 
     work, _, parts = partitioned
     cfg = ReduceConfig(variance_target=0.9)
-    m = run_stage(work, "reduce", "1", cfg.model_dump(), [parts],
-                  lambda out: fit_reduction(parts, cfg, out, client)).manifest
-    X = np.concatenate([read_features(f["path"], parts["feature_names"]) for f in parts["splits"]["train"]["files"]])
+    m = run_stage(
+        work,
+        "reduce",
+        "1",
+        cfg.model_dump(),
+        [parts],
+        lambda out: fit_reduction(parts, cfg, out, client),
+    ).manifest
+    X = np.concatenate(
+        [
+            read_features(f["path"], parts["feature_names"])
+            for f in parts["splits"]["train"]["files"]
+        ]
+    )
     reference = PCA(svd_solver="full").fit(X)
     k = int(np.searchsorted(np.cumsum(reference.explained_variance_ratio_), 0.9) + 1)
     assert m["metrics"]["reduce/components"] == k
@@ -64,24 +90,41 @@ def test_pca_matches_scikit_learn_and_meets_the_variance_target(partitioned, cli
     assert rows == parts["splits"]["val"]["rows"]
 
 
-def test_codec_report_measures_every_candidate_and_auto_follows_the_rule(partitioned, client, tmp_path):
+def test_codec_report_measures_every_candidate_and_auto_follows_the_rule(
+    partitioned, client, tmp_path
+):
     _, ingested, parts = partitioned
     report = parts["codec_report"]
-    assert [(r["codec"], r["level"]) for r in report] == [*CANDIDATES, ("zstd", 5)]  # + the configured level
+    assert [(r["codec"], r["level"]) for r in report] == [
+        *CANDIDATES,
+        ("zstd", 5),
+    ]  # + the configured level
     assert parts["codec"] == {**parts["codec"], "codec": "zstd", "level": 5}
     assert all(r["ratio"] > 0 and r["write_mb_s"] > 0 and r["read_mb_s"] > 0 for r in report)
     none = next(r for r in report if r["codec"] == "none")
     zstd9 = next(r for r in report if r == {**r, "codec": "zstd", "level": 9})
     assert zstd9["ratio"] > none["ratio"]  # compression compresses real pixels
     cfg = PartitionConfig(codec="auto", sample_mb=1)
-    auto = run_stage(tmp_path, "partition", "1", cfg.model_dump(), [ingested],
-                     lambda out: partition_dataset(ingested, cfg, out, client)).manifest
+    auto = run_stage(
+        tmp_path,
+        "partition",
+        "1",
+        cfg.model_dump(),
+        [ingested],
+        lambda out: partition_dataset(ingested, cfg, out, client),
+    ).manifest
     chosen = auto["codec"]
     fastest = max(r["read_mb_s"] for r in auto["codec_report"])
-    winner = next(r for r in auto["codec_report"] if (r["codec"], r["level"]) == (chosen["codec"], chosen["level"]))
+    winner = next(
+        r
+        for r in auto["codec_report"]
+        if (r["codec"], r["level"]) == (chosen["codec"], chosen["level"])
+    )
     assert winner["read_mb_s"] >= 0.8 * fastest
     assert "**chosen**" in auto["summary"] and Path(auto["plots"][0]).is_file()
-    column = pq.ParquetFile(auto["splits"]["train"]["files"][0]["path"]).metadata.row_group(0).column(0)
+    column = (
+        pq.ParquetFile(auto["splits"]["train"]["files"][0]["path"]).metadata.row_group(0).column(0)
+    )
     expected = "UNCOMPRESSED" if chosen["codec"] == "none" else chosen["codec"].upper()
     assert column.compression == expected
 
@@ -91,7 +134,13 @@ def test_choose_codec_rule():
         {"codec": "none", "level": None, "ratio": 1.0, "write_mb_s": 900, "read_mb_s": 1000},
         {"codec": "zstd", "level": 3, "ratio": 3.0, "write_mb_s": 300, "read_mb_s": 850},
         {"codec": "zstd", "level": 15, "ratio": 3.4, "write_mb_s": 20, "read_mb_s": 820},
-        {"codec": "gzip", "level": 6, "ratio": 3.6, "write_mb_s": 40, "read_mb_s": 300},  # reads too slowly
+        {
+            "codec": "gzip",
+            "level": 6,
+            "ratio": 3.6,
+            "write_mb_s": 40,
+            "read_mb_s": 300,
+        },  # reads too slowly
     ]
     assert choose_codec(report) is report[2]
 
@@ -105,19 +154,33 @@ def test_float16_storage_halves_float_columns(client, tmp_path):
     pixels = [c for c in frame.columns if c != "target"]
     frame.to_csv(tmp_path / "cancer.csv", index=False)
     data = DataConfig(source=str(tmp_path / "cancer.csv"), label="target")
-    ingested = run_stage(tmp_path, "ingest", "1", {}, [], lambda out: ingest_dataset(data, out, client)).manifest
+    ingested = run_stage(
+        tmp_path, "ingest", "1", {}, [], lambda out: ingest_dataset(data, out, client)
+    ).manifest
     sizes, values = {}, {}
     for dtype in ("native", "float16"):
         cfg = PartitionConfig(codec="none", storage_dtype=dtype, sample_mb=0.1)
-        m = run_stage(tmp_path, "partition", "1", cfg.model_dump(), [ingested],
-                      lambda out, cfg=cfg: partition_dataset(ingested, cfg, out, client)).manifest
+        m = run_stage(
+            tmp_path,
+            "partition",
+            "1",
+            cfg.model_dump(),
+            [ingested],
+            lambda out, cfg=cfg: partition_dataset(ingested, cfg, out, client),
+        ).manifest
         path = m["splits"]["train"]["files"][0]["path"]
-        sizes[dtype] = sum(pq.ParquetFile(path).metadata.row_group(0).column(i).total_uncompressed_size
-                           for i in range(len(pixels)))
+        sizes[dtype] = sum(
+            pq.ParquetFile(path).metadata.row_group(0).column(i).total_uncompressed_size
+            for i in range(len(pixels))
+        )
         values[dtype] = read_features(path, pixels)
-        assert str(pq.read_schema(path).field(0).type) == ("halffloat" if dtype == "float16" else "float")
+        assert str(pq.read_schema(path).field(0).type) == (
+            "halffloat" if dtype == "float16" else "float"
+        )
     assert sizes["float16"] < 0.6 * sizes["native"]
-    relative = np.abs(values["float16"] - values["native"]) / np.maximum(np.abs(values["native"]), 1e-3)
+    relative = np.abs(values["float16"] - values["native"]) / np.maximum(
+        np.abs(values["native"]), 1e-3
+    )
     assert relative.max() < 1e-3  # lossy, but only in the fourth significant digit
 
 
@@ -149,8 +212,11 @@ def test_a_run_killed_mid_write_leaves_nothing_that_looks_complete(partitioned, 
     (tmp_path / "ingest.json").write_text(json.dumps(ingested))
     (tmp_path / "kill.py").write_text(KILL_SCRIPT)
     work = tmp_path / "work"
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "kill.py"), str(work), str(tmp_path / "ingest.json")],
-                            start_new_session=True, cwd=Path(__file__).parent.parent)
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "kill.py"), str(work), str(tmp_path / "ingest.json")],
+        start_new_session=True,
+        cwd=Path(__file__).parent.parent,
+    )
     deadline = time.monotonic() + 120
     while not list(work.glob("partition/.tmp-*/train/part-*.parquet")):
         assert proc.poll() is None, "the writer finished before it could be killed"
@@ -160,17 +226,28 @@ def test_a_run_killed_mid_write_leaves_nothing_that_looks_complete(partitioned, 
     proc.wait()
 
     stage = work / "partition"
-    assert not [p for p in stage.iterdir() if not p.name.startswith(".")]  # no key folder, no last.json
+    assert not [
+        p for p in stage.iterdir() if not p.name.startswith(".")
+    ]  # no key folder, no last.json
     assert not list(stage.glob("*/manifest.json"))
     leftovers = list(stage.glob(".tmp-*"))
     assert leftovers  # the half-written folder is there, under a name no run trusts
 
     cfg = PartitionConfig(target_partition_mb=0.05, sample_mb=0.5)
-    done = run_stage(work, "partition", "1", cfg.model_dump(), [ingested],
-                     lambda out: partition_dataset(ingested, cfg, out, client))
+    done = run_stage(
+        work,
+        "partition",
+        "1",
+        cfg.model_dump(),
+        [ingested],
+        lambda out: partition_dataset(ingested, cfg, out, client),
+    )
     assert not done.cached and "first run" in done.reason
     assert not any(p.exists() for p in leftovers)  # the dead writer's folder was swept
-    rows = sum(pq.ParquetFile(f["path"]).metadata.num_rows for f in done.manifest["splits"]["train"]["files"])
+    rows = sum(
+        pq.ParquetFile(f["path"]).metadata.num_rows
+        for f in done.manifest["splits"]["train"]["files"]
+    )
     assert rows == ingested["splits"]["train"]["rows"]
 
 
@@ -180,28 +257,51 @@ def test_partition_handles_data_several_times_larger_than_worker_memory(tmp_path
     its own row range, so no worker ever holds a split (Dask would kill one that did)."""
     rows, columns = 6_400_000, 64  # 6.4 M x 64 float32 = 1.6 GiB, 4x one worker's limit
     rng = np.random.default_rng(0)
-    X = np.lib.format.open_memmap(tmp_path / "train_X.npy", mode="w+", dtype=np.float32, shape=(rows, columns))
-    y = np.lib.format.open_memmap(tmp_path / "train_y.npy", mode="w+", dtype=np.int64, shape=(rows,))
+    X = np.lib.format.open_memmap(
+        tmp_path / "train_X.npy", mode="w+", dtype=np.float32, shape=(rows, columns)
+    )
+    y = np.lib.format.open_memmap(
+        tmp_path / "train_y.npy", mode="w+", dtype=np.int64, shape=(rows,)
+    )
     for start in range(0, rows, 1 << 20):
         n = min(1 << 20, rows - start)
         X[start : start + n] = np.round(rng.lognormal(3, 1, (n, columns)), 2)
         y[start : start + n] = rng.integers(0, 3, n)
     X.flush(), y.flush()
     del X, y
-    files = {k: {"path": str(tmp_path / f"train_{k}.npy"), "bytes": (tmp_path / f"train_{k}.npy").stat().st_size}
-             for k in "Xy"}
+    files = {
+        k: {
+            "path": str(tmp_path / f"train_{k}.npy"),
+            "bytes": (tmp_path / f"train_{k}.npy").stat().st_size,
+        }
+        for k in "Xy"
+    }
     empty = {**files, "rows": 0}
-    ingested = {"stage": "ingest", "digest": "synthetic", "feature_names": [f"c{i}" for i in range(columns)],
-                "classes": [0, 1, 2], "image_shape": None,
-                "splits": {"train": {**files, "rows": rows}, "val": empty, "test": empty}}
+    ingested = {
+        "stage": "ingest",
+        "digest": "synthetic",
+        "feature_names": [f"c{i}" for i in range(columns)],
+        "classes": [0, 1, 2],
+        "image_shape": None,
+        "splits": {"train": {**files, "rows": rows}, "val": empty, "test": empty},
+    }
     cfg = PartitionConfig(target_partition_mb=16, sample_mb=1)
     with dask_client(DaskConfig(n_workers=2, memory_limit="400MiB")) as small:
         workers = set(small.scheduler_info()["workers"])
-        m = run_stage(tmp_path / "work", "partition", "1", cfg.model_dump(), [ingested],
-                      lambda out: partition_dataset(ingested, cfg, out, small)).manifest
+        m = run_stage(
+            tmp_path / "work",
+            "partition",
+            "1",
+            cfg.model_dump(),
+            [ingested],
+            lambda out: partition_dataset(ingested, cfg, out, small),
+        ).manifest
         peaks = small.run(peak_memory_mib)
         assert set(small.scheduler_info()["workers"]) == workers  # none was killed and restarted
-    assert sum(pq.ParquetFile(f["path"]).metadata.num_rows for f in m["splits"]["train"]["files"]) == rows
+    assert (
+        sum(pq.ParquetFile(f["path"]).metadata.num_rows for f in m["splits"]["train"]["files"])
+        == rows
+    )
     assert max(peaks.values()) < 400, f"worker peaks (MiB): {peaks}"
 
 
@@ -218,14 +318,26 @@ def test_ingest_handles_a_csv_several_times_larger_than_worker_memory(tmp_path):
     source = tmp_path / "big.csv"
 
     def run(*args):
-        done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=900)
+        done = subprocess.run(
+            [sys.executable, str(script), *args], capture_output=True, text=True, timeout=900
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
 
     made = run("--variant", "generate", "--gb", "1.2", "--source", str(source))
     assert made["bytes"] > 3 * 400 * 2**20
-    result = run("--variant", "accelflow", "--source", str(source), "--work", str(tmp_path / "work"),
-                 "--worker-memory", "400MiB", "--block-mb", "32")
+    result = run(
+        "--variant",
+        "accelflow",
+        "--source",
+        str(source),
+        "--work",
+        str(tmp_path / "work"),
+        "--worker-memory",
+        "400MiB",
+        "--block-mb",
+        "32",
+    )
     assert not result["workers_restarted"]
     assert result["worker_peak_mib"] < 400, result
     assert result["driver_peak_mib"] < 400, result

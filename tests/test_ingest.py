@@ -21,8 +21,14 @@ def _cluster(cluster):
 
 def ingest(tmp_path, **data):
     cfg = DataConfig(**data)
-    return run_stage(tmp_path / "work", "ingest", "1", cfg.model_dump(mode="json"), [],
-                     lambda out: ingest_dataset(cfg, out, CLIENT))
+    return run_stage(
+        tmp_path / "work",
+        "ingest",
+        "1",
+        cfg.model_dump(mode="json"),
+        [],
+        lambda out: ingest_dataset(cfg, out, CLIENT),
+    )
 
 
 def test_idx_folder_keeps_the_shipped_test_set(fmnist_small, tmp_path):
@@ -104,7 +110,9 @@ def test_split_is_independent_of_row_order(digits_frame):
     assert {r.tobytes() for r in other_seed["test"][0]} != {r.tobytes() for r in a["test"][0]}
 
 
-def test_tables_give_the_same_splits_whatever_the_blocks_row_order_or_format(digits_frame, tmp_path):
+def test_tables_give_the_same_splits_whatever_the_blocks_row_order_or_format(
+    digits_frame, tmp_path
+):
     """The split, the encoder and the fills depend on row contents only: one block or many,
     rows shuffled, CSV or a folder of Parquet files, the output holds the same rows."""
     frame = digits_frame.copy().astype({"pixel_4_4": float})
@@ -115,16 +123,40 @@ def test_tables_give_the_same_splits_whatever_the_blocks_row_order_or_format(dig
     (tmp_path / "parts").mkdir()
     shuffled = frame.sample(frac=1, random_state=2)
     for i in range(4):
-        shuffled.iloc[i * 450 : (i + 1) * 450].to_parquet(tmp_path / "parts" / f"part-{i}.parquet", row_group_size=150)
-    variants = {"one block": ("one.csv", 32), "many blocks": ("one.csv", 0.02),
-                "shuffled": ("shuffled.csv", 0.03), "parquet": ("parts", 32)}
+        shuffled.iloc[i * 450 : (i + 1) * 450].to_parquet(
+            tmp_path / "parts" / f"part-{i}.parquet", row_group_size=150
+        )
+    variants = {
+        "one block": ("one.csv", 32),
+        "many blocks": ("one.csv", 0.02),
+        "shuffled": ("shuffled.csv", 0.03),
+        "parquet": ("parts", 32),
+    }
     outputs = {}
     for name, (source, block_mb) in variants.items():
-        m = ingest(tmp_path / name, source=str(tmp_path / source), label="digit", block_mb=block_mb).manifest
-        rows = {split: sorted(map(bytes, np.column_stack([np.load(m["splits"][split]["X"]["path"]),
-                                                          np.load(m["splits"][split]["y"]["path"])])))
-                for split in ("train", "val", "test")}
-        outputs[name] = (rows, Path(m["encoder"]["path"]).read_text(), m["classes"], m["metrics"]["data/source_blocks"])
+        m = ingest(
+            tmp_path / name, source=str(tmp_path / source), label="digit", block_mb=block_mb
+        ).manifest
+        rows = {
+            split: sorted(
+                map(
+                    bytes,
+                    np.column_stack(
+                        [
+                            np.load(m["splits"][split]["X"]["path"]),
+                            np.load(m["splits"][split]["y"]["path"]),
+                        ]
+                    ),
+                )
+            )
+            for split in ("train", "val", "test")
+        }
+        outputs[name] = (
+            rows,
+            Path(m["encoder"]["path"]).read_text(),
+            m["classes"],
+            m["metrics"]["data/source_blocks"],
+        )
     assert outputs["many blocks"][3] > 5 and outputs["parquet"][3] >= 4  # really cut into blocks
     reference = outputs["one block"]
     assert reference[3] == 1
@@ -149,12 +181,19 @@ def expect_error(tmp_path, pattern, **data):
 
 
 def test_missing_file(tmp_path):
-    expect_error(tmp_path, r"nope\.csv: data source does not exist", source=str(tmp_path / "nope.csv"))
+    expect_error(
+        tmp_path, r"nope\.csv: data source does not exist", source=str(tmp_path / "nope.csv")
+    )
 
 
 def test_missing_label_column(digits_csv, tmp_path):
     before = tree_digest(digits_csv)
-    expect_error(tmp_path, r"label column 'target' not found.*data\.label", source=str(digits_csv), label="target")
+    expect_error(
+        tmp_path,
+        r"label column 'target' not found.*data\.label",
+        source=str(digits_csv),
+        label="target",
+    )
     assert tree_digest(digits_csv) == before
 
 
@@ -168,15 +207,22 @@ def test_nan_is_an_error_when_fills_are_off(digits_frame, tmp_path):
     frame = digits_frame.copy().astype({"pixel_2_3": float})
     frame.loc[17, "pixel_2_3"] = np.nan
     frame.to_csv(tmp_path / "d.csv", index=False)
-    expect_error(tmp_path, r"column 'pixel_2_3' at row 17.*data\.missing: fill", source=str(tmp_path / "d.csv"),
-                 label="digit", missing="error")
+    expect_error(
+        tmp_path,
+        r"column 'pixel_2_3' at row 17.*data\.missing: fill",
+        source=str(tmp_path / "d.csv"),
+        label="digit",
+        missing="error",
+    )
 
 
 def test_all_missing_column(digits_frame, tmp_path):
     frame = digits_frame.copy()
     frame["empty"] = np.nan
     frame.to_csv(tmp_path / "d.csv", index=False)
-    expect_error(tmp_path, r"column 'empty' has no values", source=str(tmp_path / "d.csv"), label="digit")
+    expect_error(
+        tmp_path, r"column 'empty' has no values", source=str(tmp_path / "d.csv"), label="digit"
+    )
 
 
 def test_a_stray_string_in_a_number_column_is_a_bad_row(digits_frame, tmp_path):
@@ -185,19 +231,31 @@ def test_a_stray_string_in_a_number_column_is_a_bad_row(digits_frame, tmp_path):
     frame.loc[1500, "digit"] = None
     frame.to_csv(tmp_path / "d.csv", index=False)
     source = str(tmp_path / "d.csv")
-    expect_error(tmp_path, r"2 bad row\(s\), first at row 5: column 'pixel_0_2': 'n/a\?' is not a number.*"
-                 r"data\.on_bad_rows", source=source, label="digit")
+    expect_error(
+        tmp_path,
+        r"2 bad row\(s\), first at row 5: column 'pixel_0_2': 'n/a\?' is not a number.*"
+        r"data\.on_bad_rows",
+        source=source,
+        label="digit",
+    )
     dropped = ingest(tmp_path / "drop", source=source, label="digit", on_bad_rows="drop").manifest
     assert sum(s["rows"] for s in dropped["splits"].values()) == 1797 - 2
     assert dropped["metrics"]["data/rejected_rows"] == 2 and dropped["quarantine"] is None
-    kept = ingest(tmp_path / "quarantine", source=source, label="digit", on_bad_rows="quarantine").manifest
+    kept = ingest(
+        tmp_path / "quarantine", source=source, label="digit", on_bad_rows="quarantine"
+    ).manifest
     import pandas as pd
 
     quarantine = pd.read_csv(kept["quarantine"]["path"])
-    assert sorted(quarantine["_reason"]) == ["column 'pixel_0_2': 'n/a?' is not a number", "label missing"]
+    assert sorted(quarantine["_reason"]) == [
+        "column 'pixel_0_2': 'n/a?' is not a number",
+        "label missing",
+    ]
     assert list(quarantine["_row"]) == [5, 1500]  # the table's row numbers, header not counted
     # cut into many blocks, the two bad rows land in different blocks: one file, same rows
-    blocks = ingest(tmp_path / "blocks", source=source, label="digit", on_bad_rows="quarantine", block_mb=0.05)
+    blocks = ingest(
+        tmp_path / "blocks", source=source, label="digit", on_bad_rows="quarantine", block_mb=0.05
+    )
     assert blocks.manifest["metrics"]["data/source_blocks"] > 5
     assert pd.read_csv(blocks.manifest["quarantine"]["path"]).equals(quarantine)
 
@@ -223,21 +281,27 @@ def test_categorical_columns_and_fills_are_fitted_on_train_and_reused(digits_fra
     assert any("'const' is constant" in w for w in m["warnings"])
     # the fill is the training median, not the whole file's
     train_index = np.load(m["splits"]["train"]["X"]["path"])
-    assert encoder.fills["pixel_4_4"] == pytest.approx(float(np.median(train_index[:, m["feature_names"].index("pixel_4_4")])))
+    assert encoder.fills["pixel_4_4"] == pytest.approx(
+        float(np.median(train_index[:, m["feature_names"].index("pixel_4_4")]))
+    )
     # raw rows with an unseen category and a missing value still encode, deterministically
     raw = pd.read_parquet(m["raw_example"]["path"])
     raw.loc[0, "writer"] = "never-seen"
     raw.loc[1, "pixel_4_4"] = np.nan
     X = encoder.transform(raw)
     assert X.shape == (len(raw), len(m["feature_names"])) and np.isfinite(X).all()
-    assert X[0, m["feature_names"].index("writer#code")] == len(encoder.categorical["writer"])  # the unseen slot
+    assert X[0, m["feature_names"].index("writer#code")] == len(
+        encoder.categorical["writer"]
+    )  # the unseen slot
 
 
 def test_declared_schema_selects_and_types_columns(digits_frame, tmp_path):
     from tasks.encoding import Encoder
 
     frame = digits_frame.copy()
-    frame["zip"] = [10115 + (i % 7) for i in range(len(frame))]  # numbers that are really categories
+    frame["zip"] = [
+        10115 + (i % 7) for i in range(len(frame))
+    ]  # numbers that are really categories
     frame.to_csv(tmp_path / "d.csv", index=False)
     columns = {"pixel_3_3": "numeric", "pixel_4_4": "numeric", "zip": "categorical"}
     m = ingest(tmp_path, source=str(tmp_path / "d.csv"), label="digit", columns=columns).manifest
@@ -245,8 +309,13 @@ def test_declared_schema_selects_and_types_columns(digits_frame, tmp_path):
     assert encoder.numeric == ["pixel_3_3", "pixel_4_4"] and list(encoder.categorical) == ["zip"]
     assert len(m["feature_names"]) == 2 + 7 + 1  # two numbers, zip one-hot (7 values + unseen)
     assert any("not declared" in w for w in m["warnings"])
-    expect_error(tmp_path / "bad", r"declared column\(s\) \['colour'\] \(data\.columns\) are not in the file",
-                 source=str(tmp_path / "d.csv"), label="digit", columns={"colour": "categorical"})
+    expect_error(
+        tmp_path / "bad",
+        r"declared column\(s\) \['colour'\] \(data\.columns\) are not in the file",
+        source=str(tmp_path / "d.csv"),
+        label="digit",
+        columns={"colour": "categorical"},
+    )
 
 
 def test_single_class_label(digits_frame, tmp_path):
@@ -261,8 +330,14 @@ def test_truncated_idx(fmnist_small, tmp_path):
     folder.mkdir()
     raw = gzip.decompress((fmnist_small / "train-images-idx3-ubyte.gz").read_bytes())
     (folder / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw[: len(raw) // 2]))
-    (folder / "train-labels-idx1-ubyte.gz").write_bytes((fmnist_small / "train-labels-idx1-ubyte.gz").read_bytes())
-    expect_error(tmp_path, r"train-images-idx3-ubyte\.gz: IDX header promises .* truncated", source=str(folder))
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(
+        (fmnist_small / "train-labels-idx1-ubyte.gz").read_bytes()
+    )
+    expect_error(
+        tmp_path,
+        r"train-images-idx3-ubyte\.gz: IDX header promises .* truncated",
+        source=str(folder),
+    )
 
 
 def test_corrupt_gzip_and_wrong_magic(tmp_path):
@@ -285,12 +360,20 @@ def test_ragged_and_truncated_csv(digits_csv, tmp_path):
     lines = digits_csv.read_text().splitlines()
     lines[10] += ",99"  # one field too many
     (tmp_path / "ragged.csv").write_text("\n".join(lines) + "\n")
-    expect_error(tmp_path / "a", r"ragged\.csv \(bytes 0-\d+\): cannot parse as CSV .*Expected 65 fields",
-                 source=str(tmp_path / "ragged.csv"), label="digit")
+    expect_error(
+        tmp_path / "a",
+        r"ragged\.csv \(bytes 0-\d+\): cannot parse as CSV .*Expected 65 fields",
+        source=str(tmp_path / "ragged.csv"),
+        label="digit",
+    )
     packed = gzip.compress(digits_csv.read_bytes())
     (tmp_path / "cut.csv.gz").write_bytes(packed[: len(packed) // 2])
-    expect_error(tmp_path / "b", r"cut\.csv\.gz: cannot read as csv .*complete\?",
-                 source=str(tmp_path / "cut.csv.gz"), label="digit")
+    expect_error(
+        tmp_path / "b",
+        r"cut\.csv\.gz: cannot read as csv .*complete\?",
+        source=str(tmp_path / "cut.csv.gz"),
+        label="digit",
+    )
 
 
 def test_parquet_parts_with_different_columns(digits_frame, tmp_path):
@@ -298,8 +381,12 @@ def test_parquet_parts_with_different_columns(digits_frame, tmp_path):
     folder.mkdir()
     digits_frame.iloc[:900].to_parquet(folder / "part-0.parquet")
     digits_frame.iloc[900:].drop(columns="pixel_0_0").to_parquet(folder / "part-1.parquet")
-    expect_error(tmp_path, r"part-1\.parquet \(row group 0\): columns .* differ from the first part's",
-                 source=str(folder), label="digit")
+    expect_error(
+        tmp_path,
+        r"part-1\.parquet \(row group 0\): columns .* differ from the first part's",
+        source=str(folder),
+        label="digit",
+    )
 
 
 def test_a_code_column_reads_the_same_whatever_type_a_block_gave_it():
@@ -314,4 +401,6 @@ def test_a_code_column_reads_the_same_whatever_type_a_block_gave_it():
     as_floats = as_text(pd.Series([12.0, None, 2.5]))
     as_strings = as_text(pd.Series(["12", None, "2.5"], dtype=object))
     assert as_floats.tolist() == as_strings.tolist() == ["12", None, "2.5"]
-    assert (row_uniforms(as_floats.to_frame("c"), 0) == row_uniforms(as_strings.to_frame("c"), 0)).all()
+    assert (
+        row_uniforms(as_floats.to_frame("c"), 0) == row_uniforms(as_strings.to_frame("c"), 0)
+    ).all()

@@ -28,15 +28,25 @@ from flows import serve
 pytestmark = pytest.mark.integration
 ARTIFACTS = Path(__file__).parent / "artifacts"
 STAGES = {"ingest", "partition", "reduce", "train", "prune", "evaluate"}
-POSTGRES = os.environ.get("ACCELFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
-SMALL = ["data.max_rows=1500", "train.epochs=3", "train.batch_size=64", "train.hidden=[128]", "prune.finetune_epochs=1",
-         "evaluate.latency_repeats=5"]
+POSTGRES = os.environ.get(
+    "ACCELFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+SMALL = [
+    "data.max_rows=1500",
+    "train.epochs=3",
+    "train.batch_size=64",
+    "train.hidden=[128]",
+    "prune.finetune_epochs=1",
+    "evaluate.latency_repeats=5",
+]
 
 
 def parent_and_stages(client: MlflowClient, flow_run_id: str):
     experiments = [e.experiment_id for e in client.search_experiments()]
     parents = client.search_runs(experiments, f"tags.`accelflow.flow_run_id` = '{flow_run_id}'")
-    assert len(parents) == 1, f"expected one parent run for flow run {flow_run_id}, found {len(parents)}"
+    assert len(parents) == 1, (
+        f"expected one parent run for flow run {flow_run_id}, found {len(parents)}"
+    )
     return parents[0], stage_runs(client, parents[0].info.run_id)
 
 
@@ -49,13 +59,28 @@ def stack(tmp_path_factory, fmnist_small):
     deployments from prefect.yaml, a worker on the CPU pool; `make stop`'s code stops it."""
     state = tmp_path_factory.mktemp("serve")
     prefect_port, mlflow_port = serve.free_port(), serve.free_port()
-    args = ["--state-dir", str(state), "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)]
+    args = [
+        "--state-dir",
+        str(state),
+        "--prefect-port",
+        str(prefect_port),
+        "--mlflow-port",
+        str(mlflow_port),
+    ]
     assert serve.main(["start", *args]) == 0
     running = json.loads((state / "services.json").read_text())
-    assert [r["name"] for r in running] == ["prefect-server", "mlflow-server", "worker-accelflow-cpu"]
+    assert [r["name"] for r in running] == [
+        "prefect-server",
+        "mlflow-server",
+        "worker-accelflow-cpu",
+    ]
     try:
-        yield {"api": f"http://127.0.0.1:{prefect_port}/api", "tracking": f"http://127.0.0.1:{mlflow_port}",
-               "state": state, "data": fmnist_small}
+        yield {
+            "api": f"http://127.0.0.1:{prefect_port}/api",
+            "tracking": f"http://127.0.0.1:{mlflow_port}",
+            "state": state,
+            "data": fmnist_small,
+        }
     finally:
         assert serve.main(["stop", *args]) == 0
         assert not any(serve.alive(r["pid"]) for r in running)  # stopped exactly what it started
@@ -66,8 +91,20 @@ def stack(tmp_path_factory, fmnist_small):
 def deployed_run(stack):
     """`prefect deployment run 'accelflow/adhoc' --param overrides=[...] --watch`, as a user types it."""
     overrides = [*SMALL, f"data.source={stack['data']}", f"workdir={stack['state'] / 'work'}"]
-    out = serve.prefect_cli(["deployment", "run", "accelflow/adhoc", "--param", f"overrides={json.dumps(overrides)}",
-                             "--watch", "--watch-timeout", "600"], stack["api"], timeout=660)
+    out = serve.prefect_cli(
+        [
+            "deployment",
+            "run",
+            "accelflow/adhoc",
+            "--param",
+            f"overrides={json.dumps(overrides)}",
+            "--watch",
+            "--watch-timeout",
+            "600",
+        ],
+        stack["api"],
+        timeout=660,
+    )
     match = re.search(r"UUID: ([0-9a-f-]{36})", out.stdout)
     assert match, out.stdout
     return match.group(1), out.stdout
@@ -93,19 +130,35 @@ def test_prefect_deployment_run_completes_and_lands_in_mlflow(stack, deployed_ru
     assert parent.data.metrics["test/accuracy"] > 0.5
     assert parent.data.params["data.max_rows"] == "1500"
     inspect = serve.prefect_cli(["flow-run", "inspect", flow_run_id], stack["api"]).stdout
-    assert re.search(r"name='accelflow-[0-9a-f]{8}'", inspect), inspect  # run name carries the config digest
+    assert re.search(r"name='accelflow-[0-9a-f]{8}'", inspect), (
+        inspect
+    )  # run name carries the config digest
 
 
 def chromium(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if not binary:
-        pytest.skip("chromium not installed (apt-get install chromium; `make test` does it as root)")
+        pytest.skip(
+            "chromium not installed (apt-get install chromium; `make test` does it as root)"
+        )
     profile = Path(os.environ.get("TMPDIR", "/tmp")) / f"chromium-{uuid.uuid4().hex[:8]}"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
-             "--window-size=1500,1100", "--virtual-time-budget=25000"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--window-size=1500,1100",
+        "--virtual-time-budget=25000",
+    ]
     try:
-        return subprocess.run([binary, *flags, *args], capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [binary, *flags, *args], capture_output=True, text=True, timeout=timeout
+        )
     finally:
         shutil.rmtree(profile, ignore_errors=True)
 
@@ -141,19 +194,36 @@ def test_mlflow_ui_renders_the_run_its_stages_and_the_model(stack, deployed_run)
 def test_compose_file_is_valid_and_needs_the_secret():
     binary = shutil.which("docker-compose")
     if not binary:
-        pytest.skip("docker-compose not installed (apt-get install docker-compose; `make test` does it as root)")
+        pytest.skip(
+            "docker-compose not installed (apt-get install docker-compose; `make test` does it as root)"
+        )
     compose = Path(__file__).parent.parent / "docker" / "compose.yaml"
     env = {**os.environ, "POSTGRES_PASSWORD": "test-only"}
-    services = subprocess.run([binary, "-f", str(compose), "--profile", "gpu", "config", "--services"],
-                              capture_output=True, text=True, env=env)
+    services = subprocess.run(
+        [binary, "-f", str(compose), "--profile", "gpu", "config", "--services"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert services.returncode == 0, services.stderr
-    assert set(services.stdout.split()) == {"postgres", "prefect-server", "mlflow", "dask-scheduler", "dask-worker",
-                                            "prefect-worker", "prefect-worker-gpu"}
-    resolved = subprocess.run([binary, "-f", str(compose), "config"], capture_output=True, text=True, env=env).stdout
+    assert set(services.stdout.split()) == {
+        "postgres",
+        "prefect-server",
+        "mlflow",
+        "dask-scheduler",
+        "dask-worker",
+        "prefect-worker",
+        "prefect-worker-gpu",
+    }
+    resolved = subprocess.run(
+        [binary, "-f", str(compose), "config"], capture_output=True, text=True, env=env
+    ).stdout
     assert "postgresql+psycopg2://accelflow:test-only@postgres:5432/mlflow" in resolved
     assert "driver: nvidia" in resolved
     env.pop("POSTGRES_PASSWORD")
-    missing = subprocess.run([binary, "-f", str(compose), "config", "-q"], capture_output=True, text=True, env=env)
+    missing = subprocess.run(
+        [binary, "-f", str(compose), "config", "-q"], capture_output=True, text=True, env=env
+    )
     assert missing.returncode != 0 and "set POSTGRES_PASSWORD" in missing.stderr
 
 
@@ -175,8 +245,10 @@ def postgres_databases():
             cur.execute(f'CREATE DATABASE "{name}"')
     base = POSTGRES.rsplit("/", 1)[0]
     try:
-        yield {"prefect": f"{base.replace('postgresql://', 'postgresql+asyncpg://')}/{names[0]}",
-               "mlflow": f"{base.replace('postgresql://', 'postgresql+psycopg2://')}/{names[1]}"}
+        yield {
+            "prefect": f"{base.replace('postgresql://', 'postgresql+asyncpg://')}/{names[0]}",
+            "mlflow": f"{base.replace('postgresql://', 'postgresql+psycopg2://')}/{names[1]}",
+        }
     finally:
         with admin.cursor() as cur:
             for name in names:
@@ -190,7 +262,9 @@ def test_cluster_profile_runs_on_separate_dask_mlflow_and_prefect_processes(
     state = tmp_path / "cluster"
     started = []
     try:
-        started.append(serve.prefect_server(state, serve.free_port(), postgres_databases["prefect"]))
+        started.append(
+            serve.prefect_server(state, serve.free_port(), postgres_databases["prefect"])
+        )
         api = started[-1].url.removesuffix("/health")
         started.append(serve.mlflow_server(state, serve.free_port(), postgres_databases["mlflow"]))
         tracking = started[-1].url.removesuffix("/health")
@@ -199,12 +273,23 @@ def test_cluster_profile_runs_on_separate_dask_mlflow_and_prefect_processes(
         scheduler = f"tcp://127.0.0.1:{scheduler_port}"
         started.append(serve.dask_workers(state, scheduler, n=2))
 
-        env = {**os.environ, **serve.QUIET, "PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": tracking,
-               "DASK_SCHEDULER_ADDRESS": scheduler, "ACCELFLOW_WORKDIR": str(tmp_path / "work"),
-               "ACCELFLOW_DATA": str(fmnist_small)}
+        env = {
+            **os.environ,
+            **serve.QUIET,
+            "PREFECT_API_URL": api,
+            "MLFLOW_TRACKING_URI": tracking,
+            "DASK_SCHEDULER_ADDRESS": scheduler,
+            "ACCELFLOW_WORKDIR": str(tmp_path / "work"),
+            "ACCELFLOW_DATA": str(fmnist_small),
+        }
         sets = [arg for o in SMALL for arg in ("--set", o)]
-        out = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--profile", "cluster", *sets],
-                             capture_output=True, text=True, env=env, timeout=900)
+        out = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "run", "--profile", "cluster", *sets],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=900,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
 
         client = MlflowClient(tracking)
@@ -219,8 +304,12 @@ def test_cluster_profile_runs_on_separate_dask_mlflow_and_prefect_processes(
         from dask.distributed import Client
 
         with Client(scheduler, timeout="20s") as dask:
-            prefixes = set(dask.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes)))
-        assert {"partition_moments", "project_partition"} <= prefixes, prefixes  # PCA ran on this cluster
+            prefixes = set(
+                dask.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.task_prefixes))
+            )
+        assert {"partition_moments", "project_partition"} <= prefixes, (
+            prefixes
+        )  # PCA ran on this cluster
     finally:
         for service in reversed(started):
             serve.stop(service)

@@ -65,7 +65,11 @@ def test_parent_run_and_six_stage_runs_with_their_metrics(first_run):
     artifacts = {a.path for a in client.list_artifacts(runs["evaluate"].info.run_id, "evaluate")}
     assert {"evaluate/confusion_baseline.png", "evaluate/summary.md"} <= artifacts
     inputs = runs["partition"].inputs.dataset_inputs
-    assert {d.dataset.name for d in inputs} == {"partition-train", "partition-val", "partition-test"}
+    assert {d.dataset.name for d in inputs} == {
+        "partition-train",
+        "partition-val",
+        "partition-test",
+    }
 
 
 def test_champion_scores_raw_test_pixels_with_the_logged_accuracy(first_run, fmnist_small):
@@ -76,7 +80,11 @@ def test_champion_scores_raw_test_pixels_with_the_logged_accuracy(first_run, fmn
     labels = read_idx(fmnist_small / "t10k-labels-idx1-ubyte.gz")
     frame = pd.DataFrame(pixels, columns=[f"pixel_{i}" for i in range(784)])
     predictions = np.asarray(model.predict(frame))
-    logged = MlflowClient(cfg.tracking.uri).get_run(result["parent_run_id"]).data.metrics["test/accuracy"]
+    logged = (
+        MlflowClient(cfg.tracking.uri)
+        .get_run(result["parent_run_id"])
+        .data.metrics["test/accuracy"]
+    )
     assert float((predictions == labels).mean()) == pytest.approx(logged, abs=1e-9)
     assert result["promotion"]["alias"] == "champion"
 
@@ -88,7 +96,9 @@ def test_rerun_is_all_cache_hits_and_reuses_the_registered_version(first_run):
     assert again["promotion"]["version"] == result["promotion"]["version"]
     runs = stage_runs(MlflowClient(cfg.tracking.uri), again["parent_run_id"])
     assert all(run.data.tags["accelflow.cached"] == "true" for run in runs.values())
-    assert "test/accuracy" in runs["evaluate"].data.metrics  # a cached stage still reports its figures
+    assert (
+        "test/accuracy" in runs["evaluate"].data.metrics
+    )  # a cached stage still reports its figures
 
 
 def test_changing_the_learning_rate_reruns_train_and_after_only(first_run):
@@ -101,7 +111,9 @@ def test_changing_the_learning_rate_reruns_train_and_after_only(first_run):
     assert "input changed" in status["evaluate"]["reason"]
     # the gate: a new model takes `champion` only if it does not score below the current one
     champion_accuracy = first_run[1]["headline"]["test/accuracy"]
-    expected = "challenger" if result["headline"]["test/accuracy"] < champion_accuracy else "champion"
+    expected = (
+        "challenger" if result["headline"]["test/accuracy"] < champion_accuracy else "champion"
+    )
     assert result["promotion"]["alias"] == expected, result["promotion"]
     assert result["promotion"]["version"] == first_run[1]["promotion"]["version"] + 1
 
@@ -112,7 +124,9 @@ def test_each_stage_publishes_a_prefect_artifact(first_run):
 
     with get_client(sync_client=True) as prefect:
         keys = {f"accelflow-{stage}" for stage in STAGES}
-        found = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=sorted(keys))))
+        found = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=sorted(keys)))
+        )
     assert {a.key for a in found} == keys
     evaluate = next(a for a in found if a.key == "accelflow-evaluate")
     assert "| accuracy |" in evaluate.data and "Chosen:" in evaluate.data
@@ -124,12 +138,22 @@ def test_float16_storage_reports_its_accuracy_impact(prefect_harness, tmp_path):
     from sklearn.datasets import load_breast_cancer
 
     load_breast_cancer(as_frame=True).frame.to_csv(tmp_path / "cancer.csv", index=False)
-    cfg = make_config(tmp_path, tmp_path / "cancer.csv", "data.label=target", "partition.storage_dtype=float16",
-                      "train.batch_size=32", "train.epochs=5", "reduce.variance_target=0.99")
+    cfg = make_config(
+        tmp_path,
+        tmp_path / "cancer.csv",
+        "data.label=target",
+        "partition.storage_dtype=float16",
+        "train.batch_size=32",
+        "train.epochs=5",
+        "reduce.variance_target=0.99",
+    )
     result = pipeline(cfg)
     runs = stage_runs(MlflowClient(cfg.tracking.uri), result["parent_run_id"])
     metrics = runs["evaluate"].data.metrics
     assert metrics["evaluate/full_precision_accuracy"] > 0.85
     assert metrics["evaluate/storage_accuracy_delta"] == pytest.approx(
-        metrics["test/accuracy"] - metrics["evaluate/full_precision_accuracy"])
-    assert abs(metrics["evaluate/storage_accuracy_delta"]) <= 0.03  # float16 costs almost nothing here
+        metrics["test/accuracy"] - metrics["evaluate/full_precision_accuracy"]
+    )
+    assert (
+        abs(metrics["evaluate/storage_accuracy_delta"]) <= 0.03
+    )  # float16 costs almost nothing here

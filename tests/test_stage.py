@@ -15,7 +15,9 @@ def build_ok(out):
 def test_second_run_is_a_cache_hit_and_a_config_change_says_what_changed(tmp_path):
     first = run_stage(tmp_path, "demo", "1", {"a": 1, "b": 2}, [], build_ok)
     assert not first.cached and "first run" in first.reason
-    again = run_stage(tmp_path, "demo", "1", {"a": 1, "b": 2}, [], lambda out: pytest.fail("must not rebuild"))
+    again = run_stage(
+        tmp_path, "demo", "1", {"a": 1, "b": 2}, [], lambda out: pytest.fail("must not rebuild")
+    )
     assert again.cached and again.manifest["digest"] == first.manifest["digest"]
     changed = run_stage(tmp_path, "demo", "1", {"a": 1, "b": 3}, [], build_ok)
     assert not changed.cached and "config changed: b" in changed.reason
@@ -39,9 +41,13 @@ def test_a_failed_build_leaves_nothing_that_looks_complete(tmp_path):
 
     with pytest.raises(RuntimeError):
         run_stage(tmp_path, "demo", "1", {"a": 1}, [], crash)
-    assert [p.name for p in (tmp_path / "demo").iterdir()] == []  # tmp folder removed, no key folder
+    assert [
+        p.name for p in (tmp_path / "demo").iterdir()
+    ] == []  # tmp folder removed, no key folder
     ok = run_stage(tmp_path, "demo", "1", {"a": 1}, [], build_ok)
-    assert not ok.cached and json.loads((tmp_path / "demo" / ok.manifest["key"] / "manifest.json").read_text())
+    assert not ok.cached and json.loads(
+        (tmp_path / "demo" / ok.manifest["key"] / "manifest.json").read_text()
+    )
 
 
 def test_resumable_stage_keeps_its_partial_folder(tmp_path):
@@ -59,7 +65,9 @@ def test_resumable_stage_keeps_its_partial_folder(tmp_path):
         return {"resumed": True}
 
     done = run_stage(tmp_path, "train", "1", {}, [], resume, resumable=True)
-    assert done.manifest["resumed"] and not any(p.name.startswith(".partial") for p in (tmp_path / "train").iterdir())
+    assert done.manifest["resumed"] and not any(
+        p.name.startswith(".partial") for p in (tmp_path / "train").iterdir()
+    )
 
 
 def build_described(out):
@@ -78,5 +86,7 @@ def test_damaged_cached_output_is_rebuilt_and_damaged_input_is_named(tmp_path):
     again = run_stage(tmp_path, "up", "1", {}, [], build_described)
     assert not again.cached and "damaged" in again.reason and "expected 64" in again.reason
     Path(again.manifest["file"]["path"]).unlink()
-    with pytest.raises(StageInputError, match=r"input from stage 'up' is damaged .*data\.bin is missing"):
+    with pytest.raises(
+        StageInputError, match=r"input from stage 'up' is damaged .*data\.bin is missing"
+    ):
         run_stage(tmp_path, "down", "1", {}, [again.manifest], build_ok)

@@ -34,12 +34,38 @@ def make_spec(digits_parquet, tmp_path, **overrides):
     paths, features = digits_parquet
     cfg = TrainConfig(hidden=[64], epochs=4, lr=0.01, batch_size=64)
     spec = {
-        "train_files": [paths["train"]], "val_files": [paths["val"]], "features": features, "label": "label",
-        "arch": {"model": "mlp", "n_features": 64, "n_classes": 10, "hidden": [64], "dropout": 0.0, "image_shape": None},
+        "train_files": [paths["train"]],
+        "val_files": [paths["val"]],
+        "features": features,
+        "label": "label",
+        "arch": {
+            "model": "mlp",
+            "n_features": 64,
+            "n_classes": 10,
+            "hidden": [64],
+            "dropout": 0.0,
+            "image_shape": None,
+        },
         "phases": [{"sparsity": None, "epochs": cfg.epochs, "lr": cfg.lr}],
-        **{k: getattr(cfg, k) for k in ("optimizer", "momentum", "weight_decay", "scheduler", "step_size", "gamma",
-                                        "label_smoothing", "batch_size", "precision", "compile", "seed")},
-        "init_from": None, "out_dir": str(tmp_path), "checkpoint_dir": str(tmp_path / "checkpoints"),
+        **{
+            k: getattr(cfg, k)
+            for k in (
+                "optimizer",
+                "momentum",
+                "weight_decay",
+                "scheduler",
+                "step_size",
+                "gamma",
+                "label_smoothing",
+                "batch_size",
+                "precision",
+                "compile",
+                "seed",
+            )
+        },
+        "init_from": None,
+        "out_dir": str(tmp_path),
+        "checkpoint_dir": str(tmp_path / "checkpoints"),
         "metric_prefix": "train",
     }
     spec.update(overrides)
@@ -50,15 +76,29 @@ def make_spec(digits_parquet, tmp_path, **overrides):
 @pytest.mark.parametrize("scheduler", ["step", "exponential", "cosine", "onecycle"])
 def test_every_optimizer_and_schedule_learns(digits_parquet, tmp_path, optimizer, scheduler):
     lr = {"sgd": 0.05, "adam": 0.003, "adamw": 0.003, "rmsprop": 0.001}[optimizer]
-    spec = make_spec(digits_parquet, tmp_path, optimizer=optimizer, scheduler=scheduler,
-                     phases=[{"sparsity": None, "epochs": 3, "lr": lr}])
+    spec = make_spec(
+        digits_parquet,
+        tmp_path,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        phases=[{"sparsity": None, "epochs": 3, "lr": lr}],
+    )
     result = Trainer(spec, Rank(0, 1, torch.device("cpu"))).run()
     assert result["val_accuracy"] > 0.8, result  # chance is 0.1
 
 
 def test_cnn_trains_on_images(digits_parquet, tmp_path):
-    arch = {"model": "cnn", "n_features": 64, "n_classes": 10, "hidden": [32], "dropout": 0.0, "image_shape": [1, 8, 8]}
-    spec = make_spec(digits_parquet, tmp_path, arch=arch, phases=[{"sparsity": None, "epochs": 3, "lr": 0.003}])
+    arch = {
+        "model": "cnn",
+        "n_features": 64,
+        "n_classes": 10,
+        "hidden": [32],
+        "dropout": 0.0,
+        "image_shape": [1, 8, 8],
+    }
+    spec = make_spec(
+        digits_parquet, tmp_path, arch=arch, phases=[{"sparsity": None, "epochs": 3, "lr": 0.003}]
+    )
     result = Trainer(spec, Rank(0, 1, torch.device("cpu"))).run()
     assert result["val_accuracy"] > 0.8
 
@@ -76,7 +116,12 @@ def test_ddp_two_gloo_processes_train_and_log_only_on_rank_0(digits_parquet, tmp
 
 
 def test_resume_continues_after_the_last_checkpoint(digits_parquet, tmp_path):
-    short = make_spec(digits_parquet, tmp_path, scheduler="step", phases=[{"sparsity": None, "epochs": 2, "lr": 0.01}])
+    short = make_spec(
+        digits_parquet,
+        tmp_path,
+        scheduler="step",
+        phases=[{"sparsity": None, "epochs": 2, "lr": 0.01}],
+    )
     launch(short, world_size=2, workdir=tmp_path)
     first = json.loads((tmp_path / "history.json").read_text())
     longer = {**short, "phases": [{"sparsity": None, "epochs": 4, "lr": 0.01}]}
@@ -94,8 +139,11 @@ def test_pruning_phases_reach_the_target_and_keep_zeros(digits_parquet, tmp_path
     out = tmp_path / "pruned"
     out.mkdir()
     phases = [{"sparsity": s, "epochs": 1, "lr": 0.003} for s in sparsity_schedule(0.8, 2)]
-    result = launch(make_spec(digits_parquet, out, phases=phases, init_from=str(trained / "model.pt")),
-                    world_size=2, workdir=out)
+    result = launch(
+        make_spec(digits_parquet, out, phases=phases, init_from=str(trained / "model.pt")),
+        world_size=2,
+        workdir=out,
+    )
     assert result["sparsity"] == pytest.approx(0.8, abs=0.01)
     assert result["val_accuracy"] > 0.85
 
@@ -108,12 +156,19 @@ def test_worker_failure_surfaces_the_log(digits_parquet, tmp_path):
 
 def test_global_magnitude_masks():
     torch.manual_seed(0)
-    model = build_model({"model": "mlp", "n_features": 20, "n_classes": 3, "hidden": [30, 10], "dropout": 0.0})
+    model = build_model(
+        {"model": "mlp", "n_features": 20, "n_classes": 3, "hidden": [30, 10], "dropout": 0.0}
+    )
     masks = global_magnitude_masks(model, 0.6)
     apply_masks(model, masks)
     assert sparsity_report(model)["sparsity"] == pytest.approx(0.6, abs=0.01)
     kept = torch.cat([m.flatten() for m in masks.values()])
-    weights = torch.cat([w.detach().abs().flatten() for w in [model.body[0].weight, model.body[3].weight, model.body[6].weight]])
+    weights = torch.cat(
+        [
+            w.detach().abs().flatten()
+            for w in [model.body[0].weight, model.body[3].weight, model.body[6].weight]
+        ]
+    )
     assert weights[kept].min() >= weights[~kept].max()  # global, not per layer
 
 
@@ -144,8 +199,12 @@ def test_two_node_rendezvous(digits_parquet, tmp_path):
 
     thread = threading.Thread(target=node0)
     thread.start()
-    node1 = subprocess.run(torchrun_command(tmp_path / "spec.json", 1, 2, endpoint, rdzv_id=tmp_path.name),
-                           capture_output=True, text=True, timeout=180)
+    node1 = subprocess.run(
+        torchrun_command(tmp_path / "spec.json", 1, 2, endpoint, rdzv_id=tmp_path.name),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     thread.join(timeout=180)
     assert "error" not in result, result.get("error")
     assert node1.returncode == 0, node1.stdout[-2000:] + node1.stderr[-2000:]

@@ -43,19 +43,43 @@ def root_cause(log: str) -> str:
     return "see the log"
 
 
-def torchrun_command(spec_path: Path, nproc: int, nnodes: int = 1, endpoint: str | None = None,
-                     rdzv_id: str = "accelflow") -> list[str]:
+def torchrun_command(
+    spec_path: Path,
+    nproc: int,
+    nnodes: int = 1,
+    endpoint: str | None = None,
+    rdzv_id: str = "accelflow",
+) -> list[str]:
     """One node's launcher command: standalone on one node, a c10d rendezvous across many."""
     if nnodes == 1:
         where = ["--standalone", "--nnodes=1"]
     else:
-        where = [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", f"--rdzv_id={rdzv_id}"]
-    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={nproc}",
-            "-m", "tasks.training.worker", str(spec_path)]
+        where = [
+            f"--nnodes={nnodes}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={endpoint}",
+            f"--rdzv_id={rdzv_id}",
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *where,
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "tasks.training.worker",
+        str(spec_path),
+    ]
 
 
-def launch(spec: dict[str, Any], world_size: int, workdir: Path, run_id: str | None = None,
-           nnodes: int = 1, endpoint: str | None = None) -> dict[str, Any]:
+def launch(
+    spec: dict[str, Any],
+    world_size: int,
+    workdir: Path,
+    run_id: str | None = None,
+    nnodes: int = 1,
+    endpoint: str | None = None,
+) -> dict[str, Any]:
     """Write the spec, run `torch.distributed.run`, return the worker's result.json.
 
     With `nnodes > 1` this node joins a c10d rendezvous at `endpoint` and waits there for
@@ -76,13 +100,19 @@ def launch(spec: dict[str, Any], world_size: int, workdir: Path, run_id: str | N
         env["MLFLOW_RUN_ID"] = run_id  # only rank 0 reads it
     else:
         env.pop("MLFLOW_RUN_ID", None)
-    command = torchrun_command(spec_path, world_size, nnodes, endpoint, rdzv_id=workdir.name.lstrip("."))
+    command = torchrun_command(
+        spec_path, world_size, nnodes, endpoint, rdzv_id=workdir.name.lstrip(".")
+    )
     if nnodes > 1:
         others = " ".join(["torchrun", *command[3:]])
-        print(f"waiting for {nnodes - 1} more node(s); on each of them run:\n  {others}", flush=True)
+        print(
+            f"waiting for {nnodes - 1} more node(s); on each of them run:\n  {others}", flush=True
+        )
     log_path = workdir / "train.log"
     with open(log_path, "w") as log:
-        proc = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+        proc = subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd()
+        )
     if proc.returncode != 0:
         raise TrainingError(
             f"training workers exited with {proc.returncode}: {root_cause(log_path.read_text())} "

@@ -41,7 +41,14 @@ class MLP(nn.Module):
 class CNN(nn.Module):
     """Two conv blocks and a small head, for images flattened to rows (C·H·W features)."""
 
-    def __init__(self, n_features: int, n_classes: int, image_shape: list[int], hidden: list[int], dropout: float):
+    def __init__(
+        self,
+        n_features: int,
+        n_classes: int,
+        image_shape: list[int],
+        hidden: list[int],
+        dropout: float,
+    ):
         super().__init__()
         channels, height, width = image_shape
         if channels * height * width != n_features:
@@ -49,12 +56,24 @@ class CNN(nn.Module):
         self.image_shape = list(image_shape)
         self.standardize = Standardize(n_features)
         self.features = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
         )
         flat = 64 * (height // 4) * (width // 4)
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(flat, hidden[0]), nn.ReLU(),
-                                  nn.Dropout(dropout), nn.Linear(hidden[0], n_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Dropout(dropout),
+            nn.Linear(flat, hidden[0]),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden[0], n_classes),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.standardize(x).view(-1, *self.image_shape)
@@ -68,7 +87,15 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
         return MLP(arch["n_features"], arch["n_classes"], arch["hidden"], arch["dropout"])
     if name == "cnn":
         if not arch.get("image_shape"):
-            raise ValueError("train.model 'cnn' needs image data (an IDX source or 3-D .npz X) "
-                             "and reduce.method: none")
-        return CNN(arch["n_features"], arch["n_classes"], arch["image_shape"], arch["hidden"], arch["dropout"])
+            raise ValueError(
+                "train.model 'cnn' needs image data (an IDX source or 3-D .npz X) "
+                "and reduce.method: none"
+            )
+        return CNN(
+            arch["n_features"],
+            arch["n_classes"],
+            arch["image_shape"],
+            arch["hidden"],
+            arch["dropout"],
+        )
     raise ValueError(f"train.model: unknown model '{name}'; choose mlp or cnn")

@@ -14,7 +14,9 @@ PRUNABLE = (nn.Linear, nn.Conv2d)
 
 
 def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{name}.weight": m.weight for name, m in model.named_modules() if isinstance(m, PRUNABLE)}
+    return {
+        f"{name}.weight": m.weight for name, m in model.named_modules() if isinstance(m, PRUNABLE)
+    }
 
 
 @torch.no_grad()

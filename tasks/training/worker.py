@@ -98,12 +98,19 @@ class MetricSink:
 # ---------------------------------------------------------------- data, model, optimizer
 
 
-def load_split(files: list[str], features: list[str], label: str) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(
+    files: list[str], features: list[str], label: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     tables = [pq.read_table(f, columns=[*features, label], memory_map=True) for f in files]
     X = np.concatenate(
-        [np.column_stack([t.column(c).to_numpy(zero_copy_only=False) for c in features]) for t in tables]
+        [
+            np.column_stack([t.column(c).to_numpy(zero_copy_only=False) for c in features])
+            for t in tables
+        ]
     ).astype(np.float32)
-    y = np.concatenate([t.column(label).to_numpy(zero_copy_only=False) for t in tables]).astype(np.int64)
+    y = np.concatenate([t.column(label).to_numpy(zero_copy_only=False) for t in tables]).astype(
+        np.int64
+    )
     return torch.from_numpy(X), torch.from_numpy(y)
 
 
@@ -116,7 +123,9 @@ def fit_standardize(model: nn.Module, X: torch.Tensor) -> None:
 def build_optimizer(spec: dict[str, Any], params, lr: float) -> torch.optim.Optimizer:
     name, wd = spec["optimizer"], spec["weight_decay"]
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=spec["momentum"], weight_decay=wd, nesterov=spec["momentum"] > 0)
+        return torch.optim.SGD(
+            params, lr=lr, momentum=spec["momentum"], weight_decay=wd, nesterov=spec["momentum"] > 0
+        )
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)
     if name == "adamw":
@@ -164,16 +173,22 @@ class Trainer:
         self.Xv, self.yv = (t.to(r.device) for t in load_split(spec["val_files"], feats, label))
         self.model = build_model(spec["arch"]).to(r.device)
         if spec.get("init_from"):
-            self.model.load_state_dict(torch.load(spec["init_from"], map_location=r.device, weights_only=True))
+            self.model.load_state_dict(
+                torch.load(spec["init_from"], map_location=r.device, weights_only=True)
+            )
         else:
             fit_standardize(self.model, self.X)
         self.net: nn.Module = self.model
         if spec.get("compile"):
             self.net = torch.compile(self.net)
         if r.world > 1:
-            self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=[r.device.index] if r.device.type == "cuda" else None)
+            self.net = nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[r.device.index] if r.device.type == "cuda" else None
+            )
         self.amp = autocast_dtype(spec["precision"], r.device)
-        self.scaler = torch.amp.GradScaler(enabled=self.amp == torch.float16 and r.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(
+            enabled=self.amp == torch.float16 and r.device.type == "cuda"
+        )
         self.sink = MetricSink(r)
         self.history: list[dict[str, float]] = []
 
@@ -197,7 +212,9 @@ class Trainer:
             batch = index[i : i + bs]
             with torch.autocast(self.r.device.type, dtype=self.amp, enabled=self.amp is not None):
                 logits = self.net(self.X[batch])
-                loss = F.cross_entropy(logits.float(), self.y[batch], label_smoothing=self.spec["label_smoothing"])
+                loss = F.cross_entropy(
+                    logits.float(), self.y[batch], label_smoothing=self.spec["label_smoothing"]
+                )
             opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(opt)
@@ -227,14 +244,26 @@ class Trainer:
         if not self.r.is_main:
             return
         self.ckpt.parent.mkdir(parents=True, exist_ok=True)
-        state = {"model": self.model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "masks": masks, "phase": phase, "epoch": epoch, "history": self.history, "spec": self.spec}
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "masks": masks,
+            "phase": phase,
+            "epoch": epoch,
+            "history": self.history,
+            "spec": self.spec,
+        }
         tmp = self.ckpt.with_suffix(".tmp")
         torch.save(state, tmp)
         os.replace(tmp, self.ckpt)  # atomic: a kill mid-save keeps the previous checkpoint
 
     def run(self) -> dict[str, Any]:
-        resume = torch.load(self.ckpt, map_location=self.r.device, weights_only=False) if self.ckpt.exists() else None
+        resume = (
+            torch.load(self.ckpt, map_location=self.r.device, weights_only=False)
+            if self.ckpt.exists()
+            else None
+        )
         if resume:
             self.model.load_state_dict(resume["model"])
             self.history = resume["history"]
@@ -248,7 +277,9 @@ class Trainer:
             if phase.get("sparsity") is not None:
                 masks = global_magnitude_masks(self.model, phase["sparsity"])
             opt = build_optimizer(self.spec, self.model.parameters(), phase["lr"])
-            sched = build_scheduler(self.spec, opt, phase["lr"], phase["epochs"], self.steps_per_epoch())
+            sched = build_scheduler(
+                self.spec, opt, phase["lr"], phase["epochs"], self.steps_per_epoch()
+            )
             first = 0
             if resume and p == resume["phase"]:
                 opt.load_state_dict(resume["optimizer"])
@@ -267,9 +298,16 @@ class Trainer:
                 global_epoch += 1
         return self.finish(time.perf_counter() - start)
 
-    def log_epoch(self, prefix: str, step: int, phase: int, loss: float, speed: float, masks) -> None:
+    def log_epoch(
+        self, prefix: str, step: int, phase: int, loss: float, speed: float, masks
+    ) -> None:
         val_loss, val_acc = self.validate()
-        row = {f"{prefix}/loss": loss, f"{prefix}/samples_per_second": speed, "val/loss": val_loss, "val/accuracy": val_acc}
+        row = {
+            f"{prefix}/loss": loss,
+            f"{prefix}/samples_per_second": speed,
+            "val/loss": val_loss,
+            "val/accuracy": val_acc,
+        }
         if masks:
             row[f"{prefix}/sparsity"] = sparsity_report(self.model)["sparsity"]
         row = {k: v for k, v in row.items() if not math.isnan(v)}
@@ -280,8 +318,15 @@ class Trainer:
 
     def finish(self, seconds: float) -> dict[str, Any]:
         val_loss, val_acc = self.validate()
-        result = {"val_accuracy": val_acc, "val_loss": val_loss, "seconds": seconds, "world_size": self.r.world,
-                  "device": self.r.device.type, "precision": str(self.amp or "fp32"), **sparsity_report(self.model)}
+        result = {
+            "val_accuracy": val_acc,
+            "val_loss": val_loss,
+            "seconds": seconds,
+            "world_size": self.r.world,
+            "device": self.r.device.type,
+            "precision": str(self.amp or "fp32"),
+            **sparsity_report(self.model),
+        }
         if self.r.is_main:
             torch.save(self.model.state_dict(), self.out / "model.pt")
             (self.out / "model.json").write_text(json.dumps(self.spec["arch"], indent=2))
