@@ -84,9 +84,18 @@ class PartitionConfig(Section):
 
 
 class ReduceConfig(Section):
-    method: Literal["pca", "none"] = "pca"
+    # auto: fit PCA when the input is wide enough and use it only when it keeps few components
+    method: Literal["auto", "pca", "none"] = "auto"
+    # auto: on for tables (columns in unrelated units), off for images (pixels share one scale)
+    standardize: bool | Literal["auto"] = "auto"
     variance_target: float = Field(0.95, gt=0.0, le=1.0)
     max_components: int | None = Field(None, ge=1)
+    auto_min_features: int = Field(
+        32, ge=1, description="auto: inputs narrower than this are never reduced"
+    )
+    auto_max_kept: float = Field(
+        0.5, gt=0.0, le=1.0, description="auto: reduce only when PCA keeps at most this share"
+    )
 
 
 class TrainConfig(Section):
@@ -171,8 +180,11 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _compatible_sections(self) -> PipelineConfig:
-        if self.train.model == "cnn" and self.reduce.method != "none":
-            raise ValueError("train.model 'cnn' works on raw images: set reduce.method to 'none'")
+        if self.train.model == "cnn" and self.reduce.method == "pca":
+            raise ValueError(
+                "train.model 'cnn' works on raw images, but reduce.method is 'pca': set "
+                "reduce.method to 'auto' or 'none'"
+            )
         return self
 
     def digest(self) -> str:

@@ -1,9 +1,14 @@
-"""reduce: out-of-core PCA fitted on the training split, sized by a variance target.
+"""reduce: standardised out-of-core PCA fitted on the training split, where it pays.
 
 Each Dask task reduces one Parquet partition to its moments (row count, column sums, XᵀX in
-float64); the driver adds them up and eigendecomposes the d×d covariance. That is one read
-pass and exact — measured on this stack as far faster than randomized or incremental PCA
-for tall data. The fitted reduction is an `.npz` (no pickle) that the served model reuses.
+float64); the driver adds them up and eigendecomposes the d×d covariance — or, for tables,
+the correlation matrix: columns in unrelated units (metres next to one-hot flags) would
+otherwise hand every component to the widest-ranging column. That is one read pass and
+exact — measured on this stack as far faster than randomized or incremental PCA for tall
+data. The fitted reduction is an `.npz` (no pickle) that the served model reuses.
+
+`reduce.method: auto` decides per dataset and says why: narrow inputs pass through (PCA of
+nine columns saves nothing), and a fitted PCA is used only when it keeps few components.
 """
 
 from __future__ import annotations
@@ -16,7 +21,30 @@ import numpy as np
 from conf.schema import ReduceConfig
 from tasks.stage import Manifest, StageDir, describe_files
 
-VERSION = "1"
+VERSION = "2"
+CURVE_TARGETS = (0.5, 0.8, 0.9, 0.95, 0.99, 1.0)  # rows of the explained-variance table
+
+
+def standardizes(cfg: ReduceConfig, partitions: Manifest) -> bool:
+    """auto: tables yes (their columns have unrelated units), images no (one pixel scale)."""
+    return (
+        cfg.standardize if isinstance(cfg.standardize, bool) else not partitions.get("image_shape")
+    )
+
+
+def passes_through(cfg: ReduceConfig, partitions: Manifest, image_model: bool) -> str | None:
+    """Why no PCA is fitted at all (no cluster, no pass over the data), or None."""
+    d = len(partitions["feature_names"])
+    if cfg.method == "none":
+        return "reduce.method: none"
+    if cfg.method == "auto" and image_model:
+        return "reduce.method auto: the image model needs the raw pixels"
+    if cfg.method == "auto" and d < cfg.auto_min_features:
+        return (
+            f"reduce.method auto: {d} features is fewer than reduce.auto_min_features "
+            f"({cfg.auto_min_features}); PCA would save nothing"
+        )
+    return None
 
 
 def read_features(path: str, columns: list[str]) -> np.ndarray:
@@ -34,8 +62,10 @@ def partition_moments(path: str, columns: list[str]) -> tuple[int, np.ndarray, n
 
 
 def fit_pca(
-    moments: list[tuple[int, np.ndarray, np.ndarray]], cfg: ReduceConfig
-) -> dict[str, np.ndarray]:
+    moments: list[tuple[int, np.ndarray, np.ndarray]], cfg: ReduceConfig, standardize: bool
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The reduction (mean, scale when standardised, components) and the whole spectrum of
+    explained-variance ratios, from the summed moments of the training rows."""
     n = sum(m[0] for m in moments)
     if n < 2:
         raise ValueError("PCA needs at least 2 training rows")
@@ -43,23 +73,35 @@ def fit_pca(
     gram = sum(m[2] for m in moments)
     mean = total / n
     cov = (gram - n * np.outer(mean, mean)) / (n - 1)
+    fitted = {"mean": mean.astype(np.float32)}
+    if standardize:  # the correlation matrix: PCA of the columns scaled to unit variance
+        std = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+        scale = np.where(std > 1e-12, std, 1.0)  # a constant column stays 0 after centring
+        cov = cov / np.outer(scale, scale)
+        fitted["scale"] = scale.astype(np.float32)
     eigenvalues, eigenvectors = np.linalg.eigh(cov)  # ascending
     order = np.argsort(eigenvalues)[::-1]
     eigenvalues = np.clip(eigenvalues[order], 0.0, None)
     eigenvectors = eigenvectors[:, order]
     ratio = eigenvalues / max(eigenvalues.sum(), 1e-300)
-    k = int(np.searchsorted(np.cumsum(ratio), cfg.variance_target - 1e-12) + 1)
-    k = min(k, len(ratio), cfg.max_components or len(ratio))
-    return {
-        "mean": mean.astype(np.float32),
-        "components": eigenvectors[:, :k].T.astype(np.float32),
-        "explained_variance_ratio": ratio[:k],
-    }
+    k = components_for(ratio, cfg.variance_target)
+    k = min(k, cfg.max_components or len(ratio))
+    fitted["components"] = eigenvectors[:, :k].T.astype(np.float32)
+    fitted["explained_variance_ratio"] = ratio[:k]
+    return fitted, ratio
+
+
+def components_for(ratio: np.ndarray, target: float) -> int:
+    """The fewest leading components whose explained variance reaches `target`."""
+    return min(int(np.searchsorted(np.cumsum(ratio), target - 1e-12) + 1), len(ratio))
 
 
 def apply_reduction(X: np.ndarray, reduction: dict[str, np.ndarray]) -> np.ndarray:
     """Raw features → principal components (float32). Used by training data and serving."""
-    return (np.asarray(X, dtype=np.float32) - reduction["mean"]) @ reduction["components"].T
+    components = reduction["components"]
+    if "scale" in reduction:  # standardising folded into the projection: one matmul, no copy
+        components = components / reduction["scale"]
+    return (np.asarray(X, dtype=np.float32) - reduction["mean"]) @ components.T
 
 
 def load_reduction(path: str | Path) -> dict[str, np.ndarray]:
@@ -85,15 +127,68 @@ def project_partition(
     return describe_files([Path(dest)])[0]
 
 
+def variance_table(ratio: np.ndarray) -> list[dict[str, Any]]:
+    cumulative = np.cumsum(ratio)
+    return [
+        {
+            "variance_target": t,
+            "components": components_for(ratio, t),
+            "explained": round(float(cumulative[components_for(ratio, t) - 1]), 4),
+        }
+        for t in CURVE_TARGETS
+    ]
+
+
+def plot_variance(ratio: np.ndarray, k: int, standardized: bool, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cumulative = np.cumsum(ratio)
+    ranks = np.arange(1, len(ratio) + 1)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(ranks, cumulative, color="tab:blue", label="cumulative")
+    ax.bar(ranks, ratio, color="tab:gray", alpha=0.5, label="per component")
+    ax.axvline(k, color="tab:red", linestyle="--", label=f"kept: {k} ({cumulative[k - 1]:.3f})")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("principal components (log scale)")
+    ax.set_ylabel("share of the training variance")
+    scaled = "standardised features" if standardized else "raw features"
+    ax.set_title(f"explained variance of the training split ({scaled})")
+    ax.legend(loc="center right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def fit_reduction(partitions: Manifest, cfg: ReduceConfig, out: StageDir, client) -> dict[str, Any]:
-    """Fit PCA on train, project every split on the Dask cluster; return the manifest body."""
+    """Fit PCA on train; if it pays (or is asked for), project every split on the Dask
+    cluster. Return the manifest body, which says why it reduced or not."""
     columns, label = partitions["feature_names"], partitions["label"]
     train_files = [f["path"] for f in partitions["splits"]["train"]["files"]]
     moments = client.gather(client.map(partition_moments, train_files, columns=columns, pure=False))
-    reduction = fit_pca(moments, cfg)
+    standardize = standardizes(cfg, partitions)
+    reduction, ratio = fit_pca(moments, cfg, standardize)
+    k, d = reduction["components"].shape
+    explained = float(reduction["explained_variance_ratio"].sum())
+    plot_variance(ratio, k, standardize, out.path("explained_variance.png"))
+    curve = {
+        "variance_table": variance_table(ratio),
+        "plots": [out.final_path("explained_variance.png")],
+    }
+    scaled = "standardised " if standardize else ""
+    if cfg.method == "auto" and k > cfg.auto_max_kept * d:
+        why = (
+            f"reduce.method auto: {scaled}PCA keeps {k} of {d} features for "
+            f"{cfg.variance_target:.0%} of the variance, more than reduce.auto_max_kept "
+            f"({cfg.auto_max_kept:.0%}); training on the raw features instead"
+        )
+        return {**skip_reduction(partitions, why), **curve}
+
     np.savez(out.path("reduction.npz"), **reduction)
     reduction_path = str(out.path("reduction.npz"))
-
     splits: dict[str, Any] = {}
     for name, split in partitions["splits"].items():
         out.path(name).mkdir()
@@ -114,10 +209,13 @@ def fit_reduction(partitions: Manifest, cfg: ReduceConfig, out: StageDir, client
             )
         ]
         splits[name] = {"files": described, "rows": split["rows"]}
-
-    k, d = reduction["components"].shape
-    explained = float(reduction["explained_variance_ratio"].sum())
-    described = out.describe("reduction.npz")[0]
+    why = (
+        "reduce.method: pca"
+        if cfg.method == "pca"
+        else (
+            f"reduce.method auto: {k} of {d} features is within reduce.auto_max_kept ({cfg.auto_max_kept:.0%})"
+        )
+    )
     return {
         "splits": splits,
         "feature_names": [f"pc_{i}" for i in range(k)],
@@ -125,18 +223,22 @@ def fit_reduction(partitions: Manifest, cfg: ReduceConfig, out: StageDir, client
         "label": label,
         "classes": partitions["classes"],
         "image_shape": None,
-        "reduction": described,
+        "reduction": out.describe("reduction.npz")[0],
+        "standardized": standardize,
+        "why": why,
         "metrics": {
             "reduce/components": k,
             "reduce/input_features": d,
             "reduce/explained_variance": explained,
+            "reduce/standardized": float(standardize),
         },
-        "summary": f"PCA {d} → {k} components, {explained:.3f} of the variance",
+        "summary": f"{scaled}PCA {d} → {k} components, {explained:.3f} of the variance ({why})",
+        **curve,
     }
 
 
-def skip_reduction(partitions: Manifest) -> dict[str, Any]:
-    """`reduce.method: none`: the model trains on the partitioned raw features."""
+def skip_reduction(partitions: Manifest, why: str) -> dict[str, Any]:
+    """No reduction: the model trains on the partitioned raw features."""
     n = len(partitions["feature_names"])
     return {
         "splits": partitions["splits"],
@@ -146,10 +248,15 @@ def skip_reduction(partitions: Manifest) -> dict[str, Any]:
         "classes": partitions["classes"],
         "image_shape": partitions["image_shape"],
         "reduction": None,
+        "standardized": False,
+        "why": why,
+        "variance_table": [],
+        "plots": [],
         "metrics": {
             "reduce/components": n,
             "reduce/input_features": n,
             "reduce/explained_variance": 1.0,
+            "reduce/standardized": 0.0,
         },
-        "summary": f"no reduction: {n} raw features",
+        "summary": f"no reduction: {n} raw features ({why})",
     }

@@ -68,23 +68,27 @@ def partition_data(cfg: PipelineConfig, parent: str, ingested: Manifest) -> Stag
 
 @task(name="reduce", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def reduce_features(cfg: PipelineConfig, parent: str, partitions: Manifest) -> StageOutcome:
-    """Fit PCA on the training split (or pass features through) and project every split."""
+    """Fit standardised PCA on the training split where it pays, and project every split."""
+    image_model = cfg.train.model == "cnn"
+    skip = reduce.passes_through(cfg.reduce, partitions, image_model)
 
     def build(out):
-        if cfg.reduce.method == "none":
-            return reduce.skip_reduction(partitions)
+        if skip:
+            return reduce.skip_reduction(partitions, skip)
         with dask_client(cfg.dask) as client:
             return reduce.fit_reduction(partitions, cfg.reduce, out, client)
 
     with stage_run(parent, "reduce", "reduce", cfg.reduce):
-        outcome = run_stage(
-            cfg.workdir,
-            "reduce",
-            reduce.VERSION,
-            cfg.reduce.model_dump(mode="json"),
-            [partitions],
-            build,
-        )
+        # auto passes images through for an image model: the model is part of the decision
+        key = {**cfg.reduce.model_dump(mode="json"), "image_model": image_model}
+        outcome = run_stage(cfg.workdir, "reduce", reduce.VERSION, key, [partitions], build)
+        if outcome.manifest["variance_table"]:
+            publish_table(
+                "reduce",
+                "explained-variance",
+                outcome.manifest["variance_table"],
+                outcome.manifest["plots"],
+            )
         publish("reduce", outcome)
     return outcome
 

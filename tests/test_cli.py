@@ -75,6 +75,7 @@ def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "train.epochs=5",
         "train.hidden=[128]",
+        "reduce.method=pca",  # standardised PCA on the way to serving, not auto's pass-through
         "train.batch_size=32",
         "prune.finetune_epochs=1",
     ]

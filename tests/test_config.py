@@ -39,9 +39,10 @@ def test_bad_values_name_the_key(override, named):
 
 
 def test_cross_section_rule_is_explained():
-    with pytest.raises(ConfigError, match="reduce.method"):
-        load_config(None, ["train.model=cnn"])
+    with pytest.raises(ConfigError, match="train.model 'cnn'.*reduce.method"):
+        load_config(None, ["train.model=cnn", "reduce.method=pca"])
     assert load_config(None, ["train.model=cnn", "reduce.method=none"]).train.model == "cnn"
+    assert load_config(None, ["train.model=cnn"]).reduce.method == "auto"  # passes pixels through
 
 
 def test_malformed_override_and_missing_file(tmp_path):

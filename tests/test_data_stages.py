@@ -90,6 +90,78 @@ def test_pca_matches_scikit_learn_and_meets_the_variance_target(partitioned, cli
     assert rows == parts["splits"]["val"]["rows"]
 
 
+def test_standardised_pca_keeps_the_components_a_table_needs(client, tmp_path):
+    """Breast-cancer measurements span 1000x in scale (areas ~1000, smoothness ~0.1): PCA on
+    the raw columns hands 95% of the variance to one component; standardised, it keeps what
+    scikit-learn's StandardScaler + PCA keeps, and projects the same."""
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    load_breast_cancer(as_frame=True).frame.to_csv(tmp_path / "cancer.csv", index=False)
+    data = DataConfig(source=str(tmp_path / "cancer.csv"), label="target")
+    ingested = run_stage(tmp_path, "ingest", "1", {}, [], lambda o: ingest_dataset(data, o, client))
+    parts = run_stage(
+        tmp_path,
+        "partition",
+        "1",
+        {},
+        [ingested.manifest],
+        lambda o: partition_dataset(ingested.manifest, PartitionConfig(), o, client),
+    )
+    parts = parts.manifest
+    kept = {}
+    for standardize in (False, True):
+        cfg = ReduceConfig(method="pca", standardize=standardize)
+        m = run_stage(
+            tmp_path,
+            "reduce",
+            "1",
+            cfg.model_dump(),
+            [parts],
+            lambda o, c=cfg: fit_reduction(parts, c, o, client),
+        ).manifest
+        kept[standardize] = m
+    assert kept[False]["metrics"]["reduce/components"] == 1  # the raw scale hides the rest
+    X = np.load(ingested.manifest["splits"]["train"]["X"]["path"]).astype(np.float64)
+    scaled = StandardScaler().fit_transform(X)
+    reference = PCA(svd_solver="full").fit(scaled)
+    k = int(np.searchsorted(np.cumsum(reference.explained_variance_ratio_), 0.95) + 1)
+    assert kept[True]["metrics"]["reduce/components"] == k >= 8
+    ours = apply_reduction(X[:50], load_reduction(kept[True]["reduction"]["path"]))
+    theirs = reference.transform(scaled[:50])[:, :k]
+    signs = np.sign((ours * theirs).sum(axis=0))
+    # scikit-learn scales by the population std (ddof 0), we by the sample std: 0.1% apart here
+    assert np.allclose(ours, theirs * signs, atol=5e-3 * np.abs(theirs).max())
+    assert kept[True]["standardized"] and Path(kept[True]["plots"][0]).is_file()
+    assert [r["variance_target"] for r in kept[True]["variance_table"]][-1] == 1.0
+
+
+def test_auto_reduces_only_where_it_pays(partitioned, client, tmp_path):
+    from tasks.reduce import passes_through
+
+    _, _, parts = partitioned
+    auto = ReduceConfig()
+    assert passes_through(auto, parts, image_model=True)  # a CNN needs its pixels
+    assert passes_through(auto, {**parts, "feature_names": ["a"] * 9}, False).startswith(
+        "reduce.method auto: 9 features is fewer than reduce.auto_min_features"
+    )
+    assert passes_through(auto, parts, image_model=False) is None
+    m = fit_reduction(parts, auto, _stage_dir(tmp_path / "a"), client)  # images: 784 -> ~180
+    assert m["reduction"] and not m["standardized"] and "within reduce.auto_max_kept" in m["why"]
+    strict = ReduceConfig(auto_max_kept=0.05)
+    m = fit_reduction(parts, strict, _stage_dir(tmp_path / "b"), client)
+    assert m["reduction"] is None and m["splits"] == parts["splits"]
+    assert "more than reduce.auto_max_kept (5%)" in m["why"] and m["variance_table"]
+
+
+def _stage_dir(path: Path):
+    from tasks.stage import StageDir
+
+    path.mkdir()
+    return StageDir(tmp=path, final=path)
+
+
 def test_codec_report_measures_every_candidate_and_auto_follows_the_rule(
     partitioned, client, tmp_path
 ):
