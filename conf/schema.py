@@ -20,12 +20,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tasks.errors import ConfigError
+
 DEFAULT_CONFIG = Path(__file__).with_name("pipeline.yaml")
 PROFILES = Path(__file__).with_name("profiles")
-
-
-class ConfigError(ValueError):
-    """A config problem a user can fix; the message names the key or file."""
 
 
 class Section(BaseModel):

@@ -19,15 +19,6 @@ import time
 from tasks.tracking import quiet_environment
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    from conf.schema import ConfigError
-    from tasks.readers import DataError
-    from tasks.stage import StageInputError
-    from tasks.training.launch import TrainingError
-
-    return (ConfigError, DataError, StageInputError, TrainingError)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="accelflow", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,8 +73,8 @@ def print_summary(result: dict, tracking_uri: str, seconds: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quiet_environment()
-    errors = _user_errors()
     from conf.schema import load_config
+    from tasks.errors import UserError
 
     try:
         cfg = load_config(args.config, args.overrides, args.profile)
@@ -99,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         result = pipeline(cfg)
         print_summary(result, cfg.tracking.uri, time.perf_counter() - start)
         return 0
-    except errors as exc:
+    except UserError as exc:
         print(f"accelflow: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,9 +14,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Failed
 
 from conf.schema import PipelineConfig, load_config
 from tasks import cluster, steps, tracking
+from tasks.errors import UserError
 
 HEADLINE = {  # parent-run metric → (stage, manifest metric)
     "test/accuracy": ("evaluate", "test/accuracy"),
@@ -72,9 +74,19 @@ def pipeline(
     working directory, an optional `profile` from conf/profiles and `overrides` such as
     ["train.epochs=3"].
     """
+    tracking.user_errors_without_traceback()
+    try:
+        return run_stages(resolve_config(config, config_path, profile, overrides))
+    except UserError as exc:
+        # The run fails with the user's paragraph as its state message (what a deployment's
+        # UI and `prefect deployment run --watch` show); calling the flow re-raises `exc`.
+        return Failed(message=f"accelflow: error: {exc}", data=exc)
+
+
+def run_stages(config: PipelineConfig) -> dict[str, Any]:
+    """The DAG itself, inside the flow run."""
     logger = get_run_logger()
-    config = resolve_config(config, config_path, profile, overrides)
-    logger.info("config %s (%s)", config.digest(), "given" if config_path is None else config_path)
+    logger.info("config %s", config.digest())
     experiment_id = tracking.configure(config)
     with cluster.one_cluster_per_run(), tracking.pipeline_run(config, experiment_id) as parent:
         ingested = steps.ingest_data(config, parent)

@@ -13,13 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from conf.schema import DataConfig
+from tasks.errors import DataError
 
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 CSV_COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".bz2": "bz2", ".xz": "xz"}
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, column or row and what to do."""
 
 
 @dataclass

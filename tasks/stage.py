@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from conf.schema import config_digest
+from tasks.errors import StageInputError
 
 Manifest = dict[str, Any]
 MANIFEST = "manifest.json"
@@ -45,10 +46,6 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
-
-
-class StageInputError(RuntimeError):
-    """A stage's input (an earlier stage's output) was changed or removed by hand."""
 
 
 @dataclass

@@ -14,8 +14,17 @@ from prefect.cache_policies import NO_CACHE
 from conf.schema import PipelineConfig
 from tasks import evaluate, ingest, partition, prune, readers, reduce, registry, train
 from tasks.cluster import dask_client
+from tasks.errors import user_error_in
 from tasks.stage import Manifest, StageOutcome, run_stage
 from tasks.tracking import log_dataset, publish, publish_table, stage_run
+
+
+def not_a_user_error(task, task_run, state) -> bool:
+    """Retry a Dask stage after a lost worker, never after bad input: that fails the same."""
+    return user_error_in(state.data if isinstance(state.data, BaseException) else None) is None
+
+
+RETRY_DASK = {"retries": 1, "retry_delay_seconds": 5, "retry_condition_fn": not_a_user_error}
 
 
 @task(name="ingest", cache_policy=NO_CACHE)
@@ -40,7 +49,7 @@ def ingest_data(cfg: PipelineConfig, parent: str) -> StageOutcome:
     return outcome
 
 
-@task(name="partition", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+@task(name="partition", cache_policy=NO_CACHE, **RETRY_DASK)
 def partition_data(cfg: PipelineConfig, parent: str, ingested: Manifest) -> StageOutcome:
     """Write the splits as compressed Parquet partitions on a Dask cluster."""
 
@@ -66,7 +75,7 @@ def partition_data(cfg: PipelineConfig, parent: str, ingested: Manifest) -> Stag
     return outcome
 
 
-@task(name="reduce", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+@task(name="reduce", cache_policy=NO_CACHE, **RETRY_DASK)
 def reduce_features(cfg: PipelineConfig, parent: str, partitions: Manifest) -> StageOutcome:
     """Fit standardised PCA on the training split where it pays, and project every split."""
     image_model = cfg.train.model == "cnn"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import warnings
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from conf.schema import PipelineConfig, flatten
+from tasks.errors import user_error_in
 from tasks.stage import Manifest, StageOutcome
 
 TELEMETRY_OFF = {
@@ -32,6 +34,27 @@ def quiet_environment() -> None:
     """Offline-friendly defaults; a value the user already set wins."""
     for key, value in TELEMETRY_OFF.items():
         os.environ.setdefault(key, value)
+
+
+class _UserErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed task or flow with its traceback. For a user error (bad data,
+    config, a failed training run) the traceback only buries the one paragraph that says
+    what to do: keep the paragraph, drop the traceback. Bugs keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = user_error_in(record.exc_info[1]) if record.exc_info else None
+        if error is not None:
+            record.msg, record.args = "stopped by a user error: %s", (str(error),)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def user_errors_without_traceback() -> None:
+    """Install the filter on the loggers Prefect's engines report failures through."""
+    for name in ("prefect.task_runs", "prefect.flow_runs", "prefect.engine"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _UserErrorsWithoutTraceback) for f in logger.filters):
+            logger.addFilter(_UserErrorsWithoutTraceback())
 
 
 def configure(cfg: PipelineConfig) -> str:

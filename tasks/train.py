@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from conf.schema import TrainConfig
+from tasks.errors import ConfigError
 from tasks.stage import Manifest, StageDir
 from tasks.training.launch import launch, resolve_world_size
 
@@ -34,7 +35,7 @@ def split_files(features: Manifest, split: str) -> list[str]:
 
 def model_arch(features: Manifest, cfg: TrainConfig) -> dict[str, Any]:
     if cfg.model == "cnn" and not features.get("image_shape"):
-        raise ValueError(
+        raise ConfigError(
             "train.model: 'cnn' needs image data (an IDX folder or 3-D .npz X) with reduce.method: none; "
             "use train.model: mlp for tables or PCA features"
         )

@@ -48,6 +48,53 @@ def test_run_rejects_a_missing_label_before_starting_anything(digits_csv):
     )  # failed before Prefect started
 
 
+def _table(path, rows):
+    path.write_text("\n".join([",".join(r) for r in rows]) + "\n")
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        ([["a", "b", "label"]], "the dataset is empty (0 rows)"),
+        (
+            [["a", "b", "label"], *[[str(i), str(i % 7), "x"] for i in range(200)]],
+            "the label has a single class ('x'); nothing to learn",
+        ),
+        (
+            [
+                ["a", "b", "label"],
+                *[[str(i), "oops" if i == 57 else str(i % 7), str(i % 2)] for i in range(200)],
+            ],
+            "first at row 57: column 'b': 'oops' is not a number",
+        ),
+        (
+            [["a", "b", "label"], *[[str(i), str(i % 7), str(i % 2)] for i in range(200)]],
+            "train.model: 'cnn' needs image data",
+        ),  # met by the train stage, not before
+    ],
+    ids=["header-only", "single-class", "stray-string", "cnn-on-a-table"],
+)
+def test_errors_met_inside_the_flow_are_one_paragraph_too(tmp_path, rows, expected):
+    source = _table(tmp_path / "bad.csv", rows)
+    sets = [
+        f"data.source={source}",
+        f"workdir={tmp_path / 'w'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+        "train.epochs=1",
+    ]
+    if "cnn" in expected:
+        sets.append("train.model=cnn")
+    out = accelflow("run", *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert (
+        f"accelflow: error: {source}" in out.stderr or "accelflow: error: train.model" in out.stderr
+    )
+    assert expected in out.stderr.splitlines()[-2] + out.stderr.splitlines()[-1]
+    assert "Traceback" not in out.stdout + out.stderr
+
+
 @pytest.mark.slow
 def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
     """The user's path with a real-world table: string labels, a categorical column, missing

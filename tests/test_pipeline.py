@@ -157,3 +157,35 @@ def test_float16_storage_reports_its_accuracy_impact(prefect_harness, tmp_path):
     assert (
         abs(metrics["evaluate/storage_accuracy_delta"]) <= 0.03
     )  # float16 costs almost nothing here
+
+
+@pytest.mark.parametrize("failing", STAGES[1:])
+def test_a_user_error_in_any_stage_fails_the_run_with_its_paragraph_only(
+    first_run, failing, monkeypatch, capfd, caplog
+):
+    """Whatever stage meets bad input, the run fails with the user's one paragraph as its
+    state message, and no traceback reaches the terminal."""
+    import tasks.steps
+    from tasks.errors import StageInputError
+
+    cfg, _ = first_run
+    real = tasks.steps.run_stage
+
+    def run_stage(workdir, stage, *args, **kwargs):
+        if stage == failing:
+            raise StageInputError(f"{stage}: its input was edited by hand; delete it and run again")
+        return real(workdir, stage, *args, **kwargs)
+
+    monkeypatch.setattr(tasks.steps, "run_stage", run_stage)
+    capfd.readouterr()
+    state = pipeline(cfg, return_state=True)
+    assert state.is_failed()
+    assert state.message == (
+        f"accelflow: error: {failing}: its input was edited by hand; delete it and run again"
+    )
+    with pytest.raises(StageInputError, match=f"^{failing}: its input"):
+        state.result()
+    out, err = capfd.readouterr()
+    logged = out + err + caplog.text
+    assert "Traceback" not in logged
+    assert f"accelflow: error: {failing}: its input was edited" in logged

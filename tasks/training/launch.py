@@ -16,10 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from conf.schema import TrainConfig
-
-
-class TrainingError(RuntimeError):
-    """The workers failed; the message carries the tail of their log."""
+from tasks.errors import TrainingError
 
 
 def resolve_world_size(cfg: TrainConfig) -> int:
