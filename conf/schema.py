@@ -48,6 +48,15 @@ class DataConfig(Section):
     # tables are read in blocks of about this size, each by one Dask task (output does not depend on it)
     block_mb: float = Field(32.0, gt=0)
 
+    @model_validator(mode="after")
+    def _room_for_training(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"data.val_fraction ({self.val_fraction}) + data.test_fraction "
+                f"({self.test_fraction}) leave no rows for training; keep their sum below 1"
+            )
+        return self
+
 
 class DaskConfig(Section):
     address: str | None = (
@@ -318,7 +327,7 @@ def validate_config(tree: dict[str, Any], source: str = "config") -> PipelineCon
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 problems.append(f"unknown key '{key}' (check the spelling; see conf/pipeline.yaml)")
-            elif not key:  # a rule across sections: the message names the keys itself
+            elif not key or isinstance(err.get("input"), dict):  # a rule that names its keys
                 problems.append(message)
             else:
                 problems.append(f"'{key}': {message} (got {err.get('input')!r})")

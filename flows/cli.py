@@ -82,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             print(validate(cfg))
             return 0
         from tasks.readers import preflight
+        from tasks.stage import check_workdir
 
-        preflight(cfg.data)  # fail in a second, before Prefect and Dask start
+        check_workdir(cfg.workdir)  # fail in a second, before Prefect and Dask start
+        preflight(cfg.data)
         from flows.pipeline import pipeline
 
         start = time.perf_counter()

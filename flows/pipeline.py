@@ -19,6 +19,7 @@ from prefect.states import Failed
 from conf.schema import PipelineConfig, load_config
 from tasks import cluster, steps, tracking
 from tasks.errors import UserError
+from tasks.stage import check_workdir
 
 HEADLINE = {  # parent-run metric → (stage, manifest metric)
     "test/accuracy": ("evaluate", "test/accuracy"),
@@ -87,6 +88,7 @@ def run_stages(config: PipelineConfig) -> dict[str, Any]:
     """The DAG itself, inside the flow run."""
     logger = get_run_logger()
     logger.info("config %s", config.digest())
+    check_workdir(config.workdir)
     experiment_id = tracking.configure(config)
     with cluster.one_cluster_per_run(), tracking.pipeline_run(config, experiment_id) as parent:
         ingested = steps.ingest_data(config, parent)

@@ -6,6 +6,7 @@ block by block on the cluster by `tasks.tables`.
 from __future__ import annotations
 
 import gzip
+import io
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,6 +192,12 @@ def preflight(cfg: DataConfig) -> str:
             raise DataError(
                 f"{path}: cannot read as {fmt} ({type(exc).__name__}: {exc}); is the file complete?"
             ) from None
+        twice = sorted({c for c in columns if columns.count(c) > 1})
+        if twice:
+            raise DataError(
+                f"{path}: column name(s) {twice} appear more than once in the header; rename "
+                "them so that every column has its own name"
+            )
         if columns and cfg.label not in columns:
             raise DataError(
                 f"{path}: label column '{cfg.label}' not found; columns are {columns[:20]}. "
@@ -199,13 +206,60 @@ def preflight(cfg: DataConfig) -> str:
     return fmt
 
 
+class _CheckedZstd(io.RawIOBase):
+    """A .zst stream that fails like gzip, bz2 and xz do when it is cut short: zstandard's
+    own stream reader just stops at a truncated frame, and the half row at the cut would
+    pass as one bad row while the rest of the file went missing without a word."""
+
+    def __init__(self, raw):
+        import zstandard
+
+        self.raw, self.new_frame = raw, zstandard.ZstdDecompressor().decompressobj
+        self.frame, self.started = self.new_frame(), False
+        self.pending, self.offset = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self.offset == len(self.pending):
+            chunk = self.raw.read(1 << 20)
+            if not chunk:
+                if self.started and not self.frame.eof:
+                    raise EOFError("zstd stream ended before the end of its frame")
+                return 0
+            self.pending, self.offset = self._decompress(chunk), 0
+        n = min(len(buffer), len(self.pending) - self.offset)
+        buffer[:n] = self.pending[self.offset : self.offset + n]
+        self.offset += n
+        return n
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        out = []
+        while chunk:
+            if self.frame.eof:  # concatenated frames: the next one starts here
+                self.frame = self.new_frame()
+            self.started = True
+            out.append(self.frame.decompress(chunk))
+            chunk = self.frame.unused_data if self.frame.eof else b""
+        return b"".join(out)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def open_text_stream(fs, path: str):
+    """A (possibly compressed) CSV as a binary stream that raises EOFError if it was cut off."""
+    if Path(path).suffix == ".zst":
+        return io.BufferedReader(_CheckedZstd(fs.open(path, "rb")), buffer_size=1 << 20)
+    return fs.open(path, "rb", compression="infer")
+
+
 def csv_header(fs, path: str) -> list[str]:
     import pandas as pd
 
-    with fs.open(path, "rb") as fh:
-        return [
-            str(c)
-            for c in pd.read_csv(
-                fh, nrows=0, compression=CSV_COMPRESSION.get(Path(path).suffix)
-            ).columns
-        ]
+    # the header as a row of text: read as a header, pandas would rename a repeated name
+    with open_text_stream(fs, path) as fh:
+        head = pd.read_csv(fh, nrows=1, header=None, dtype=str, keep_default_na=False)
+    return [str(c) for c in head.iloc[0]] if len(head) else []

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from conf.schema import config_digest
-from tasks.errors import StageInputError
+from tasks.errors import ConfigError, StageInputError
 
 Manifest = dict[str, Any]
 MANIFEST = "manifest.json"
@@ -76,6 +76,25 @@ class StageDir:
     def describe(self, *names: str) -> list[dict[str, Any]]:
         """Describe files written in `tmp` (size, digest) under their final paths."""
         return [self.moved(entry) for entry in describe_files([self.path(n) for n in names])]
+
+
+def check_workdir(workdir: str | Path) -> Path:
+    """The workdir as a folder we can write, created if missing; else a ConfigError."""
+    path = Path(workdir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            f"workdir {path} is a file, not a folder; set workdir to a folder (created if missing)"
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"workdir {path}: cannot create it ({exc.strerror}); set workdir "
+            "to a folder you can write"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"workdir {path} is not writable; set workdir to a folder you can write")
+    return path
 
 
 def stage_key(stage: str, version: str, config: dict[str, Any], inputs: list[Manifest]) -> str:

@@ -33,7 +33,7 @@ import numpy as np
 from conf.schema import DataConfig
 from tasks.cluster import checked, data_task
 from tasks.encoding import MISSING, Encoder, as_text, fit_encoder
-from tasks.readers import CSV_COMPRESSION, DataError, csv_header, filesystem
+from tasks.readers import CSV_COMPRESSION, DataError, csv_header, filesystem, open_text_stream
 from tasks.stage import StageDir
 
 NUMERIC_SHARE = 0.95  # a column whose values are at least this share numbers is numeric
@@ -162,7 +162,7 @@ def scan_csv_stream(source: str, rows_per_block: int, scratch: str) -> list[dict
     fs, path = filesystem(source)
     blocks = []
     try:
-        with fs.open(path, "rb", compression="infer") as fh:
+        with open_text_stream(fs, path) as fh:
             reader = pd.read_csv(fh, chunksize=rows_per_block, index_col=False, low_memory=False)
             for i, frame in enumerate(reader):
                 blocks.append(
@@ -287,8 +287,13 @@ def block_size(block_mb: float, client) -> int:
 
 def _rows_per_block(fs, path: str, block_bytes: int) -> int:
     """Rows of a compressed CSV that make about one block: from the first decompressed MiB."""
-    with fs.open(path, "rb", compression="infer") as fh:
-        head = fh.read(2**20)
+    try:
+        with open_text_stream(fs, path) as fh:
+            head = fh.read(2**20)
+    except (OSError, EOFError, ValueError) as exc:  # a file cut short before its first MiB
+        raise DataError(
+            f"{path}: cannot read as CSV ({type(exc).__name__}: {exc}); is it complete?"
+        ) from None
     lines = max(head.count(b"\n"), 1)
     return max(1000, int(block_bytes / (len(head) / lines)))
 

@@ -29,6 +29,10 @@ def test_validate_checks_config_and_data(digits_csv):
             "/no/such/data.csv: data source does not exist",
         ),
         (["-c", "/no/such/config.yaml"], "config file /no/such/config.yaml does not exist"),
+        (
+            ["--set", "data.val_fraction=0.6", "--set", "data.test_fraction=0.4"],
+            "data.val_fraction (0.6) + data.test_fraction (0.4) leave no rows for training",
+        ),
     ],
 )
 def test_user_errors_exit_2_with_a_message_and_no_traceback(args, expected):
@@ -37,6 +41,13 @@ def test_user_errors_exit_2_with_a_message_and_no_traceback(args, expected):
         assert out.returncode == 2
         assert expected in out.stderr
         assert "Traceback" not in out.stderr
+
+
+def test_a_workdir_that_is_a_file_is_refused_before_anything_starts(tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    out = accelflow("run", "--set", f"workdir={tmp_path / 'taken'}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"workdir {tmp_path / 'taken'} is a file, not a folder" in out.stderr
 
 
 def test_run_rejects_a_missing_label_before_starting_anything(digits_csv):

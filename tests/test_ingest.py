@@ -376,6 +376,39 @@ def test_ragged_and_truncated_csv(digits_csv, tmp_path):
     )
 
 
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_a_cut_off_compressed_csv_is_a_file_error_whatever_the_bad_row_policy(
+    digits_csv, tmp_path, suffix
+):
+    """Cut well past the header, so only the stream's end can tell: under on_bad_rows: drop
+    a quiet reader would train on part of the file, losing the rest without a word."""
+    import zstandard
+
+    body = digits_csv.read_bytes()
+    big = body + b"".join(body.split(b"\n", 1)[1] for _ in range(30))  # ~30x the rows
+    pack = gzip.compress if suffix == ".gz" else zstandard.ZstdCompressor().compress
+    packed = pack(big)
+    source = tmp_path / f"cut.csv{suffix}"
+    source.write_bytes(packed[: int(len(packed) * 0.7)])
+    expect_error(
+        tmp_path,
+        rf"(?i)cut\.csv\{suffix}: cannot read as csv .*EOFError.*complete\?",
+        source=str(source),
+        label="digit",
+        on_bad_rows="drop",
+    )
+
+
+def test_a_repeated_column_name_is_refused_naming_it(tmp_path):
+    source = tmp_path / "twice.csv"
+    source.write_text(
+        "a,b,a,label\n" + "".join(f"{i},{i % 3},{i * 2},{i % 2}\n" for i in range(60))
+    )
+    expect_error(
+        tmp_path, r"twice\.csv: column name\(s\) \['a'\] appear more than once", source=str(source)
+    )
+
+
 def test_parquet_parts_with_different_columns(digits_frame, tmp_path):
     folder = tmp_path / "parts"
     folder.mkdir()
