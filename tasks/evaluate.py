@@ -22,7 +22,14 @@ from tasks.reduce import read_features
 from tasks.serving import Predictor, write_bundle
 from tasks.stage import Manifest, StageDir
 
-VERSION = "2"
+# the code whose output this stage stores: its digest is part of the cache key
+SOURCES = (
+    "tasks.evaluate",
+    "tasks.serving",
+    "tasks.encoding",
+    "tasks.reduce",
+    "tasks.training.models",
+)
 
 
 def load_test_split(partitions: Manifest) -> tuple[np.ndarray, np.ndarray]:

@@ -32,7 +32,8 @@ from tasks.readers import (
 )
 from tasks.stage import StageDir
 
-VERSION = "3"
+# the code whose output this stage stores: its digest is part of the cache key
+SOURCES = ("tasks.ingest", "tasks.tables", "tasks.readers", "tasks.encoding")
 SPLITS = ("train", "val", "test")
 TABLE_FORMATS = ("csv", "parquet")
 

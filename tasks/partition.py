@@ -24,7 +24,8 @@ import numpy as np
 from conf.schema import PartitionConfig
 from tasks.stage import Manifest, StageDir, describe_files
 
-VERSION = "3"
+# the code whose output this stage stores: its digest is part of the cache key
+SOURCES = ("tasks.partition",)
 LABEL = "label"
 CANDIDATES = [
     ("none", None),

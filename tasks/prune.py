@@ -14,7 +14,15 @@ from tasks.stage import Manifest, StageDir
 from tasks.train import OPTIM_KEYS, model_files, split_files
 from tasks.training.launch import launch, resolve_world_size
 
-VERSION = "1"
+# the code whose output this stage stores: its digest is part of the cache key
+SOURCES = (
+    "tasks.prune",
+    "tasks.train",
+    "tasks.training.launch",
+    "tasks.training.worker",
+    "tasks.training.models",
+    "tasks.training.sparsity",
+)
 
 
 def sparsity_schedule(target: float, rounds: int) -> list[float]:

@@ -78,6 +78,21 @@ class StageDir:
         return [self.moved(entry) for entry in describe_files([self.path(n) for n in names])]
 
 
+def code_version(modules: tuple[str, ...]) -> str:
+    """A digest of the source files a stage runs (module names, resolved without importing
+    them), so a stage's cache cannot outlive its code: edit one byte and the stage, and every
+    stage after it, runs again. Nothing to remember to bump."""
+    from importlib.util import find_spec
+
+    h = hashlib.sha256()
+    for name in sorted(modules):
+        spec = find_spec(name)
+        if spec is None or not spec.origin:
+            raise RuntimeError(f"stage source module {name} not found")
+        h.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
+    return h.hexdigest()[:12]
+
+
 def check_workdir(workdir: str | Path) -> Path:
     """The workdir as a folder we can write, created if missing; else a ConfigError."""
     path = Path(workdir).expanduser()
@@ -114,7 +129,7 @@ def why_it_ran(previous: dict[str, Any] | None, current: dict[str, Any]) -> str:
         return "first run of this stage in this workdir"
     changes = []
     if previous.get("version") != current["version"]:
-        changes.append(f"stage code version {previous.get('version')} → {current['version']}")
+        changes.append(f"stage code changed ({previous.get('version')} → {current['version']})")
     old_cfg, new_cfg = previous.get("config", {}), current["config"]
     changed_keys = sorted(
         k for k in old_cfg.keys() | new_cfg.keys() if old_cfg.get(k) != new_cfg.get(k)

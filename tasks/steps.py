@@ -15,7 +15,7 @@ from conf.schema import PipelineConfig
 from tasks import evaluate, ingest, partition, prune, readers, reduce, registry, train
 from tasks.cluster import dask_client
 from tasks.errors import user_error_in
-from tasks.stage import Manifest, StageOutcome, run_stage
+from tasks.stage import Manifest, StageOutcome, code_version, run_stage
 from tasks.tracking import log_dataset, publish, publish_table, stage_run
 
 
@@ -40,7 +40,7 @@ def ingest_data(cfg: PipelineConfig, parent: str) -> StageOutcome:
         outcome = run_stage(
             cfg.workdir,
             "ingest",
-            ingest.VERSION,
+            code_version(ingest.SOURCES),
             key,
             [],
             lambda out: ingest.ingest_dataset(cfg.data, out, dask=cfg.dask),
@@ -61,7 +61,7 @@ def partition_data(cfg: PipelineConfig, parent: str, ingested: Manifest) -> Stag
         outcome = run_stage(
             cfg.workdir,
             "partition",
-            partition.VERSION,
+            code_version(partition.SOURCES),
             cfg.partition.model_dump(mode="json"),
             [ingested],
             build,
@@ -90,7 +90,9 @@ def reduce_features(cfg: PipelineConfig, parent: str, partitions: Manifest) -> S
     with stage_run(parent, "reduce", "reduce", cfg.reduce):
         # auto passes images through for an image model: the model is part of the decision
         key = {**cfg.reduce.model_dump(mode="json"), "image_model": image_model}
-        outcome = run_stage(cfg.workdir, "reduce", reduce.VERSION, key, [partitions], build)
+        outcome = run_stage(
+            cfg.workdir, "reduce", code_version(reduce.SOURCES), key, [partitions], build
+        )
         if outcome.manifest["variance_table"]:
             publish_table(
                 "reduce",
@@ -109,7 +111,7 @@ def train_network(cfg: PipelineConfig, parent: str, features: Manifest) -> Stage
         outcome = run_stage(
             cfg.workdir,
             "train",
-            train.VERSION,
+            code_version(train.SOURCES),
             cfg.train.model_dump(mode="json"),
             [features],
             lambda out: train.train_model(features, cfg.train, out, run_id),
@@ -134,7 +136,13 @@ def prune_network(
         # the fine-tune uses train's optimizer settings, so they are part of this stage's key
         config = {**cfg.prune.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json")}
         outcome = run_stage(
-            cfg.workdir, "prune", prune.VERSION, config, [features, trained], build, resumable=True
+            cfg.workdir,
+            "prune",
+            code_version(prune.SOURCES),
+            config,
+            [features, trained],
+            build,
+            resumable=True,
         )
         publish("prune", outcome)
     return outcome
@@ -156,7 +164,7 @@ def evaluate_and_register(
         outcome = run_stage(
             cfg.workdir,
             "evaluate",
-            evaluate.VERSION,
+            code_version(evaluate.SOURCES),
             cfg.evaluate.model_dump(mode="json"),
             [partitions, features, trained, pruned],
             lambda out: evaluate.evaluate_model(

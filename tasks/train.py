@@ -13,7 +13,14 @@ from tasks.errors import ConfigError
 from tasks.stage import Manifest, StageDir
 from tasks.training.launch import launch, resolve_world_size
 
-VERSION = "1"
+# the code whose output this stage stores: its digest is part of the cache key
+SOURCES = (
+    "tasks.train",
+    "tasks.training.launch",
+    "tasks.training.worker",
+    "tasks.training.models",
+    "tasks.training.sparsity",
+)
 OPTIM_KEYS = (
     "optimizer",
     "momentum",

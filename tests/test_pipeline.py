@@ -3,6 +3,8 @@ LocalCluster, 2 gloo DDP processes and a temporary MLflow sqlite store."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -116,6 +118,27 @@ def test_changing_the_learning_rate_reruns_train_and_after_only(first_run):
     )
     assert result["promotion"]["alias"] == expected, result["promotion"]
     assert result["promotion"]["version"] == first_run[1]["promotion"]["version"] + 1
+
+
+def test_a_byte_changed_in_a_stage_source_reruns_that_stage_and_after(first_run):
+    """No hand-bumped versions: the cache key digests the code each stage runs. One byte
+    appended to reduce's module re-runs reduce and every stage after it; restored, the
+    earlier outputs are cache hits again."""
+    import tasks.reduce
+
+    cfg, _ = first_run
+    source = Path(tasks.reduce.__file__)
+    original = source.read_bytes()
+    try:
+        source.write_bytes(original + b"\n# one more line\n")
+        changed = {row["stage"]: row for row in pipeline(cfg)["stages"]}
+    finally:
+        source.write_bytes(original)
+    assert [changed[s]["status"] for s in STAGES] == ["cached"] * 2 + ["ran"] * 4
+    assert "stage code changed" in changed["reduce"]["reason"]
+    assert "input changed" in changed["train"]["reason"]
+    restored = pipeline(cfg)["stages"]
+    assert [row["status"] for row in restored] == ["cached"] * 6
 
 
 def test_each_stage_publishes_a_prefect_artifact(first_run):

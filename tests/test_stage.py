@@ -22,7 +22,7 @@ def test_second_run_is_a_cache_hit_and_a_config_change_says_what_changed(tmp_pat
     changed = run_stage(tmp_path, "demo", "1", {"a": 1, "b": 3}, [], build_ok)
     assert not changed.cached and "config changed: b" in changed.reason
     bumped = run_stage(tmp_path, "demo", "2", {"a": 1, "b": 3}, [], build_ok)
-    assert "code version" in bumped.reason
+    assert "stage code changed (1 → 2)" in bumped.reason
 
 
 def test_input_change_reruns_downstream(tmp_path):
