@@ -20,7 +20,7 @@ import zstandard
 from conf.schema import EvaluateConfig
 from tasks.reduce import read_features
 from tasks.serving import Predictor, write_bundle
-from tasks.stage import Manifest, StageDir
+from tasks.stage import Manifest, StageDir, files_digest
 
 # the code whose output this stage stores: its digest is part of the cache key
 SOURCES = (
@@ -233,7 +233,7 @@ def evaluate_model(
         "bundle": out.final_path(chosen),
         "model_digest": model_digest,
         "results": results,
-        "test_digest": "".join(f["digest"] for f in partitions["splits"]["test"]["files"])[:32],
+        "test_digest": files_digest(partitions["splits"]["test"]["files"]),
         "plots": [out.final_path(f"confusion_{n}.png") for n in results],
         "report": out.final_path("summary.md"),
         "metrics": metrics,

@@ -42,6 +42,12 @@ def describe_files(paths: list[Path]) -> list[dict[str, Any]]:
     return [{"path": str(p), "bytes": p.stat().st_size, "digest": file_digest(p)} for p in paths]
 
 
+def files_digest(files: list[dict[str, Any]]) -> str:
+    """One digest over a set of described files (every file's content digest, in order):
+    the dataset identity that lineage and the champion gate compare."""
+    return config_digest([f["digest"] for f in files])
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))

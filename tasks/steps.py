@@ -16,7 +16,7 @@ from tasks import evaluate, ingest, partition, prune, readers, reduce, registry,
 from tasks.cluster import dask_client
 from tasks.errors import user_error_in
 from tasks.stage import Manifest, StageOutcome, code_version, run_stage
-from tasks.tracking import log_dataset, publish, publish_table, stage_run
+from tasks.tracking import log_dataset, log_source, publish, publish_table, stage_run
 
 
 def not_a_user_error(task, task_run, state) -> bool:
@@ -33,10 +33,12 @@ def ingest_data(cfg: PipelineConfig, parent: str) -> StageOutcome:
     with stage_run(parent, "ingest", "data", cfg.data):
         # the source files' fingerprint is part of the key: data edited in place is re-read
         # block_mb only changes how the work is cut, never the output: not part of the key
+        fingerprint = readers.source_fingerprint(cfg.data)
         key = {
             **cfg.data.model_dump(mode="json", exclude={"block_mb"}),
-            "source_files": readers.source_fingerprint(cfg.data),
+            "source_files": fingerprint,
         }
+        log_source(cfg.data.source, fingerprint)
         outcome = run_stage(
             cfg.workdir,
             "ingest",

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from conf.schema import PipelineConfig, flatten
+from conf.schema import PipelineConfig, config_digest, flatten
 from tasks.errors import user_error_in
-from tasks.stage import Manifest, StageOutcome
+from tasks.stage import Manifest, StageOutcome, files_digest
 
 TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -193,9 +193,29 @@ def log_dataset(manifest: Manifest, split: str, context: str) -> None:
     with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local files
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(Path(files[0]["path"]).parent.as_uri())
-    digest = "".join(f["digest"] for f in files)[:32]
-    dataset = MetaDataset(source=source, name=f"{manifest['stage']}-{split}", digest=digest[:16])
+    dataset = MetaDataset(
+        source=source, name=f"{manifest['stage']}-{split}", digest=files_digest(files)
+    )
     mlflow.log_input(dataset, context=context)
+
+
+def log_source(source: str, fingerprint: list[list]) -> None:
+    """The raw source as an MLflow input: its location and a digest of its fingerprint (every
+    file's name, size and modification time), so a run says which data it read."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    uri = source if "://" in source else Path(source).expanduser().resolve().as_uri()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            located = resolve_dataset_source(uri)
+    except Exception as exc:  # a scheme MLflow has no source type for: lineage, not a failure
+        print(f"note: the source {uri} is not logged as an MLflow input ({exc})")
+        return
+    dataset = MetaDataset(source=located, name="source", digest=config_digest(fingerprint))
+    mlflow.log_input(dataset, context="source")
 
 
 def _prefect_artifact(factory: str, **kwargs: Any) -> None:

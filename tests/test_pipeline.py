@@ -3,6 +3,7 @@ LocalCluster, 2 gloo DDP processes and a temporary MLflow sqlite store."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -12,8 +13,10 @@ import pytest
 from conftest import make_config, stage_runs
 from mlflow import MlflowClient
 
+from conf.schema import config_digest
 from flows.pipeline import pipeline
-from tasks.readers import read_idx
+from tasks.readers import read_idx, source_fingerprint
+from tasks.stage import files_digest
 
 STAGES = ["ingest", "partition", "reduce", "train", "prune", "evaluate"]
 pytestmark = pytest.mark.slow
@@ -72,6 +75,17 @@ def test_parent_run_and_six_stage_runs_with_their_metrics(first_run):
         "partition-val",
         "partition-test",
     }
+    manifest = json.loads(
+        Path(
+            client.download_artifacts(runs["partition"].info.run_id, "partition/manifest.json")
+        ).read_text()
+    )
+    for d in inputs:  # the digest covers every file of the split
+        files = manifest["splits"][d.dataset.name.removeprefix("partition-")]["files"]
+        assert d.dataset.digest == files_digest(files)
+    (source,) = runs["ingest"].inputs.dataset_inputs
+    assert source.dataset.name == "source" and str(cfg.data.source) in source.dataset.source
+    assert source.dataset.digest == config_digest(source_fingerprint(cfg.data))
 
 
 def test_champion_scores_raw_test_pixels_with_the_logged_accuracy(first_run, fmnist_small):

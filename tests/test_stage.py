@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tasks.stage import StageInputError, run_stage
+from tasks.stage import StageInputError, files_digest, run_stage
 
 
 def build_ok(out):
@@ -90,3 +90,11 @@ def test_damaged_cached_output_is_rebuilt_and_damaged_input_is_named(tmp_path):
         StageInputError, match=r"input from stage 'up' is damaged .*data\.bin is missing"
     ):
         run_stage(tmp_path, "down", "1", {}, [again.manifest], build_ok)
+
+
+def test_a_dataset_digest_covers_every_file_not_only_the_first():
+    a, b, c = ({"path": f"/x/{n}", "bytes": 1, "digest": n * 64} for n in "abc")
+    assert files_digest([a, b]) != files_digest([a, c])  # only the second file differs
+    assert files_digest([a, b]) != files_digest([b, a]) and files_digest([a, b]) == files_digest(
+        [a, b]
+    )
