@@ -50,13 +50,23 @@ def log_pyfunc(bundle: str, example, name: str):
 
     numeric = example.select_dtypes("number").columns
     example = example.astype({c: "float64" for c in numeric})  # a float schema accepts integers too
-    output = Predictor(bundle).predict_frame(example)
+    predictor = Predictor(bundle)
+    output = predictor.predict_frame(example)
+    signature = infer_signature(example, output)
+    if predictor.encoder is not None:
+        # A table's raw rows come as the user has them: a number column read as text because
+        # one value is "n/a", a category coded as integers. The model's own encoder parses,
+        # fills and maps them; MLflow's type check would refuse such a frame outright, so
+        # the signature names the columns (still required) and leaves their types to it.
+        from mlflow.types.schema import AnyType, ColSpec, Schema
+
+        signature.inputs = Schema([ColSpec(AnyType(), c) for c in example.columns])
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=str(ENTRY),
         artifacts={"bundle": bundle},
         code_paths=[str(p) for p in CODE_DIRS],
-        signature=infer_signature(example, output),
+        signature=signature,
         input_example=example,
         pip_requirements=PIP_REQUIREMENTS,  # skips MLflow's slow requirement inference
         registered_model_name=name,

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import raw_test_rows
 
 CLI = [sys.executable, "-m", "flows.cli"]
 
@@ -113,11 +114,9 @@ def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
     registered model then scores raw rows with the accuracy evaluate logged."""
     import mlflow
     import numpy as np
-    import pandas as pd
     from mlflow import MlflowClient
 
     from conf.schema import load_config
-    from tasks.tables import assign_splits, clean_block, decide_schema, profile_raw, row_uniforms
 
     frame = digits_frame.copy().astype({"pixel_4_4": float, "pixel_0_2": object})
     frame["ink"] = np.where(frame["pixel_3_3"] > 8, "dark", "light")
@@ -146,12 +145,7 @@ def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
     assert not (tmp_path / "mlruns").exists()  # artifacts live beside the store, not in the cwd
 
     cfg = load_config(None, sets)
-    # the held-out raw rows, recomputed: the whole small file is one block
-    raw = pd.read_csv(source)
-    features, labels, bad, _ = clean_block(raw, decide_schema([profile_raw(raw)], cfg.data))
-    good = ~bad
-    test = assign_splits(row_uniforms(features[good], cfg.data.seed), cfg.data) == 2
-    raw_X, raw_y = features[good][test], labels[good][test].to_numpy()
+    raw_X, raw_y = raw_test_rows(source, cfg)
     mlflow.set_tracking_uri(cfg.tracking.uri)
     model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@champion")
     predictions = np.asarray(model.predict(raw_X))
