@@ -14,7 +14,6 @@ with feature names, classes and per-file digests. The input is only ever read.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +29,11 @@ from tasks.readers import (
     read_idx_folder,
     read_npz,
 )
+from tasks.splitting import array_row_uniforms, assign_splits
 from tasks.stage import StageDir
 
 # the code whose output this stage stores: its digest is part of the cache key
-SOURCES = ("tasks.ingest", "tasks.tables", "tasks.readers", "tasks.encoding")
+SOURCES = ("tasks.ingest", "tasks.tables", "tasks.readers", "tasks.encoding", "tasks.splitting")
 SPLITS = ("train", "val", "test")
 TABLE_FORMATS = ("csv", "parquet")
 
@@ -84,25 +84,11 @@ def _missing_labels(y: np.ndarray) -> np.ndarray:
     return np.zeros(len(y), dtype=bool)
 
 
-def row_uniforms(X: np.ndarray, seed: int) -> np.ndarray:
-    """A number in [0, 1) per row from a seeded hash of its bytes: order-independent."""
-    rows = np.ascontiguousarray(X)
-    salt = seed.to_bytes(8, "little", signed=True)
-    out = np.empty(len(rows), dtype=np.float64)
-    for i, row in enumerate(rows):
-        digest = hashlib.blake2b(row.tobytes(), digest_size=8, salt=salt[:8]).digest()
-        out[i] = int.from_bytes(digest, "little") / 2**64
-    return out
-
-
 def split_table(table: Table, cfg: DataConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    u = row_uniforms(table.X, cfg.seed)
+    u = array_row_uniforms(table.X, cfg.seed)
     test_fraction = 0.0 if table.test is not None else cfg.test_fraction
-    masks = {
-        "test": u < test_fraction,
-        "val": (u >= test_fraction) & (u < test_fraction + cfg.val_fraction),
-        "train": u >= test_fraction + cfg.val_fraction,
-    }
+    split = assign_splits(u, cfg.val_fraction, test_fraction)
+    masks = {"test": split == 2, "val": split == 1, "train": split == 0}
     splits = {}
     for name, mask in masks.items():
         index = np.flatnonzero(mask)
@@ -110,7 +96,7 @@ def split_table(table: Table, cfg: DataConfig) -> dict[str, tuple[np.ndarray, np
         splits[name] = (table.X[index], table.y[index])
     if table.test is not None:
         Xt, yt = table.test
-        order = np.argsort(row_uniforms(Xt, cfg.seed), kind="stable")
+        order = np.argsort(array_row_uniforms(Xt, cfg.seed), kind="stable")
         splits["test"] = (Xt[order], yt[order])
     if cfg.max_rows:
         head = np.arange(cfg.max_rows)

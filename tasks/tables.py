@@ -34,6 +34,7 @@ from conf.schema import DataConfig
 from tasks.cluster import checked, data_task
 from tasks.encoding import MISSING, Encoder, as_text, fit_encoder
 from tasks.readers import CSV_COMPRESSION, DataError, csv_header, filesystem, open_text_stream
+from tasks.splitting import assign_splits, row_uniforms
 from tasks.stage import StageDir
 
 NUMERIC_SHARE = 0.95  # a column whose values are at least this share numbers is numeric
@@ -418,28 +419,12 @@ def clean_block(frame, schema: Schema, first_row: int = 0):
     return features, labels.set_axis(index), bad, reasons
 
 
-def row_uniforms(features, seed: int) -> np.ndarray:
-    """A number in [0, 1) per row from a seeded hash of its cleaned content: independent of
-    row order and block boundaries; duplicate rows always land in the same split."""
-    import pandas as pd
-
-    key = f"{seed & (2**53 - 1):016d}"[-16:]
-    return pd.util.hash_pandas_object(features, index=False, hash_key=key).to_numpy() / 2**64
-
-
-def assign_splits(u: np.ndarray, cfg: DataConfig) -> np.ndarray:
-    """0 train, 1 val, 2 test, by where each row's hash falls."""
-    return np.where(
-        u < cfg.test_fraction, 2, np.where(u < cfg.test_fraction + cfg.val_fraction, 1, 0)
-    )
-
-
 def _good_rows(frame, schema: Schema, cfg: DataConfig, first_row: int):
     features, labels, bad, reasons = clean_block(frame, schema, first_row)
     if bad.any():  # a copy only when there is something to leave out
         features, labels = features[~bad], labels[~bad]
     u = row_uniforms(features, cfg.seed)
-    return features, labels, bad, reasons, u, assign_splits(u, cfg)
+    return features, labels, bad, reasons, u, assign_splits(u, cfg.val_fraction, cfg.test_fraction)
 
 
 # ---------------------------------------------------------------- pass 2: profile

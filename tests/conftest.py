@@ -118,12 +118,14 @@ def stage_runs(client, parent_id: str) -> dict:
 def raw_test_rows(source: Path, cfg: PipelineConfig):
     """The held-out rows of a small CSV as a user holds them (raw text values, gaps and all)
     and their labels, recomputed from the split rule: the whole file is one block."""
-    from tasks.tables import assign_splits, clean_block, decide_schema, profile_raw, row_uniforms
+    from tasks.splitting import assign_splits, row_uniforms
+    from tasks.tables import clean_block, decide_schema, profile_raw
 
     raw = pd.read_csv(source)
     features, labels, bad, _ = clean_block(raw, decide_schema([profile_raw(raw)], cfg.data))
     good = ~bad
-    test = assign_splits(row_uniforms(features[good], cfg.data.seed), cfg.data) == 2
+    u = row_uniforms(features[good], cfg.data.seed)
+    test = assign_splits(u, cfg.data.val_fraction, cfg.data.test_fraction) == 2
     held_out = features[good][test].index  # the table's row numbers
     return raw.drop(columns=[cfg.data.label]).loc[held_out], labels[good][test].to_numpy()
 

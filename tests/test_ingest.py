@@ -164,6 +164,33 @@ def test_tables_give_the_same_splits_whatever_the_blocks_row_order_or_format(
         assert output[:3] == reference[:3], name
 
 
+def test_one_split_rule_for_every_format(digits_frame, tmp_path):
+    """The same numbers as a CSV table and as an .npz array land in the same splits."""
+    X = digits_frame.drop(columns="digit").to_numpy(dtype=np.float32)
+    labels = digits_frame["digit"].str.removeprefix("d").astype(int).to_numpy()
+    np.savez(tmp_path / "digits.npz", X=X, y=labels)
+    table = digits_frame.assign(digit=labels)
+    table.to_csv(tmp_path / "digits.csv", index=False)
+    splits = {}
+    for source in ("digits.npz", "digits.csv"):
+        m = ingest(
+            tmp_path / f"work-{source}", source=str(tmp_path / source), label="digit"
+        ).manifest
+        splits[source] = {
+            name: sorted(
+                map(
+                    bytes,
+                    np.column_stack(
+                        [np.load(s["X"]["path"]).astype(np.float32), np.load(s["y"]["path"])]
+                    ),
+                )
+            )
+            for name, s in m["splits"].items()
+        }
+    assert splits["digits.npz"] == splits["digits.csv"]
+    assert len(splits["digits.csv"]["test"]) > 100
+
+
 def test_max_rows_subsamples_each_split(digits_csv, tmp_path):
     m = ingest(tmp_path, source=str(digits_csv), label="digit", max_rows=50).manifest
     assert {s["rows"] for s in m["splits"].values()} == {50}
@@ -429,7 +456,7 @@ def test_a_code_column_reads_the_same_whatever_type_a_block_gave_it():
     import pandas as pd
 
     from tasks.encoding import as_text
-    from tasks.tables import row_uniforms
+    from tasks.splitting import row_uniforms
 
     as_floats = as_text(pd.Series([12.0, None, 2.5]))
     as_strings = as_text(pd.Series(["12", None, "2.5"], dtype=object))
