@@ -198,8 +198,42 @@ class PipelineConfig(Section):
         return config_digest(self.model_dump(mode="json"))
 
     def flat(self) -> dict[str, Any]:
-        """`section.key` → value, the form MLflow params take."""
-        return flatten(self.model_dump(mode="json"))
+        """`section.key` → value, the form MLflow params take, secrets masked."""
+        return flatten(self.public())
+
+    def public(self) -> dict[str, Any]:
+        """The config as it may be shown (MLflow, Prefect, reports): secrets masked."""
+        return mask_secrets(self.model_dump(mode="json"))
+
+
+SECRET_KEY = re.compile(r"pass(word)?|secret|token|api_?key|credential", re.IGNORECASE)
+URL_PASSWORD = re.compile(
+    r"(?P<head>[a-z][a-z0-9+.\-]*://[^:/@\s]*):(?P<secret>[^@/\s]+)@", re.IGNORECASE
+)
+QUERY_SECRET = re.compile(
+    r"(?P<head>[?&;](?:pass(?:word)?|secret|token|api_?key|sig|signature)=)(?P<secret>[^&;\s]+)",
+    re.IGNORECASE,
+)
+MASK = "***"
+
+
+def mask_text(text: str) -> str:
+    """A URL's password and secret query values replaced by ***: what MLflow and Prefect
+    may show (postgresql+psycopg2://user:***@db/mlflow)."""
+    text = URL_PASSWORD.sub(lambda m: f"{m['head']}:{MASK}@", text)
+    return QUERY_SECRET.sub(lambda m: f"{m['head']}{MASK}", text)
+
+
+def mask_secrets(node: Any, key: str = "") -> Any:
+    """A copy of a config or manifest tree safe to publish: values under secret-looking keys
+    masked whole, passwords inside URLs and query strings masked in place."""
+    if isinstance(node, dict):
+        return {k: mask_secrets(v, str(k)) for k, v in node.items()}
+    if isinstance(node, list | tuple):
+        return [mask_secrets(v, key) for v in node]
+    if isinstance(node, str):
+        return MASK if SECRET_KEY.search(key) and node else mask_text(node)
+    return node
 
 
 def config_digest(obj: Any) -> str:

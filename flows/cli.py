@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from tasks.tracking import quiet_environment
+from tasks.tracking import check_tracking, quiet_environment
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         from tasks.stage import check_workdir
 
         check_workdir(cfg.workdir)  # fail in a second, before Prefect and Dask start
+        check_tracking(cfg.tracking.uri)
         preflight(cfg.data)
         from flows.pipeline import pipeline
 

@@ -89,6 +89,7 @@ def run_stages(config: PipelineConfig) -> dict[str, Any]:
     logger = get_run_logger()
     logger.info("config %s", config.digest())
     check_workdir(config.workdir)
+    tracking.check_tracking(config.tracking.uri)
     experiment_id = tracking.configure(config)
     with cluster.one_cluster_per_run(), tracking.pipeline_run(config, experiment_id) as parent:
         ingested = steps.ingest_data(config, parent)

@@ -9,7 +9,6 @@ same summary as a Prefect markdown artifact.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import subprocess
@@ -18,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from conf.schema import PipelineConfig, config_digest, flatten
-from tasks.errors import user_error_in
+from conf.schema import PipelineConfig, config_digest, flatten, mask_secrets, mask_text
+from tasks.errors import ConfigError, user_error_in
 from tasks.stage import Manifest, StageOutcome, files_digest
 
 TELEMETRY_OFF = {
@@ -55,6 +54,43 @@ def user_errors_without_traceback() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _UserErrorsWithoutTraceback) for f in logger.filters):
             logger.addFilter(_UserErrorsWithoutTraceback())
+
+
+def check_tracking(uri: str) -> None:
+    """Fail in seconds, before any expensive work, when the tracking store cannot be reached
+    (MLflow's own client would retry for minutes and then print a traceback)."""
+    where = f"tracking.uri {mask_text(uri)}"
+    if uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+        except Exception as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ConfigError(
+                f"{where}: no MLflow server answers ({reason}); start it (make serve, or the "
+                "docker/ stack) or point tracking.uri at a running server"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise ConfigError(
+                f"{where}: folder {folder} does not exist; create it or change tracking.uri"
+            )
+    elif uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql"):
+        import sqlalchemy
+
+        try:
+            engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 10})
+            with engine.connect():
+                pass
+            engine.dispose()
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(
+                f"{where}: cannot connect to the database ({first}); check that "
+                "it runs and the URL is right"
+            ) from None
 
 
 def configure(cfg: PipelineConfig) -> str:
@@ -129,7 +165,9 @@ def stage_run(parent_run_id: str, stage: str, section: str, config: Any) -> Iter
     ) as run:
         mlflow.set_tag("accelflow.stage", stage)
         params = flatten(
-            config.model_dump(mode="json") if hasattr(config, "model_dump") else config
+            mask_secrets(
+                config.model_dump(mode="json") if hasattr(config, "model_dump") else config
+            )
         )
         mlflow.log_params({f"{section}.{k}": v for k, v in params.items()})
         yield run.info.run_id
@@ -154,8 +192,9 @@ def publish(stage: str, outcome: StageOutcome) -> None:
             f"{stage}/cached": float(outcome.cached),
         }
     )
-    mlflow.log_dict(m, f"{stage}/manifest.json")
-    summary = f"### {stage}\n\n{'cached' if outcome.cached else 'ran'}: {outcome.reason}\n\n{m.get('summary', '')}\n"
+    mlflow.log_dict(mask_secrets(m), f"{stage}/manifest.json")
+    ran = "cached" if outcome.cached else "ran"
+    summary = mask_text(f"### {stage}\n\n{ran}: {outcome.reason}\n\n{m.get('summary', '')}\n")
     mlflow.log_text(summary, f"{stage}/summary.md")
     _prefect_artifact(
         "create_markdown_artifact",
@@ -206,7 +245,7 @@ def log_source(source: str, fingerprint: list[list]) -> None:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    uri = source if "://" in source else Path(source).expanduser().resolve().as_uri()
+    uri = mask_text(source) if "://" in source else Path(source).expanduser().resolve().as_uri()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -234,4 +273,4 @@ def _prefect_artifact(factory: str, **kwargs: Any) -> None:
 def _yaml(cfg: PipelineConfig) -> str:
     import yaml
 
-    return yaml.safe_dump(json.loads(cfg.model_dump_json()), sort_keys=False)
+    return yaml.safe_dump(cfg.public(), sort_keys=False)

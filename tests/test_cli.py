@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import raw_test_rows
@@ -49,6 +50,71 @@ def test_a_workdir_that_is_a_file_is_refused_before_anything_starts(tmp_path):
     out = accelflow("run", "--set", f"workdir={tmp_path / 'taken'}")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"workdir {tmp_path / 'taken'} is a file, not a folder" in out.stderr
+
+
+def test_an_unreachable_tracking_server_is_named_before_any_work(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = accelflow(
+        "run",
+        "--set",
+        f"tracking.uri=http://127.0.0.1:{port}",
+        "--set",
+        f"workdir={tmp_path / 'w'}",
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"tracking.uri http://127.0.0.1:{port}: no MLflow server answers" in out.stderr
+    assert "Starting temporary server" not in out.stdout + out.stderr
+    assert not (tmp_path / "w" / "ingest").exists()
+
+
+def test_secrets_in_config_values_never_reach_mlflow(tmp_path):
+    """A password in a URL (a tracking or storage URL, an S3 source) is masked in every param,
+    the config artifact, and a published manifest and summary."""
+    import mlflow
+
+    from conf.schema import load_config, mask_secrets
+    from tasks import tracking
+    from tasks.stage import StageOutcome
+
+    cfg = load_config(
+        None,
+        [
+            f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+            "dask.address=tcp://ops:hunter2@10.0.0.5:8786",
+            "data.source=s3://AKIA:wJalrXUtnFEMI@bucket/churn.csv?token=abc123",
+        ],
+    )
+    experiment = tracking.configure(cfg)
+    with (
+        tracking.pipeline_run(cfg, experiment) as parent,
+        tracking.stage_run(parent, "ingest", "data", cfg.data) as child,
+    ):
+        manifest = {
+            "key": "k",
+            "config": cfg.data.model_dump(),
+            "metrics": {},
+            "summary": f"read {cfg.data.source}",
+        }
+        tracking.publish("ingest", StageOutcome(manifest, False, "first run", 0.1))
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    shown = []
+    artifacts = {
+        parent: ["config/pipeline.yaml"],
+        child: ["ingest/manifest.json", "ingest/summary.md"],
+    }
+    for run_id, paths in artifacts.items():
+        run = client.get_run(run_id)
+        shown += [*map(str, run.data.params.values()), *map(str, run.data.tags.values())]
+        shown += [Path(client.download_artifacts(run_id, p, tmp_path)).read_text() for p in paths]
+    text = "\n".join(shown)
+    assert "s3://AKIA:***@bucket/churn.csv?token=***" in text and "tcp://ops:***@10.0.0.5" in text
+    for secret in ("hunter2", "wJalrXUtnFEMI", "abc123"):
+        assert secret not in text
+    assert mask_secrets({"storage_password": "x", "n": 3}) == {"storage_password": "***", "n": 3}
 
 
 def test_run_rejects_a_missing_label_before_starting_anything(digits_csv):

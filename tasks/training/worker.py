@@ -260,7 +260,7 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         resume = (
-            torch.load(self.ckpt, map_location=self.r.device, weights_only=False)
+            torch.load(self.ckpt, map_location=self.r.device, weights_only=True)
             if self.ckpt.exists()
             else None
         )
