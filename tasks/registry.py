@@ -88,7 +88,7 @@ def register_and_promote(evaluation: Manifest, example, cfg: RegistryConfig) -> 
             "accelflow.model_digest": model_digest,
             "accelflow.test_digest": evaluation["test_digest"],
             "accelflow.variant": evaluation["chosen"],
-            "test_accuracy": f"{chosen['accuracy']:.6f}",
+            "test_accuracy": repr(chosen["accuracy"]),  # exact: the gate compares it
         }.items():
             client.set_model_version_tag(cfg.model_name, version.version, key, value)
 

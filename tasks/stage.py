@@ -11,13 +11,14 @@ the only thing stages pass to each other. Pure Python: no Prefect, no MLflow her
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,56 +174,103 @@ def run_stage(
                 f"{stage}: input from stage '{upstream['stage']}' is damaged ({problem}); delete "
                 f"{upstream['dir']} and run again to rebuild it"
             )
-    damage = None
-    if (final / MANIFEST).is_file():
-        manifest = json.loads((final / MANIFEST).read_text())
-        damage = damaged(manifest)
-        if not damage:
-            return StageOutcome(manifest, True, f"cache hit ({key})", time.perf_counter() - start)
-        shutil.rmtree(final)  # a file was removed or truncated by hand: rebuild, don't trust it
-
-    record = {
-        "version": version,
-        "config": config,
-        "inputs": [m["digest"] for m in inputs],
-        "input_stages": [m["stage"] for m in inputs],
-    }
-    last_path = root / "last.json"
-    previous = json.loads(last_path.read_text()) if last_path.is_file() else None
-    reason = (
-        f"cached output was damaged ({damage}); rebuilt" if damage else why_it_ran(previous, record)
-    )
-
+    outcome, damage = cached_outcome(final, key, start)
+    if outcome:
+        return outcome
     root.mkdir(parents=True, exist_ok=True)
-    sweep_abandoned(root)
-    tmp = root / (
-        f".partial-{key}" if resumable else f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    )
-    tmp.mkdir(exist_ok=True)
-    try:
-        body = build(StageDir(tmp=tmp, final=final))
-    except BaseException:
-        if not resumable:
+    with stage_lock(root, key) as waited:
+        if waited:  # another run built this very key while we waited: take theirs
+            outcome, damage = cached_outcome(final, key, start)
+            if outcome:
+                outcome.reason += ", built by another run while this one waited"
+                return outcome
+        record = {
+            "version": version,
+            "config": config,
+            "inputs": [m["digest"] for m in inputs],
+            "input_stages": [m["stage"] for m in inputs],
+        }
+        last_path = root / "last.json"
+        previous = json.loads(last_path.read_text()) if last_path.is_file() else None
+        reason = (
+            f"cached output was damaged ({damage}); rebuilt"
+            if damage
+            else why_it_ran(previous, record)
+        )
+
+        sweep_abandoned(root)
+        tmp = root / (
+            f".partial-{key}" if resumable else f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        )
+        tmp.mkdir(exist_ok=True)
+        try:
+            body = build(StageDir(tmp=tmp, final=final))
+        except BaseException:
+            if not resumable:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        manifest = {
+            **body,
+            "stage": stage,
+            "key": key,
+            "version": version,
+            "config": config,
+            "inputs": record["inputs"],
+            "dir": str(final),
+        }
+        manifest["digest"] = config_digest({"key": key, "files": _file_digests(manifest)})
+        write_json_atomic(tmp / MANIFEST, manifest)
+        if final.exists():  # another run finished the same key first: keep theirs
             shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    manifest = {
-        **body,
-        "stage": stage,
-        "key": key,
-        "version": version,
-        "config": config,
-        "inputs": record["inputs"],
-        "dir": str(final),
-    }
-    manifest["digest"] = config_digest({"key": key, "files": _file_digests(manifest)})
-    write_json_atomic(tmp / MANIFEST, manifest)
-    if final.exists():  # another run finished the same key first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-        manifest = json.loads((final / MANIFEST).read_text())
-    else:
-        os.replace(tmp, final)
-    write_json_atomic(last_path, {**record, "key": key})
-    return StageOutcome(manifest, False, reason, time.perf_counter() - start)
+            manifest = json.loads((final / MANIFEST).read_text())
+        else:
+            os.replace(tmp, final)
+        write_json_atomic(last_path, {**record, "key": key})
+        return StageOutcome(manifest, False, reason, time.perf_counter() - start)
+
+
+def cached_outcome(final: Path, key: str, start: float) -> tuple[StageOutcome | None, str | None]:
+    """A cache hit for a complete, undamaged output; else (None, what was damaged)."""
+    if not (final / MANIFEST).is_file():
+        return None, None
+    manifest = json.loads((final / MANIFEST).read_text())
+    damage = damaged(manifest)
+    if not damage:
+        return StageOutcome(manifest, True, f"cache hit ({key})", time.perf_counter() - start), None
+    shutil.rmtree(final)  # a file was removed or truncated by hand: rebuild, don't trust it
+    return None, damage
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, waiting: str = "") -> Iterator[bool]:
+    """An exclusive lock across processes (flock on `path`, released by the kernel if the
+    holder dies). Yields whether it had to wait; prints `waiting` when it does."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            if waiting:
+                print(waiting, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            waited = True
+        try:
+            yield waited
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def stage_lock(root: Path, key: str):
+    """One builder per stage key across processes: two runs on one workdir never build (or
+    resume training into) the same folder at once; the second waits, then finds the first's
+    output. Lock files live apart from the stage folders: nothing there to sweep."""
+    return file_lock(
+        root.parent / ".locks" / f"{root.name}-{key}",
+        f"{root.name}: another run is building {key}; waiting for it",
+    )
 
 
 def sweep_abandoned(root: Path) -> None:

@@ -8,14 +8,16 @@ across flow runs and processes.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from conf.schema import PipelineConfig
+from conf.schema import PipelineConfig, config_digest
 from tasks import evaluate, ingest, partition, prune, readers, reduce, registry, train
 from tasks.cluster import dask_client
 from tasks.errors import user_error_in
-from tasks.stage import Manifest, StageOutcome, code_version, run_stage
+from tasks.stage import Manifest, StageOutcome, code_version, run_stage, stage_lock
 from tasks.tracking import log_dataset, log_source, publish, publish_table, stage_run
 
 
@@ -176,9 +178,13 @@ def evaluate_and_register(
         log_dataset(partitions, "test", context="evaluation")
         for plot in outcome.manifest["plots"]:
             mlflow.log_artifact(plot, "evaluate")
-        promotion = registry.register_and_promote(
-            outcome.manifest, evaluate.input_example(partitions), cfg.registry
-        )
+        # one registration at a time per workdir: two runs of one model register one version
+        with stage_lock(
+            Path(cfg.workdir).resolve() / "registry", config_digest(cfg.registry.model_name)
+        ):
+            promotion = registry.register_and_promote(
+                outcome.manifest, evaluate.input_example(partitions), cfg.registry
+            )
         mlflow.set_tags({f"accelflow.registry.{k}": str(v) for k, v in promotion.items()})
         outcome.manifest["promotion"] = promotion
         publish("evaluate", outcome)

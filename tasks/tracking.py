@@ -19,7 +19,7 @@ from typing import Any
 
 from conf.schema import PipelineConfig, config_digest, flatten, mask_secrets, mask_text
 from tasks.errors import ConfigError, user_error_in
-from tasks.stage import Manifest, StageOutcome, files_digest
+from tasks.stage import Manifest, StageOutcome, file_lock, files_digest
 
 TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -100,6 +100,19 @@ def configure(cfg: PipelineConfig) -> str:
     quiet_environment()
     mlflow.set_tracking_uri(cfg.tracking.uri)
     os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking.uri  # training workers inherit it
+    lock = contextlib.nullcontext()
+    if cfg.tracking.uri.startswith("sqlite:///"):
+        # a new sqlite store is created by migrations and the experiment by an insert: two
+        # runs starting at once on one store would collide in both, so they take turns
+        db = Path(cfg.tracking.uri.removeprefix("sqlite:///")).expanduser().resolve()
+        lock = file_lock(db.with_name(f".{db.name}.lock"))
+    with lock:
+        return _experiment_id(cfg)
+
+
+def _experiment_id(cfg: PipelineConfig) -> str:
+    import mlflow
+
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is not None:
         return experiment.experiment_id
@@ -222,7 +235,6 @@ def publish_table(stage: str, name: str, rows: list[dict[str, Any]], plots: list
 
 def log_dataset(manifest: Manifest, split: str, context: str) -> None:
     """`mlflow.log_input` from a manifest: name, digest, source, row count — no data loaded."""
-    import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
@@ -235,13 +247,12 @@ def log_dataset(manifest: Manifest, split: str, context: str) -> None:
     dataset = MetaDataset(
         source=source, name=f"{manifest['stage']}-{split}", digest=files_digest(files)
     )
-    mlflow.log_input(dataset, context=context)
+    _log_input(dataset, context)
 
 
 def log_source(source: str, fingerprint: list[list]) -> None:
     """The raw source as an MLflow input: its location and a digest of its fingerprint (every
     file's name, size and modification time), so a run says which data it read."""
-    import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
@@ -254,7 +265,21 @@ def log_source(source: str, fingerprint: list[list]) -> None:
         print(f"note: the source {uri} is not logged as an MLflow input ({exc})")
         return
     dataset = MetaDataset(source=located, name="source", digest=config_digest(fingerprint))
-    mlflow.log_input(dataset, context="source")
+    _log_input(dataset, "source")
+
+
+def _log_input(dataset, context: str) -> None:
+    """`mlflow.log_input`, once more if another run registered the same dataset at the same
+    moment: MLflow's get-or-create of a dataset is not atomic, and the loser of that race
+    sees a unique-constraint error although the dataset is there for it to use."""
+    import mlflow
+
+    try:
+        mlflow.log_input(dataset, context=context)
+    except mlflow.exceptions.MlflowException as exc:
+        if "UNIQUE constraint" not in str(exc) and "duplicate key" not in str(exc):
+            raise
+        mlflow.log_input(dataset, context=context)
 
 
 def _prefect_artifact(factory: str, **kwargs: Any) -> None:

@@ -117,6 +117,51 @@ def test_secrets_in_config_values_never_reach_mlflow(tmp_path):
     assert mask_secrets({"storage_password": "x", "n": 3}) == {"storage_password": "***", "n": 3}
 
 
+@pytest.mark.slow
+def test_two_runs_at_once_on_one_workdir_and_store_both_finish(digits_csv, tmp_path):
+    """Each stage is built by one run while the other waits on its lock and reuses it; one
+    model version is registered; nothing is corrupt."""
+    sets = [
+        f"data.source={digits_csv}",
+        "data.label=digit",
+        f"workdir={tmp_path / 'w'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+        "train.epochs=2",
+    ]
+    argv = [*CLI, "run", *[a for s in sets for a in ("--set", s)]]
+    runs = [
+        subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+        )
+        for _ in range(2)
+    ]
+    outputs = [r.communicate(timeout=600) for r in runs]
+    for run, (_, err) in zip(runs, outputs, strict=True):
+        assert run.returncode == 0, err[-3000:]
+    for stage in ("ingest", "partition", "reduce", "train", "prune", "evaluate"):
+        ran = [
+            len(re.findall(rf"^ {stage}\s+\| ran\s+\|", out, re.MULTILINE)) for out, _ in outputs
+        ]
+        assert sorted(ran) == [0, 1], (stage, ran)  # built once, by one of the two
+        assert (
+            len(
+                [
+                    p
+                    for p in (tmp_path / "w" / stage).iterdir()
+                    if not p.name.startswith(".") and p.is_dir()
+                ]
+            )
+            == 1
+        )
+    import mlflow
+
+    versions = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'm.db'}").search_model_versions(
+        "name='accelflow-classifier'"
+    )
+    assert len(versions) == 1
+    assert all("Registered accelflow-classifier v1 as 'champion'" in out for out, _ in outputs)
+
+
 def test_run_rejects_a_missing_label_before_starting_anything(digits_csv):
     out = accelflow("run", "--set", f"data.source={digits_csv}")
     assert out.returncode == 2

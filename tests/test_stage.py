@@ -1,6 +1,7 @@
 """Stage folders: cache hits, reasons for re-running, atomic outputs."""
 
 import json
+import time
 
 import pytest
 
@@ -98,3 +99,30 @@ def test_a_dataset_digest_covers_every_file_not_only_the_first():
     assert files_digest([a, b]) != files_digest([b, a]) and files_digest([a, b]) == files_digest(
         [a, b]
     )
+
+
+def _slow_build(workdir, started):
+    def build(out):
+        started.set()
+        time.sleep(1.5)
+        out.path("data.txt").write_text("built once")
+        return {"metrics": {}}
+
+    run_stage(workdir, "demo", "1", {"a": 1}, [], build)
+
+
+def test_two_runs_on_one_workdir_build_a_stage_once(tmp_path):
+    """The second run waits on the stage's lock, then takes the first's output: never two
+    builders in one folder, never a half-visible stage."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    started = ctx.Event()
+    first = ctx.Process(target=_slow_build, args=(tmp_path, started))
+    first.start()
+    assert started.wait(30)
+    second = run_stage(tmp_path, "demo", "1", {"a": 1}, [], lambda out: pytest.fail("built twice"))
+    first.join(30)
+    assert first.exitcode == 0
+    assert second.cached and "built by another run while this one waited" in second.reason
+    assert (tmp_path / "demo" / second.manifest["key"] / "data.txt").read_text() == "built once"
