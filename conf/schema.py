@@ -124,6 +124,9 @@ class TrainConfig(Section):
     rdzv_endpoint: str | None = Field(
         None, description="host:port of the c10d rendezvous (nnodes > 1)"
     )
+    max_restarts: int = Field(
+        2, ge=0, description="times a dead worker group restarts from its last checkpoint"
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
     seed: int = 0

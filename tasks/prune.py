@@ -61,7 +61,13 @@ def prune_model(
     }
     world = resolve_world_size(train_cfg)
     result = launch(
-        spec, world, out.tmp, run_id, nnodes=train_cfg.nnodes, endpoint=train_cfg.rdzv_endpoint
+        spec,
+        world,
+        out.tmp,
+        run_id,
+        nnodes=train_cfg.nnodes,
+        endpoint=train_cfg.rdzv_endpoint,
+        max_restarts=train_cfg.max_restarts,
     )
     return {
         "model": model_files(out),

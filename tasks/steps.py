@@ -29,6 +29,12 @@ def not_a_user_error(task, task_run, state) -> bool:
 RETRY_DASK = {"retries": 1, "retry_delay_seconds": 5, "retry_condition_fn": not_a_user_error}
 
 
+def train_key(cfg: PipelineConfig) -> dict:
+    """The training settings that shape the model; how often a dead worker may restart
+    does not, so changing it reuses what was trained."""
+    return cfg.train.model_dump(mode="json", exclude={"max_restarts"})
+
+
 @task(name="ingest", cache_policy=NO_CACHE)
 def ingest_data(cfg: PipelineConfig, parent: str) -> StageOutcome:
     """Read, validate and split the source data."""
@@ -116,7 +122,7 @@ def train_network(cfg: PipelineConfig, parent: str, features: Manifest) -> Stage
             cfg.workdir,
             "train",
             code_version(train.SOURCES),
-            cfg.train.model_dump(mode="json"),
+            train_key(cfg),
             [features],
             lambda out: train.train_model(features, cfg.train, out, run_id),
             resumable=True,
@@ -138,7 +144,7 @@ def prune_network(
 
     with stage_run(parent, "prune", "prune", cfg.prune) as run_id:
         # the fine-tune uses train's optimizer settings, so they are part of this stage's key
-        config = {**cfg.prune.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json")}
+        config = {**cfg.prune.model_dump(mode="json"), "train": train_key(cfg)}
         outcome = run_stage(
             cfg.workdir,
             "prune",

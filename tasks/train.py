@@ -79,7 +79,15 @@ def train_model(
         "metric_prefix": "train",
     }
     world = resolve_world_size(cfg)
-    result = launch(spec, world, out.tmp, run_id, nnodes=cfg.nnodes, endpoint=cfg.rdzv_endpoint)
+    result = launch(
+        spec,
+        world,
+        out.tmp,
+        run_id,
+        nnodes=cfg.nnodes,
+        endpoint=cfg.rdzv_endpoint,
+        max_restarts=cfg.max_restarts,
+    )
     return {
         "model": model_files(out),
         "arch": spec["arch"],

@@ -46,6 +46,7 @@ def torchrun_command(
     nnodes: int = 1,
     endpoint: str | None = None,
     rdzv_id: str = "accelflow",
+    max_restarts: int = 0,
 ) -> list[str]:
     """One node's launcher command: standalone on one node, a c10d rendezvous across many."""
     if nnodes == 1:
@@ -63,6 +64,9 @@ def torchrun_command(
         "torch.distributed.run",
         *where,
         f"--nproc_per_node={nproc}",
+        # a worker that dies (OOM-killed, a lost node) restarts the group from the last
+        # checkpoint, up to this many times, instead of failing the run
+        f"--max-restarts={max_restarts}",
         "-m",
         "tasks.training.worker",
         str(spec_path),
@@ -76,6 +80,7 @@ def launch(
     run_id: str | None = None,
     nnodes: int = 1,
     endpoint: str | None = None,
+    max_restarts: int = 0,
 ) -> dict[str, Any]:
     """Write the spec, run `torch.distributed.run`, return the worker's result.json.
 
@@ -98,7 +103,7 @@ def launch(
     else:
         env.pop("MLFLOW_RUN_ID", None)
     command = torchrun_command(
-        spec_path, world_size, nnodes, endpoint, rdzv_id=workdir.name.lstrip(".")
+        spec_path, world_size, nnodes, endpoint, workdir.name.lstrip("."), max_restarts
     )
     if nnodes > 1:
         others = " ".join(["torchrun", *command[3:]])

@@ -64,7 +64,15 @@ def setup_distributed() -> Rank:
         device = torch.device("cpu")
         backend = "gloo"
     if world > 1:
-        dist.init_process_group(backend=backend)
+        # torchrun's store outlives a restart of the worker group, and with it each rank's
+        # address from the group that died: a restarted rank could read its peer's stale
+        # address and hang connecting to a dead process (seen here). Keys per attempt.
+        from torch.distributed.rendezvous import rendezvous
+
+        store, _, _ = next(rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"accelflow/attempt-{attempt}", store)
+        dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
     return Rank(rank, world, device)
 
 
