@@ -162,6 +162,59 @@ def test_two_runs_at_once_on_one_workdir_and_store_both_finish(digits_csv, tmp_p
     assert all("Registered accelflow-classifier v1 as 'champion'" in out for out, _ in outputs)
 
 
+@pytest.mark.slow
+def test_a_run_killed_during_training_resumes_where_it_stopped(digits_csv, tmp_path):
+    """SIGKILL the whole `accelflow run` (Prefect, Dask, DDP workers) after some epochs: the
+    next run reuses the finished stages and trains only the epochs that were not done."""
+    import json
+    import os
+    import signal
+    import time
+
+    sets = [
+        f"data.source={digits_csv}",
+        "data.label=digit",
+        f"workdir={tmp_path / 'w'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+        "train.epochs=20",
+        "train.batch_size=8",
+        "train.hidden=[512, 512]",
+        "prune.method=none",
+    ]
+    argv = [*CLI, "run", *[a for s in sets for a in ("--set", s)]]
+    first = subprocess.Popen(
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    checkpoints, deadline = tmp_path / "w" / "train", time.time() + 300
+    while time.time() < deadline and not list(checkpoints.glob(".partial-*/checkpoints/last.pt")):
+        time.sleep(0.1)
+    time.sleep(1.5)  # a few more epochs
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(30)
+    (partial,) = checkpoints.glob(".partial-*")
+    done_before = (
+        json.loads((partial / "history.json").read_text())
+        if (partial / "history.json").exists()
+        else None
+    )
+    assert done_before is None  # it really died mid-training
+    second = accelflow("run", *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    for stage in ("ingest", "partition", "reduce"):
+        assert re.search(rf"^ {stage}\s+\| cached", second.stdout, re.MULTILINE), stage
+    assert re.search(r"^ train\s+\| ran", second.stdout, re.MULTILINE)
+    (trained,) = [p for p in checkpoints.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    log = (trained / "train.log").read_text()
+    ran = [json.loads(line)["epoch"] for line in log.splitlines() if line.startswith('{"epoch"')]
+    assert ran and ran[0] > 0 and ran[-1] == 19  # the second run trained only what was left
+    history = json.loads((trained / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(20))
+
+
 def test_run_rejects_a_missing_label_before_starting_anything(digits_csv):
     out = accelflow("run", "--set", f"data.source={digits_csv}")
     assert out.returncode == 2
