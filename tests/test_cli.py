@@ -67,7 +67,7 @@ def test_an_unreachable_tracking_server_is_named_before_any_work(tmp_path):
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert f"tracking.uri http://127.0.0.1:{port}: no MLflow server answers" in out.stderr
-    assert "Starting temporary server" not in out.stdout + out.stderr
+    assert "temporary API server" not in out.stdout + out.stderr
     assert not (tmp_path / "w" / "ingest").exists()
 
 
@@ -195,6 +195,9 @@ def test_a_run_killed_during_training_resumes_where_it_stopped(digits_csv, tmp_p
     time.sleep(1.5)  # a few more epochs
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(30)
+    time.sleep(1)  # the DDP workers run in sessions of their own: they must die with the run
+    survivors = [p for p in Path("/proc").glob("[0-9]*/cmdline") if _reads(p, str(tmp_path / "w"))]
+    assert not survivors, "training workers outlived the killed run"
     (partial,) = checkpoints.glob(".partial-*")
     done_before = (
         json.loads((partial / "history.json").read_text())
@@ -215,13 +218,18 @@ def test_a_run_killed_during_training_resumes_where_it_stopped(digits_csv, tmp_p
     assert [h["epoch"] for h in history] == list(range(20))
 
 
+def _reads(cmdline: Path, text: str) -> bool:
+    try:
+        return text.encode() in cmdline.read_bytes()
+    except OSError:  # the process is gone
+        return False
+
+
 def test_run_rejects_a_missing_label_before_starting_anything(digits_csv):
     out = accelflow("run", "--set", f"data.source={digits_csv}")
     assert out.returncode == 2
     assert "label column 'label' not found" in out.stderr and "data.label" in out.stderr
-    assert (
-        "Starting temporary server" not in out.stdout + out.stderr
-    )  # failed before Prefect started
+    assert "temporary API server" not in out.stdout + out.stderr  # failed before Prefect started
 
 
 def _table(path, rows):

@@ -343,10 +343,27 @@ class Trainer:
         return result
 
 
+def die_with_the_launcher() -> None:
+    """torch's launcher starts every worker in a session of its own, so killing the run's
+    process group (Ctrl-C twice, a scheduler's SIGKILL) would leave the workers training on
+    as orphans, writing into the folder the next run resumes from. Ask Linux to kill this
+    worker when its launcher dies."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: nothing to ask
+        return
+    if os.getppid() == 1:  # the launcher died before we asked
+        os._exit(1)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: torchrun ... -m tasks.training.worker SPEC.json", file=sys.stderr)
         return 2
+    die_with_the_launcher()
     spec = json.loads(Path(argv[0]).read_text())
     r = setup_distributed()
     torch.set_num_threads(max(1, spec.get("threads_per_process", 1)))
