@@ -86,8 +86,8 @@ class StageDir:
 
 
 def code_version(modules: tuple[str, ...]) -> str:
-    """A digest of the source files a stage runs (module names, resolved without importing
-    them), so a stage's cache cannot outlive its code: edit one byte and the stage, and every
+    """A digest of the source files a stage runs (module or package names, resolved without
+    importing them), so a stage's cache cannot outlive its code: edit one byte and the stage, and every
     stage after it, runs again. Nothing to remember to bump."""
     from importlib.util import find_spec
 
@@ -96,7 +96,13 @@ def code_version(modules: tuple[str, ...]) -> str:
         spec = find_spec(name)
         if spec is None or not spec.origin:
             raise RuntimeError(f"stage source module {name} not found")
-        h.update(name.encode() + b"\0" + Path(spec.origin).read_bytes())
+        files = [Path(spec.origin)]
+        if spec.submodule_search_locations:  # a package: every module in it
+            files = sorted(
+                p for folder in spec.submodule_search_locations for p in Path(folder).glob("*.py")
+            )
+        for path in files:
+            h.update(f"{name}/{path.name}".encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:12]
 
 

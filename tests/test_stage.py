@@ -126,3 +126,16 @@ def test_two_runs_on_one_workdir_build_a_stage_once(tmp_path):
     assert first.exitcode == 0
     assert second.cached and "built by another run while this one waited" in second.reason
     assert (tmp_path / "demo" / second.manifest["key"] / "data.txt").read_text() == "built once"
+
+
+def test_a_package_s_code_version_covers_every_module_in_it(tmp_path, monkeypatch):
+    from tasks.stage import code_version
+
+    package = tmp_path / "demo_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "inner.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = code_version(("demo_pkg",))
+    (package / "inner.py").write_text("X = 2\n")
+    assert code_version(("demo_pkg",)) != before

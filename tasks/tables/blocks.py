@@ -1,0 +1,244 @@
+"""Pass 1 (scan): a source cut into blocks, each parsed once by a Dask task, kept as a
+scratch Arrow file and counted per column; and reading a block back."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from conf.schema import DataConfig
+from tasks.cluster import checked, data_task
+from tasks.errors import DataError
+from tasks.readers import CSV_COMPRESSION, csv_header, filesystem, open_text_stream
+from tasks.tables.schema import to_numbers
+
+# Measured on this stack: a task holds about 10x its block while it works (pandas frame,
+# typed copies, hashes, encoded rows), on top of a worker's ~200 MiB at rest.
+TASK_MEMORY_PER_BLOCK = 10
+WORKER_AT_REST = 200 * 2**20
+
+
+def profile_raw(frame) -> dict[str, Any]:
+    """Per column: values present, values that are numbers, and whether the block's parser
+    typed it as numbers. What `decide_schema` needs, summed over blocks."""
+    import pandas as pd
+
+    present = frame.notna().sum()
+    columns = {}
+    for name in frame.columns:
+        values = frame[name]
+        typed = bool(pd.api.types.is_numeric_dtype(values))
+        numbers = int(present[name]) if typed else int(to_numbers(values).notna().sum())
+        fractional = (
+            typed and pd.api.types.is_float_dtype(values) and bool((values.dropna() % 1 != 0).any())
+        )
+        columns[name] = {
+            "present": int(present[name]),
+            "numbers": numbers,
+            "typed": typed,
+            "fractional": fractional,
+            "integer": bool(pd.api.types.is_integer_dtype(values)),
+        }
+    return {"rows": len(frame), "names": [str(c) for c in frame.columns], "columns": columns}
+
+
+def _keep(frame, scratch: str, name: str, where: str) -> dict[str, Any]:
+    """Save a parsed block as an Arrow file (fast to re-read) and profile it."""
+    import pyarrow as pa
+    import pyarrow.feather as feather
+
+    frame.columns = [str(c) for c in frame.columns]
+    for column in frame.columns:  # Parquet dictionary columns arrive as pandas categoricals
+        if frame[column].dtype == "category":
+            frame[column] = frame[column].astype(object)
+    block = {**profile_raw(frame), "where": where, "path": None}
+    if len(frame):
+        path = f"{scratch}/{name}.arrow"
+        feather.write_feather(
+            pa.Table.from_pandas(frame, preserve_index=False), path, compression="lz4"
+        )
+        block["path"] = path
+    return block
+
+
+@data_task
+def scan_csv_range(
+    source: str, offset: int, length: int, header: list[str], scratch: str
+) -> list[dict]:
+    """One byte range of an uncompressed CSV, cut at line ends (fsspec's read_block)."""
+    import pandas as pd
+    from fsspec.utils import read_block
+
+    fs, path = filesystem(source)
+    with fs.open(path, "rb") as fh:
+        data = read_block(fh, offset, length, delimiter=b"\n")
+    if offset == 0:  # the header line
+        data = data.split(b"\n", 1)[1] if b"\n" in data else b""
+    where = f"{path} (bytes {offset}-{offset + len(data)})"
+    try:
+        frame = (
+            pd.read_csv(
+                io.BytesIO(data), header=None, names=header, index_col=False, low_memory=False
+            )
+            if data.strip()
+            else pd.DataFrame(columns=header)
+        )
+    except Exception as exc:  # pandas raises several types for malformed text
+        raise DataError(
+            f"{where}: cannot parse as CSV ({type(exc).__name__}: {str(exc).strip()}; lines are "
+            "counted from the start of this byte range). Fix that line, or quote fields that "
+            "hold the delimiter"
+        ) from None
+    del data
+    return [_keep(frame, scratch, f"csv-{offset:015d}", where)]
+
+
+@data_task
+def scan_csv_stream(source: str, rows_per_block: int, scratch: str) -> list[dict]:
+    """A compressed CSV cannot be cut by bytes: one task streams it in blocks of rows."""
+    import pandas as pd
+
+    fs, path = filesystem(source)
+    blocks = []
+    try:
+        with open_text_stream(fs, path) as fh:
+            reader = pd.read_csv(fh, chunksize=rows_per_block, index_col=False, low_memory=False)
+            for i, frame in enumerate(reader):
+                blocks.append(
+                    _keep(
+                        frame,
+                        scratch,
+                        f"stream-{i:06d}",
+                        f"{path} (rows from {i * rows_per_block})",
+                    )
+                )
+    except DataError:
+        raise
+    except Exception as exc:  # truncated streams, bad compression, malformed text
+        raise DataError(
+            f"{path}: cannot read as CSV ({type(exc).__name__}: {exc}); is it complete?"
+        ) from None
+    return blocks or [
+        _keep(pd.DataFrame(columns=csv_header(fs, path)), scratch, "stream-empty", path)
+    ]
+
+
+@data_task
+def scan_parquet(
+    source: str, path: str, row_group: int, rows_per_block: int, scratch: str, name: str
+) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    fs, _ = filesystem(source)
+    blocks = []
+    try:
+        with fs.open(path, "rb") as fh:
+            batches = pq.ParquetFile(fh).iter_batches(
+                batch_size=rows_per_block, row_groups=[row_group]
+            )
+            for i, batch in enumerate(batches):
+                blocks.append(
+                    _keep(
+                        batch.to_pandas(),
+                        scratch,
+                        f"{name}-{i:05d}",
+                        f"{path} (row group {row_group})",
+                    )
+                )
+    except Exception as exc:
+        raise DataError(f"{path}: cannot read as parquet ({type(exc).__name__}: {exc})") from None
+    return blocks
+
+
+def scan(cfg: DataConfig, fmt: str, scratch: str, client, block_bytes: int) -> list[dict]:
+    """Pass 1 on the cluster; returns the non-empty blocks in source order (and one empty
+    block for an empty source, so its columns are still known)."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(cfg.source)
+    if fmt == "csv" and Path(path).suffix not in CSV_COMPRESSION:
+        header = csv_header(fs, path)
+        size = fs.size(path)
+        futures = [
+            client.submit(
+                scan_csv_range, cfg.source, offset, block_bytes, header, scratch, pure=False
+            )
+            for offset in range(0, max(size, 1), block_bytes)
+        ]
+    elif fmt == "csv":
+        futures = [
+            client.submit(
+                scan_csv_stream,
+                cfg.source,
+                _rows_per_block(fs, path, block_bytes),
+                scratch,
+                pure=False,
+            )
+        ]
+    else:
+        files = (
+            sorted(p for p in fs.find(path) if p.endswith(".parquet")) if fs.isdir(path) else [path]
+        )
+        futures = []
+        for number, file in enumerate(files):
+            try:
+                with fs.open(file, "rb") as fh:
+                    meta = pq.ParquetFile(fh).metadata
+            except Exception as exc:
+                raise DataError(
+                    f"{file}: cannot read as parquet ({type(exc).__name__}: {exc})"
+                ) from None
+            for group in range(meta.num_row_groups):
+                row_group = meta.row_group(group)
+                row_bytes = max(row_group.total_byte_size / max(row_group.num_rows, 1), 1)
+                futures.append(
+                    client.submit(
+                        scan_parquet,
+                        cfg.source,
+                        file,
+                        group,
+                        max(1, int(block_bytes / row_bytes)),
+                        scratch,
+                        f"pq-{number:05d}-{group:05d}",
+                        pure=False,
+                    )
+                )
+        if not futures:
+            raise DataError(f"{path}: no .parquet files, or only empty ones")
+    blocks = [block for result in client.gather(futures) for block in checked(result)]
+    blocks = [b for b in blocks if b["rows"]] or blocks[:1]
+    first_row = 0
+    for block in blocks:  # rows are numbered across the whole table, as the user counts them
+        block["first_row"], first_row = first_row, first_row + block["rows"]
+    return blocks
+
+
+def block_size(block_mb: float, client) -> int:
+    """`data.block_mb`, made smaller where the workers' memory limit calls for it: a task
+    should stay under 60% of the limit (Dask pauses a worker at 80%)."""
+    limits = [w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()]
+    wanted = int(block_mb * 2**20)
+    if not limits or min(limits) == 0:  # no limit set
+        return wanted
+    fits = int((0.6 * min(limits) - WORKER_AT_REST) / TASK_MEMORY_PER_BLOCK)
+    return min(wanted, max(2**20, fits))
+
+
+def _rows_per_block(fs, path: str, block_bytes: int) -> int:
+    """Rows of a compressed CSV that make about one block: from the first decompressed MiB."""
+    try:
+        with open_text_stream(fs, path) as fh:
+            head = fh.read(2**20)
+    except (OSError, EOFError, ValueError) as exc:  # a file cut short before its first MiB
+        raise DataError(
+            f"{path}: cannot read as CSV ({type(exc).__name__}: {exc}); is it complete?"
+        ) from None
+    lines = max(head.count(b"\n"), 1)
+    return max(1000, int(block_bytes / (len(head) / lines)))
+
+
+def read_block(block: dict):
+    import pyarrow.feather as feather
+
+    return feather.read_table(block["path"], memory_map=True).to_pandas()

@@ -1,0 +1,63 @@
+"""A block's rows typed by the schema, its bad rows with their reasons, and each good
+row's split: the same for every block, so nothing depends on where blocks begin."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from conf.schema import DataConfig
+from tasks.encoding import as_text
+from tasks.splitting import assign_splits, row_uniforms
+from tasks.tables.schema import Schema, to_numbers
+
+
+def clean_block(frame, schema: Schema, first_row: int = 0):
+    """Raw block → (typed features, labels, bad, reasons): numeric columns as float64,
+    categorical ones as text; `bad` marks the rows to leave out and `reasons` says why, by
+    the table's row number (counted from 0 after the header; the first reason found)."""
+    import pandas as pd
+
+    bad = np.zeros(len(frame), dtype=bool)
+    reasons: dict[int, str] = {}
+
+    def flag(mask, reason):
+        fresh = np.flatnonzero(np.asarray(mask) & ~bad)
+        bad[fresh] = True
+        reasons.update({first_row + int(i): reason(int(i)) for i in fresh})
+
+    raw_label = frame[schema.label]
+    flag(raw_label.isna(), lambda i: "label missing")
+    if schema.label_kind == "text":
+        labels = as_text(raw_label)
+    else:
+        labels = to_numbers(raw_label)
+        flag(
+            raw_label.notna() & labels.isna(),
+            lambda i: f"label {raw_label.iloc[i]!r} is not a number",
+        )
+        if schema.label_kind == "int":
+            labels = labels.fillna(0).astype(np.int64)
+    features = {}
+    for name in schema.columns:
+        values = frame[name]
+        if name in schema.categorical:
+            features[name] = as_text(values)
+            continue
+        parsed = to_numbers(values)
+        flag(
+            values.notna() & parsed.isna(),
+            lambda i, v=values, c=name: f"column '{c}': {v.iloc[i]!r} is not a number",
+        )
+        flag(np.isinf(parsed.to_numpy()), lambda i, c=name: f"column '{c}': infinite value")
+        features[name] = parsed
+    index = pd.RangeIndex(first_row, first_row + len(frame))
+    features = pd.DataFrame(features).set_axis(index)
+    return features, labels.set_axis(index), bad, reasons
+
+
+def good_rows(frame, schema: Schema, cfg: DataConfig, first_row: int):
+    features, labels, bad, reasons = clean_block(frame, schema, first_row)
+    if bad.any():  # a copy only when there is something to leave out
+        features, labels = features[~bad], labels[~bad]
+    u = row_uniforms(features, cfg.seed)
+    return features, labels, bad, reasons, u, assign_splits(u, cfg.val_fraction, cfg.test_fraction)

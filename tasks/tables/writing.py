@@ -1,0 +1,166 @@
+"""Pass 3 (write): each block encoded and written into the split arrays at the offsets
+the plan fixed; and the whole table, passes 1 to 3."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import numpy as np
+
+from conf.schema import DataConfig
+from tasks.cluster import checked, data_task
+from tasks.encoding import Encoder
+from tasks.errors import DataError
+from tasks.stage import StageDir
+from tasks.tables.blocks import block_size, read_block, scan
+from tasks.tables.cleaning import good_rows
+from tasks.tables.profiling import SPLITS, plan
+from tasks.tables.schema import Schema, decide_schema
+
+
+@data_task
+def write_block(
+    block: dict,
+    schema: Schema,
+    cfg: DataConfig,
+    encoder_path: str,
+    classes: list[Any],
+    cutoffs: list[float],
+    counts: list[int],
+    offsets: list[int],
+    targets: dict[str, tuple[str, str]],
+) -> list[int]:
+    """Encode one block and write its rows of each split into that split's arrays."""
+    features, labels, _, _, u, split = good_rows(read_block(block), schema, cfg, block["first_row"])
+    encoder = Encoder.load(encoder_path)
+    lookup = {c: i for i, c in enumerate(classes)}
+    written = []
+    for s, name in enumerate(SPLITS):
+        rows = np.flatnonzero((split == s) & (u <= cutoffs[s]))
+        if (
+            len(rows) > counts[s]
+        ):  # duplicate rows tied at a max_rows cutoff: keep as many as counted
+            rows = np.sort(rows[np.argsort(u[rows], kind="stable")[: counts[s]]])
+        if len(rows):
+            X_path, y_path = targets[name]
+            X = np.load(X_path, mmap_mode="r+")
+            y = np.load(y_path, mmap_mode="r+")
+            X[offsets[s] : offsets[s] + len(rows)] = encoder.transform(features.iloc[rows])
+            y[offsets[s] : offsets[s] + len(rows)] = (
+                labels.iloc[rows].map(lookup).to_numpy(dtype=np.int64)
+            )
+            X.flush(), y.flush()
+            del X, y
+        written.append(len(rows))
+    return written
+
+
+# ---------------------------------------------------------------- the whole table
+
+
+def survey(cfg: DataConfig, fmt: str, scratch: str, client, keep_rejected: bool = False):
+    """Passes 1 and 2: every check ingest makes, and the plan for writing. `accelflow
+    validate` stops here. Returns (blocks, schema, plan, block bytes, start times)."""
+    import time
+
+    seconds = {"scan": time.perf_counter()}
+    block_bytes = block_size(cfg.block_mb, client)
+    blocks = scan(cfg, fmt, scratch, client, block_bytes)
+    schema = decide_schema(blocks, cfg)
+    seconds["profile"] = time.perf_counter()
+    fixed = plan(blocks, schema, cfg, scratch if keep_rejected else None, client)
+    return blocks, schema, fixed, block_bytes, seconds
+
+
+def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, Any]:
+    """Scan, profile, write; returns what the ingest manifest needs."""
+    import time
+
+    import pandas as pd
+
+    scratch = out.path("scratch")
+    scratch.mkdir()
+    blocks, schema, p, block_bytes, seconds = survey(
+        cfg, fmt, str(scratch), client, cfg.on_bad_rows == "quarantine"
+    )
+    seconds["write"] = time.perf_counter()
+    p.encoder.save(out.path("encoder.json"))
+    sizes = np.array(p.counts, dtype=np.int64).reshape(len(blocks), 3)
+    for s, name in enumerate(SPLITS):
+        if not sizes[:, s].sum() and (name == "train" or getattr(cfg, f"{name}_fraction") > 0):
+            raise DataError(
+                f"{cfg.source}: the {name} split is empty; use more rows or a larger "
+                f"data.{name}_fraction"
+            )
+
+    offsets = np.vstack([np.zeros(3, dtype=np.int64), np.cumsum(sizes, axis=0)[:-1]])
+    width = len(p.encoder.feature_names)
+    targets = {}
+    for s, name in enumerate(SPLITS):
+        X_path, y_path = out.path(f"{name}_X.npy"), out.path(f"{name}_y.npy")
+        # sized once here; each task writes its own rows into these files
+        np.lib.format.open_memmap(
+            X_path, mode="w+", dtype=np.float32, shape=(int(sizes[:, s].sum()), width)
+        )
+        np.lib.format.open_memmap(
+            y_path, mode="w+", dtype=np.int64, shape=(int(sizes[:, s].sum()),)
+        )
+        targets[name] = (str(X_path), str(y_path))
+    written = [
+        checked(r)
+        for r in client.gather(
+            [
+                client.submit(
+                    write_block,
+                    b,
+                    schema,
+                    cfg,
+                    str(out.path("encoder.json")),
+                    p.classes,
+                    p.cutoffs,
+                    p.counts[i],
+                    offsets[i].tolist(),
+                    targets,
+                    pure=False,
+                )
+                for i, b in enumerate(blocks)
+            ]
+        )
+    ]
+    if np.asarray(written).tolist() != sizes.tolist():  # the two passes must agree row for row
+        raise RuntimeError(
+            f"ingest wrote {written} rows per block and split, the profile pass counted {sizes}"
+        )
+
+    if p.quarantine:  # one CSV: the first part's header, every part's rows
+        with open(out.path("quarantine.csv"), "wb") as sink:
+            for i, part in enumerate(p.quarantine):
+                with open(part, "rb") as src:
+                    if i:
+                        src.readline()
+                    shutil.copyfileobj(src, sink)
+    # the served model's input example and signature: integer columns stay integers
+    example = pd.DataFrame(p.example, columns=schema.columns)
+    example = example.astype({c: "int64" for c in schema.integers if example[c].notna().all()})
+    example.to_parquet(out.path("raw_example.parquet"))
+    shutil.rmtree(scratch)
+    seconds["end"] = time.perf_counter()
+    marks = list(seconds.values())
+    return {
+        "seconds": {
+            name: round(end - start, 3)
+            for name, start, end in zip(seconds, marks, marks[1:], strict=False)
+        },
+        "block_mb": round(block_bytes / 2**20, 1),
+        "classes": p.classes,
+        "feature_names": p.encoder.feature_names,
+        "raw_columns": schema.columns,
+        "numeric": schema.numeric,
+        "categorical": schema.categorical,
+        "rejected": p.rejected,
+        "quarantined": bool(p.quarantine),
+        "missing_values": p.missing,
+        "warnings": p.warnings,
+        "blocks": len(blocks),
+    }
