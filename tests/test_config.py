@@ -71,3 +71,17 @@ def test_pipeline_yaml_documents_every_key_with_the_schema_default():
     defaults = PipelineConfig().flat()
     assert sorted(written) == sorted(defaults)  # no key missing from (or unknown to) the file
     assert load_config().flat() == defaults
+
+
+def test_an_unknown_profile_and_a_missing_environment_variable_are_named(tmp_path, monkeypatch):
+    with pytest.raises(
+        ConfigError, match=r"profile 'nosuch' not found .*known profiles: \['cluster'"
+    ):
+        load_config(None, [], "nosuch")
+    profile = tmp_path / "p.yaml"
+    profile.write_text("tracking:\n  uri: ${ACCELFLOW_TEST_UNSET_URI}\n")
+    monkeypatch.delenv("ACCELFLOW_TEST_UNSET_URI", raising=False)
+    with pytest.raises(
+        ConfigError, match=r"'tracking.uri' needs environment variable ACCELFLOW_TEST"
+    ):
+        load_config(None, [], str(profile))
