@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import os
 import sys
 import time
@@ -72,6 +73,16 @@ def print_summary(result: dict, tracking_uri: str, seconds: float) -> None:
     )
 
 
+def _die_with_parent() -> None:
+    """In the server's process, before exec: Linux sends it SIGTERM when this CLI dies, even
+    by SIGKILL, so a killed run leaves no server behind (atexit runs only on a clean exit)."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: atexit still stops it
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def start_prefect_api() -> Future:
     """Prefect's temporary API server for this run, unless PREFECT_API_URL names one.
 
@@ -113,7 +124,7 @@ def start_prefect_api() -> Future:
         "--lifespan",
         "on",
     ]
-    server = subprocess.Popen(argv, env=env)
+    server = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)
 
     def stop() -> None:
         server.terminate()

@@ -218,6 +218,42 @@ def test_a_run_killed_during_training_resumes_where_it_stopped(digits_csv, tmp_p
     assert [h["epoch"] for h in history] == list(range(20))
 
 
+def test_the_temporary_prefect_server_dies_with_a_killed_cli(digits_csv, tmp_path):
+    """SIGKILL the CLI alone (no atexit runs): its temporary Prefect API must not live on."""
+    import os
+    import signal
+    import time
+
+    argv = [
+        *CLI,
+        "run",
+        "--set",
+        f"data.source={digits_csv}",
+        "--set",
+        "data.label=digit",
+        "--set",
+        f"workdir={tmp_path / 'w'}",
+        "--set",
+        f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+    ]
+    cli = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+    )
+    line = cli.stdout.readline()
+    while "temporary API server" not in line:
+        assert line, "the CLI ended before starting its Prefect server"
+        line = cli.stdout.readline()
+    port = re.search(r"127\.0\.0\.1:(\d+)/api", line)[1]
+    server = [p for p in Path("/proc").glob("[0-9]*/cmdline") if _reads(p, f"--port\0{port}")]
+    assert len(server) == 1
+    os.kill(cli.pid, signal.SIGKILL)
+    cli.wait(10)
+    deadline = time.time() + 15
+    while time.time() < deadline and _reads(server[0], "uvicorn"):
+        time.sleep(0.2)
+    assert not _reads(server[0], "uvicorn"), "the Prefect server outlived the killed CLI"
+
+
 def _reads(cmdline: Path, text: str) -> bool:
     try:
         return text.encode() in cmdline.read_bytes()
