@@ -22,11 +22,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 BIN = Path(sys.executable).parent
 STAMP = re.compile(r"^(\d\d:\d\d:\d\d\.\d{3}) \| \w+\s+\| (.*)$")
 
@@ -80,45 +80,14 @@ def import_seconds() -> float:
 
 
 def server_boot_seconds() -> float:
-    """Prefect's temporary API alone: launch to first healthy answer, as the CLI does it."""
-    import socket
+    """Prefect's temporary API alone: launch to first healthy answer, as the CLI does it
+    (the server stops when this process exits)."""
+    from flows.cli import start_prefect_api
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "PREFECT_UI_ENABLED": "0",
-        "PREFECT__SERVER_EPHEMERAL": "1",
-        "PREFECT__SERVER_FINAL": "1",
-    }
+    os.environ.pop("PREFECT_API_URL", None)
     t0 = time.perf_counter()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "prefect.server.api.server:create_app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "error",
-        ],
-        env=env,
-    )
-    try:
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2).close()
-                return time.perf_counter() - t0
-            except OSError:
-                time.sleep(0.05)
-    finally:
-        server.terminate()
-        server.wait()
+    start_prefect_api().result()
+    return time.perf_counter() - t0
 
 
 def main() -> None:

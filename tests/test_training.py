@@ -8,6 +8,7 @@ import torch
 
 from conf.schema import TrainConfig
 from tasks.prune import sparsity_schedule
+from tasks.train import OPTIM_KEYS
 from tasks.training.launch import TrainingError, launch
 from tasks.training.models import build_model
 from tasks.training.sparsity import apply_masks, global_magnitude_masks, sparsity_report
@@ -47,22 +48,7 @@ def make_spec(digits_parquet, tmp_path, **overrides):
             "image_shape": None,
         },
         "phases": [{"sparsity": None, "epochs": cfg.epochs, "lr": cfg.lr}],
-        **{
-            k: getattr(cfg, k)
-            for k in (
-                "optimizer",
-                "momentum",
-                "weight_decay",
-                "scheduler",
-                "step_size",
-                "gamma",
-                "label_smoothing",
-                "batch_size",
-                "precision",
-                "compile",
-                "seed",
-            )
-        },
+        **{k: getattr(cfg, k) for k in OPTIM_KEYS},
         "init_from": None,
         "out_dir": str(tmp_path),
         "checkpoint_dir": str(tmp_path / "checkpoints"),
