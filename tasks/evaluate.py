@@ -146,6 +146,43 @@ def plot_confusion(matrix: list[list[int]], classes: list[Any], title: str, path
     plt.close(fig)
 
 
+TSNE_SAMPLE = 2000  # test rows on the map: enough to see the classes, ~10 s on 2 cores
+
+
+def plot_tsne(predictor: Predictor, X: np.ndarray, y: np.ndarray, path: Path) -> None:
+    """A 2-D t-SNE map of a test sample in the model's learned representation (its last
+    hidden layer, PCA to 50 dimensions first, as t-SNE's authors advise), coloured by the
+    true class: classes the model separates form islands, confused ones share a shore."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    pick = np.sort(np.random.default_rng(0).permutation(len(X))[:TSNE_SAMPLE])
+    with torch.inference_mode():
+        H = predictor.model.embed(predictor.features(X[pick])).numpy()
+    if H.shape[1] > 50:
+        H = PCA(50, random_state=0).fit_transform(H)
+    perplexity = min(30.0, (len(pick) - 1) / 3)
+    Z = TSNE(
+        2, init="pca", learning_rate="auto", perplexity=perplexity, random_state=0
+    ).fit_transform(H)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("tab10" if len(predictor.classes) <= 10 else "tab20")
+    for code, name in enumerate(predictor.classes):
+        mask = y[pick] == code
+        ax.scatter(Z[mask, 0], Z[mask, 1], s=6, color=cmap(code % cmap.N), label=str(name))
+    ax.set_title(f"t-SNE of {len(pick)} test rows in the model's last hidden layer")
+    ax.set_xlabel("t-SNE 1 (no unit)")
+    ax.set_ylabel("t-SNE 2 (no unit)")
+    ax.legend(markerscale=3, fontsize=7, loc="best", title="true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def markdown_table(rows: dict[str, dict[str, Any]], keys: list[str]) -> str:
     names = list(rows)
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -201,6 +238,7 @@ def evaluate_model(
     drop = results["baseline"]["accuracy"] - results["pruned"]["accuracy"]
     chosen = "pruned" if drop <= cfg.max_accuracy_drop else "baseline"
     storage = storage_impact(partitions, predictors[chosen], results[chosen]["accuracy"])
+    plot_tsne(predictors[chosen], X, y, out.path("tsne.png"))
     weights = (pruned if chosen == "pruned" else trained)["model"]["weights"]["digest"]
     model_digest = (
         weights
@@ -243,7 +281,10 @@ def evaluate_model(
         "model_digest": model_digest,
         "results": results,
         "test_digest": files_digest(partitions["splits"]["test"]["files"]),
-        "plots": [out.final_path(f"confusion_{n}.png") for n in results],
+        "plots": [
+            *(out.final_path(f"confusion_{n}.png") for n in results),
+            out.final_path("tsne.png"),
+        ],
         "report": out.final_path("summary.md"),
         "metrics": metrics,
         "summary": summary,

@@ -68,7 +68,17 @@ def test_parent_run_and_six_stage_runs_with_their_metrics(first_run):
     history = client.get_metric_history(runs["train"].info.run_id, "val/accuracy")
     assert [m.step for m in history] == [0, 1, 2]  # logged live by rank 0, once per epoch
     artifacts = {a.path for a in client.list_artifacts(runs["evaluate"].info.run_id, "evaluate")}
-    assert {"evaluate/confusion_baseline.png", "evaluate/summary.md"} <= artifacts
+    assert {
+        "evaluate/confusion_baseline.png",
+        "evaluate/summary.md",
+        "evaluate/tsne.png",
+    } <= artifacts
+    tsne = Path(client.download_artifacts(runs["evaluate"].info.run_id, "evaluate/tsne.png"))
+    import matplotlib.image
+
+    assert tsne.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = matplotlib.image.imread(tsne)
+    assert pixels.shape[0] > 300 and pixels[..., :3].std() > 0.05  # a picture, not a blank
     inputs = runs["partition"].inputs.dataset_inputs
     assert {d.dataset.name for d in inputs} == {
         "partition-train",

@@ -254,3 +254,24 @@ def _cmdline(proc) -> bytes:
         return (proc / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_each_model_exposes_its_learned_representation():
+    torch.manual_seed(0)
+    mlp = build_model(
+        {"model": "mlp", "n_features": 20, "n_classes": 3, "hidden": [30, 10], "dropout": 0.0}
+    ).eval()
+    x = torch.randn(5, 20)
+    assert mlp.embed(x).shape == (5, 10)
+    assert torch.allclose(mlp.body[-1](mlp.embed(x)), mlp(x))
+    cnn = build_model(
+        {
+            "model": "cnn",
+            "n_features": 64,
+            "n_classes": 3,
+            "hidden": [16],
+            "dropout": 0.0,
+            "image_shape": [1, 8, 8],
+        }
+    ).eval()
+    assert cnn.embed(torch.randn(4, 64)).shape == (4, 16)

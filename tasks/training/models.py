@@ -37,6 +37,10 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.standardize(x))
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The learned representation: the last hidden layer's activations."""
+        return self.body[:-1](self.standardize(x))
+
 
 class CNN(nn.Module):
     """Two conv blocks and a small head, for images flattened to rows (C·H·W features)."""
@@ -78,6 +82,11 @@ class CNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.standardize(x).view(-1, *self.image_shape)
         return self.head(self.features(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The learned representation: the head's hidden activations."""
+        x = self.standardize(x).view(-1, *self.image_shape)
+        return self.head[:-1](self.features(x))
 
 
 def build_model(arch: dict[str, Any]) -> nn.Module:
