@@ -112,10 +112,24 @@ class TrainConfig(Section):
     optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adamw"
     lr: float = Field(3e-3, gt=0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = Field(False, description="Nesterov momentum (sgd with momentum > 0)")
     weight_decay: float = Field(1e-4, ge=0.0)
-    scheduler: Literal["none", "step", "exponential", "cosine", "onecycle"] = "onecycle"
+    l1: float = Field(
+        0.0, ge=0.0, description="L1 penalty on the weight matrices, added to the loss"
+    )
+    clip_grad_norm: float | None = Field(None, gt=0.0, description="clip the gradient norm to this")
+    scheduler: Literal["none", "step", "exponential", "cosine", "onecycle", "plateau"] = "onecycle"
+    warmup_epochs: int = Field(0, ge=0, description="linear LR warm-up before the schedule")
+    plateau_patience: int = Field(
+        2, ge=1, description="plateau: epochs without a better val loss before the LR drops"
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="stop after this many epochs without a better val accuracy"
+    )
     step_size: int = Field(5, ge=1, description="epochs between decays (step)")
-    gamma: float = Field(0.5, gt=0.0, le=1.0, description="decay factor (step, exponential)")
+    gamma: float = Field(
+        0.5, gt=0.0, le=1.0, description="decay factor (step, exponential, plateau)"
+    )
     label_smoothing: float = Field(0.05, ge=0.0, lt=1.0)
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(256, ge=1)
@@ -137,6 +151,15 @@ class TrainConfig(Section):
         if not v or any(w < 1 for w in v):
             raise ValueError("hidden must list at least one positive layer width")
         return v
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainConfig:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"train.warmup_epochs ({self.warmup_epochs}) must be shorter than train.epochs "
+                f"({self.epochs})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _rendezvous_for_many_nodes(self) -> TrainConfig:

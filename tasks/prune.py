@@ -54,6 +54,8 @@ def prune_model(
         **{k: getattr(train_cfg, k) for k in OPTIM_KEYS},
         # fine-tuning restarts from a low LR; a warm-up cycle would undo the pruned model's fit
         "scheduler": "cosine" if train_cfg.scheduler == "onecycle" else train_cfg.scheduler,
+        "warmup_epochs": 0,
+        "early_stopping_patience": None,  # every round's epochs, so the mask schedule holds
         "init_from": trained["model"]["weights"]["path"],
         "out_dir": str(out.tmp),
         "checkpoint_dir": str(out.path("checkpoints")),

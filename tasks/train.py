@@ -29,6 +29,12 @@ OPTIM_KEYS = (
     "step_size",
     "gamma",
     "label_smoothing",
+    "nesterov",
+    "l1",
+    "clip_grad_norm",
+    "warmup_epochs",
+    "plateau_patience",
+    "early_stopping_patience",
     "batch_size",
     "precision",
     "compile",
@@ -96,8 +102,21 @@ def train_model(
             "train/val_accuracy": result["val_accuracy"],
             "train/seconds": result["seconds"],
             "train/world_size": world,
+            "train/global_batch": cfg.batch_size * world * cfg.nnodes,
             "train/parameters": result["parameters"],
+            **{
+                f"train/{k}": result[k]
+                for k in ("best_epoch", "stopped_epoch")
+                if result.get(k) is not None
+            },
         },
         "summary": f"{cfg.model} {cfg.optimizer}/{cfg.scheduler}, {cfg.epochs} epochs on {world} "
-        f"{result['device']} process(es): val accuracy {result['val_accuracy']:.4f} in {result['seconds']:.1f} s",
+        f"{result['device']} process(es), global batch {cfg.batch_size * world * cfg.nnodes} "
+        f"(train.batch_size × processes): val accuracy {result['val_accuracy']:.4f} in "
+        f"{result['seconds']:.1f} s"
+        + (
+            f"; early stopping at epoch {result['stopped_epoch']}, kept epoch {result['best_epoch']}"
+            if result.get("stopped_epoch") is not None
+            else ""
+        ),
     }

@@ -31,6 +31,10 @@ def test_overrides_parse_yaml_values():
         ("prune.sparsity=1.0", "prune.sparsity"),
         ("train.world_size=0", "train.world_size"),
         ("bogus.key=1", "bogus"),
+        ("train.clip_grad_norm=-1", "train.clip_grad_norm"),
+        ("train.early_stopping_patience=0", "train.early_stopping_patience"),
+        ("train.warmup_epochs=15", "shorter than train.epochs"),
+        ("train.scheduler=linear", "train.scheduler"),
     ],
 )
 def test_bad_values_name_the_key(override, named):

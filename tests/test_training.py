@@ -1,6 +1,7 @@
 """The trainer: optimizers and schedules by name, sparsity masks, real DDP (2 gloo processes), resume."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -59,7 +60,7 @@ def make_spec(digits_parquet, tmp_path, **overrides):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop"])
-@pytest.mark.parametrize("scheduler", ["step", "exponential", "cosine", "onecycle"])
+@pytest.mark.parametrize("scheduler", ["step", "exponential", "cosine", "onecycle", "plateau"])
 def test_every_optimizer_and_schedule_learns(digits_parquet, tmp_path, optimizer, scheduler):
     lr = {"sgd": 0.05, "adam": 0.003, "adamw": 0.003, "rmsprop": 0.001}[optimizer]
     spec = make_spec(
@@ -275,3 +276,90 @@ def test_each_model_exposes_its_learned_representation():
         }
     ).eval()
     assert cnn.embed(torch.randn(4, 64)).shape == (4, 16)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop"])
+@pytest.mark.parametrize(
+    "scheduler", ["none", "step", "exponential", "cosine", "onecycle", "plateau"]
+)
+@pytest.mark.parametrize("warmup", [0, 1])
+def test_every_optimizer_and_schedule_builds_and_steps(optimizer, scheduler, warmup):
+    from tasks.training.optim import Schedule, build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    spec = {
+        **TrainConfig(
+            optimizer=optimizer, scheduler=scheduler, warmup_epochs=warmup, nesterov=True
+        ).model_dump()
+    }
+    opt = build_optimizer(spec, model.parameters(), 0.1)
+    schedule = Schedule(spec, opt, 0.1, epochs=3, steps=4)
+    rates = []
+    for _epoch in range(3):
+        for _ in range(4):
+            model(torch.randn(8, 4)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            schedule.step()
+            rates.append(opt.param_groups[0]["lr"])
+        schedule.epoch_end(1.0)
+    assert all(0 <= r <= 0.1 + 1e-9 for r in rates) and all(map(math.isfinite, rates))
+    if warmup and scheduler != "onecycle":  # onecycle always starts low and rises
+        assert rates[0] < 0.05 and max(rates[:4]) == pytest.approx(rates[3])  # rising
+    if optimizer == "sgd":
+        assert opt.param_groups[0]["nesterov"]
+
+
+def test_plateau_lowers_the_rate_when_validation_stalls():
+    from tasks.training.optim import Schedule, build_optimizer
+
+    model = torch.nn.Linear(4, 2)
+    spec = TrainConfig(scheduler="plateau", plateau_patience=2, gamma=0.5).model_dump()
+    opt = build_optimizer(spec, model.parameters(), 0.1)
+    schedule = Schedule(spec, opt, 0.1, epochs=10, steps=2)
+    seen = []
+    for _ in range(5):
+        schedule.step()
+        schedule.epoch_end(1.0)  # never better
+        seen.append(opt.param_groups[0]["lr"])
+    assert seen[:3] == [0.1, 0.1, 0.1] and seen[3] == pytest.approx(0.05)
+
+
+def test_l1_shrinks_the_weights_against_none_on_the_same_seed(digits_parquet, tmp_path):
+    from tasks.training.optim import l1_penalty
+
+    norms = {}
+    for l1 in (0.0, 2e-3):
+        out = tmp_path / f"l1-{l1}"
+        out.mkdir()
+        spec = make_spec(
+            digits_parquet,
+            out,
+            l1=l1,
+            clip_grad_norm=5.0,
+            phases=[{"sparsity": None, "epochs": 3, "lr": 0.003}],
+        )
+        trainer = Trainer(spec, Rank(0, 1, torch.device("cpu")))
+        result = trainer.run()
+        norms[l1] = float(l1_penalty(trainer.model).detach())
+        assert result["val_accuracy"] > 0.8
+    assert norms[2e-3] < 0.75 * norms[0.0]
+
+
+def test_early_stopping_stops_and_restores_the_best_epoch(digits_parquet, tmp_path):
+    """A rate too small to change anything: validation never improves after epoch 0, so
+    training stops `patience` epochs later and ends with epoch 0's weights."""
+    spec = make_spec(
+        digits_parquet,
+        tmp_path,
+        scheduler="none",
+        early_stopping_patience=2,
+        phases=[{"sparsity": None, "epochs": 20, "lr": 1e-12}],
+    )
+    trainer = Trainer(spec, Rank(0, 1, torch.device("cpu")))
+    result = trainer.run()
+    assert result["best_epoch"] == 0 and result["stopped_epoch"] == 2
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert result["val_accuracy"] == pytest.approx(history[0]["val/accuracy"])

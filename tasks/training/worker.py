@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.training.models import build_model
+from tasks.training.optim import EarlyStopping, Schedule, build_optimizer, l1_penalty
 from tasks.training.sparsity import apply_masks, global_magnitude_masks, sparsity_report
 
 # ---------------------------------------------------------------- ranks: the one place
@@ -128,38 +129,6 @@ def fit_standardize(model: nn.Module, X: torch.Tensor) -> None:
     model.standardize.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
 
-def build_optimizer(spec: dict[str, Any], params, lr: float) -> torch.optim.Optimizer:
-    name, wd = spec["optimizer"], spec["weight_decay"]
-    if name == "sgd":
-        return torch.optim.SGD(
-            params, lr=lr, momentum=spec["momentum"], weight_decay=wd, nesterov=spec["momentum"] > 0
-        )
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, momentum=spec["momentum"], weight_decay=wd)
-    raise ValueError(f"train.optimizer: unknown optimizer '{name}'")
-
-
-def build_scheduler(spec: dict[str, Any], opt, lr: float, epochs: int, steps: int):
-    """All schedules step per batch, so short runs still see the whole schedule."""
-    name, total = spec["scheduler"], max(epochs * steps, 1)
-    sched = torch.optim.lr_scheduler
-    if name == "onecycle":
-        return sched.OneCycleLR(opt, max_lr=lr, total_steps=total)
-    if name == "cosine":
-        return sched.CosineAnnealingLR(opt, T_max=total)
-    if name == "step":
-        return sched.StepLR(opt, step_size=spec["step_size"] * steps, gamma=spec["gamma"])
-    if name == "exponential":  # gamma per epoch, spread over its batches
-        return sched.ExponentialLR(opt, gamma=spec["gamma"] ** (1.0 / steps))
-    if name == "none":
-        return sched.LambdaLR(opt, lambda _: 1.0)
-    raise ValueError(f"train.scheduler: unknown scheduler '{name}'")
-
-
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -199,6 +168,8 @@ class Trainer:
         )
         self.sink = MetricSink(r)
         self.history: list[dict[str, float]] = []
+        patience = spec.get("early_stopping_patience")
+        self.stopper = EarlyStopping(patience) if patience else None
 
     def shard(self, n: int, epoch: int, pad: bool) -> torch.Tensor:
         """This rank's row indices: a seeded shuffle, padded so every rank takes as many steps."""
@@ -223,8 +194,14 @@ class Trainer:
                 loss = F.cross_entropy(
                     logits.float(), self.y[batch], label_smoothing=self.spec["label_smoothing"]
                 )
+            objective = (
+                loss + self.spec["l1"] * l1_penalty(self.model) if self.spec.get("l1") else loss
+            )
             opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(objective).backward()
+            if self.spec.get("clip_grad_norm"):
+                self.scaler.unscale_(opt)  # clip the true gradients, not the loss-scaled ones
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.spec["clip_grad_norm"])
             self.scaler.step(opt)
             self.scaler.update()
             sched.step()
@@ -256,6 +233,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
+            "early_stopping": self.stopper.state_dict() if self.stopper else None,
             "masks": masks,
             "phase": phase,
             "epoch": epoch,
@@ -285,34 +263,51 @@ class Trainer:
             if phase.get("sparsity") is not None:
                 masks = global_magnitude_masks(self.model, phase["sparsity"])
             opt = build_optimizer(self.spec, self.model.parameters(), phase["lr"])
-            sched = build_scheduler(
-                self.spec, opt, phase["lr"], phase["epochs"], self.steps_per_epoch()
-            )
+            sched = Schedule(self.spec, opt, phase["lr"], phase["epochs"], self.steps_per_epoch())
             first = 0
             if resume and p == resume["phase"]:
                 opt.load_state_dict(resume["optimizer"])
                 sched.load_state_dict(resume["scheduler"])
+                if self.stopper and resume.get("early_stopping"):
+                    self.stopper.load_state_dict(resume["early_stopping"])
                 masks, first = resume["masks"], resume["epoch"] + 1
                 global_epoch += first
                 resume = None
+            # early stopping watches plain training only: a pruning round's epochs are its own
+            stopper = self.stopper if phase.get("sparsity") is None else None
+            if stopper and stopper.stopped_epoch is not None:  # resumed after it had stopped
+                continue
             if masks:
                 apply_masks(self.model, masks)
                 if phase["epochs"] == 0:
                     self.log_epoch(prefix, global_epoch, p, float("nan"), 0.0, masks)
             for epoch in range(first, phase["epochs"]):
                 loss, speed = self.train_epoch(opt, sched, masks, global_epoch)
-                self.log_epoch(prefix, global_epoch, p, loss, speed, masks)
+                lr = opt.param_groups[0]["lr"]
+                val_loss, val_acc = self.log_epoch(prefix, global_epoch, p, loss, speed, masks, lr)
+                sched.epoch_end(val_loss)
+                stop = stopper.update(val_acc, global_epoch, self.model) if stopper else False
                 self.save_checkpoint(opt, sched, masks, p, epoch)
                 global_epoch += 1
+                if stop:
+                    break
         return self.finish(time.perf_counter() - start)
 
     def log_epoch(
-        self, prefix: str, step: int, phase: int, loss: float, speed: float, masks
-    ) -> None:
+        self,
+        prefix: str,
+        step: int,
+        phase: int,
+        loss: float,
+        speed: float,
+        masks,
+        lr: float = math.nan,
+    ) -> tuple[float, float]:
         val_loss, val_acc = self.validate()
         row = {
             f"{prefix}/loss": loss,
             f"{prefix}/samples_per_second": speed,
+            f"{prefix}/lr": lr,
             "val/loss": val_loss,
             "val/accuracy": val_acc,
         }
@@ -323,8 +318,16 @@ class Trainer:
         self.sink.log(row, step)
         if self.r.is_main:
             print(json.dumps(self.history[-1]), flush=True)
+        return val_loss, val_acc
 
     def finish(self, seconds: float) -> dict[str, Any]:
+        stopped = {}
+        if self.stopper and self.stopper.best_state is not None:  # the best epoch, not the last
+            self.model.load_state_dict(self.stopper.best_state)
+            stopped = {
+                "best_epoch": self.stopper.best_epoch,
+                "stopped_epoch": self.stopper.stopped_epoch,
+            }
         val_loss, val_acc = self.validate()
         result = {
             "val_accuracy": val_acc,
@@ -334,6 +337,7 @@ class Trainer:
             "device": self.r.device.type,
             "precision": str(self.amp or "fp32"),
             **sparsity_report(self.model),
+            **stopped,
         }
         if self.r.is_main:
             torch.save(self.model.state_dict(), self.out / "model.pt")
