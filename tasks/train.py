@@ -67,6 +67,21 @@ def model_files(out: StageDir) -> dict[str, Any]:
     return {"weights": weights, "arch": arch}
 
 
+DATA_BOUND_PCT = 30.0  # above this share of step time spent waiting for batches: data-bound
+
+
+def bottleneck(result: dict[str, Any]) -> str:
+    """One sentence: was the run compute-bound or data-bound, and which data mode ran."""
+    if "data_wait_pct" not in result:
+        return "No epochs trained in this run (resumed at its end)."
+    wait, step = result["data_wait_pct"], result["step_ms"]
+    kind = "data-bound" if wait > DATA_BOUND_PCT else "compute-bound"
+    return (
+        f"The split was resident in memory and training was {kind}: {wait:.1f}% of each "
+        f"{step:.1f} ms step waited for its batch"
+    )
+
+
 def train_model(
     features: Manifest, cfg: TrainConfig, out: StageDir, run_id: str | None = None
 ) -> dict[str, Any]:
@@ -106,7 +121,7 @@ def train_model(
             "train/parameters": result["parameters"],
             **{
                 f"train/{k}": result[k]
-                for k in ("best_epoch", "stopped_epoch")
+                for k in ("best_epoch", "stopped_epoch", "step_ms", "data_wait_pct")
                 if result.get(k) is not None
             },
         },
@@ -118,5 +133,6 @@ def train_model(
             f"; early stopping at epoch {result['stopped_epoch']}, kept epoch {result['best_epoch']}"
             if result.get("stopped_epoch") is not None
             else ""
-        ),
+        )
+        + f". {bottleneck(result)}",
     }

@@ -65,6 +65,9 @@ def test_parent_run_and_six_stage_runs_with_their_metrics(first_run):
     assert runs["partition"].data.metrics["data/compression_ratio"] > 0
     assert runs["reduce"].data.metrics["reduce/explained_variance"] >= 0.95
     assert runs["train"].data.params["train.epochs"] == "3"
+    train = runs["train"].data.metrics  # the workers' own training time, not the wrapper's wall
+    assert 0 < train["train/seconds"] < train["train/wall_seconds"]
+    assert 0 <= train["train/data_wait_pct"] <= 100 and train["train/step_ms"] > 0
     history = client.get_metric_history(runs["train"].info.run_id, "val/accuracy")
     assert [m.step for m in history] == [0, 1, 2]  # logged live by rank 0, once per epoch
     artifacts = {a.path for a in client.list_artifacts(runs["evaluate"].info.run_id, "evaluate")}

@@ -363,3 +363,21 @@ def test_early_stopping_stops_and_restores_the_best_epoch(digits_parquet, tmp_pa
     history = json.loads((tmp_path / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2]
     assert result["val_accuracy"] == pytest.approx(history[0]["val/accuracy"])
+
+
+def test_the_bottleneck_report_measures_each_epoch_and_says_which_bound(digits_parquet, tmp_path):
+    from tasks.train import bottleneck
+
+    spec = make_spec(
+        digits_parquet, tmp_path, phases=[{"sparsity": None, "epochs": 2, "lr": 0.003}]
+    )
+    result = Trainer(spec, Rank(0, 1, torch.device("cpu"))).run()
+    history = json.loads((tmp_path / "history.json").read_text())
+    for row in history:
+        assert row["train/step_ms"] > 0 and 0 <= row["train/data_wait_pct"] < 100
+        assert row["train/lr"] > 0 and row["train/samples_per_second"] > 0
+    assert result["step_ms"] == pytest.approx(sum(h["train/step_ms"] for h in history) / 2)
+    assert "compute-bound" in bottleneck({"data_wait_pct": 4.0, "step_ms": 2.0})
+    assert "data-bound: 45.0% of each 2.0 ms step" in bottleneck(
+        {"data_wait_pct": 45.0, "step_ms": 2.0}
+    )

@@ -182,17 +182,23 @@ class Trainer:
     def steps_per_epoch(self) -> int:
         return math.ceil(math.ceil(len(self.X) / self.r.world) / self.spec["batch_size"])
 
-    def train_epoch(self, opt, sched, masks, global_epoch: int) -> tuple[float, float]:
+    def train_epoch(self, opt, sched, masks, global_epoch: int) -> tuple[float, dict[str, float]]:
+        """One epoch; returns the mean loss and its speed figures (the bottleneck report)."""
         self.net.train()
         index, bs = self.shard(len(self.X), global_epoch, pad=True), self.spec["batch_size"]
         total_loss = torch.zeros((), device=self.r.device)
-        start = time.perf_counter()
+        start, waited = time.perf_counter(), 0.0
         for i in range(0, len(index), bs):
+            fetch = time.perf_counter()
+            # the next batch: a gather from the resident split (on a GPU it is only queued
+            # here, so the wait it shows there is a lower bound)
             batch = index[i : i + bs]
+            xb, yb = self.X[batch], self.y[batch]
+            waited += time.perf_counter() - fetch
             with torch.autocast(self.r.device.type, dtype=self.amp, enabled=self.amp is not None):
-                logits = self.net(self.X[batch])
+                logits = self.net(xb)
                 loss = F.cross_entropy(
-                    logits.float(), self.y[batch], label_smoothing=self.spec["label_smoothing"]
+                    logits.float(), yb, label_smoothing=self.spec["label_smoothing"]
                 )
             objective = (
                 loss + self.spec["l1"] * l1_penalty(self.model) if self.spec.get("l1") else loss
@@ -210,7 +216,12 @@ class Trainer:
             total_loss += loss.detach() * len(batch)  # no .item(): avoid a sync per batch
         seconds = time.perf_counter() - start
         loss_sum, count = all_sum([total_loss.item(), len(index)], self.r)
-        return loss_sum / count, count / seconds
+        steps = max(math.ceil(len(index) / bs), 1)
+        return loss_sum / count, {
+            "samples_per_second": count / seconds,
+            "step_ms": 1000 * seconds / steps,
+            "data_wait_pct": 100 * waited / seconds,
+        }
 
     @torch.no_grad()
     def validate(self) -> tuple[float, float]:
@@ -280,11 +291,11 @@ class Trainer:
             if masks:
                 apply_masks(self.model, masks)
                 if phase["epochs"] == 0:
-                    self.log_epoch(prefix, global_epoch, p, float("nan"), 0.0, masks)
+                    self.log_epoch(prefix, global_epoch, p, float("nan"), {}, masks)
             for epoch in range(first, phase["epochs"]):
                 loss, speed = self.train_epoch(opt, sched, masks, global_epoch)
-                lr = opt.param_groups[0]["lr"]
-                val_loss, val_acc = self.log_epoch(prefix, global_epoch, p, loss, speed, masks, lr)
+                speed["lr"] = opt.param_groups[0]["lr"]
+                val_loss, val_acc = self.log_epoch(prefix, global_epoch, p, loss, speed, masks)
                 sched.epoch_end(val_loss)
                 stop = stopper.update(val_acc, global_epoch, self.model) if stopper else False
                 self.save_checkpoint(opt, sched, masks, p, epoch)
@@ -294,20 +305,13 @@ class Trainer:
         return self.finish(time.perf_counter() - start)
 
     def log_epoch(
-        self,
-        prefix: str,
-        step: int,
-        phase: int,
-        loss: float,
-        speed: float,
-        masks,
-        lr: float = math.nan,
+        self, prefix: str, step: int, phase: int, loss: float, speed: dict[str, float], masks
     ) -> tuple[float, float]:
+        """Validate, then log the epoch's row (rank 0); returns the validation loss, accuracy."""
         val_loss, val_acc = self.validate()
         row = {
             f"{prefix}/loss": loss,
-            f"{prefix}/samples_per_second": speed,
-            f"{prefix}/lr": lr,
+            **{f"{prefix}/{k}": v for k, v in speed.items()},
             "val/loss": val_loss,
             "val/accuracy": val_acc,
         }
@@ -319,6 +323,17 @@ class Trainer:
         if self.r.is_main:
             print(json.dumps(self.history[-1]), flush=True)
         return val_loss, val_acc
+
+    def bottleneck(self) -> dict[str, float]:
+        """Mean step time and share of it spent waiting for data, over the epochs trained."""
+        prefix = self.spec["metric_prefix"]
+        rows = [h for h in self.history if f"{prefix}/step_ms" in h]
+        if not rows:
+            return {}
+        return {
+            k: sum(h[f"{prefix}/{k}"] for h in rows) / len(rows)
+            for k in ("step_ms", "data_wait_pct")
+        }
 
     def finish(self, seconds: float) -> dict[str, Any]:
         stopped = {}
@@ -338,6 +353,7 @@ class Trainer:
             "precision": str(self.amp or "fp32"),
             **sparsity_report(self.model),
             **stopped,
+            **self.bottleneck(),
         }
         if self.r.is_main:
             torch.save(self.model.state_dict(), self.out / "model.pt")
