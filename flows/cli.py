@@ -89,8 +89,9 @@ def start_prefect_api() -> Future:
     Prefect would start the same server itself, but only once the flow is called, and after
     importing its whole server package in this process (~3 s on 2 cores) just to launch it.
     Started here as a plain `uvicorn` process, it boots while this process imports the flow
-    and opens the MLflow store: a fully cached run takes about half the time. Yields the
-    wait for it to answer (its result() raises if it never does) before the flow starts.
+    and opens the MLflow store: a fully cached run takes about half the time. Returns a
+    future that is done once the server answers (its result() raises if it never does):
+    wait on it before the flow starts.
     """
     if os.environ.get("PREFECT_API_URL"):
         done: Future = Future()
