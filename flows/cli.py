@@ -204,6 +204,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def console_main() -> None:
+    """The `accelflow` command. After every exit handler has run (Prefect's last logs and
+    events, the temporary server's stop, registered later, so run earlier), the process
+    ends without Python's finalization: it tears torch, MLflow, Prefect and Dask down
+    module by module, 1.4 s on 2 cores with nothing left to save, a fifth of a cached run.
+    Only for the command: `main()` called in-process leaves the interpreter alone."""
+    exit_code: list[int] = []
+
+    def end_now() -> None:
+        if not exit_code:  # an unexpected error: let Python finish as usual
+            return
+        import logging
+
+        logging.shutdown()  # registered before this handler, so it would not run after it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code[0])
+
+    atexit.register(end_now)  # first registered, last run
+    exit_code.append(main())
+    sys.exit(exit_code[0])
+
+
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    sys.exit(main())
+    console_main()

@@ -11,17 +11,20 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import zstandard
 
 from conf.schema import EvaluateConfig
 from tasks.errors import DataError
 from tasks.reduce import read_features
-from tasks.serving import Predictor, write_bundle
 from tasks.stage import Manifest, StageDir, files_digest
+
+if TYPE_CHECKING:  # torch loads only when a model is scored: a cached run never imports it
+    import torch
+
+    from tasks.serving import Predictor
 
 # the code whose output this stage stores: its digest is part of the cache key
 SOURCES = (
@@ -61,20 +64,22 @@ def input_example(partitions: Manifest):
     return pd.read_parquet(partitions["raw_example"]["path"])
 
 
-@torch.inference_mode()
 def latency_ms(model: torch.nn.Module, Z: torch.Tensor, batch: int, repeats: int) -> float:
     """Median wall time of one forward pass, one CPU thread (a typical serving replica)."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        x = Z[:batch]
-        for _ in range(3):  # warm-up: allocator and kernel selection
-            model(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
+        with torch.inference_mode():
+            x = Z[:batch]
+            for _ in range(3):  # warm-up: allocator and kernel selection
+                model(x)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - start)
         return statistics.median(times) * 1000
     finally:
         torch.set_num_threads(threads)
@@ -157,6 +162,7 @@ def plot_tsne(predictor: Predictor, X: np.ndarray, y: np.ndarray, path: Path) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import torch
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
@@ -215,6 +221,8 @@ def evaluate_model(
     out: StageDir,
 ) -> dict[str, Any]:
     """Score baseline and pruned side by side, choose one; return the manifest body."""
+    from tasks.serving import Predictor, write_bundle
+
     X, y = load_test_split(partitions)
     reduction = features["reduction"]["path"] if features.get("reduction") else None
     encoder = partitions["encoder"]["path"] if partitions.get("encoder") else None
