@@ -19,6 +19,18 @@ def client(cluster):
     return cluster
 
 
+def partition(work, ingested, cfg, client):
+    """The partition stage, through the stage cache, on `client`."""
+    return run_stage(
+        work,
+        "partition",
+        "1",
+        cfg.model_dump(),
+        [ingested],
+        lambda out: partition_dataset(ingested, cfg, out, client),
+    )
+
+
 @pytest.fixture(scope="module")
 def partitioned(fmnist_small, tmp_path_factory, client):
     work = tmp_path_factory.mktemp("work")
@@ -27,14 +39,7 @@ def partitioned(fmnist_small, tmp_path_factory, client):
         work, "ingest", "1", {}, [], lambda out: ingest_dataset(data, out, client)
     ).manifest
     cfg = PartitionConfig(target_partition_mb=0.5, compression_level=5, sample_mb=1)
-    parts = run_stage(
-        work,
-        "partition",
-        "1",
-        cfg.model_dump(),
-        [ingested],
-        lambda out: partition_dataset(ingested, cfg, out, client),
-    ).manifest
+    parts = partition(work, ingested, cfg, client).manifest
     return work, ingested, parts
 
 
@@ -101,15 +106,7 @@ def test_standardised_pca_keeps_the_components_a_table_needs(client, tmp_path):
     load_breast_cancer(as_frame=True).frame.to_csv(tmp_path / "cancer.csv", index=False)
     data = DataConfig(source=str(tmp_path / "cancer.csv"), label="target")
     ingested = run_stage(tmp_path, "ingest", "1", {}, [], lambda o: ingest_dataset(data, o, client))
-    parts = run_stage(
-        tmp_path,
-        "partition",
-        "1",
-        {},
-        [ingested.manifest],
-        lambda o: partition_dataset(ingested.manifest, PartitionConfig(), o, client),
-    )
-    parts = parts.manifest
+    parts = partition(tmp_path, ingested.manifest, PartitionConfig(), client).manifest
     kept = {}
     for standardize in (False, True):
         cfg = ReduceConfig(method="pca", standardize=standardize)
@@ -177,14 +174,7 @@ def test_codec_report_measures_every_candidate_and_auto_follows_the_rule(
     zstd9 = next(r for r in report if r == {**r, "codec": "zstd", "level": 9})
     assert zstd9["ratio"] > none["ratio"]  # compression compresses real pixels
     cfg = PartitionConfig(codec="auto", sample_mb=1)
-    auto = run_stage(
-        tmp_path,
-        "partition",
-        "1",
-        cfg.model_dump(),
-        [ingested],
-        lambda out: partition_dataset(ingested, cfg, out, client),
-    ).manifest
+    auto = partition(tmp_path, ingested, cfg, client).manifest
     chosen = auto["codec"]
     fastest = max(r["read_mb_s"] for r in auto["codec_report"])
     winner = next(
@@ -232,14 +222,7 @@ def test_float16_storage_halves_float_columns(client, tmp_path):
     sizes, values = {}, {}
     for dtype in ("native", "float16"):
         cfg = PartitionConfig(codec="none", storage_dtype=dtype, sample_mb=0.1)
-        m = run_stage(
-            tmp_path,
-            "partition",
-            "1",
-            cfg.model_dump(),
-            [ingested],
-            lambda out, cfg=cfg: partition_dataset(ingested, cfg, out, client),
-        ).manifest
+        m = partition(tmp_path, ingested, cfg, client).manifest
         path = m["splits"]["train"]["files"][0]["path"]
         sizes[dtype] = sum(
             pq.ParquetFile(path).metadata.row_group(0).column(i).total_uncompressed_size
@@ -306,14 +289,7 @@ def test_a_run_killed_mid_write_leaves_nothing_that_looks_complete(partitioned, 
     assert leftovers  # the half-written folder is there, under a name no run trusts
 
     cfg = PartitionConfig(target_partition_mb=0.05, sample_mb=0.5)
-    done = run_stage(
-        work,
-        "partition",
-        "1",
-        cfg.model_dump(),
-        [ingested],
-        lambda out: partition_dataset(ingested, cfg, out, client),
-    )
+    done = partition(work, ingested, cfg, client)
     assert not done.cached and "first run" in done.reason
     assert not any(p.exists() for p in leftovers)  # the dead writer's folder was swept
     rows = sum(
@@ -360,14 +336,7 @@ def test_partition_handles_data_several_times_larger_than_worker_memory(tmp_path
     cfg = PartitionConfig(target_partition_mb=16, sample_mb=1)
     with dask_client(DaskConfig(n_workers=2, memory_limit="400MiB")) as small:
         workers = set(small.scheduler_info()["workers"])
-        m = run_stage(
-            tmp_path / "work",
-            "partition",
-            "1",
-            cfg.model_dump(),
-            [ingested],
-            lambda out: partition_dataset(ingested, cfg, out, small),
-        ).manifest
+        m = partition(tmp_path / "work", ingested, cfg, small).manifest
         peaks = small.run(peak_memory_mib)
         assert set(small.scheduler_info()["workers"]) == workers  # none was killed and restarted
     assert (
