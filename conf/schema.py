@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from tasks.errors import ConfigError
 
@@ -106,8 +114,13 @@ class ReduceConfig(Section):
 
 
 class TrainConfig(Section):
-    model: Literal["mlp", "cnn"] = "mlp"
+    # mlp: features; cnn: images; rnn, transformer: an image's rows / patches, or a table's features
+    model: Literal["mlp", "cnn", "rnn", "transformer"] = "mlp"
+    # mlp: layer widths; cnn: the head's width; rnn, transformer: len(hidden) layers of hidden[0]
     hidden: list[int] = Field(default_factory=lambda: [512, 256])
+    cell: Literal["gru", "lstm"] = "gru"  # rnn
+    heads: int = Field(4, ge=1, description="transformer: attention heads (divide hidden[0])")
+    patch: int = Field(4, ge=1, description="transformer on images: patch side in pixels")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adamw"
     lr: float = Field(3e-3, gt=0)
@@ -133,6 +146,12 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.05, ge=0.0, lt=1.0)
     epochs: int = Field(15, ge=1)
     batch_size: int = Field(256, ge=1)
+    # a split larger than this (GiB, as float32) is streamed from its Parquet row groups
+    # instead of loaded whole; auto: half the memory free per process (or on the GPU)
+    resident_max_gb: float | Literal["auto"] = "auto"
+    scale_lr: bool = Field(
+        False, description="linear LR scaling: lr × processes × nodes (the global batch grows)"
+    )
     world_size: int | Literal["auto"] = "auto"  # per node; auto: one process per GPU, else 2 on CPU
     nnodes: int = Field(1, ge=1, description="nodes in the torchrun rendezvous")
     rdzv_endpoint: str | None = Field(
@@ -162,6 +181,15 @@ class TrainConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _heads_divide_width(self) -> TrainConfig:
+        if self.model == "transformer" and self.hidden[0] % self.heads:
+            raise ValueError(
+                f"train.hidden[0] ({self.hidden[0]}) must be a multiple of train.heads "
+                f"({self.heads}) for the transformer"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _rendezvous_for_many_nodes(self) -> TrainConfig:
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError(
@@ -169,11 +197,120 @@ class TrainConfig(Section):
             )
         return self
 
+    @field_validator("resident_max_gb")
+    @classmethod
+    def _positive_memory(cls, v: float | str) -> float | str:
+        if not isinstance(v, str) and v <= 0:
+            raise ValueError("resident_max_gb must be 'auto' or a positive number of GiB")
+        return v
+
     @field_validator("world_size")
     @classmethod
     def _positive_world(cls, v: int | str) -> int | str:
         if isinstance(v, int) and v < 1:
             raise ValueError("world_size must be 'auto' or a positive integer")
+        return v
+
+
+# train.* keys a search may not set: they shape where and how long it runs, not the model
+UNTUNABLE = (
+    "epochs",
+    "world_size",
+    "nnodes",
+    "rdzv_endpoint",
+    "max_restarts",
+    "compile",
+    "seed",
+    "scale_lr",
+    "resident_max_gb",
+)
+
+
+class SearchDimension(Section):
+    """One axis of the search: a float or int range (log-scaled if `log`), or choices."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> SearchDimension:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("categorical needs a non-empty 'choices' list")
+            if self.low is not None or self.high is not None or self.log:
+                raise ValueError("categorical takes 'choices' only, not low/high/log")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"{self.type} needs 'low' and 'high'")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"log needs low > 0 (got {self.low})")
+        if self.choices is not None:
+            raise ValueError(f"{self.type} takes low/high, not choices")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _only_what_is_set(self, handler) -> dict[str, Any]:
+        """`{type: float, low: 0.001, high: 0.1, log: true}` as written, no unset keys (they
+        would clutter the MLflow params and the digest's readers)."""
+        return {k: v for k, v in handler(self).items() if v is not None and v is not False}
+
+    def values_to_check(self) -> list[Any]:
+        """The values train.* must accept for this axis to be valid."""
+        if self.type == "categorical":
+            return list(self.choices or [])
+        cast = int if self.type == "int" else float
+        return [cast(self.low), cast(self.high)]
+
+
+def default_space() -> dict[str, SearchDimension]:
+    dims = {
+        "optimizer": {"type": "categorical", "choices": ["sgd", "adam", "adamw", "rmsprop"]},
+        "lr": {"type": "float", "low": 3e-4, "high": 3e-2, "log": True},
+        "weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+        "momentum": {"type": "float", "low": 0.8, "high": 0.98},
+        "nesterov": {"type": "categorical", "choices": [False, True]},
+        "batch_size": {"type": "categorical", "choices": [128, 256, 512]},
+        "scheduler": {"type": "categorical", "choices": ["none", "cosine", "onecycle"]},
+        "dropout": {"type": "float", "low": 0.0, "high": 0.4},
+        "label_smoothing": {"type": "float", "low": 0.0, "high": 0.15},
+        "hidden": {"type": "categorical", "choices": [[256, 128], [512, 256], [1024, 512]]},
+    }
+    return {k: SearchDimension(**v) for k, v in dims.items()}
+
+
+class TuneConfig(Section):
+    enabled: bool = True
+    trials: int = Field(16, ge=1, description="trials in the study, the default trial included")
+    timeout_s: float | None = Field(None, gt=0, description="start no new trial after this")
+    parallel: int | Literal["auto"] = "auto"  # concurrent trials; auto: one per Dask worker
+    epochs: int = Field(3, ge=1, description="training epochs per trial")
+    max_rows: int | None = Field(
+        10000, ge=10, description="training rows per trial (a seeded subsample)"
+    )
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "asha", "none"] = "median"
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    seed: int = 0
+    # null: Optuna's journal file in the stage folder; else a database URL
+    # (postgresql+psycopg2://user:pass@host/optuna)
+    storage: str | None = None
+    space: dict[str, SearchDimension] = Field(default_factory=default_space)
+
+    @field_validator("storage")
+    @classmethod
+    def _empty_is_the_journal(cls, v: str | None) -> str | None:
+        return v or None  # an unset ${OPTUNA_STORAGE:-} in a profile
+
+    @field_validator("parallel")
+    @classmethod
+    def _positive_parallel(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("parallel must be 'auto' or a positive integer")
         return v
 
 
@@ -205,6 +342,7 @@ class PipelineConfig(Section):
     dask: DaskConfig = Field(default_factory=DaskConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     reduce: ReduceConfig = Field(default_factory=ReduceConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
@@ -216,8 +354,29 @@ class PipelineConfig(Section):
         if self.train.model == "cnn" and self.reduce.method == "pca":
             raise ValueError(
                 "train.model 'cnn' works on raw images, but reduce.method is 'pca': set "
-                "reduce.method to 'auto' or 'none'"
+                "reduce.method to 'auto' or 'none' (rnn and transformer can read PCA features)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _space_fits_train(self) -> PipelineConfig:
+        """Every axis of tune.space names a train.* key and only values train.* accepts."""
+        tunable = sorted(set(TrainConfig.model_fields) - set(UNTUNABLE))
+        base = self.train.model_dump()
+        for key, dim in self.tune.space.items():
+            if key not in tunable:
+                raise ValueError(
+                    f"tune.space.{key}: not a train.* key a search can set; tunable keys: "
+                    + ", ".join(tunable)
+                )
+            for value in dim.values_to_check():
+                try:
+                    TrainConfig.model_validate({**base, key: value})
+                except ValidationError as exc:
+                    reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+                    raise ValueError(
+                        f"tune.space.{key}: train.{key} would reject {value!r} ({reason})"
+                    ) from None
         return self
 
     def digest(self) -> str:

@@ -1,4 +1,4 @@
-"""The accelflow DAG: ingest → partition → reduce → train → prune → evaluate + register.
+"""The accelflow DAG: ingest → partition → reduce → tune → train → prune → evaluate + register.
 
 Wiring only; each stage's logic lives in `tasks/`. The flow takes the validated config as
 its one parameter, so the CLI, a deployment and a test all run the same code path:
@@ -25,12 +25,21 @@ HEADLINE = {  # parent-run metric → (stage, manifest metric)
     "test/accuracy": ("evaluate", "test/accuracy"),
     "baseline/accuracy": ("evaluate", "baseline/accuracy"),
     "prune/sparsity": ("prune", "prune/sparsity"),
+    "tune/default_val_accuracy": ("tune", "tune/default_val_accuracy"),
+    "tune/best_val_accuracy": ("tune", "tune/best_val_accuracy"),
+    "tune/gain": ("tune", "tune/gain"),
     "data/compression_ratio": ("partition", "data/compression_ratio"),
 }
 KEY_FIGURE = {
     "ingest": lambda m: f"{sum(s['rows'] for s in m['splits'].values())} rows",
     "partition": lambda m: f"compression ×{m['metrics']['data/compression_ratio']:.2f}",
     "reduce": lambda m: f"{m['metrics']['reduce/components']} features",
+    "tune": lambda m: (
+        f"val acc {m['metrics']['tune/default_val_accuracy']:.4f} → "
+        f"{m['metrics']['tune/best_val_accuracy']:.4f} ({len(m['leaderboard'])} trials)"
+        if "tune/default_val_accuracy" in m["metrics"]
+        else (f"{len(m['leaderboard'])} trials" if m["leaderboard"] else "off")
+    ),
     "train": lambda m: f"val acc {m['metrics']['train/val_accuracy']:.4f}",
     "prune": lambda m: f"sparsity {m['metrics']['prune/sparsity']:.1%}",
     "evaluate": lambda m: f"test acc {m['metrics']['test/accuracy']:.4f} ({m['chosen']})",
@@ -95,8 +104,11 @@ def run_stages(config: PipelineConfig) -> dict[str, Any]:
         ingested = steps.ingest_data(config, parent)
         partitions = steps.partition_data(config, parent, ingested.manifest)
         features = steps.reduce_features(config, parent, partitions.manifest)
-        trained = steps.train_network(config, parent, features.manifest)
-        pruned = steps.prune_network(config, parent, features.manifest, trained.manifest)
+        tuned = steps.tune_settings(config, parent, features.manifest)
+        trained = steps.train_network(config, parent, features.manifest, tuned.manifest)
+        pruned = steps.prune_network(
+            config, parent, features.manifest, tuned.manifest, trained.manifest
+        )
         evaluated = steps.evaluate_and_register(
             config,
             parent,
@@ -109,11 +121,16 @@ def run_stages(config: PipelineConfig) -> dict[str, Any]:
             "ingest": ingested,
             "partition": partitions,
             "reduce": features,
+            "tune": tuned,
             "train": trained,
             "prune": pruned,
             "evaluate": evaluated,
         }
-        headline = {k: outcomes[s].manifest["metrics"][m] for k, (s, m) in HEADLINE.items()}
+        headline = {
+            k: outcomes[s].manifest["metrics"][m]
+            for k, (s, m) in HEADLINE.items()
+            if m in outcomes[s].manifest["metrics"]  # tune's figures only when it searched
+        }
         import mlflow
 
         mlflow.log_metrics(headline)

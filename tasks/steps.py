@@ -13,12 +13,20 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from conf.schema import PipelineConfig, config_digest
-from tasks import evaluate, ingest, partition, prune, readers, reduce, registry, train
+from conf.schema import PipelineConfig, TrainConfig, config_digest, mask_text
+from tasks import evaluate, ingest, partition, prune, readers, reduce, registry, train, tune
 from tasks.cluster import dask_client
 from tasks.errors import user_error_in
 from tasks.stage import Manifest, StageOutcome, code_version, run_stage, stage_lock
-from tasks.tracking import log_dataset, log_source, publish, publish_table, stage_run
+from tasks.tracking import (
+    Progress,
+    log_dataset,
+    log_source,
+    log_trial,
+    publish,
+    publish_table,
+    stage_run,
+)
 
 
 def not_a_user_error(task, task_run, state) -> bool:
@@ -29,10 +37,10 @@ def not_a_user_error(task, task_run, state) -> bool:
 RETRY_DASK = {"retries": 1, "retry_delay_seconds": 5, "retry_condition_fn": not_a_user_error}
 
 
-def train_key(cfg: PipelineConfig) -> dict:
+def train_key(train_cfg: TrainConfig) -> dict:
     """The training settings that shape the model; how often a dead worker may restart
     does not, so changing it reuses what was trained."""
-    return cfg.train.model_dump(mode="json", exclude={"max_restarts"})
+    return train_cfg.model_dump(mode="json", exclude={"max_restarts"})
 
 
 @task(name="ingest", cache_policy=NO_CACHE)
@@ -88,7 +96,10 @@ def partition_data(cfg: PipelineConfig, parent: str, ingested: Manifest) -> Stag
 @task(name="reduce", cache_policy=NO_CACHE, **RETRY_DASK)
 def reduce_features(cfg: PipelineConfig, parent: str, partitions: Manifest) -> StageOutcome:
     """Fit standardised PCA on the training split where it pays, and project every split."""
-    image_model = cfg.train.model == "cnn"
+    # cnn needs pixels; rnn and transformer read an image's rows / patches when there is one
+    image_model = cfg.train.model == "cnn" or (
+        cfg.train.model in ("rnn", "transformer") and bool(partitions.get("image_shape"))
+    )
     skip = reduce.passes_through(cfg.reduce, partitions, image_model)
 
     def build(out):
@@ -114,17 +125,66 @@ def reduce_features(cfg: PipelineConfig, parent: str, partitions: Manifest) -> S
     return outcome
 
 
+@task(name="tune", cache_policy=NO_CACHE, **RETRY_DASK)
+def tune_settings(cfg: PipelineConfig, parent: str, features: Manifest) -> StageOutcome:
+    """Search train.* settings with Optuna, trials in parallel on the Dask cluster."""
+
+    def build(out):
+        if not cfg.tune.enabled:
+            return tune.skip_tuning()
+        progress = Progress("tune", "trials")
+
+        def on_trial(trial, finished, budget):
+            log_trial(run_id, trial, cfg.tune.metric)
+            value = trial[cfg.tune.metric]
+            shown = f"{cfg.tune.metric} {value:.4f}" if value is not None else trial["reason"]
+            progress.step(finished, budget, f"trial {trial['trial']} {trial['state']}, {shown}")
+
+        with dask_client(cfg.dask) as client:
+            return tune.search(features, cfg.tune, cfg.train, out, client, on_trial)
+
+    with stage_run(parent, "tune", "tune", cfg.tune) as run_id:
+        key: dict = {"enabled": False}
+        if cfg.tune.enabled:  # trials start from train.* (their length is tune.epochs)
+            key = {
+                **cfg.tune.model_dump(mode="json"),
+                "storage": mask_text(cfg.tune.storage or ""),
+                "train": cfg.train.model_dump(mode="json", exclude={"max_restarts", "epochs"}),
+            }
+        outcome = run_stage(
+            cfg.workdir, "tune", code_version(tune.SOURCES), key, [features], build, resumable=True
+        )
+        if outcome.manifest["leaderboard"]:
+            publish_table(
+                "tune", "leaderboard", outcome.manifest["leaderboard"], outcome.manifest["plots"]
+            )
+        publish("tune", outcome)
+    return outcome
+
+
+def tuned_train(cfg: PipelineConfig, tuned: Manifest) -> TrainConfig:
+    return tune.tuned_train_config(cfg.train, tuned)
+
+
 @task(name="train", cache_policy=NO_CACHE)
-def train_network(cfg: PipelineConfig, parent: str, features: Manifest) -> StageOutcome:
-    """Train the configured model with DDP workers; resumes from its last checkpoint."""
-    with stage_run(parent, "train", "train", cfg.train) as run_id:
+def train_network(
+    cfg: PipelineConfig, parent: str, features: Manifest, tuned: Manifest
+) -> StageOutcome:
+    """Train the configured model (with the search's best settings) with DDP workers;
+    resumes from its last checkpoint."""
+    train_cfg = tuned_train(cfg, tuned)
+    with stage_run(parent, "train", "train", train_cfg) as run_id:
+        import mlflow
+
+        # which values came from the search, not from the config
+        mlflow.set_tags({f"accelflow.tuned.{k}": "search" for k in tuned["best_params"]})
         outcome = run_stage(
             cfg.workdir,
             "train",
             code_version(train.SOURCES),
-            train_key(cfg),
-            [features],
-            lambda out: train.train_model(features, cfg.train, out, run_id),
+            train_key(train_cfg),
+            [features, tuned],
+            lambda out: train.train_model(features, train_cfg, out, run_id),
             resumable=True,
         )
         publish("train", outcome)
@@ -133,18 +193,19 @@ def train_network(cfg: PipelineConfig, parent: str, features: Manifest) -> Stage
 
 @task(name="prune", cache_policy=NO_CACHE)
 def prune_network(
-    cfg: PipelineConfig, parent: str, features: Manifest, trained: Manifest
+    cfg: PipelineConfig, parent: str, features: Manifest, tuned: Manifest, trained: Manifest
 ) -> StageOutcome:
     """Prune the trained model by magnitude and fine-tune it with the mask held."""
+    train_cfg = tuned_train(cfg, tuned)
 
     def build(out):
         if cfg.prune.method == "none":
             return prune.skip_pruning(trained)
-        return prune.prune_model(features, trained, cfg.prune, cfg.train, out, run_id)
+        return prune.prune_model(features, trained, cfg.prune, train_cfg, out, run_id)
 
     with stage_run(parent, "prune", "prune", cfg.prune) as run_id:
         # the fine-tune uses train's optimizer settings, so they are part of this stage's key
-        config = {**cfg.prune.model_dump(mode="json"), "train": train_key(cfg)}
+        config = {**cfg.prune.model_dump(mode="json"), "train": train_key(train_cfg)}
         outcome = run_stage(
             cfg.workdir,
             "prune",

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import subprocess
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -301,3 +303,80 @@ def _yaml(cfg: PipelineConfig) -> str:
     import yaml
 
     return yaml.safe_dump(cfg.public(), sort_keys=False)
+
+
+def log_trial(stage_run_id: str, trial: dict[str, Any], metric: str) -> str:
+    """One finished tuning trial as a run nested under the stage's run: its train.* values,
+    its per-epoch validation curve, its state and seconds. Opened with the client so the
+    stage's own active run is left alone."""
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = mlflow.MlflowClient()
+    stage = client.get_run(stage_run_id)
+    status = {"complete": "FINISHED", "pruned": "KILLED"}.get(trial["state"], "FAILED")
+    run = client.create_run(
+        stage.info.experiment_id,
+        run_name=f"trial-{trial['trial']:03d}" + (" (default)" if trial["default"] else ""),
+        tags={"mlflow.parentRunId": stage_run_id},
+    )
+    stamp = int(time.time() * 1000)
+    metrics = [
+        Metric(f"val/{k.removeprefix('val_')}", float(row[k]), stamp, int(row["epoch"]))
+        for row in trial["curve"]
+        for k in ("val_accuracy", "val_loss")
+        if math.isfinite(row[k])
+    ]
+    metrics += [
+        Metric(f"trial/{k}", float(trial[k]), stamp, 0)
+        for k in (metric, "val_accuracy", "seconds")
+        if isinstance(trial.get(k), int | float) and math.isfinite(trial[k])
+    ]
+    tags = {
+        "accelflow.stage": "tune-trial",
+        "accelflow.trial.state": trial["state"],
+        "accelflow.trial.default": str(trial["default"]).lower(),
+    }
+    if trial["reason"]:
+        tags["accelflow.trial.reason"] = trial["reason"][:5000]
+    client.log_batch(
+        run.info.run_id,
+        metrics=metrics,
+        params=[Param(f"train.{k}", str(v)) for k, v in trial["params"].items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+        synchronous=True,
+    )
+    client.set_terminated(run.info.run_id, status=status)
+    return run.info.run_id
+
+
+class Progress:
+    """A Prefect progress artifact for long work inside a task run (a no-op elsewhere), and
+    one log line per step: what a terminal, CI and a Prefect worker all show."""
+
+    def __init__(self, stage: str, what: str):
+        self.stage, self.what, self.artifact = stage, what, None
+        try:
+            import prefect.artifacts
+            from prefect.context import TaskRunContext
+
+            if TaskRunContext.get() is not None:
+                self.artifact = prefect.artifacts.create_progress_artifact(
+                    0.0, key=f"accelflow-{stage}-progress", description=f"{stage}: {what}"
+                )
+        except Exception as exc:  # a convenience: never fail a stage over it
+            print(f"note: no Prefect progress artifact for {stage}: {exc}")
+
+    def step(self, done: int, total: int, line: str) -> None:
+        print(f"{self.stage}: {self.what} {done}/{total}: {line}", flush=True)
+        if self.artifact is None:
+            return
+        try:
+            import prefect.artifacts
+
+            prefect.artifacts.update_progress_artifact(
+                self.artifact, min(100.0, 100.0 * done / max(total, 1))
+            )
+        except Exception as exc:
+            print(f"note: could not update the Prefect progress artifact: {exc}")
+            self.artifact = None

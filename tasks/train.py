@@ -39,6 +39,7 @@ OPTIM_KEYS = (
     "precision",
     "compile",
     "seed",
+    "resident_max_gb",
 )
 
 
@@ -59,6 +60,8 @@ def model_arch(features: Manifest, cfg: TrainConfig) -> dict[str, Any]:
         "hidden": cfg.hidden,
         "dropout": cfg.dropout,
         "image_shape": features.get("image_shape"),
+        **({"cell": cfg.cell} if cfg.model == "rnn" else {}),
+        **({"heads": cfg.heads, "patch": cfg.patch} if cfg.model == "transformer" else {}),
     }
 
 
@@ -76,17 +79,22 @@ def bottleneck(result: dict[str, Any]) -> str:
         return "No epochs trained in this run (resumed at its end)."
     wait, step = result["data_wait_pct"], result["step_ms"]
     kind = "data-bound" if wait > DATA_BOUND_PCT else "compute-bound"
+    mode = (
+        "was streamed from its Parquet row groups (larger than train.resident_max_gb)"
+        if result.get("data_mode") == "streaming"
+        else "was resident in memory"
+    )
     return (
-        f"The split was resident in memory and training was {kind}: {wait:.1f}% of each "
+        f"The split {mode} and training was {kind}: {wait:.1f}% of each "
         f"{step:.1f} ms step waited for its batch"
     )
 
 
-def train_model(
-    features: Manifest, cfg: TrainConfig, out: StageDir, run_id: str | None = None
+def train_spec(
+    features: Manifest, cfg: TrainConfig, out_dir: str | None, checkpoint_dir: str | None
 ) -> dict[str, Any]:
-    """Launch the workers on train/val; return the manifest body with the model files."""
-    spec = {
+    """The worker's spec for plain training with `cfg` (the train stage, a tuning trial)."""
+    return {
         "train_files": split_files(features, "train"),
         "val_files": split_files(features, "val") or split_files(features, "train"),
         "features": features["feature_names"],
@@ -95,11 +103,26 @@ def train_model(
         "phases": [{"sparsity": None, "epochs": cfg.epochs, "lr": cfg.lr}],
         **{k: getattr(cfg, k) for k in OPTIM_KEYS},
         "init_from": None,
-        "out_dir": str(out.tmp),
-        "checkpoint_dir": str(out.path("checkpoints")),
+        "out_dir": out_dir,
+        "checkpoint_dir": checkpoint_dir,
         "metric_prefix": "train",
     }
+
+
+def peak_lr(cfg: TrainConfig, processes: int) -> float:
+    """train.lr, times the processes with train.scale_lr: the linear scaling rule (Goyal et
+    al.) keeps each sample's step size as the global batch grows with the world size."""
+    return cfg.lr * processes if cfg.scale_lr else cfg.lr
+
+
+def train_model(
+    features: Manifest, cfg: TrainConfig, out: StageDir, run_id: str | None = None
+) -> dict[str, Any]:
+    """Launch the workers on train/val; return the manifest body with the model files."""
+    spec = train_spec(features, cfg, str(out.tmp), str(out.path("checkpoints")))
     world = resolve_world_size(cfg)
+    processes = world * cfg.nnodes
+    lr = spec["phases"][0]["lr"] = peak_lr(cfg, processes)
     result = launch(
         spec,
         world,
@@ -117,22 +140,38 @@ def train_model(
             "train/val_accuracy": result["val_accuracy"],
             "train/seconds": result["seconds"],
             "train/world_size": world,
-            "train/global_batch": cfg.batch_size * world * cfg.nnodes,
+            "train/global_batch": cfg.batch_size * processes,
+            "train/peak_lr": lr,
+            "train/streamed": float(result.get("data_mode") == "streaming"),
             "train/parameters": result["parameters"],
             **{
                 f"train/{k}": result[k]
-                for k in ("best_epoch", "stopped_epoch", "step_ms", "data_wait_pct")
+                for k in (
+                    "best_epoch",
+                    "stopped_epoch",
+                    "step_ms",
+                    "data_wait_pct",
+                    "peak_rss_mib",
+                )
                 if result.get(k) is not None
             },
         },
         "summary": f"{cfg.model} {cfg.optimizer}/{cfg.scheduler}, {cfg.epochs} epochs on {world} "
-        f"{result['device']} process(es), global batch {cfg.batch_size * world * cfg.nnodes} "
-        f"(train.batch_size × processes): val accuracy {result['val_accuracy']:.4f} in "
+        f"{result['device']} process(es), global batch {cfg.batch_size * processes} "
+        f"(train.batch_size × processes), peak LR {lr:g}"
+        + (f" (train.lr × {processes}, train.scale_lr)" if cfg.scale_lr else "")
+        + f": val accuracy {result['val_accuracy']:.4f} in "
         f"{result['seconds']:.1f} s"
         + (
             f"; early stopping at epoch {result['stopped_epoch']}, kept epoch {result['best_epoch']}"
             if result.get("stopped_epoch") is not None
             else ""
         )
-        + f". {bottleneck(result)}",
+        + f". {bottleneck(result)}"
+        + (
+            f". torch.compile: {result['compile']}"
+            + (f" ({result['compile_error']})" if result.get("compile_error") else "")
+            if result.get("compile", "off") != "off"
+            else ""
+        ),
     }

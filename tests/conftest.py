@@ -99,6 +99,53 @@ def digits_frame() -> pd.DataFrame:
     return frame
 
 
+@pytest.fixture(scope="module")
+def digits_parquet(tmp_path_factory, digits_frame):
+    """Digits as train/val Parquet files with integer labels, the shape the trainer reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path_factory.mktemp("digits_pq")
+    frame = digits_frame.copy()
+    frame["label"] = frame.pop("digit").str[1:].astype("int64")
+    paths = {}
+    for name, part in (("train", frame.iloc[:1400]), ("val", frame.iloc[1400:])):
+        paths[name] = str(out / f"{name}.parquet")
+        pq.write_table(pa.Table.from_pandas(part, preserve_index=False), paths[name])
+    return paths, [c for c in frame.columns if c != "label"]
+
+
+def make_spec(digits_parquet, tmp_path, **overrides):
+    """A worker spec training an MLP on `digits_parquet`'s files; any key overridden."""
+    from conf.schema import TrainConfig
+    from tasks.train import OPTIM_KEYS
+
+    paths, features = digits_parquet
+    cfg = TrainConfig(hidden=[64], epochs=4, lr=0.01, batch_size=64)
+    spec = {
+        "train_files": [paths["train"]],
+        "val_files": [paths["val"]],
+        "features": features,
+        "label": "label",
+        "arch": {
+            "model": "mlp",
+            "n_features": 64,
+            "n_classes": 10,
+            "hidden": [64],
+            "dropout": 0.0,
+            "image_shape": None,
+        },
+        "phases": [{"sparsity": None, "epochs": cfg.epochs, "lr": cfg.lr}],
+        **{k: getattr(cfg, k) for k in OPTIM_KEYS},
+        "init_from": None,
+        "out_dir": str(tmp_path),
+        "checkpoint_dir": str(tmp_path / "checkpoints"),
+        "metric_prefix": "train",
+    }
+    spec.update(overrides)
+    return spec
+
+
 @pytest.fixture
 def digits_csv(digits_frame, tmp_path) -> Path:
     path = tmp_path / "digits.csv"
@@ -140,6 +187,7 @@ def make_config(tmp_path: Path, source: Path | str, *overrides: str) -> Pipeline
         "prune.finetune_epochs=1",
         "dask.memory_limit=1GiB",
         "evaluate.latency_repeats=5",
+        "tune.enabled=false",  # the tune tests switch it on
     ]
     return load_config(None, [*base, *overrides])
 

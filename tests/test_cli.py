@@ -127,6 +127,7 @@ def test_two_runs_at_once_on_one_workdir_and_store_both_finish(digits_csv, tmp_p
         f"workdir={tmp_path / 'w'}",
         f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
         "train.epochs=2",
+        "tune.enabled=false",
     ]
     argv = [*CLI, "run", *[a for s in sets for a in ("--set", s)]]
     runs = [
@@ -138,7 +139,7 @@ def test_two_runs_at_once_on_one_workdir_and_store_both_finish(digits_csv, tmp_p
     outputs = [r.communicate(timeout=600) for r in runs]
     for run, (_, err) in zip(runs, outputs, strict=True):
         assert run.returncode == 0, err[-3000:]
-    for stage in ("ingest", "partition", "reduce", "train", "prune", "evaluate"):
+    for stage in ("ingest", "partition", "reduce", "tune", "train", "prune", "evaluate"):
         ran = [
             len(re.findall(rf"^ {stage}\s+\| ran\s+\|", out, re.MULTILINE)) for out, _ in outputs
         ]
@@ -180,6 +181,7 @@ def test_a_run_killed_during_training_resumes_where_it_stopped(digits_csv, tmp_p
         "train.batch_size=8",
         "train.hidden=[512, 512]",
         "prune.method=none",
+        "tune.enabled=false",
     ]
     argv = [*CLI, "run", *[a for s in sets for a in ("--set", s)]]
     first = subprocess.Popen(
@@ -343,10 +345,11 @@ def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
         "reduce.method=pca",  # standardised PCA on the way to serving, not auto's pass-through
         "train.batch_size=32",
         "prune.finetune_epochs=1",
+        "tune.enabled=false",
     ]
     out = accelflow("run", *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    for stage in ("ingest", "partition", "reduce", "train", "prune", "evaluate"):
+    for stage in ("ingest", "partition", "reduce", "tune", "train", "prune", "evaluate"):
         assert re.search(rf"^ {stage}\s+\| ran\s+\|", out.stdout, re.MULTILINE), stage
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in out.stdout
     assert "as 'champion'" in out.stdout

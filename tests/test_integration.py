@@ -27,7 +27,7 @@ from flows import serve
 
 pytestmark = pytest.mark.integration
 ARTIFACTS = Path(__file__).parent / "artifacts"
-STAGES = {"ingest", "partition", "reduce", "train", "prune", "evaluate"}
+STAGES = {"ingest", "partition", "reduce", "tune", "train", "prune", "evaluate"}
 POSTGRES = os.environ.get(
     "ACCELFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
@@ -38,6 +38,8 @@ SMALL = [
     "train.hidden=[128]",
     "prune.finetune_epochs=1",
     "evaluate.latency_repeats=5",
+    "tune.trials=4",
+    "tune.max_rows=1000",
 ]
 
 
@@ -232,14 +234,16 @@ def test_compose_file_is_valid_and_needs_the_secret():
 
 @pytest.fixture(scope="module")
 def postgres_databases():
-    """Two fresh databases (Prefect, MLflow) on the machine's PostgreSQL, dropped afterwards."""
+    """Fresh databases (Prefect, MLflow, Optuna) on the machine's PostgreSQL, dropped afterwards."""
     psycopg2 = pytest.importorskip("psycopg2")
     try:
         admin = psycopg2.connect(POSTGRES, connect_timeout=5)
     except psycopg2.OperationalError as exc:
         pytest.skip(f"no PostgreSQL at {POSTGRES} ({exc}); set ACCELFLOW_TEST_POSTGRES")
     admin.autocommit = True
-    names = [f"accelflow_test_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("prefect", "mlflow")]
+    names = [
+        f"accelflow_test_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("prefect", "mlflow", "optuna")
+    ]
     with admin.cursor() as cur:
         for name in names:
             cur.execute(f'CREATE DATABASE "{name}"')
@@ -248,6 +252,7 @@ def postgres_databases():
         yield {
             "prefect": f"{base.replace('postgresql://', 'postgresql+asyncpg://')}/{names[0]}",
             "mlflow": f"{base.replace('postgresql://', 'postgresql+psycopg2://')}/{names[1]}",
+            "optuna": f"{base.replace('postgresql://', 'postgresql+psycopg2://')}/{names[2]}",
         }
     finally:
         with admin.cursor() as cur:
@@ -281,8 +286,10 @@ def test_cluster_profile_runs_on_separate_dask_mlflow_and_prefect_processes(
             "DASK_SCHEDULER_ADDRESS": scheduler,
             "ACCELFLOW_WORKDIR": str(tmp_path / "work"),
             "ACCELFLOW_DATA": str(fmnist_small),
+            "OPTUNA_STORAGE": postgres_databases["optuna"],
         }
-        sets = [arg for o in SMALL for arg in ("--set", o)]
+        tuning = ["tune.trials=3", "tune.epochs=2", "tune.max_rows=600"]
+        sets = [arg for o in [*SMALL, *tuning] for arg in ("--set", o)]
         out = subprocess.run(
             [sys.executable, "-m", "flows.cli", "run", "--profile", "cluster", *sets],
             capture_output=True,
@@ -298,6 +305,15 @@ def test_cluster_profile_runs_on_separate_dask_mlflow_and_prefect_processes(
         flow_run_id = parent.data.tags["accelflow.flow_run_id"]
         parent, stages = parent_and_stages(client, flow_run_id)
         assert set(stages) == STAGES and parent.data.params["dask.address"] == scheduler
+        import optuna  # the study lives in PostgreSQL, its trials ran on the cluster's workers
+
+        storage = optuna.storages.RDBStorage(postgres_databases["optuna"])
+        (study,) = optuna.get_all_study_summaries(storage)
+        assert study.n_trials == 3
+        trials = [
+            run for run in client.search_runs(experiments, "tags.`accelflow.stage` = 'tune-trial'")
+        ]
+        assert len(trials) == 3
         inspect = serve.prefect_cli(["flow-run", "inspect", flow_run_id], api).stdout
         assert "COMPLETED" in inspect  # the flow run is recorded on the PostgreSQL-backed server
 

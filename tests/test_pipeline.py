@@ -18,7 +18,7 @@ from flows.pipeline import pipeline
 from tasks.readers import read_idx, source_fingerprint
 from tasks.stage import files_digest
 
-STAGES = ["ingest", "partition", "reduce", "train", "prune", "evaluate"]
+STAGES = ["ingest", "partition", "reduce", "tune", "train", "prune", "evaluate"]
 pytestmark = pytest.mark.slow
 
 
@@ -37,7 +37,7 @@ def first_run(prefect_harness, fmnist_small, tmp_path_factory):
     return cfg, pipeline(cfg)
 
 
-def test_parent_run_and_six_stage_runs_with_their_metrics(first_run):
+def test_parent_run_and_seven_stage_runs_with_their_metrics(first_run):
     cfg, result = first_run
     client = MlflowClient(cfg.tracking.uri)
     parent = client.get_run(result["parent_run_id"])
@@ -121,7 +121,7 @@ def test_champion_scores_raw_test_pixels_with_the_logged_accuracy(first_run, fmn
 def test_rerun_is_all_cache_hits_and_reuses_the_registered_version(first_run):
     cfg, result = first_run
     again = pipeline(cfg)
-    assert [row["status"] for row in again["stages"]] == ["cached"] * 6
+    assert [row["status"] for row in again["stages"]] == ["cached"] * 7
     assert again["promotion"]["version"] == result["promotion"]["version"]
     runs = stage_runs(MlflowClient(cfg.tracking.uri), again["parent_run_id"])
     assert all(run.data.tags["accelflow.cached"] == "true" for run in runs.values())
@@ -135,7 +135,7 @@ def test_changing_the_learning_rate_reruns_train_and_after_only(first_run):
     changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 0.002})})
     result = pipeline(changed)
     status = {row["stage"]: row for row in result["stages"]}
-    assert [status[s]["status"] for s in STAGES] == ["cached"] * 3 + ["ran"] * 3
+    assert [status[s]["status"] for s in STAGES] == ["cached"] * 4 + ["ran"] * 3
     assert "config changed: lr" in status["train"]["reason"]
     assert "input changed" in status["evaluate"]["reason"]
     # the gate: a new model takes `champion` only if it does not score below the current one
@@ -161,11 +161,11 @@ def test_a_byte_changed_in_a_stage_source_reruns_that_stage_and_after(first_run)
         changed = {row["stage"]: row for row in pipeline(cfg)["stages"]}
     finally:
         source.write_bytes(original)
-    assert [changed[s]["status"] for s in STAGES] == ["cached"] * 2 + ["ran"] * 4
+    assert [changed[s]["status"] for s in STAGES] == ["cached"] * 2 + ["ran"] * 5
     assert "stage code changed" in changed["reduce"]["reason"]
     assert "input changed" in changed["train"]["reason"]
     restored = pipeline(cfg)["stages"]
-    assert [row["status"] for row in restored] == ["cached"] * 6
+    assert [row["status"] for row in restored] == ["cached"] * 7
 
 
 def test_each_stage_publishes_a_prefect_artifact(first_run):

@@ -6,57 +6,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_spec
 
 from conf.schema import TrainConfig
 from tasks.prune import sparsity_schedule
-from tasks.train import OPTIM_KEYS
 from tasks.training.launch import TrainingError, launch
 from tasks.training.models import build_model
 from tasks.training.sparsity import apply_masks, global_magnitude_masks, sparsity_report
 from tasks.training.worker import Rank, Trainer
-
-
-@pytest.fixture(scope="module")
-def digits_parquet(tmp_path_factory, digits_frame):
-    """Digits as train/val Parquet files with integer labels, the shape the trainer reads."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out = tmp_path_factory.mktemp("digits_pq")
-    frame = digits_frame.copy()
-    frame["label"] = frame.pop("digit").str[1:].astype("int64")
-    paths = {}
-    for name, part in (("train", frame.iloc[:1400]), ("val", frame.iloc[1400:])):
-        paths[name] = str(out / f"{name}.parquet")
-        pq.write_table(pa.Table.from_pandas(part, preserve_index=False), paths[name])
-    return paths, [c for c in frame.columns if c != "label"]
-
-
-def make_spec(digits_parquet, tmp_path, **overrides):
-    paths, features = digits_parquet
-    cfg = TrainConfig(hidden=[64], epochs=4, lr=0.01, batch_size=64)
-    spec = {
-        "train_files": [paths["train"]],
-        "val_files": [paths["val"]],
-        "features": features,
-        "label": "label",
-        "arch": {
-            "model": "mlp",
-            "n_features": 64,
-            "n_classes": 10,
-            "hidden": [64],
-            "dropout": 0.0,
-            "image_shape": None,
-        },
-        "phases": [{"sparsity": None, "epochs": cfg.epochs, "lr": cfg.lr}],
-        **{k: getattr(cfg, k) for k in OPTIM_KEYS},
-        "init_from": None,
-        "out_dir": str(tmp_path),
-        "checkpoint_dir": str(tmp_path / "checkpoints"),
-        "metric_prefix": "train",
-    }
-    spec.update(overrides)
-    return spec
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "rmsprop"])
@@ -381,3 +338,171 @@ def test_the_bottleneck_report_measures_each_epoch_and_says_which_bound(digits_p
     assert "data-bound: 45.0% of each 2.0 ms step" in bottleneck(
         {"data_wait_pct": 45.0, "step_ms": 2.0}
     )
+
+
+SEQUENCE_ARCHS = {
+    "rnn-gru-on-image-rows": {"model": "rnn", "hidden": [64], "image_shape": [1, 8, 8]},
+    "rnn-lstm-on-table-chunks": {
+        "model": "rnn",
+        "hidden": [64, 64],
+        "cell": "lstm",
+        "image_shape": None,
+    },
+    "transformer-on-image-patches": {
+        "model": "transformer",
+        "hidden": [32, 32],
+        "heads": 4,
+        "patch": 2,
+        "image_shape": [1, 8, 8],
+    },
+    "transformer-on-feature-tokens": {
+        "model": "transformer",
+        "hidden": [32],
+        "heads": 4,
+        "image_shape": None,
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEQUENCE_ARCHS))
+def test_sequence_models_learn_on_images_and_tables(digits_parquet, tmp_path, name):
+    """Digits as 8x8 images (rows / patches) and as a 64-column table (chunks / tokens)."""
+    arch = {"n_features": 64, "n_classes": 10, "dropout": 0.0, **SEQUENCE_ARCHS[name]}
+    spec = make_spec(
+        digits_parquet,
+        tmp_path,
+        arch=arch,
+        optimizer="adamw",
+        phases=[{"sparsity": None, "epochs": 8, "lr": 0.01}],
+    )
+    result = Trainer(spec, Rank(0, 1, torch.device("cpu"))).run()
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history[-1]["train/loss"] < 0.5 * history[0]["train/loss"], history
+    assert result["val_accuracy"] > 0.75, result  # chance is 0.1
+    model = build_model(arch).eval()
+    assert model.embed(torch.randn(3, 64)).shape == (3, arch["hidden"][0])
+
+
+def test_the_same_seed_and_world_size_give_the_same_loss_curve(digits_parquet, tmp_path):
+    curves = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        out.mkdir()
+        Trainer(make_spec(digits_parquet, out), Rank(0, 1, torch.device("cpu"))).run()
+        curves.append([h["train/loss"] for h in json.loads((out / "history.json").read_text())])
+    assert curves[0] == curves[1]
+
+
+def test_two_gloo_processes_end_with_identical_parameters(digits_parquet, tmp_path):
+    """DDP keeps the replicas in step: each rank saves its own copy and they match."""
+    spec = make_spec(digits_parquet, tmp_path, save_every_rank=True)
+    launch(spec, world_size=2, workdir=tmp_path)
+    rank0 = torch.load(tmp_path / "model.rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "model.rank1.pt", weights_only=True)
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "train.model=resnet",
+            r"'train.model': Input should be 'mlp', 'cnn', 'rnn' or 'transformer'",
+        ),
+        ("train.heads=3", r"train.hidden\[0\] \(512\) must be a multiple of train.heads \(3\)"),
+        ("train.cell=rnn", r"'train.cell': Input should be 'gru' or 'lstm'"),
+    ],
+)
+def test_bad_model_settings_fail_at_validation(override, message):
+    from conf.schema import load_config
+    from tasks.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["train.model=transformer", override])
+
+
+def test_linear_lr_scaling_follows_the_global_batch():
+    from tasks.train import peak_lr
+
+    assert peak_lr(TrainConfig(lr=0.01), processes=4) == 0.01
+    assert peak_lr(TrainConfig(lr=0.01, scale_lr=True), processes=4) == pytest.approx(0.04)
+
+
+@pytest.mark.slow
+def test_compile_trains_a_compiled_model(digits_parquet, tmp_path):
+    spec = make_spec(digits_parquet, tmp_path, compile=True)
+    result = Trainer(spec, Rank(0, 1, torch.device("cpu"))).run()
+    assert result["compile"] == "compiled" and result["val_accuracy"] > 0.8, result
+
+
+def test_compile_falls_back_to_eager_where_compilation_fails(digits_parquet, tmp_path, monkeypatch):
+    """A machine without a working C++ compiler: inductor fails at the first step; the
+    worker warns, trains in eager mode and says so in its result."""
+    monkeypatch.setenv("CXX", "/bin/false")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # no cached kernels
+    spec = make_spec(digits_parquet, tmp_path, compile=True)
+    result = launch(spec, world_size=1, workdir=tmp_path)
+    assert result["compile"] == "fell back to eager", result
+    assert "C++ compiler" in result["compile_error"]
+    assert result["val_accuracy"] > 0.8
+    assert "torch.compile failed" in (tmp_path / "train.log").read_text()
+
+
+@pytest.fixture(scope="module")
+def fmnist_parquet(fmnist_full, tmp_path_factory):
+    """All 70,000 Fashion-MNIST images as Parquet with 2,000-row groups: 60,000 to train
+    (188 MB as float32), and a 5,000-row slice of them; the t10k set to validate."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.readers import read_idx
+
+    out = tmp_path_factory.mktemp("fmnist_pq")
+    names = [f"pixel_{i}" for i in range(784)]
+
+    def write(prefix: str, path, rows=None):
+        X = read_idx(fmnist_full / f"{prefix}-images-idx3-ubyte.gz").reshape(-1, 784)[:rows]
+        y = read_idx(fmnist_full / f"{prefix}-labels-idx1-ubyte.gz").astype("int64")[:rows]
+        table = pa.table({**{n: X[:, i] for i, n in enumerate(names)}, "label": y})
+        pq.write_table(table, path, row_group_size=2000)
+        return str(path)
+
+    files = {
+        "big": write("train", out / "big.parquet"),
+        "small": write("train", out / "small.parquet", 5000),
+        "val": write("t10k", out / "val.parquet"),
+    }
+    return files, names
+
+
+def test_a_split_larger_than_the_memory_cap_streams_in_bounded_memory(fmnist_parquet, tmp_path):
+    """Streamed (cap 10 MB), 12x more training rows add almost nothing to the worker's
+    peak memory; resident, they add about their size. Both learn, with the same steps."""
+    from tasks.train import bottleneck
+
+    files, names = fmnist_parquet
+    peaks, results = {}, {}
+    for mode, cap in (("streaming", 0.01), ("resident", 8.0)):
+        for size in ("small", "big"):
+            out = tmp_path / f"{mode}-{size}"
+            out.mkdir()
+            spec = make_spec(
+                ({"train": files[size], "val": files["val"]}, names),
+                out,
+                resident_max_gb=cap,
+                batch_size=256,
+                phases=[{"sparsity": None, "epochs": 2, "lr": 0.003}],
+            )
+            spec["arch"] = {**spec["arch"], "n_features": 784}
+            result = launch(spec, world_size=2, workdir=out)
+            assert result["data_mode"] == mode
+            peaks[mode, size] = result["peak_rss_mib"] - result["rss_before_data_mib"]
+            results[mode, size] = result
+    more_data_mib = 55_000 * (784 * 4 + 8) / 2**20  # 164 MiB more rows, as float32
+    assert peaks["streaming", "big"] - peaks["streaming", "small"] < 0.25 * more_data_mib, peaks
+    assert peaks["resident", "big"] - peaks["resident", "small"] > 0.8 * more_data_mib, peaks
+    assert results["streaming", "big"]["val_accuracy"] > 0.8  # it learns from the stream
+    assert "streamed from its Parquet row groups" in bottleneck(results["streaming", "big"])
+    assert "resident in memory" in bottleneck(results["resident", "big"])

@@ -13,10 +13,12 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from conf.schema import TrainConfig
 from tasks.errors import TrainingError
+
+if TYPE_CHECKING:  # the launcher itself needs no pydantic: a bare GPU box can run it
+    from conf.schema import TrainConfig
 
 
 def resolve_world_size(cfg: TrainConfig) -> int:

@@ -1,4 +1,5 @@
-"""Models chosen by name in config. Imports torch only (the DDP worker and serving use it).
+"""Models chosen by name in config (`mlp`, `cnn`, `rnn`, `transformer`). Imports torch only
+(the DDP worker and serving use it).
 
 Every model starts with a `Standardize` layer whose mean/std buffers are fitted on the
 training split, so raw-scale features (pixels 0..255, PCA scores, CSV columns) train well
@@ -7,9 +8,11 @@ and the saved weights carry their own preprocessing to serving.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -58,6 +61,7 @@ class CNN(nn.Module):
         if channels * height * width != n_features:
             raise ValueError(f"image_shape {image_shape} does not match {n_features} features")
         self.image_shape = list(image_shape)
+        self.channels_last = False
         self.standardize = Standardize(n_features)
         self.features = nn.Sequential(
             nn.Conv2d(channels, 32, 3, padding=1),
@@ -79,14 +83,127 @@ class CNN(nn.Module):
             nn.Linear(hidden[0], n_classes),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def use_channels_last(self) -> None:
+        """Weights and inputs in NHWC (on CUDA: what its fastest conv kernels read)."""
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True
+
+    def images(self, x: torch.Tensor) -> torch.Tensor:
         x = self.standardize(x).view(-1, *self.image_shape)
-        return self.head(self.features(x))
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(self.images(x)))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The learned representation: the head's hidden activations."""
-        x = self.standardize(x).view(-1, *self.image_shape)
-        return self.head[:-1](self.features(x))
+        return self.head[:-1](self.features(self.images(x)))
+
+
+class Sequencer(nn.Module):
+    """Rows as a sequence of steps: an image's pixel rows (C·W values per step), or a table's
+    features in equal chunks (zero-padded), so sequence models read either."""
+
+    def __init__(self, n_features: int, image_shape: list[int] | None, chunk: int | None = None):
+        super().__init__()
+        if image_shape:
+            channels, height, width = image_shape
+            if channels * height * width != n_features:
+                raise ValueError(f"image_shape {image_shape} does not match {n_features} features")
+            self.shape, self.pad = [channels, height, width], 0
+            self.steps, self.step_size = height, channels * width
+        else:
+            self.step_size = chunk or max(1, math.ceil(math.sqrt(n_features)))
+            self.steps = math.ceil(n_features / self.step_size)
+            self.shape, self.pad = None, self.steps * self.step_size - n_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shape:  # (B, C, H, W) → (B, H, C·W): row h holds every channel's row h
+            c, h, w = self.shape
+            return x.view(-1, c, h, w).permute(0, 2, 1, 3).reshape(-1, h, c * w)
+        if self.pad:
+            x = F.pad(x, (0, self.pad))
+        return x.view(-1, self.steps, self.step_size)
+
+
+class RNN(nn.Module):
+    """A GRU or LSTM (`train.cell`) over the rows of an image or chunks of a table's
+    features; `len(hidden)` stacked layers of `hidden[0]` units; the last step's state
+    feeds the classifier."""
+
+    def __init__(self, n_features, n_classes, hidden, dropout, image_shape=None, cell="gru"):
+        super().__init__()
+        self.standardize = Standardize(n_features)
+        self.sequence = Sequencer(n_features, image_shape)
+        kind = {"gru": nn.GRU, "lstm": nn.LSTM}[cell]
+        self.rnn = kind(
+            self.sequence.step_size,
+            hidden[0],
+            num_layers=len(hidden),
+            batch_first=True,
+            dropout=dropout if len(hidden) > 1 else 0.0,
+        )
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden[0], n_classes))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.sequence(self.standardize(x)))
+        return out[:, -1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+class Transformer(nn.Module):
+    """A small self-attention encoder: an image cut into `patch`×`patch` patches, or each
+    feature of a table as a token (its value times a learned vector plus a learned bias,
+    as in FT-Transformer); a class token, learned positions, pre-norm encoder layers
+    (`len(hidden)` of width `hidden[0]`, `heads` heads); the class token is classified."""
+
+    def __init__(self, n_features, n_classes, hidden, dropout, image_shape=None, heads=4, patch=4):
+        super().__init__()
+        width = hidden[0]
+        if width % heads:
+            raise ValueError(
+                f"train.hidden[0] ({width}) must be a multiple of train.heads ({heads})"
+            )
+        self.standardize = Standardize(n_features)
+        self.image_shape = list(image_shape) if image_shape else None
+        if self.image_shape:
+            channels, height, w = self.image_shape
+            if height % patch or w % patch:
+                raise ValueError(f"train.patch ({patch}) must divide the image size {height}x{w}")
+            self.embed_tokens = nn.Conv2d(channels, width, patch, stride=patch)
+            tokens = (height // patch) * (w // patch)
+        else:
+            self.value_weight = nn.Parameter(torch.randn(n_features, width) * 0.02)
+            self.value_bias = nn.Parameter(torch.zeros(n_features, width))
+            tokens = n_features
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.position = nn.Parameter(torch.randn(1, tokens + 1, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, 2 * width, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, len(hidden), enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, n_classes)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.standardize(x)
+        if self.image_shape:
+            patches = self.embed_tokens(x.view(-1, *self.image_shape))  # (B, D, h, w)
+            return patches.flatten(2).transpose(1, 2)
+        return x.unsqueeze(-1) * self.value_weight + self.value_bias
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.tokens(x)
+        t = torch.cat([self.cls.expand(len(t), -1, -1), t], dim=1) + self.position
+        return self.norm(self.encoder(t)[:, 0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x))
+
+
+MODELS = ("mlp", "cnn", "rnn", "transformer")
 
 
 def build_model(arch: dict[str, Any]) -> nn.Module:
@@ -107,4 +224,23 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
             arch["hidden"],
             arch["dropout"],
         )
-    raise ValueError(f"train.model: unknown model '{name}'; choose mlp or cnn")
+    if name == "rnn":
+        return RNN(
+            arch["n_features"],
+            arch["n_classes"],
+            arch["hidden"],
+            arch["dropout"],
+            arch.get("image_shape"),
+            arch.get("cell", "gru"),
+        )
+    if name == "transformer":
+        return Transformer(
+            arch["n_features"],
+            arch["n_classes"],
+            arch["hidden"],
+            arch["dropout"],
+            arch.get("image_shape"),
+            arch.get("heads", 4),
+            arch.get("patch", 4),
+        )
+    raise ValueError(f"train.model: unknown model '{name}'; choose one of {', '.join(MODELS)}")

@@ -18,23 +18,25 @@ on rank 0, only when a run id is given).
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import json
 import math
 import os
+import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tasks.training.data import Shard, open_split
 from tasks.training.models import build_model
 from tasks.training.optim import EarlyStopping, Schedule, build_optimizer, l1_penalty
 from tasks.training.sparsity import apply_masks, global_magnitude_masks, sparsity_report
@@ -107,61 +109,70 @@ class MetricSink:
 # ---------------------------------------------------------------- data, model, optimizer
 
 
-def load_split(
-    files: list[str], features: list[str], label: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    tables = [pq.read_table(f, columns=[*features, label], memory_map=True) for f in files]
-    X = np.concatenate(
-        [
-            np.column_stack([t.column(c).to_numpy(zero_copy_only=False) for c in features])
-            for t in tables
-        ]
-    ).astype(np.float32)
-    y = np.concatenate([t.column(label).to_numpy(zero_copy_only=False) for t in tables]).astype(
-        np.int64
-    )
-    return torch.from_numpy(X), torch.from_numpy(y)
-
-
-def fit_standardize(model: nn.Module, X: torch.Tensor) -> None:
-    std = X.std(dim=0)
-    model.standardize.mean.copy_(X.mean(dim=0))
+def fit_standardize(model: nn.Module, split) -> None:
+    mean, std = split.moments()
+    model.standardize.mean.copy_(mean)
     model.standardize.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
 
+def rss_mib(field: str = "VmRSS") -> float:
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM), Linux."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """auto: bf16 on GPUs that have it, else fp16 (with a GradScaler), fp32 on CPU."""
     if precision == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else None
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 # ---------------------------------------------------------------- the loop
 
 
+EpochHook = Callable[[int, float, float, float], None]
+
+
 class Trainer:
-    def __init__(self, spec: dict[str, Any], r: Rank):
-        self.spec, self.r = spec, r
-        self.out = Path(spec["out_dir"])
-        self.ckpt = Path(spec["checkpoint_dir"]) / "last.pt"
+    """Trains `spec` on this rank. `on_epoch(epoch, loss, val_loss, val_accuracy)`, when
+    given, is called after every epoch and may raise to stop (a tuning trial's pruner).
+    Without `out_dir` / `checkpoint_dir` nothing is written (a trial keeps only its figures)."""
+
+    def __init__(self, spec: dict[str, Any], r: Rank, on_epoch: EpochHook | None = None):
+        self.spec, self.r, self.on_epoch = spec, r, on_epoch
+        self.out = Path(spec["out_dir"]) if spec.get("out_dir") else None
+        ckpt_dir = spec.get("checkpoint_dir")
+        self.ckpt = Path(ckpt_dir) / "last.pt" if ckpt_dir else None
         torch.manual_seed(spec["seed"])
-        feats, label = spec["features"], spec["label"]
-        self.X, self.y = (t.to(r.device) for t in load_split(spec["train_files"], feats, label))
-        self.Xv, self.yv = (t.to(r.device) for t in load_split(spec["val_files"], feats, label))
+        self.rss_before_data = rss_mib()
+        here = int(os.environ.get("LOCAL_WORLD_SIZE", r.world))
+        self.train_split = open_split(spec, spec["train_files"], r.device, True, here)
+        self.val_split = open_split(spec, spec["val_files"], r.device, False, here)
+        self.shard = Shard(r.rank, r.world, r.device, spec["seed"])
         self.model = build_model(spec["arch"]).to(r.device)
         if spec.get("init_from"):
             self.model.load_state_dict(
                 torch.load(spec["init_from"], map_location=r.device, weights_only=True)
             )
         else:
-            fit_standardize(self.model, self.X)
-        self.net: nn.Module = self.model
+            fit_standardize(self.model, self.train_split)
+        if r.device.type == "cuda" and hasattr(self.model, "use_channels_last"):
+            self.model.use_channels_last()  # NHWC: the layout cuDNN's fast conv kernels want
+        self.eager = self.wrap(self.model)  # one DDP wrapper: two would reduce twice
+        self.net = self.eager
+        # compiled lazily: a failure shows at the first step, where `forward` falls back
+        self.compile_state = "off"
         if spec.get("compile"):
-            self.net = torch.compile(self.net)
-        if r.world > 1:
-            self.net = nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[r.device.index] if r.device.type == "cuda" else None
-            )
+            self.net, self.compile_state = torch.compile(self.eager), "pending"
         self.amp = autocast_dtype(spec["precision"], r.device)
         self.scaler = torch.amp.GradScaler(
             enabled=self.amp == torch.float16 and r.device.type == "cuda"
@@ -171,32 +182,52 @@ class Trainer:
         patience = spec.get("early_stopping_patience")
         self.stopper = EarlyStopping(patience) if patience else None
 
-    def shard(self, n: int, epoch: int, pad: bool) -> torch.Tensor:
-        """This rank's row indices: a seeded shuffle, padded so every rank takes as many steps."""
-        g = torch.Generator().manual_seed(self.spec["seed"] * 100_003 + epoch)
-        order = torch.randperm(n, generator=g) if pad else torch.arange(n)
-        if pad and n % self.r.world:
-            order = torch.cat([order, order[: self.r.world - n % self.r.world]])
-        return order[self.r.rank :: self.r.world].to(self.r.device)
+    def wrap(self, module: nn.Module) -> nn.Module:
+        if self.r.world == 1:
+            return module
+        device_ids = [self.r.device.index] if self.r.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+    def forward(self, xb: torch.Tensor) -> torch.Tensor:
+        """The training forward pass; the first compiled one falls back to eager on failure
+        (no C++ compiler, an unsupported op), with a warning, instead of failing the run."""
+        if self.compile_state != "pending":
+            return self.net(xb)
+        try:
+            out = self.net(xb)
+            self.compile_state = "compiled"
+            return out
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            print(
+                f"warning: torch.compile failed ({reason[:300]}); training in eager mode",
+                file=sys.stderr,
+                flush=True,
+            )
+            self.compile_state, self.compile_error = "fell back to eager", reason[:300]
+            self.net = self.eager
+            return self.net(xb)
 
     def steps_per_epoch(self) -> int:
-        return math.ceil(math.ceil(len(self.X) / self.r.world) / self.spec["batch_size"])
+        return self.train_split.steps(self.shard, self.spec["batch_size"])
 
     def train_epoch(self, opt, sched, masks, global_epoch: int) -> tuple[float, dict[str, float]]:
         """One epoch; returns the mean loss and its speed figures (the bottleneck report)."""
         self.net.train()
-        index, bs = self.shard(len(self.X), global_epoch, pad=True), self.spec["batch_size"]
+        batches = self.train_split.batches(self.shard, global_epoch, self.spec["batch_size"])
         total_loss = torch.zeros((), device=self.r.device)
-        start, waited = time.perf_counter(), 0.0
-        for i in range(0, len(index), bs):
+        start, waited, steps, count = time.perf_counter(), 0.0, 0, 0
+        while True:
             fetch = time.perf_counter()
-            # the next batch: a gather from the resident split (on a GPU it is only queued
-            # here, so the wait it shows there is a lower bound)
-            batch = index[i : i + bs]
-            xb, yb = self.X[batch], self.y[batch]
+            # the next batch: a gather from the resident split (on a GPU only queued, so
+            # the wait shown there is a lower bound) or the stream's next rows
+            xb, yb = next(batches, (None, None))
+            if xb is None:
+                break
             waited += time.perf_counter() - fetch
+            steps, count = steps + 1, count + len(yb)
             with torch.autocast(self.r.device.type, dtype=self.amp, enabled=self.amp is not None):
-                logits = self.net(xb)
+                logits = self.forward(xb)
                 loss = F.cross_entropy(
                     logits.float(), yb, label_smoothing=self.spec["label_smoothing"]
                 )
@@ -213,10 +244,10 @@ class Trainer:
             sched.step()
             if masks:
                 apply_masks(self.model, masks)  # keep pruned weights at exactly zero
-            total_loss += loss.detach() * len(batch)  # no .item(): avoid a sync per batch
+            total_loss += loss.detach() * len(yb)  # no .item(): avoid a sync per batch
         seconds = time.perf_counter() - start
-        loss_sum, count = all_sum([total_loss.item(), len(index)], self.r)
-        steps = max(math.ceil(len(index) / bs), 1)
+        loss_sum, count = all_sum([total_loss.item(), count], self.r)
+        steps = max(steps, 1)
         return loss_sum / count, {
             "samples_per_second": count / seconds,
             "step_ms": 1000 * seconds / steps,
@@ -226,18 +257,17 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> tuple[float, float]:
         self.net.eval()
-        index = self.shard(len(self.Xv), 0, pad=False)
-        loss_sum, correct = 0.0, 0.0
-        for i in range(0, len(index), 4096):
-            batch = index[i : i + 4096]
-            logits = self.model(self.Xv[batch]).float()
-            loss_sum += F.cross_entropy(logits, self.yv[batch], reduction="sum").item()
-            correct += (logits.argmax(1) == self.yv[batch]).sum().item()
-        loss_sum, correct, count = all_sum([loss_sum, correct, len(index)], self.r)
+        loss_sum, correct, count = 0.0, 0.0, 0
+        for xb, yb in self.val_split.batches(self.shard, 0, 4096, shuffle=False):
+            logits = self.model(xb).float()
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+            correct += (logits.argmax(1) == yb).sum().item()
+            count += len(yb)
+        loss_sum, correct, count = all_sum([loss_sum, correct, count], self.r)
         return loss_sum / max(count, 1), correct / max(count, 1)
 
     def save_checkpoint(self, opt, sched, masks, phase: int, epoch: int) -> None:
-        if not self.r.is_main:
+        if not self.r.is_main or self.ckpt is None:
             return
         self.ckpt.parent.mkdir(parents=True, exist_ok=True)
         state = {
@@ -258,7 +288,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         resume = (
             torch.load(self.ckpt, map_location=self.r.device, weights_only=True)
-            if self.ckpt.exists()
+            if self.ckpt and self.ckpt.exists()
             else None
         )
         if resume:
@@ -297,6 +327,8 @@ class Trainer:
                 speed["lr"] = opt.param_groups[0]["lr"]
                 val_loss, val_acc = self.log_epoch(prefix, global_epoch, p, loss, speed, masks)
                 sched.epoch_end(val_loss)
+                if self.on_epoch:
+                    self.on_epoch(global_epoch, loss, val_loss, val_acc)
                 stop = stopper.update(val_acc, global_epoch, self.model) if stopper else False
                 self.save_checkpoint(opt, sched, masks, p, epoch)
                 global_epoch += 1
@@ -320,7 +352,7 @@ class Trainer:
         row = {k: v for k, v in row.items() if not math.isnan(v)}
         self.history.append({"epoch": step, "phase": phase, **row})
         self.sink.log(row, step)
-        if self.r.is_main:
+        if self.r.is_main and self.on_epoch is None:  # a trial reports through its hook
             print(json.dumps(self.history[-1]), flush=True)
         return val_loss, val_acc
 
@@ -350,12 +382,20 @@ class Trainer:
             "seconds": seconds,
             "world_size": self.r.world,
             "device": self.r.device.type,
-            "precision": str(self.amp or "fp32"),
+            "precision": str(self.amp or "fp32").removeprefix("torch."),
+            "compile": self.compile_state,
+            "data_mode": self.train_split.mode,
+            "backend": dist.get_backend() if dist.is_initialized() else "single process",
+            "rss_before_data_mib": self.rss_before_data,
+            "peak_rss_mib": rss_mib("VmHWM"),
+            **({"compile_error": self.compile_error} if hasattr(self, "compile_error") else {}),
             **sparsity_report(self.model),
             **stopped,
             **self.bottleneck(),
         }
-        if self.r.is_main:
+        if self.out and self.spec.get("save_every_rank"):  # to check the replicas agree
+            torch.save(self.model.state_dict(), self.out / f"model.rank{self.r.rank}.pt")
+        if self.r.is_main and self.out:
             torch.save(self.model.state_dict(), self.out / "model.pt")
             (self.out / "model.json").write_text(json.dumps(self.spec["arch"], indent=2))
             (self.out / "history.json").write_text(json.dumps(self.history, indent=2))
@@ -369,7 +409,6 @@ def die_with_the_launcher() -> None:
     as orphans, writing into the folder the next run resumes from. Ask Linux to kill this
     worker when its launcher dies."""
     import ctypes
-    import signal
 
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -384,6 +423,8 @@ def main(argv: list[str]) -> int:
         print("usage: torchrun ... -m tasks.training.worker SPEC.json", file=sys.stderr)
         return 2
     die_with_the_launcher()
+    # `kill -USR1 <worker>` prints every thread's stack to the log: what a hung rank waits on
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     spec = json.loads(Path(argv[0]).read_text())
     r = setup_distributed()
     torch.set_num_threads(max(1, spec.get("threads_per_process", 1)))

@@ -1,0 +1,251 @@
+"""The trainer against a plain PyTorch loop, 1 vs 2 gloo processes, and time to accuracy
+for each model on full Fashion-MNIST; side by side in one run.
+
+    .venv/bin/python benchmarks/train_benchmark.py [--json PATH] [--skip-models]
+
+1. Overhead: accelflow's trainer (one process, in this process) vs a plain loop over the
+   same in-memory tensors: same MLP, optimizer (AdamW, one-cycle), batch 256, 3 epochs,
+   same threads. Goal: samples/s ratio >= 0.9.
+2. Data parallel on CPU: the worker under torchrun with 1 and with 2 gloo processes (each
+   given cores / processes threads), same global batch of 256 per process; samples/s.
+   The CPU default of `train.world_size` should follow from this.
+3. Time to accuracy: `accelflow run` per model (`mlp` on PCA features, `cnn`, `rnn`,
+   `transformer` on the images; tune and prune off), test accuracy on the 10,000 test
+   images and the train stage's seconds.
+Prints tables and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+# epochs per model: what reaches its accuracy goal here on 2 cores in a few minutes
+MODELS = {
+    "mlp": ["train.model=mlp", "train.epochs=15"],
+    "cnn": ["train.model=cnn", "train.epochs=8", "train.hidden=[128]"],
+    "rnn": ["train.model=rnn", "train.epochs=10", "train.hidden=[128]", "train.lr=0.005"],
+    "transformer": [
+        "train.model=transformer",
+        "train.epochs=10",
+        "train.hidden=[64, 64]",
+        "train.heads=4",
+        "train.patch=4",
+        "train.dropout=0.05",
+    ],
+}
+
+
+def fmnist_parquet(folder: Path) -> tuple[dict, list[str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.readers import read_idx
+
+    X = read_idx(FMNIST / "train-images-idx3-ubyte.gz").reshape(60000, -1)
+    y = read_idx(FMNIST / "train-labels-idx1-ubyte.gz").astype("int64")
+    names = [f"pixel_{i}" for i in range(784)]
+    files = {}
+    for split, rows in (("train", slice(0, 54000)), ("val", slice(54000, None))):
+        table = pa.table({**{n: X[rows, i] for i, n in enumerate(names)}, "label": y[rows]})
+        files[split] = str(folder / f"{split}.parquet")
+        pq.write_table(table, files[split])
+    return files, names
+
+
+def spec(files, names, out: Path, epochs: int = 3) -> dict:
+    from conf.schema import TrainConfig
+    from tasks.train import OPTIM_KEYS
+
+    cfg = TrainConfig(hidden=[512, 256], epochs=epochs)
+    return {
+        "train_files": [files["train"]],
+        "val_files": [files["val"]],
+        "features": names,
+        "label": "label",
+        "arch": {
+            "model": "mlp",
+            "n_features": 784,
+            "n_classes": 10,
+            "hidden": cfg.hidden,
+            "dropout": cfg.dropout,
+            "image_shape": None,
+        },
+        "phases": [{"sparsity": None, "epochs": epochs, "lr": cfg.lr}],
+        **{k: getattr(cfg, k) for k in OPTIM_KEYS},
+        "init_from": None,
+        "out_dir": str(out),
+        "checkpoint_dir": None,
+        "metric_prefix": "train",
+    }
+
+
+def plain_loop(trainer, epochs: int) -> float:
+    """The same model, data and optimizer settings in the shortest correct loop: samples/s."""
+    import torch
+    import torch.nn.functional as F
+
+    from tasks.training.models import build_model
+    from tasks.training.optim import Schedule, build_optimizer
+
+    s = trainer.spec
+    torch.manual_seed(s["seed"])
+    X, y = trainer.train_split.X, trainer.train_split.y
+    model = build_model(s["arch"])
+    model.load_state_dict(trainer.model.state_dict())  # the same standardisation buffers
+    opt = build_optimizer(s, model.parameters(), s["phases"][0]["lr"])
+    steps = (len(X) + s["batch_size"] - 1) // s["batch_size"]
+    sched = Schedule(s, opt, s["phases"][0]["lr"], epochs, steps)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(len(X))
+        for i in range(0, len(X), s["batch_size"]):
+            rows = order[i : i + s["batch_size"]]
+            loss = F.cross_entropy(model(X[rows]), y[rows], label_smoothing=s["label_smoothing"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return epochs * len(X) / (time.perf_counter() - start)
+
+
+def overhead(files, names, folder: Path) -> dict:
+    import torch
+
+    from tasks.training.worker import Rank, Trainer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = folder / "overhead"
+    out.mkdir()
+    trainer = Trainer(spec(files, names, out), Rank(0, 1, torch.device("cpu")))
+    plain = plain_loop(trainer, 3)
+    trainer.run()
+    history = json.loads((out / "history.json").read_text())
+    ours = sum(h["train/samples_per_second"] for h in history) / len(history)
+    return {"trainer_samples_per_s": ours, "plain_samples_per_s": plain, "ratio": ours / plain}
+
+
+def data_parallel(files, names, folder: Path) -> dict:
+    from tasks.training.launch import launch
+
+    rates = {}
+    for world in (1, 2):
+        out = folder / f"world{world}"
+        out.mkdir()
+        launch(spec(files, names, out), world, out)
+        history = json.loads((out / "history.json").read_text())
+        rates[world] = sum(h["train/samples_per_second"] for h in history) / len(history)
+    return {
+        "samples_per_s_1": rates[1],
+        "samples_per_s_2": rates[2],
+        "speedup": rates[2] / rates[1],
+    }
+
+
+def time_to_accuracy(folder: Path) -> list[dict]:
+    import mlflow
+
+    rows = []
+    store = folder / "mlflow.db"
+    for model, sets in MODELS.items():
+        argv = [str(BIN / "accelflow"), "run", "--set", f"workdir={folder / 'work'}"]
+        for s in [
+            f"tracking.uri=sqlite:///{store}",
+            "tune.enabled=false",
+            "prune.method=none",
+            *sets,
+        ]:
+            argv += ["--set", s]
+        t0 = time.perf_counter()
+        out = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+        wall = time.perf_counter() - t0
+        if out.returncode != 0:
+            rows.append({"model": model, "error": (out.stdout + out.stderr)[-2000:]})
+            continue
+        client = mlflow.MlflowClient(f"sqlite:///{store}")
+        exp = client.get_experiment_by_name("accelflow").experiment_id
+        parent = client.search_runs([exp], order_by=["attributes.start_time DESC"], max_results=50)
+        parent = next(r for r in parent if r.info.run_name.startswith("pipeline-"))
+        train = client.search_runs(
+            [exp],
+            f"tags.mlflow.parentRunId = '{parent.info.run_id}' and attributes.run_name = 'train'",
+        )[0]
+        rows.append(
+            {
+                "model": model,
+                "settings": sets,
+                "test_accuracy": parent.data.metrics["test/accuracy"],
+                "train_seconds": train.data.metrics["train/seconds"],
+                "parameters": train.data.metrics["train/parameters"],
+                "run_wall_seconds": wall,
+            }
+        )
+        print(
+            f"  {model}: {rows[-1]['test_accuracy']:.4f} in {rows[-1]['train_seconds']:.0f} s",
+            flush=True,
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "train.json"))
+    parser.add_argument("--skip-models", action="store_true", help="parts 1 and 2 only")
+    args = parser.parse_args()
+    os.environ.update(
+        {
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "true",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+    )
+    with tempfile.TemporaryDirectory(prefix="accelflow-train-bench-") as tmp:
+        tmp = Path(tmp)
+        files, names = fmnist_parquet(tmp)
+        over = overhead(files, names, tmp)
+        parallel = data_parallel(files, names, tmp)
+        models = [] if args.skip_models else time_to_accuracy(tmp)
+    print(
+        f"\n{'trainer vs plain loop (1 process, MLP 784-512-256-10, batch 256)':<66} {'samples/s':>10}"
+    )
+    print("-" * 78)
+    print(f"{'plain PyTorch loop':<66} {over['plain_samples_per_s']:>10.0f}")
+    print(f"{'accelflow trainer':<66} {over['trainer_samples_per_s']:>10.0f}")
+    print(f"{'ratio (goal >= 0.9)':<66} {over['ratio']:>10.2f}")
+    print(f"\n{'gloo processes (same per-process batch)':<66} {'samples/s':>10}")
+    print("-" * 78)
+    print(f"{'1 process':<66} {parallel['samples_per_s_1']:>10.0f}")
+    print(f"{'2 processes':<66} {parallel['samples_per_s_2']:>10.0f}")
+    print(f"{'speed-up':<66} {parallel['speedup']:>10.2f}")
+    if models:
+        print(
+            f"\n{'model (full Fashion-MNIST)':<14} {'test acc':>9} {'train s':>8} {'params':>9}  settings"
+        )
+        print("-" * 90)
+        for r in models:
+            if "error" in r:
+                print(f"{r['model']:<14} FAILED {r['error'][-300:]}")
+                continue
+            print(
+                f"{r['model']:<14} {r['test_accuracy']:>9.4f} {r['train_seconds']:>8.0f} "
+                f"{r['parameters']:>9.0f}  {' '.join(r['settings'])}"
+            )
+    result = {"overhead": over, "data_parallel": parallel, "models": models, "cpus": os.cpu_count()}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

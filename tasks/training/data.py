@@ -1,0 +1,249 @@
+"""How a training rank gets its batches: the whole split resident in memory (on the GPU
+when there is one) when it fits, or streamed row group by row group when it does not.
+
+Resident is the fast path and the default whenever the split fits under the threshold
+(`train.resident_max_gb`; auto: half of the memory available to each process, or half of
+the GPU's free memory). Streaming reads only this rank's share of the Parquet row groups,
+in an order reshuffled every epoch, shuffles rows within a buffer (the row group being read
+plus the rows left over from the last), and reads ahead on a background thread (into
+pinned memory on a GPU), so memory stays bounded by a few row groups whatever the split's
+size. Every rank takes the same number of steps per epoch (DDP's collectives need it).
+
+Imports torch, numpy and pyarrow only (the DDP worker's rule).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def table_arrays(table, features: list[str], label: str) -> tuple[np.ndarray, np.ndarray]:
+    X = np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in features])
+    y = table.column(label).to_numpy(zero_copy_only=False)
+    return X.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
+
+
+def load_split(files: list[str], features: list[str], label: str) -> Batch:
+    parts = [
+        table_arrays(pq.read_table(f, columns=[*features, label], memory_map=True), features, label)
+        for f in files
+    ]
+    X = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    return torch.from_numpy(X), torch.from_numpy(y)
+
+
+def split_bytes(files: list[str], n_features: int) -> int:
+    """What the split takes in memory as float32 features and int64 labels (from metadata)."""
+    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return rows * (4 * n_features + 8)
+
+
+def memory_budget_bytes(device: torch.device, processes_here: int) -> int:
+    """auto: half the GPU's free memory, or half the memory available to each process."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/meminfo") as info:  # MemAvailable counts reclaimable cache, unlike AVPHYS
+        for line in info:
+            if line.startswith("MemAvailable"):
+                available = int(line.split()[1]) * 1024
+    return available // 2 // max(processes_here, 1)
+
+
+@dataclass
+class Shard:
+    rank: int
+    world: int
+    device: torch.device
+    seed: int
+
+
+def epoch_seed(shard: Shard, epoch: int) -> int:
+    return shard.seed * 100_003 + epoch
+
+
+class ResidentSplit:
+    """The whole split as two tensors on the device."""
+
+    mode = "resident"
+
+    def __init__(self, files, features, label, device, rows: int | None = None, seed: int = 0):
+        X, y = load_split(files, features, label)
+        if rows is not None and len(X) > rows:  # a tuning trial's budget: a seeded subset
+            keep = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))[:rows]
+            X, y = X[keep], y[keep]
+        self.X, self.y = X.to(device), y.to(device)
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.X.mean(dim=0), self.X.std(dim=0)
+
+    def order(self, shard: Shard, epoch: int, shuffle: bool) -> torch.Tensor:
+        """This rank's rows: a seeded shuffle, padded so every rank takes as many steps."""
+        n = len(self.X)
+        if not shuffle:
+            return torch.arange(n)[shard.rank :: shard.world].to(self.X.device)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(shard, epoch)))
+        if n % shard.world:
+            order = torch.cat([order, order[: shard.world - n % shard.world]])
+        return order[shard.rank :: shard.world].to(self.X.device)
+
+    def steps(self, shard: Shard, batch: int) -> int:
+        return math.ceil(math.ceil(len(self.X) / shard.world) / batch)
+
+    def batches(
+        self, shard: Shard, epoch: int, batch: int, shuffle: bool = True
+    ) -> Iterator[Batch]:
+        index = self.order(shard, epoch, shuffle)
+        for i in range(0, len(index), batch):
+            rows = index[i : i + batch]  # a gather from memory (on a GPU only queued here)
+            yield self.X[rows], self.y[rows]
+
+
+class StreamedSplit:
+    """The split read row group by row group: only this rank's share, reshuffled each epoch."""
+
+    mode = "streaming"
+
+    def __init__(self, files, features, label, device):
+        self.features, self.label, self.device = features, label, device
+        self.files = {f: pq.ParquetFile(f) for f in files}
+        self.groups = [
+            (f, g, pf.metadata.row_group(g).num_rows)
+            for f, pf in self.files.items()
+            for g in range(pf.metadata.num_row_groups)
+        ]
+        self.rows = sum(n for _, _, n in self.groups)
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def read(self, group: tuple[str, int, int]) -> Batch:
+        path, index, _ = group
+        # one thread: Arrow's pool threads would each keep an allocator arena of their own
+        table = self.files[path].read_row_group(
+            index, columns=[*self.features, self.label], use_threads=False
+        )
+        X, y = table_arrays(table, self.features, self.label)
+        X, y = torch.from_numpy(X), torch.from_numpy(y)
+        if self.device.type == "cuda":  # pinned: the copy to the GPU can overlap compute
+            X, y = X.pin_memory(), y.pin_memory()
+        return X, y
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and (unbiased) std in one pass, in float64."""
+        n, total, squares = 0, 0.0, 0.0
+        for group in self.groups:
+            X = self.read(group)[0].double()
+            n, total, squares = n + len(X), total + X.sum(0), squares + (X * X).sum(0)
+        mean = total / n
+        var = (squares - n * mean * mean) / max(n - 1, 1)
+        return mean.float().to(self.device), var.clamp_min(0).sqrt().float().to(self.device)
+
+    def mine(self, shard: Shard, epoch: int, shuffle: bool) -> list[tuple[str, int, int]]:
+        groups = self.groups
+        if shuffle:
+            g = torch.Generator().manual_seed(epoch_seed(shard, epoch))
+            groups = [groups[i] for i in torch.randperm(len(groups), generator=g).tolist()]
+        # fewer groups than ranks: every rank reads them all rather than none
+        return groups[shard.rank :: shard.world] or groups
+
+    def steps(self, shard: Shard, batch: int) -> int:
+        return max(1, self.rows // (shard.world * batch))
+
+    def read_ahead(self, groups: list, stop: threading.Event) -> Iterator[Batch]:
+        """The groups' arrays, read on a background thread two groups ahead."""
+        ahead: queue.Queue = queue.Queue(maxsize=2)
+
+        def hand_over(item) -> bool:
+            """Queue `item` unless the consumer has stopped (it may never take another)."""
+            while not stop.is_set():
+                try:
+                    ahead.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def reader():
+            try:
+                for group in groups:
+                    if not hand_over(self.read(group)):
+                        return
+                hand_over(None)
+            except BaseException as exc:  # surface a read error in the training thread
+                hand_over(exc)
+
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
+        try:
+            while (item := ahead.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
+
+    def batches(
+        self, shard: Shard, epoch: int, batch: int, shuffle: bool = True
+    ) -> Iterator[Batch]:
+        mine = self.mine(shard, epoch, shuffle)
+        if not shuffle:  # validation: each of this rank's rows once, in order
+            for X, y in self.read_ahead(mine, threading.Event()):
+                for i in range(0, len(X), batch):
+                    yield self.to_device(X[i : i + batch], y[i : i + batch])
+            return
+        steps, produced = self.steps(shard, batch), 0
+        share = sum(n for _, _, n in mine)
+        laps = math.ceil(steps * batch / max(share, 1)) + 1  # a small share goes round again
+        g = torch.Generator().manual_seed(epoch_seed(shard, epoch) * 31 + shard.rank)
+        left_X, left_y = None, None
+        for X, y in self.read_ahead(mine * laps, threading.Event()):
+            if left_X is not None:  # the shuffle buffer: leftovers plus the new group
+                X, y = torch.cat([left_X, X]), torch.cat([left_y, y])
+            perm = torch.randperm(len(X), generator=g)
+            X, y = X[perm], y[perm]
+            full = len(X) // batch * batch
+            for i in range(0, full, batch):
+                yield self.to_device(X[i : i + batch], y[i : i + batch])
+                produced += 1
+                if produced == steps:
+                    return
+            left_X, left_y = X[full:], y[full:]
+
+    def to_device(self, X: torch.Tensor, y: torch.Tensor) -> Batch:
+        if self.device.type == "cuda":
+            return X.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return X, y
+
+
+def open_split(
+    spec: dict, files: list[str], device: torch.device, training: bool, processes_here: int
+):
+    """Resident when the split fits under `resident_max_gb` (auto: see memory_budget_bytes),
+    else streamed. A tuning trial's subsample (`max_train_rows`) is always resident."""
+    features, label = spec["features"], spec["label"]
+    rows = spec.get("max_train_rows") if training else None
+    limit = spec.get("resident_max_gb", "auto")
+    budget = (
+        memory_budget_bytes(device, processes_here) if limit in (None, "auto") else limit * 2**30
+    )
+    if rows is not None or split_bytes(files, len(features)) <= budget:
+        return ResidentSplit(files, features, label, device, rows, spec["seed"])
+    return StreamedSplit(files, features, label, device)

@@ -1,0 +1,499 @@
+"""tune: an Optuna search over train.* settings, its trials in parallel on the Dask cluster.
+
+The study's first trial is the config's own train.* values, so the default and the best
+are measured on the same budget (`tune.epochs` on at most `tune.max_rows` training rows).
+Each trial is one single-process training inside a Dask task (in the worker's process: Dask
+workers are daemonic and may not start children), reporting its validation metric every
+epoch to the pruner. The study lives in Optuna's journal file in the stage's resumable
+folder (or in the database at `tune.storage`) under a name made from the stage key, so a
+run killed mid-search resumes with its finished trials and runs only the rest.
+
+Pure stage logic: MLflow and Prefect see the trials through the `on_trial` callback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from conf.schema import SearchDimension, TrainConfig, TuneConfig, mask_text
+from tasks import train
+from tasks.errors import TrainingError
+from tasks.stage import Manifest, StageDir
+
+# the code whose output this stage stores: trials run the trainer, so its sources count too
+SOURCES = ("tasks.tune", *train.SOURCES)
+# keys that only some optimizers read: suggested only for those (define-by-run)
+CONDITIONAL = {"momentum": ("sgd", "rmsprop"), "nesterov": ("sgd",)}
+INTERRUPTED = "interrupted: the run stopped while this trial ran"
+STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed"}
+
+TrialCallback = Callable[[dict[str, Any], int, int], None]  # (record, finished, budget)
+
+
+# ---------------------------------------------------------------- the space
+
+
+def _encode(value: Any) -> Any:
+    """Optuna's categorical choices are scalars: a list (layer widths) travels as JSON text."""
+    return json.dumps(value) if isinstance(value, list) else value
+
+
+def _decode(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) and value.startswith("[") else value
+
+
+def with_defaults(
+    space: dict[str, SearchDimension], cfg: TrainConfig
+) -> dict[str, SearchDimension]:
+    """The space with the config's own value added to every categorical axis, so the default
+    trial is a point of the search (Optuna rejects a fixed value outside the choices)."""
+    out = {}
+    for key, dim in space.items():
+        own = getattr(cfg, key)
+        if dim.type == "categorical" and own not in (dim.choices or []):
+            dim = dim.model_copy(update={"choices": [own, *(dim.choices or [])]})
+        out[key] = dim
+    return out
+
+
+def suggest(trial, space: dict[str, SearchDimension], cfg: TrainConfig) -> dict[str, Any]:
+    """A trial's train.* values, define-by-run: the optimizer is drawn first, and momentum
+    and Nesterov only for the optimizers that use them."""
+    params: dict[str, Any] = {}
+    for key in sorted(space, key=lambda k: k != "optimizer"):
+        if key in CONDITIONAL and params.get("optimizer", cfg.optimizer) not in CONDITIONAL[key]:
+            continue
+        dim = space[key]
+        if dim.type == "float":
+            params[key] = trial.suggest_float(key, dim.low, dim.high, log=dim.log)
+        elif dim.type == "int":
+            params[key] = trial.suggest_int(key, int(dim.low), int(dim.high), log=dim.log)
+        else:
+            choices = [_encode(c) for c in dim.choices or []]
+            params[key] = _decode(trial.suggest_categorical(key, choices))
+    return params
+
+
+def trial_config(cfg: TrainConfig, params: dict[str, Any], tune: TuneConfig) -> TrainConfig:
+    """train.* with a trial's values, trained for the trial's budget."""
+    warmup = min(params.get("warmup_epochs", cfg.warmup_epochs), tune.epochs - 1)
+    return TrainConfig.model_validate(
+        {**cfg.model_dump(), **params, "epochs": tune.epochs, "warmup_epochs": warmup}
+    )
+
+
+def tuned_train_config(cfg: TrainConfig, tuned: Manifest) -> TrainConfig:
+    """train.* with the search's best values laid over it (unchanged when tuning is off)."""
+    best = tuned.get("best_params") or {}
+    return TrainConfig.model_validate({**cfg.model_dump(), **best}) if best else cfg
+
+
+# ---------------------------------------------------------------- Optuna objects
+
+
+def open_storage(ref: dict[str, str]):
+    """A journal file (parallel-safe through its lock file) or a database URL."""
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    location = ref["storage"]
+    if "://" in location:
+        return optuna.storages.RDBStorage(location)
+    return optuna.storages.JournalStorage(JournalFileBackend(location))
+
+
+def make_sampler(cfg: TuneConfig):
+    import optuna
+
+    if cfg.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=cfg.seed)
+    # group: the conditional keys (momentum, nesterov) are modelled with the trials that
+    # have them; a short budget gets a short random start
+    startup = min(10, max(3, cfg.trials // 3))
+    return optuna.samplers.TPESampler(
+        seed=cfg.seed, n_startup_trials=startup, multivariate=True, group=True
+    )
+
+
+def make_pruner(cfg: TuneConfig):
+    import optuna
+
+    if cfg.pruner == "median":
+        # from the first epoch on, once a few trials have finished: a trial's budget is a few
+        # epochs, so waiting longer would save little
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=min(5, max(2, cfg.trials // 4)), n_warmup_steps=0
+        )
+    if cfg.pruner == "asha":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def direction(metric: str) -> str:
+    return "maximize" if metric == "val_accuracy" else "minimize"
+
+
+# ---------------------------------------------------------------- one trial (on a Dask worker)
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+def run_trial(
+    spec: dict[str, Any],
+    study: dict[str, str],
+    trial_id: int,
+    metric: str,
+    pruner: Any,
+    threads: int,
+) -> dict[str, Any]:
+    """Train one trial in this process, reporting each epoch to the pruner. Never raises:
+    a crash or a divergence comes back as a failed trial with its reason."""
+    import optuna
+    import torch
+
+    from tasks.training.worker import Rank, Trainer
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    start = time.perf_counter()
+    torch.set_num_threads(max(1, threads))
+    loaded = optuna.load_study(
+        study_name=study["name"],
+        storage=open_storage(study),
+        sampler=optuna.samplers.RandomSampler(),  # this side only reports: no sampling
+        pruner=pruner,  # the study's own: a loaded study would get Optuna's default
+    )
+    trial = optuna.trial.Trial(loaded, trial_id)
+    curve: list[dict[str, float]] = []
+
+    def on_epoch(epoch: int, loss: float, val_loss: float, val_accuracy: float) -> None:
+        curve.append(
+            {"epoch": epoch, "loss": loss, "val_loss": val_loss, "val_accuracy": val_accuracy}
+        )
+        if not math.isfinite(loss):
+            raise Diverged(f"diverged: training loss {loss} at epoch {epoch}")
+        trial.report(val_accuracy if metric == "val_accuracy" else val_loss, epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+
+    device = torch.device("cpu")
+    if torch.cuda.is_available():  # one trial per GPU when the cluster has one worker per GPU
+        device = torch.device("cuda", trial.number % torch.cuda.device_count())
+    record: dict[str, Any] = {"state": "complete", "reason": ""}
+    try:
+        result = Trainer(spec, Rank(0, 1, device), on_epoch).run()
+        record.update(val_accuracy=result["val_accuracy"], val_loss=result["val_loss"])
+        if not math.isfinite(result[metric]):
+            record.update(state="failed", reason=f"diverged: final {metric} {result[metric]}")
+    except optuna.TrialPruned as exc:
+        record.update(state="pruned", reason=str(exc))
+    except Exception as exc:  # a trial's crash is its own: the study goes on
+        record.update(state="failed", reason=f"{type(exc).__name__}: {exc}"[:500])
+    record.update(curve=curve, seconds=time.perf_counter() - start)
+    return record
+
+
+# ---------------------------------------------------------------- the study (driver)
+
+
+def counted(trial) -> bool:
+    """A finished trial that spends the budget (an interrupted one does not)."""
+    return trial.state.is_finished() and trial.user_attrs.get("reason") != INTERRUPTED
+
+
+def fail_interrupted(study) -> int:
+    """Trials left running by a killed run: mark them failed (they never report again)."""
+    import optuna
+
+    stale = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    for t in stale:
+        optuna.trial.Trial(study, t._trial_id).set_user_attr("reason", INTERRUPTED)
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+    return len(stale)
+
+
+def record_result(study, trial, record: dict[str, Any], metric: str) -> None:
+    """Tell the study how the trial ended, keeping its figures in the storage."""
+    from optuna.trial import TrialState
+
+    for key in ("reason", "seconds", "curve", "val_accuracy", "val_loss"):
+        if key in record:
+            trial.set_user_attr(key, record[key])
+    if record["state"] == "complete":
+        study.tell(trial, record[metric])
+    else:
+        study.tell(
+            trial, state=TrialState.PRUNED if record["state"] == "pruned" else TrialState.FAIL
+        )
+
+
+def workers(client) -> tuple[int, int]:
+    """(Dask workers, threads per worker) of the cluster."""
+    info = client.scheduler_info(n_workers=-1)["workers"].values()
+    return max(len(info), 1), max(min((w["nthreads"] for w in info), default=1), 1)
+
+
+def search(
+    features: Manifest,
+    cfg: TuneConfig,
+    train_cfg: TrainConfig,
+    out: StageDir,
+    client,
+    on_trial: TrialCallback | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the study; return the manifest body with the best train.* values."""
+    import optuna
+    from dask.distributed import wait
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ref = {
+        "name": f"accelflow-tune-{out.final.name}",
+        "storage": cfg.storage or str(out.path("study.journal")),
+    }
+    study = optuna.create_study(
+        study_name=ref["name"],
+        storage=open_storage(ref),
+        sampler=make_sampler(cfg),
+        pruner=make_pruner(cfg),
+        direction=direction(cfg.metric),
+        load_if_exists=True,
+    )
+    interrupted = fail_interrupted(study)
+    space = with_defaults(cfg.space, train_cfg)
+    if not any(
+        t.user_attrs.get("default") and counted(t) or t.state.name == "WAITING"
+        for t in study.trials
+    ):
+        own = {k: _encode(getattr(train_cfg, k)) for k in space}
+        study.enqueue_trial(own, user_attrs={"default": True})
+    finished = sum(counted(t) for t in study.trials)
+    budget = cfg.trials
+    n_workers, threads = workers(client)
+    parallel = n_workers if cfg.parallel == "auto" else cfg.parallel
+    start = time.monotonic()
+    running: dict[Any, Any] = {}
+    launched = finished
+    while True:
+        while (
+            len(running) < parallel
+            and launched < budget
+            and (cfg.timeout_s is None or time.monotonic() - start < cfg.timeout_s)
+        ):
+            trial = study.ask()
+            params = suggest(trial, space, train_cfg)
+            trial.set_user_attr("train_params", params)
+            spec = train.train_spec(features, trial_config(train_cfg, params, cfg), None, None)
+            spec["max_train_rows"] = cfg.max_rows
+            future = client.submit(
+                run_trial,
+                spec,
+                ref,
+                trial._trial_id,
+                cfg.metric,
+                make_pruner(cfg),
+                threads,
+                pure=False,
+                key=f"tune-{out.final.name}-trial-{trial.number}",
+            )
+            running[future] = trial
+            launched += 1
+        if not running:
+            break
+        done, _ = wait(list(running), return_when="FIRST_COMPLETED")
+        for future in done:
+            trial = running.pop(future)
+            try:
+                record = future.result()
+            except Exception as exc:  # the worker itself died (memory, a lost node)
+                record = {"state": "failed", "reason": f"worker lost: {exc}"[:500], "curve": []}
+            record_result(study, trial, record, cfg.metric)
+            finished += 1
+            if on_trial:
+                on_trial(trial_row(study, trial.number, cfg.metric), finished, budget)
+    return summarize(study, cfg, out, interrupted, time.monotonic() - start)
+
+
+# ---------------------------------------------------------------- what the stage reports
+
+
+def trial_row(study, number: int, metric: str) -> dict[str, Any]:
+    """One trial as a leaderboard row (and the record `on_trial` gets)."""
+    trials = study.trials
+    t, attrs = trials[number], trials[number].user_attrs
+    began = min(x.datetime_start for x in trials if x.datetime_start)
+    return {
+        "trial": t.number,
+        "state": STATES.get(t.state.name, t.state.name.lower()),
+        metric: t.value if t.value is not None else attrs.get(metric),
+        "val_accuracy": attrs.get("val_accuracy"),
+        "seconds": round(attrs.get("seconds", float("nan")), 2),
+        # wall seconds from the study's first trial to this one's end (parallel trials overlap)
+        "finished_s": round((t.datetime_complete - began).total_seconds(), 2)
+        if t.datetime_complete
+        else None,
+        "epochs": len(attrs.get("curve", [])),
+        "default": bool(attrs.get("default")),
+        "params": attrs.get("train_params", {}),
+        "curve": attrs.get("curve", []),
+        "reason": attrs.get("reason", ""),
+    }
+
+
+def leaderboard(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Complete trials best first, then pruned, then failed; params flattened for a table."""
+    sign = -1 if direction(metric) == "maximize" else 1
+    order = {"complete": 0, "pruned": 1, "failed": 2}
+
+    def rank(row):
+        value = row[metric]
+        return (order.get(row["state"], 3), sign * value if value is not None else 0)
+
+    table = []
+    for row in sorted(rows, key=rank):
+        flat = {k: v for k, v in row.items() if k not in ("params", "curve")}
+        flat.update({k: str(v) if isinstance(v, list) else v for k, v in row["params"].items()})
+        table.append(flat)
+    return table
+
+
+def summarize(study, cfg: TuneConfig, out: StageDir, interrupted: int, seconds: float) -> dict:
+    rows = [trial_row(study, t.number, cfg.metric) for t in study.trials if counted(t)]
+    complete = [r for r in rows if r["state"] == "complete"]
+    if not complete:
+        first = next((r for r in rows if r["state"] == "failed"), rows[0] if rows else None)
+        raise TrainingError(
+            f"tune: none of {len(rows)} trials completed; the first failure, trial "
+            f"{first['trial']}: {first['reason']}. Check the space in tune.space"
+            if first
+            else "tune: no trial ran (tune.timeout_s too short?)"
+        )
+    best = trial_row(study, study.best_trial.number, cfg.metric)
+    default = next((r for r in rows if r["default"]), None)
+    default_ok = default is not None and default["state"] == "complete"
+    counts = {state: sum(r["state"] == state for r in rows) for state in STATES.values()}
+    metrics = {
+        "tune/best_val_accuracy": best["val_accuracy"],
+        "tune/trials_complete": counts["complete"],
+        "tune/trials_pruned": counts["pruned"],
+        "tune/trials_failed": counts["failed"],
+        "tune/seconds": seconds,
+    }
+    if default_ok:
+        metrics["tune/default_val_accuracy"] = default["val_accuracy"]
+        metrics["tune/gain"] = best["val_accuracy"] - default["val_accuracy"]
+    plots = [plot_history(rows, cfg.metric, out.path("tune-history.png"))]
+    importance = param_importances(study)
+    if importance:
+        plots.append(plot_importance(importance, out.path("tune-importance.png")))
+    compared = (
+        f"the config's own settings reached {default['val_accuracy']:.4f}"
+        if default_ok
+        else f"the config's own settings did not complete ({default['state'] if default else 'not run'})"
+    )
+    won = "the config's own settings" if best["default"] else f"trial {best['trial']}"
+    return {
+        "best_params": best["params"],
+        "best_trial": best["trial"],
+        "metric": cfg.metric,
+        "leaderboard": leaderboard(rows, cfg.metric),
+        "importance": importance,
+        "study": {"name": study.study_name, "storage": mask_text(cfg.storage or "journal file")},
+        "plots": [out.final_path(Path(p).name) for p in plots],
+        "metrics": metrics,
+        "summary": (
+            f"{len(rows)} trials ({counts['complete']} complete, {counts['pruned']} pruned, "
+            f"{counts['failed']} failed) of {cfg.epochs} epochs on at most {cfg.max_rows} rows, "
+            f"{cfg.sampler} sampler, {cfg.pruner} pruner, {seconds:.1f} s. Best: {won} with val "
+            f"accuracy {best['val_accuracy']:.4f}; {compared}. Train uses: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(best["params"].items()))
+            + (
+                f". {interrupted} trial(s) interrupted by an earlier run were re-run"
+                if interrupted
+                else ""
+            )
+        ),
+    }
+
+
+def skip_tuning() -> dict[str, Any]:
+    return {
+        "best_params": {},
+        "leaderboard": [],
+        "plots": [],
+        "metrics": {},
+        "summary": "tuning is off (tune.enabled: false): train uses train.* as given",
+    }
+
+
+def param_importances(study) -> dict[str, float]:
+    """fANOVA importances over the complete trials (needs a few; empty when it cannot tell)."""
+    import optuna
+
+    try:
+        return {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+    except (ValueError, RuntimeError):  # too few trials, or nothing varied
+        return {}
+
+
+def plot_history(rows: list[dict[str, Any]], metric: str, path: Path) -> str:
+    """Best-so-far against trial number and against wall seconds of trial time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["trial"])
+    better = max if direction(metric) == "maximize" else min
+    fig, (by_trial, by_time) = plt.subplots(1, 2, figsize=(10, 4))
+    best, xs, ys = None, [], []
+    for r in rows:
+        if r["state"] == "complete":
+            best = r[metric] if best is None else better(best, r[metric])
+        xs.append(r["trial"])
+        ys.append(best if best is not None else float("nan"))
+    best, ts, ts_best = None, [], []  # the same, in the order trials finished
+    for r in sorted(rows, key=lambda r: r["finished_s"] or 0.0):
+        if r["state"] == "complete":
+            best = r[metric] if best is None else better(best, r[metric])
+        ts.append(r["finished_s"] or 0.0)
+        ts_best.append(best if best is not None else float("nan"))
+    for r in rows:
+        if r["state"] == "complete":
+            by_trial.scatter(r["trial"], r[metric], color="tab:blue", s=18)
+        elif r[metric] is not None:
+            by_trial.scatter(r["trial"], r[metric], color="tab:gray", marker="x", s=18)
+    by_trial.step(xs, ys, where="post", color="tab:orange", label="best so far")
+    by_trial.set(xlabel="trial", ylabel=metric.replace("_", " "), title="Optimisation history")
+    by_trial.legend()
+    by_time.step(ts, ts_best, where="post", color="tab:orange")
+    by_time.set(
+        xlabel="wall seconds since the study began",
+        ylabel=f"best {metric.replace('_', ' ')}",
+        title="Best so far vs training seconds",
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def plot_importance(importance: dict[str, float], path: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(importance)[::-1]
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(names) + 1.5))
+    ax.barh(names, [importance[n] for n in names], color="tab:blue")
+    ax.set(xlabel="importance (fANOVA, share of variance)", title="What mattered in the search")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)

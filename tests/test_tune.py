@@ -1,0 +1,226 @@
+"""The tune stage: an Optuna study whose trials run in parallel on a real Dask LocalCluster,
+each a nested MLflow run; the train stage trains with the best trial's settings."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import make_config, stage_runs
+from mlflow import MlflowClient
+
+from conf.schema import TrainConfig, load_config
+from tasks.errors import ConfigError
+from tasks.tune import CONDITIONAL, suggest, with_defaults
+
+BAD_SPACES = [
+    ("tune.space.epochs={type: int, low: 1, high: 5}", r"tune.space.epochs: not a train.\* key"),
+    ("tune.space.lrr={type: float, low: 0.1, high: 1}", r"tune.space.lrr: not a train.\* key"),
+    ("tune.space.lr={type: float, low: 0.1, high: 0.01}", r"low \(0.1\) must be below high"),
+    ("tune.space.lr={type: float, low: 0, high: 0.1, log: true}", r"log needs low > 0"),
+    ("tune.space.optimizer={type: categorical, choices: []}", r"non-empty 'choices'"),
+    (
+        "tune.space.optimizer={type: categorical, choices: [adam, adamm]}",
+        r"tune.space.optimizer: train.optimizer would reject 'adamm'",
+    ),
+    ("tune.space.dropout={type: float, low: 0.1, high: 1.5}", r"train.dropout would reject 1.5"),
+    ("tune.trials=0", r"'tune.trials': .*greater than or equal to 1"),
+    ("tune.space.lr={type: float, low: 0.1}", r"float needs 'low' and 'high'"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD_SPACES)
+def test_a_bad_space_fails_at_validation_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_momentum_and_nesterov_are_suggested_only_for_the_optimizers_that_use_them():
+    cfg = load_config()
+    space = with_defaults(cfg.tune.space, cfg.train)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(40):
+        params = suggest(study.ask(), space, cfg.train)
+        seen.add(params["optimizer"])
+        for key, users in CONDITIONAL.items():
+            assert (key in params) == (params["optimizer"] in users), params
+        TrainConfig.model_validate({**cfg.train.model_dump(), **params})  # train.* accepts it
+        assert isinstance(params["hidden"], list)  # list choices come back as lists
+    assert seen == {"sgd", "adam", "adamw", "rmsprop"}
+
+
+def test_the_configs_own_value_joins_a_categorical_axis():
+    cfg = load_config(
+        None, ["train.optimizer=sgd", "tune.space.optimizer={type: categorical, choices: [adam]}"]
+    )
+    assert with_defaults(cfg.tune.space, cfg.train)["optimizer"].choices == ["sgd", "adam"]
+
+
+# ---------------------------------------------------------------- the stage in the flow
+
+TUNED = [
+    "tune.enabled=true",
+    "tune.trials=6",
+    "tune.parallel=2",
+    "tune.epochs=2",
+    "tune.sampler=random",
+    "tune.pruner=asha",  # aggressive: most trials stop after their first epoch
+    "tune.space={optimizer: {type: categorical, choices: [sgd]}, "
+    "lr: {type: float, low: 0.00001, high: 0.3, log: true}, "
+    "batch_size: {type: categorical, choices: [32, 64]}}",
+    "train.optimizer=sgd",
+    "train.hidden=[64]",
+]
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def tuned_run(prefect_harness, digits_frame, tmp_path_factory):
+    from flows.pipeline import pipeline
+
+    tmp = tmp_path_factory.mktemp("tune")
+    source = tmp / "digits.csv"
+    digits_frame.to_csv(source, index=False)
+    cfg = make_config(tmp, source, "data.label=digit", *TUNED)
+    return cfg, pipeline(cfg), pipeline(cfg)
+
+
+@pytest.mark.slow
+def test_each_trial_is_a_nested_run_and_train_uses_the_best(tuned_run):
+    cfg, first, _ = tuned_run
+    client = MlflowClient(cfg.tracking.uri)
+    runs = stage_runs(client, first["parent_run_id"])
+    tune_run = runs["tune"]
+    trials = client.search_runs(
+        [tune_run.info.experiment_id], f"tags.mlflow.parentRunId = '{tune_run.info.run_id}'"
+    )
+    assert len(trials) == 6
+    states = [t.data.tags["accelflow.trial.state"] for t in trials]
+    assert set(states) <= {"complete", "pruned", "failed"}
+    assert "pruned" in states  # the pruner stopped at least one poor trial
+    assert [t.data.tags["accelflow.trial.default"] for t in trials].count("true") == 1
+    for t in trials:
+        assert {"train.optimizer", "train.lr", "train.batch_size"} <= set(t.data.params)
+        assert t.info.status == (
+            "KILLED" if t.data.tags["accelflow.trial.state"] == "pruned" else "FINISHED"
+        )
+        assert client.get_metric_history(t.info.run_id, "val/accuracy")  # its curve, per epoch
+
+    metrics = tune_run.data.metrics
+    assert (
+        metrics["tune/trials_complete"]
+        + metrics["tune/trials_pruned"]
+        + metrics["tune/trials_failed"]
+        == 6
+    )
+    best = max(
+        (t for t in trials if t.data.tags["accelflow.trial.state"] == "complete"),
+        key=lambda t: t.data.metrics["trial/val_accuracy"],
+    )
+    assert metrics["tune/best_val_accuracy"] == pytest.approx(
+        best.data.metrics["trial/val_accuracy"]
+    )
+    train = runs["train"].data
+    for key in ("train.lr", "train.batch_size"):  # trained with the best trial's values
+        assert float(train.params[key]) == pytest.approx(float(best.data.params[key]))
+        assert train.tags[f"accelflow.tuned.{key.split('.')[1]}"] == "search"
+    assert train.params["train.epochs"] == "3"  # train.*'s own budget, not the trial's
+    parent = client.get_run(first["parent_run_id"]).data.metrics
+    assert parent["tune/best_val_accuracy"] == metrics["tune/best_val_accuracy"]
+    assert "tune/gain" in parent and parent["test/accuracy"] > 0.8
+    artifacts = {a.path for a in client.list_artifacts(tune_run.info.run_id, "tune")}
+    assert {"tune/tune-history.png", "tune/leaderboard.json"} <= artifacts
+
+
+@pytest.mark.slow
+def test_a_second_run_reuses_the_search_and_the_training(tuned_run):
+    cfg, first, second = tuned_run
+    status = {row["stage"]: row["status"] for row in second["stages"]}
+    assert status["tune"] == "cached" and status["train"] == "cached"
+    client = MlflowClient(cfg.tracking.uri)
+    tune_run = stage_runs(client, second["parent_run_id"])["tune"]
+    nested = client.search_runs(
+        [tune_run.info.experiment_id], f"tags.mlflow.parentRunId = '{tune_run.info.run_id}'"
+    )
+    assert nested == []  # no trial ran again
+
+
+# ---------------------------------------------------------------- killed mid-search
+
+
+def finished_trials(journal: Path) -> dict[int, float | None]:
+    """Trial number → value of every finished trial in a study's journal file."""
+    from tasks.tune import INTERRUPTED, open_storage
+
+    storage = open_storage({"storage": str(journal)})
+    (name,) = optuna.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    return {
+        t.number: t.value
+        for t in study.trials
+        if t.state.is_finished() and t.user_attrs.get("reason") != INTERRUPTED
+    }
+
+
+@pytest.mark.slow
+def test_a_search_killed_midway_resumes_with_its_finished_trials(digits_frame, tmp_path):
+    source = tmp_path / "digits.csv"
+    digits_frame.to_csv(source, index=False)
+    sets = [
+        f"data.source={source}",
+        "data.label=digit",
+        f"workdir={tmp_path / 'work'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tune.trials=6",
+        "tune.parallel=2",
+        "tune.epochs=4",
+        "tune.max_rows=null",
+        "tune.pruner=none",
+        "tune.space={lr: {type: float, low: 0.0001, high: 0.01, log: true}, "
+        "batch_size: {type: categorical, choices: [8]}}",  # small batches: slow trials
+        "train.epochs=2",
+        "prune.method=none",
+        "evaluate.latency_repeats=3",
+    ]
+    command = [sys.executable, "-m", "flows.cli", "run", *[a for s in sets for a in ("--set", s)]]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 300
+    journal = None
+    try:
+        while time.monotonic() < deadline and run.poll() is None:
+            found = list((tmp_path / "work" / "tune").glob(".partial-*/study.journal"))
+            if found and len(finished_trials(found[0])) >= 2:
+                journal = found[0]
+                break
+            time.sleep(0.5)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)  # the run, its Dask workers, its Prefect server
+        run.wait()
+    assert journal is not None, run.stdout.read().decode()[-3000:]
+    before = finished_trials(journal)
+    assert 2 <= len(before) < 6
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    final = next((tmp_path / "work" / "tune").glob("*/study.journal"))
+    after = finished_trials(final)
+    assert len(after) == 6  # the budget, completed
+    assert {n: after[n] for n in before} == before  # the trials finished before the kill, kept
+    assert "tune: trials" in again.stdout + again.stderr
