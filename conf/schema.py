@@ -111,6 +111,26 @@ class ReduceConfig(Section):
     auto_max_kept: float = Field(
         0.5, gt=0.0, le=1.0, description="auto: reduce only when PCA keeps at most this share"
     )
+    # measure instead of assume: a proxy training per variance target ("none": raw features)
+    sweep: list[float | Literal["none"]] | None = None
+    pick: Literal["smallest_within", "best"] = "smallest_within"
+    tolerance: float = Field(
+        0.005, ge=0.0, le=1.0, description="smallest_within: accuracy this close to the best"
+    )
+    sweep_epochs: int = Field(3, ge=1, description="epochs of each sweep point's proxy training")
+    sweep_rows: int = Field(10000, ge=10, description="training rows each point trains on")
+
+    @field_validator("sweep")
+    @classmethod
+    def _targets(cls, v: list | None) -> list | None:
+        if v is None:
+            return v
+        if len(v) < 2:
+            raise ValueError("a sweep needs at least two targets, e.g. [0.9, 0.99, none]")
+        bad = [t for t in v if t != "none" and not 0 < t <= 1]
+        if bad:
+            raise ValueError(f"variance targets must be in (0, 1] or 'none'; got {bad}")
+        return v
 
 
 class TrainConfig(Section):
@@ -327,6 +347,15 @@ class EvaluateConfig(Section):
     latency_repeats: int = Field(30, ge=3)
 
 
+class AlertsConfig(Section):
+    """When a run is flagged as a regression against the previous run on the same data."""
+
+    max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
+    max_slowdown: float = Field(
+        0.5, ge=0.0, description="batch-256 latency more than this much slower (0.5 = +50%)"
+    )
+
+
 class TrackingConfig(Section):
     uri: str = "sqlite:///mlflow.db"
     experiment: str = "accelflow"
@@ -346,11 +375,22 @@ class PipelineConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     @model_validator(mode="after")
     def _compatible_sections(self) -> PipelineConfig:
+        if self.reduce.sweep and (self.reduce.method == "none" or self.train.model == "cnn"):
+            raise ValueError(
+                "reduce.sweep compares PCA targets, but "
+                + (
+                    "reduce.method is 'none'"
+                    if self.reduce.method == "none"
+                    else "train.model 'cnn' needs the raw images"
+                )
+                + ": remove reduce.sweep or change that key"
+            )
         if self.train.model == "cnn" and self.reduce.method == "pca":
             raise ValueError(
                 "train.model 'cnn' works on raw images, but reduce.method is 'pca': set "

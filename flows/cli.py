@@ -4,6 +4,8 @@
     accelflow run -c my.yaml --set train.epochs=3 --set data.source=/data/x.csv
     accelflow run --profile cluster                 # Dask/MLflow endpoints from the environment
     accelflow validate --set data.label=target      # config + data checks, no stages run
+    accelflow compare [RUN_A RUN_B]                 # what changed between two runs (default: last two)
+    accelflow report RUN_ID [-o report.html]        # a past run's HTML report, written again
 
 User errors (bad config, bad data, a failed training run) print one paragraph that names
 the key, file or column and exit 2; only unexpected errors show a traceback.
@@ -28,8 +30,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, text in (
         ("run", "run the whole pipeline"),
         ("validate", "check config and data only"),
+        ("compare", "compare two pipeline runs (default: the experiment's last two)"),
+        ("report", "write a run's HTML report again"),
     ):
         p = sub.add_parser(name, help=text)
+        if name == "compare":
+            p.add_argument("runs", nargs="*", metavar="RUN_ID", help="two parent run ids")
+        if name == "report":
+            p.add_argument("run", metavar="RUN_ID", help="a pipeline (parent) run id")
+            p.add_argument("-o", "--output", default=None, help="file (default: report-<run>.html)")
         p.add_argument(
             "-c", "--config", default=None, help="YAML config (default: conf/pipeline.yaml)"
         )
@@ -56,6 +65,58 @@ def validate(cfg) -> str:
     return f"config OK; data OK: {check_source(cfg.data, cfg.dask)}"
 
 
+def compare(cfg, runs: list[str]) -> str:
+    """The side-by-side table, printed and logged to run B (`compare/<A>.json`)."""
+    import mlflow
+
+    from tasks import alerts
+    from tasks.errors import ConfigError
+
+    check_tracking(cfg.tracking.uri)
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    if len(runs) not in (0, 2):
+        raise ConfigError("accelflow compare takes two run ids, or none for the last two runs")
+    if not runs:
+        experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+        found = alerts.pipeline_runs(client, experiment.experiment_id) if experiment else []
+        if len(found) < 2:
+            raise ConfigError(
+                f"experiment '{cfg.tracking.experiment}' at {cfg.tracking.uri} has "
+                f"{len(found)} finished pipeline run(s); compare needs two (or pass two run ids)"
+            )
+        runs = [found[1].info.run_id, found[0].info.run_id]
+    for run in runs:
+        try:
+            client.get_run(run)
+        except mlflow.exceptions.MlflowException:
+            raise ConfigError(
+                f"run {run} is not in the tracking store {cfg.tracking.uri}"
+            ) from None
+    table = alerts.compare_runs(client, *runs)
+    client.log_dict(runs[1], table, f"compare/{runs[0]}.json")
+    return alerts.format_comparison(table)
+
+
+def write_report(cfg, run_id: str, output: str | None) -> str:
+    import mlflow
+
+    from tasks.errors import ConfigError
+    from tasks.report import build_report
+
+    check_tracking(cfg.tracking.uri)
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    try:
+        client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise ConfigError(f"run {run_id} is not in the tracking store {cfg.tracking.uri}") from None
+    path = output or f"report-{run_id}.html"
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(build_report(client, run_id))
+    os.replace(tmp, path)  # written whole or not at all
+    return f"wrote {path}"
+
+
 def print_summary(result: dict, tracking_uri: str, seconds: float) -> None:
     rows = result["stages"]
     print("\n stage      | status | seconds | key figure")
@@ -66,6 +127,12 @@ def print_summary(result: dict, tracking_uri: str, seconds: float) -> None:
     print(
         f"\nTotal {seconds:.1f} s. Registered {p['model_name']} v{p['version']} as '{p['alias']}' ({p['why']})."
     )
+    regression = result.get("regression") or {}
+    if regression.get("regressed"):
+        print(f"REGRESSION against run {regression['previous']}: {regression['why']}")
+    elif regression.get("previous"):
+        print(f"No regression against the previous run {regression['previous']}.")
+    print(f"Report: {result['report']}")
     print("Review it in the MLflow UI:")
     print(f"  mlflow ui --backend-store-uri {tracking_uri} --port 5000")
     print(
@@ -174,6 +241,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides, args.profile)
         if args.command == "validate":
             print(validate(cfg))
+            return 0
+        if args.command == "compare":
+            print(compare(cfg, args.runs))
+            return 0
+        if args.command == "report":
+            print(write_report(cfg, args.run, args.output))
             return 0
         from tasks.readers import preflight
         from tasks.stage import check_workdir

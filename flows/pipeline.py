@@ -29,6 +29,8 @@ HEADLINE = {  # parent-run metric → (stage, manifest metric)
     "tune/best_val_accuracy": ("tune", "tune/best_val_accuracy"),
     "tune/gain": ("tune", "tune/gain"),
     "data/compression_ratio": ("partition", "data/compression_ratio"),
+    "test/latency_b1_ms": ("evaluate", "test/latency_b1_ms"),
+    "test/latency_b256_ms": ("evaluate", "test/latency_b256_ms"),
 }
 KEY_FIGURE = {
     "ingest": lambda m: f"{sum(s['rows'] for s in m['splits'].values())} rows",
@@ -139,28 +141,39 @@ def run_stages(config: PipelineConfig) -> dict[str, Any]:
             {
                 "accelflow.registered_version": promotion["version"],
                 "accelflow.alias": promotion["alias"],
+                "accelflow.data_digest": evaluated.manifest["test_digest"],
             }
         )
-    rows = []
-    for stage, outcome in outcomes.items():
-        status = "cached" if outcome.cached else "ran"
-        logger.info("%s: %s (%s)", stage, status, outcome.reason)
-        rows.append(
-            {
-                "stage": stage,
-                "status": status,
-                "seconds": round(outcome.seconds, 1),
-                "figure": KEY_FIGURE[stage](outcome.manifest),
-                "reason": outcome.reason,
-            }
-        )
+        rows = stage_rows(outcomes)
+        for row in rows:
+            logger.info("%s: %s (%s)", row["stage"], row["status"], row["reason"])
+        regression = tracking.flag_regression(parent, config)
+        if regression["regressed"]:
+            logger.warning("REGRESSION: %s", regression["why"])
+        tracking.describe_run(parent, rows, headline, promotion, regression)
+        report = tracking.publish_report(parent)
     return {
         "parent_run_id": parent,
         "experiment_id": experiment_id,
         "stages": rows,
         "headline": headline,
         "promotion": promotion,
+        "regression": regression,
+        "report": report,
     }
+
+
+def stage_rows(outcomes: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {
+            "stage": stage,
+            "status": "cached" if outcome.cached else "ran",
+            "seconds": round(outcome.seconds, 1),
+            "figure": KEY_FIGURE[stage](outcome.manifest),
+            "reason": outcome.reason,
+        }
+        for stage, outcome in outcomes.items()
+    ]
 
 
 if __name__ == "__main__":

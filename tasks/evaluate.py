@@ -279,6 +279,8 @@ def evaluate_model(
     metrics |= {
         "test/accuracy": results[chosen]["accuracy"],
         "test/macro_f1": results[chosen]["macro_f1"],
+        "test/latency_b1_ms": results[chosen]["latency_b1_ms"],
+        "test/latency_b256_ms": results[chosen]["latency_b256_ms"],
         "baseline/accuracy": results["baseline"]["accuracy"],
         "evaluate/accuracy_drop": drop,
         "evaluate/chosen_pruned": float(chosen == "pruned"),

@@ -22,7 +22,7 @@ from conf.schema import ReduceConfig
 from tasks.stage import Manifest, StageDir, describe_files
 
 # the code whose output this stage stores: its digest is part of the cache key
-SOURCES = ("tasks.reduce",)
+SOURCES = ("tasks.reduce", "tasks.reduce_sweep", "tasks.train", "tasks.training")
 CURVE_TARGETS = (0.5, 0.8, 0.9, 0.95, 0.99, 1.0)  # rows of the explained-variance table
 
 
@@ -40,7 +40,7 @@ def passes_through(cfg: ReduceConfig, partitions: Manifest, image_model: bool) -
         return "reduce.method: none"
     if cfg.method == "auto" and image_model:
         return "reduce.method auto: the image model needs the raw pixels"
-    if cfg.method == "auto" and d < cfg.auto_min_features:
+    if cfg.method == "auto" and d < cfg.auto_min_features and not cfg.sweep:
         return (
             f"reduce.method auto: {d} features is fewer than reduce.auto_min_features "
             f"({cfg.auto_min_features}); PCA would save nothing"
@@ -171,16 +171,27 @@ def fit_reduction(partitions: Manifest, cfg: ReduceConfig, out: StageDir, client
     train_files = [f["path"] for f in partitions["splits"]["train"]["files"]]
     moments = client.gather(client.map(partition_moments, train_files, columns=columns, pure=False))
     standardize = standardizes(cfg, partitions)
+    sweep = None
+    if cfg.sweep:  # measured: the target the sweep picks replaces reduce.variance_target
+        from tasks.reduce_sweep import NONE, run_sweep
+
+        sweep = run_sweep(partitions, cfg, moments, standardize, out, client)
+        if sweep["chosen"] != NONE:
+            cfg = cfg.model_copy(update={"variance_target": sweep["chosen"]})
     reduction, ratio = fit_pca(moments, cfg, standardize)
     k, d = reduction["components"].shape
     explained = float(reduction["explained_variance_ratio"].sum())
     plot_variance(ratio, k, standardize, out.path("explained_variance.png"))
     curve = {
         "variance_table": variance_table(ratio),
-        "plots": [out.final_path("explained_variance.png")],
+        "plots": [out.final_path("explained_variance.png"), *([sweep["plot"]] if sweep else [])],
+        "sweep": sweep,
     }
     scaled = "standardised " if standardize else ""
-    if cfg.method == "auto" and k > cfg.auto_max_kept * d:
+    if sweep and sweep["chosen"] == NONE:
+        why = f"reduce.sweep picked the raw features: {sweep['why']}"
+        return {**skip_reduction(partitions, why), **curve}
+    if cfg.method == "auto" and k > cfg.auto_max_kept * d and not sweep:
         why = (
             f"reduce.method auto: {scaled}PCA keeps {k} of {d} features for "
             f"{cfg.variance_target:.0%} of the variance, more than reduce.auto_max_kept "
@@ -211,7 +222,9 @@ def fit_reduction(partitions: Manifest, cfg: ReduceConfig, out: StageDir, client
         ]
         splits[name] = {"files": described, "rows": split["rows"]}
     why = (
-        "reduce.method: pca"
+        f"reduce.sweep picked variance target {cfg.variance_target}: {sweep['why']}"
+        if sweep
+        else "reduce.method: pca"
         if cfg.method == "pca"
         else (
             f"reduce.method auto: {k} of {d} features is within reduce.auto_max_kept ({cfg.auto_max_kept:.0%})"
@@ -253,6 +266,7 @@ def skip_reduction(partitions: Manifest, why: str) -> dict[str, Any]:
         "why": why,
         "variance_table": [],
         "plots": [],
+        "sweep": None,
         "metrics": {
             "reduce/components": n,
             "reduce/input_features": n,

@@ -22,6 +22,7 @@ from tasks.tracking import (
     Progress,
     log_dataset,
     log_source,
+    log_sweep_point,
     log_trial,
     publish,
     publish_table,
@@ -108,12 +109,18 @@ def reduce_features(cfg: PipelineConfig, parent: str, partitions: Manifest) -> S
         with dask_client(cfg.dask) as client:
             return reduce.fit_reduction(partitions, cfg.reduce, out, client)
 
-    with stage_run(parent, "reduce", "reduce", cfg.reduce):
+    with stage_run(parent, "reduce", "reduce", cfg.reduce) as run_id:
         # auto passes images through for an image model: the model is part of the decision
         key = {**cfg.reduce.model_dump(mode="json"), "image_model": image_model}
         outcome = run_stage(
             cfg.workdir, "reduce", code_version(reduce.SOURCES), key, [partitions], build
         )
+        sweep = outcome.manifest.get("sweep")
+        if sweep:
+            if not outcome.cached:  # a cached sweep's points are under the run that made them
+                for point in sweep["points"]:
+                    log_sweep_point(run_id, point)
+            publish_table("reduce", "sweep", sweep["points"])
         if outcome.manifest["variance_table"]:
             publish_table(
                 "reduce",
@@ -187,6 +194,8 @@ def train_network(
             lambda out: train.train_model(features, train_cfg, out, run_id),
             resumable=True,
         )
+        for plot in outcome.manifest.get("plots", []):
+            mlflow.log_artifact(plot, "train")
         publish("train", outcome)
     return outcome
 

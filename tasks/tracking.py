@@ -305,32 +305,51 @@ def _yaml(cfg: PipelineConfig) -> str:
     return yaml.safe_dump(cfg.public(), sort_keys=False)
 
 
-def log_trial(stage_run_id: str, trial: dict[str, Any], metric: str) -> str:
-    """One finished tuning trial as a run nested under the stage's run: its train.* values,
-    its per-epoch validation curve, its state and seconds. Opened with the client so the
-    stage's own active run is left alone."""
+def log_child_run(
+    stage_run_id: str,
+    name: str,
+    params: dict[str, Any],
+    metrics: list[tuple[str, float, int]],
+    tags: dict[str, str],
+    status: str = "FINISHED",
+) -> str:
+    """A finished run nested under a stage's run (a tuning trial, a sweep point), opened
+    with the client so the stage's own active run is left alone. `metrics` are
+    (key, value, step); non-finite values are left out."""
     import mlflow
     from mlflow.entities import Metric, Param, RunTag
 
     client = mlflow.MlflowClient()
     stage = client.get_run(stage_run_id)
-    status = {"complete": "FINISHED", "pruned": "KILLED"}.get(trial["state"], "FAILED")
     run = client.create_run(
-        stage.info.experiment_id,
-        run_name=f"trial-{trial['trial']:03d}" + (" (default)" if trial["default"] else ""),
-        tags={"mlflow.parentRunId": stage_run_id},
+        stage.info.experiment_id, run_name=name, tags={"mlflow.parentRunId": stage_run_id}
     )
     stamp = int(time.time() * 1000)
-    metrics = [
-        Metric(f"val/{k.removeprefix('val_')}", float(row[k]), stamp, int(row["epoch"]))
+    client.log_batch(
+        run.info.run_id,
+        metrics=[
+            Metric(k, float(v), stamp, step)
+            for k, v, step in metrics
+            if isinstance(v, int | float) and math.isfinite(v)
+        ],
+        params=[Param(k, str(v)) for k, v in params.items()],
+        tags=[RunTag(k, v[:5000]) for k, v in tags.items()],
+        synchronous=True,
+    )
+    client.set_terminated(run.info.run_id, status=status)
+    return run.info.run_id
+
+
+def log_trial(stage_run_id: str, trial: dict[str, Any], metric: str) -> str:
+    """One finished tuning trial: its train.* values, per-epoch validation curve, state
+    (complete / pruned / failed, with the reason) and seconds."""
+    curve = [
+        (f"val/{k.removeprefix('val_')}", row[k], int(row["epoch"]))
         for row in trial["curve"]
         for k in ("val_accuracy", "val_loss")
-        if math.isfinite(row[k])
     ]
-    metrics += [
-        Metric(f"trial/{k}", float(trial[k]), stamp, 0)
-        for k in (metric, "val_accuracy", "seconds")
-        if isinstance(trial.get(k), int | float) and math.isfinite(trial[k])
+    figures = [
+        (f"trial/{k}", trial.get(k), 0) for k in dict.fromkeys((metric, "val_accuracy", "seconds"))
     ]
     tags = {
         "accelflow.stage": "tune-trial",
@@ -338,16 +357,30 @@ def log_trial(stage_run_id: str, trial: dict[str, Any], metric: str) -> str:
         "accelflow.trial.default": str(trial["default"]).lower(),
     }
     if trial["reason"]:
-        tags["accelflow.trial.reason"] = trial["reason"][:5000]
-    client.log_batch(
-        run.info.run_id,
-        metrics=metrics,
-        params=[Param(f"train.{k}", str(v)) for k, v in trial["params"].items()],
-        tags=[RunTag(k, v) for k, v in tags.items()],
-        synchronous=True,
+        tags["accelflow.trial.reason"] = trial["reason"]
+    return log_child_run(
+        stage_run_id,
+        f"trial-{trial['trial']:03d}" + (" (default)" if trial["default"] else ""),
+        {f"train.{k}": v for k, v in trial["params"].items()},
+        curve + figures,
+        tags,
+        {"complete": "FINISHED", "pruned": "KILLED"}.get(trial["state"], "FAILED"),
     )
-    client.set_terminated(run.info.run_id, status=status)
-    return run.info.run_id
+
+
+def log_sweep_point(stage_run_id: str, point: dict[str, Any]) -> str:
+    """One reduce-sweep point: its target, features, proxy accuracy and seconds."""
+    return log_child_run(
+        stage_run_id,
+        f"sweep-{point['target']}",
+        {"reduce.variance_target": point["target"]},
+        [
+            ("sweep/features", point["features"], 0),
+            ("sweep/val_accuracy", point["val_accuracy"], 0),
+            ("sweep/seconds", point["seconds"], 0),
+        ],
+        {"accelflow.stage": "reduce-sweep", "accelflow.sweep.chosen": str(point["chosen"]).lower()},
+    )
 
 
 class Progress:
@@ -380,3 +413,97 @@ class Progress:
         except Exception as exc:
             print(f"note: could not update the Prefect progress artifact: {exc}")
             self.artifact = None
+
+
+def flag_regression(parent_run_id: str, cfg: PipelineConfig) -> dict[str, Any]:
+    """Compare this run with the previous finished one on the same test data; tag the run
+    (`accelflow.regression`) and, when it got worse, emit the Prefect event
+    `accelflow.run.regressed` that an automation can act on."""
+    import mlflow
+
+    from tasks import alerts
+
+    client = mlflow.MlflowClient()
+    result = alerts.check_regression(
+        client, parent_run_id, cfg.alerts.max_accuracy_drop, cfg.alerts.max_slowdown
+    )
+    mlflow.set_tags(
+        {
+            alerts.TAG: str(result["regressed"]).lower(),
+            f"{alerts.TAG}.why": result["why"][:5000],
+            f"{alerts.TAG}.previous_run": str(result["previous"]),
+        }
+    )
+    if result["regressed"]:
+        try:
+            from prefect.events import emit_event
+
+            emit_event(
+                event="accelflow.run.regressed",
+                resource={
+                    "prefect.resource.id": f"accelflow.experiment.{cfg.tracking.experiment}",
+                    "prefect.resource.name": cfg.tracking.experiment,
+                },
+                payload={
+                    "run_id": parent_run_id,
+                    "previous_run_id": result["previous"],
+                    "why": result["why"],
+                    "accuracy_drop": result["accuracy_drop"],
+                    "slowdown": result["slowdown"],
+                },
+            )
+        except Exception as exc:  # the tag and the summary line still say it
+            print(f"note: could not emit the Prefect event: {exc}")
+    return result
+
+
+def describe_run(
+    parent_run_id: str,
+    rows: list[dict[str, Any]],
+    headline: dict[str, float],
+    promotion: dict[str, Any],
+    regression: dict[str, Any],
+) -> None:
+    """The parent run's description (`mlflow.note.content`, markdown on the run page): the
+    headline figures, the regression check, the registered model and the stage table."""
+    import mlflow
+
+    figures = " · ".join(f"**{k}** {v:.4g}" for k, v in headline.items())
+    verdict = ("⚠ **regression**: " if regression["regressed"] else "no regression: ") + regression[
+        "why"
+    ]
+    table = ["| stage | status | seconds | key figure | why it ran |", "|---|---|---|---|---|"]
+    table += [
+        f"| {r['stage']} | {r['status']} | {r['seconds']} | {r['figure']} | {r['reason']} |"
+        for r in rows
+    ]
+    note = "\n".join(
+        [
+            figures,
+            "",
+            verdict,
+            "",
+            f"Registered **{promotion['model_name']} v{promotion['version']}** as "
+            f"`{promotion['alias']}` ({promotion['why']}).",
+            "",
+            *table,
+        ]
+    )
+    mlflow.set_tag("mlflow.note.content", mask_text(note))
+
+
+def publish_report(parent_run_id: str) -> str:
+    """The run's HTML report (tasks/report.py) on the parent run, linked from Prefect."""
+    import mlflow
+
+    from tasks.report import build_report
+
+    mlflow.log_text(build_report(mlflow.MlflowClient(), parent_run_id), "report.html")
+    uri = mlflow.get_artifact_uri("report.html")
+    try:
+        from prefect.artifacts import create_link_artifact
+
+        create_link_artifact(uri, link_text="accelflow run report", key="accelflow-report")
+    except Exception as exc:  # a convenience: the report is in MLflow either way
+        print(f"note: no Prefect link artifact for the report: {exc}")
+    return uri

@@ -6,6 +6,7 @@ restarts from the last epoch's checkpoint instead of from scratch.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from conf.schema import TrainConfig
@@ -115,6 +116,34 @@ def peak_lr(cfg: TrainConfig, processes: int) -> float:
     return cfg.lr * processes if cfg.scale_lr else cfg.lr
 
 
+def plot_curves(history: list[dict[str, Any]], path) -> str | None:
+    """Loss, validation accuracy and learning rate per epoch, from the worker's history."""
+    rows = [h for h in history if "val/accuracy" in h]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in rows]
+    fig, (loss, acc, lr) = plt.subplots(1, 3, figsize=(13, 3.6))
+    for key in ("train/loss", "val/loss"):
+        loss.plot(epochs, [h.get(key, float("nan")) for h in rows], marker="o", ms=3, label=key)
+    acc.plot(epochs, [h["val/accuracy"] for h in rows], marker="o", ms=3, color="tab:green")
+    lr.plot(
+        epochs, [h.get("train/lr", float("nan")) for h in rows], marker="o", ms=3, color="tab:gray"
+    )
+    loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+    loss.legend()
+    acc.set(xlabel="epoch", ylabel="accuracy", title="Validation accuracy")
+    lr.set(xlabel="epoch", ylabel="learning rate", title="Learning rate (end of epoch)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return str(path)
+
+
 def train_model(
     features: Manifest, cfg: TrainConfig, out: StageDir, run_id: str | None = None
 ) -> dict[str, Any]:
@@ -132,8 +161,11 @@ def train_model(
         endpoint=cfg.rdzv_endpoint,
         max_restarts=cfg.max_restarts,
     )
+    history = json.loads(out.path("history.json").read_text())
+    curves = plot_curves(history, out.path("training_curves.png"))
     return {
         "model": model_files(out),
+        "plots": [out.final_path("training_curves.png")] if curves else [],
         "arch": spec["arch"],
         "result": result,
         "metrics": {

@@ -38,8 +38,7 @@ SMALL = [
     "train.hidden=[128]",
     "prune.finetune_epochs=1",
     "evaluate.latency_repeats=5",
-    "tune.trials=4",
-    "tune.max_rows=1000",
+    "tune.enabled=false",  # the cluster profile's test runs the search, on PostgreSQL
 ]
 
 
@@ -190,6 +189,24 @@ def test_mlflow_ui_renders_the_run_its_stages_and_the_model(stack, deployed_run)
     assert "champion" in dom["model"] and "Version 1" in dom["model"]
 
 
+def test_the_run_report_renders_in_chromium_with_every_picture(stack, deployed_run, tmp_path):
+    from tasks.report import SECTIONS
+
+    flow_run_id, _ = deployed_run
+    client = MlflowClient(stack["tracking"])
+    parent, _ = parent_and_stages(client, flow_run_id)
+    report = Path(client.download_artifacts(parent.info.run_id, "report.html", str(tmp_path)))
+    dom = chromium("--dump-dom", report.as_uri()).stdout
+    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert loaded, dom[-2000:]
+    assert loaded[1] == loaded[2] and int(loaded[2]) >= 5  # every picture decoded
+    for section in SECTIONS:
+        assert f"<h2>{section}</h2>" in dom
+    ARTIFACTS.mkdir(exist_ok=True)
+    chromium(f"--screenshot={ARTIFACTS / 'report.png'}", report.as_uri())
+    assert (ARTIFACTS / "report.png").stat().st_size > 10_000
+
+
 # ---------------------------------------------------------------- docker/
 
 
@@ -288,7 +305,7 @@ def test_cluster_profile_runs_on_separate_dask_mlflow_and_prefect_processes(
             "ACCELFLOW_DATA": str(fmnist_small),
             "OPTUNA_STORAGE": postgres_databases["optuna"],
         }
-        tuning = ["tune.trials=3", "tune.epochs=2", "tune.max_rows=600"]
+        tuning = ["tune.enabled=true", "tune.trials=3", "tune.epochs=2", "tune.max_rows=600"]
         sets = [arg for o in [*SMALL, *tuning] for arg in ("--set", o)]
         out = subprocess.run(
             [sys.executable, "-m", "flows.cli", "run", "--profile", "cluster", *sets],

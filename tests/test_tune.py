@@ -77,6 +77,10 @@ TUNED = [
     "batch_size: {type: categorical, choices: [32, 64]}}",
     "train.optimizer=sgd",
     "train.hidden=[64]",
+    # the reduce sweep rides along (its own test reads this run): one flow run, not two
+    "reduce.sweep=[0.5, 0.9, 0.99, none]",
+    "reduce.tolerance=0.02",
+    "reduce.sweep_epochs=4",
 ]
 
 
@@ -159,6 +163,30 @@ def test_a_second_run_reuses_the_search_and_the_training(tuned_run):
     assert nested == []  # no trial ran again
 
 
+@pytest.mark.slow
+def test_the_reduce_sweep_trains_each_target_and_the_stage_uses_the_pick(tuned_run):
+    cfg, first, _ = tuned_run
+    client = MlflowClient(cfg.tracking.uri)
+    reduce_run = stage_runs(client, first["parent_run_id"])["reduce"]
+    points = client.search_runs(
+        [reduce_run.info.experiment_id], f"tags.mlflow.parentRunId = '{reduce_run.info.run_id}'"
+    )
+    by_target = {p.data.params["reduce.variance_target"]: p for p in points}
+    assert sorted(by_target) == ["0.5", "0.9", "0.99", "none"]
+    accuracy = {t: p.data.metrics["sweep/val_accuracy"] for t, p in by_target.items()}
+    features = {t: p.data.metrics["sweep/features"] for t, p in by_target.items()}
+    assert features["none"] == 64 and features["0.5"] < features["0.9"] < features["0.99"]
+    best = max(accuracy.values())
+    expected = min((t for t in accuracy if accuracy[t] >= best - 0.02), key=features.get)
+    chosen = [t for t, p in by_target.items() if p.data.tags["accelflow.sweep.chosen"] == "true"]
+    assert chosen == [expected]
+    assert reduce_run.data.metrics["reduce/components"] == features[expected]  # the pick used
+    summary = Path(client.download_artifacts(reduce_run.info.run_id, "reduce/summary.md"))
+    assert "reduce.sweep picked" in summary.read_text()
+    artifacts = {a.path for a in client.list_artifacts(reduce_run.info.run_id, "reduce")}
+    assert {"reduce/reduce-sweep.png", "reduce/sweep.json"} <= artifacts
+
+
 # ---------------------------------------------------------------- killed mid-search
 
 
@@ -185,14 +213,15 @@ def test_a_search_killed_midway_resumes_with_its_finished_trials(digits_frame, t
         "data.label=digit",
         f"workdir={tmp_path / 'work'}",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "tune.trials=6",
+        "tune.trials=5",
         "tune.parallel=2",
-        "tune.epochs=4",
+        "tune.epochs=3",
         "tune.max_rows=null",
         "tune.pruner=none",
         "tune.space={lr: {type: float, low: 0.0001, high: 0.01, log: true}, "
         "batch_size: {type: categorical, choices: [8]}}",  # small batches: slow trials
-        "train.epochs=2",
+        "train.epochs=1",
+        "train.hidden=[64]",
         "prune.method=none",
         "evaluate.latency_repeats=3",
     ]
@@ -215,12 +244,12 @@ def test_a_search_killed_midway_resumes_with_its_finished_trials(digits_frame, t
         run.wait()
     assert journal is not None, run.stdout.read().decode()[-3000:]
     before = finished_trials(journal)
-    assert 2 <= len(before) < 6
+    assert 2 <= len(before) < 5
 
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     final = next((tmp_path / "work" / "tune").glob("*/study.journal"))
     after = finished_trials(final)
-    assert len(after) == 6  # the budget, completed
+    assert len(after) == 5  # the budget, completed
     assert {n: after[n] for n in before} == before  # the trials finished before the kill, kept
     assert "tune: trials" in again.stdout + again.stderr
