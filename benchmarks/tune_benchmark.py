@@ -137,6 +137,9 @@ def main() -> None:
         ]
         features = latest_manifest(tmp / "fmnist", "reduce")
         with dask_client(DaskConfig(n_workers=2, threads_per_worker=1)) as client:
+            # warm-up: each worker's first trial imports torch and reads the split; the
+            # study measured first would pay that alone
+            study(features, client, tmp / "studies", "warm-up", trials=2, parallel=2, pruner="none")
             fixed = {"trials": 8, "pruner": "none", "seed": 1}
             serial = study(features, client, tmp / "studies", "serial", parallel=1, **fixed)
             parallel = study(features, client, tmp / "studies", "parallel", parallel=2, **fixed)
