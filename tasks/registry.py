@@ -74,8 +74,34 @@ def log_pyfunc(bundle: str, example, name: str):
     return mlflow.MlflowClient().get_model_version(name, info.registered_model_version)
 
 
-def register_and_promote(evaluation: Manifest, example, cfg: RegistryConfig) -> dict[str, Any]:
-    """Register (once) and set the `champion` or `challenger` alias; return what happened."""
+def model_card(
+    name: str, version: str, alias: str, why: str, evaluation: Manifest, facts: dict[str, str]
+) -> str:
+    """The version's description in the registry (markdown): what it is, what it was
+    trained and tested on, how it scores, and why it holds its alias."""
+    chosen = evaluation["results"][evaluation["chosen"]]
+    figures = (
+        f"accuracy {chosen['accuracy']:.4f}, macro-F1 {chosen['macro_f1']:.4f}, latency "
+        f"{chosen['latency_b1_ms']:.3f} ms (batch 1) / {chosen['latency_b256_ms']:.3f} ms "
+        f"(batch 256), {chosen['nonzero_parameters']:,} of {chosen['parameters']:,} weights "
+        f"non-zero, {chosen['size_zstd_bytes'] / 1024:.0f} KiB zstd"
+    )
+    lines = [
+        f"### {name} v{version}: `{alias}`",
+        f"- **gate**: {why}",
+        *(f"- **{k}**: {v}" for k, v in facts.items()),
+        f"- **variant**: {evaluation['chosen']} (the {'pruned' if evaluation['chosen'] == 'pruned' else 'unpruned'} model)",
+        f"- **test** (digest `{evaluation['test_digest']}`): {figures}",
+        "- **input**: a DataFrame of raw feature columns; the model applies its own encoding and reduction",
+    ]
+    return "\n".join(lines)
+
+
+def register_and_promote(
+    evaluation: Manifest, example, cfg: RegistryConfig, facts: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Register (once), set the `champion` or `challenger` alias and write the version's
+    model card; return what happened."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -107,6 +133,8 @@ def register_and_promote(evaluation: Manifest, example, cfg: RegistryConfig) -> 
         else:
             why = f"champion v{champion.version} was tested on other data; the newest model takes over"
     client.set_registered_model_alias(cfg.model_name, alias, version.version)
+    card = model_card(cfg.model_name, version.version, alias, why, evaluation, facts or {})
+    client.update_model_version(cfg.model_name, version.version, description=card)
     return {
         "model_name": cfg.model_name,
         "version": int(version.version),

@@ -228,6 +228,20 @@ def prune_network(
     return outcome
 
 
+def card_facts(cfg, partitions, features, trained, pruned) -> dict[str, str]:
+    """What the model card says about the data, features, model and compression."""
+    rows = {s: partitions["splits"][s]["rows"] for s in ("train", "val", "test")}
+    arch = trained["arch"]
+    return {
+        "data": f"{mask_text(cfg.data.source)}: {rows['train']:,} train / {rows['val']:,} val / "
+        f"{rows['test']:,} test rows, {len(partitions['classes'])} classes",
+        "features": features["summary"],
+        "model": f"{arch['model']} {arch['hidden']}, trained {trained['summary'].split(':')[0]}",
+        "compression": pruned.get("summary", "none"),
+        "config digest": cfg.digest(),
+    }
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_and_register(
     cfg: PipelineConfig,
@@ -259,7 +273,10 @@ def evaluate_and_register(
             Path(cfg.workdir).resolve() / "registry", config_digest(cfg.registry.model_name)
         ):
             promotion = registry.register_and_promote(
-                outcome.manifest, evaluate.input_example(partitions), cfg.registry
+                outcome.manifest,
+                evaluate.input_example(partitions),
+                cfg.registry,
+                card_facts(cfg, partitions, features, trained, pruned),
             )
         mlflow.set_tags({f"accelflow.registry.{k}": str(v) for k, v in promotion.items()})
         outcome.manifest["promotion"] = promotion

@@ -116,6 +116,15 @@ def test_champion_scores_raw_test_pixels_with_the_logged_accuracy(first_run, fmn
     )
     assert float((predictions == labels).mean()) == pytest.approx(logged, abs=1e-9)
     assert result["promotion"]["alias"] == "champion"
+    # the version's model card: what it is, what it was tested on, why it holds its alias
+    card = (
+        MlflowClient(cfg.tracking.uri)
+        .get_model_version(cfg.registry.model_name, str(result["promotion"]["version"]))
+        .description
+    )
+    assert card.startswith(f"### {cfg.registry.model_name} v1: `champion`")
+    assert "**gate**: no champion yet" in card
+    assert f"accuracy {logged:.4f}" in card and "**data**" in card and "**features**" in card
 
 
 def test_rerun_is_all_cache_hits_and_reuses_the_registered_version(first_run):
@@ -147,20 +156,20 @@ def test_changing_the_learning_rate_reruns_train_and_after_only(first_run):
     assert result["promotion"]["version"] == first_run[1]["promotion"]["version"] + 1
 
 
-def test_a_byte_changed_in_a_stage_source_reruns_that_stage_and_after(first_run):
-    """No hand-bumped versions: the cache key digests the code each stage runs. One byte
-    appended to reduce's module re-runs reduce and every stage after it; restored, the
-    earlier outputs are cache hits again."""
+def test_changed_stage_code_reruns_that_stage_and_after(first_run, tmp_path, monkeypatch):
+    """No hand-bumped versions: the cache key digests the bytes of every source file a
+    stage runs (`SOURCES`; a byte changed in any of them changes the digest, tested in
+    test_stage.py). One more source file for reduce re-runs reduce and every stage after it;
+    back as it was, the earlier outputs are cache hits again. (The file is a temporary
+    module, not tasks/reduce.py itself: tests run in parallel and read that file too.)"""
     import tasks.reduce
 
     cfg, _ = first_run
-    source = Path(tasks.reduce.__file__)
-    original = source.read_bytes()
-    try:
-        source.write_bytes(original + b"\n# one more line\n")
+    (tmp_path / "reduce_extra_source.py").write_text("# one more line of reduce's code\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with monkeypatch.context() as patch:
+        patch.setattr(tasks.reduce, "SOURCES", (*tasks.reduce.SOURCES, "reduce_extra_source"))
         changed = {row["stage"]: row for row in pipeline(cfg)["stages"]}
-    finally:
-        source.write_bytes(original)
     assert [changed[s]["status"] for s in STAGES] == ["cached"] * 2 + ["ran"] * 5
     assert "stage code changed" in changed["reduce"]["reason"]
     assert "input changed" in changed["train"]["reason"]
