@@ -37,7 +37,7 @@ MODELS = {
     "rnn": ["train.model=rnn", "train.epochs=10", "train.hidden=[128]", "train.lr=0.005"],
     "transformer": [
         "train.model=transformer",
-        "train.epochs=10",
+        "train.epochs=15",
         "train.hidden=[64, 64]",
         "train.heads=4",
         "train.patch=4",
@@ -153,12 +153,14 @@ def data_parallel(files, names, folder: Path) -> dict:
     }
 
 
-def time_to_accuracy(folder: Path) -> list[dict]:
+def time_to_accuracy(folder: Path, only: list[str] | None = None) -> list[dict]:
     import mlflow
 
     rows = []
     store = folder / "mlflow.db"
     for model, sets in MODELS.items():
+        if only and model not in only:
+            continue
         argv = [str(BIN / "accelflow"), "run", "--set", f"workdir={folder / 'work'}"]
         for s in [
             f"tracking.uri=sqlite:///{store}",
@@ -202,6 +204,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "train.json"))
     parser.add_argument("--skip-models", action="store_true", help="parts 1 and 2 only")
+    parser.add_argument("--only", nargs="+", choices=list(MODELS), help="part 3, these models only")
     args = parser.parse_args()
     os.environ.update(
         {
@@ -212,10 +215,23 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory(prefix="accelflow-train-bench-") as tmp:
         tmp = Path(tmp)
-        files, names = fmnist_parquet(tmp)
-        over = overhead(files, names, tmp)
-        parallel = data_parallel(files, names, tmp)
-        models = [] if args.skip_models else time_to_accuracy(tmp)
+        over = parallel = None
+        if not args.only:
+            files, names = fmnist_parquet(tmp)
+            over = overhead(files, names, tmp)
+            parallel = data_parallel(files, names, tmp)
+        models = [] if args.skip_models else time_to_accuracy(tmp, args.only)
+    if over:
+        print_parts_1_and_2(over, parallel)
+    if models:
+        print_models(models)
+    result = {"overhead": over, "data_parallel": parallel, "models": models, "cpus": os.cpu_count()}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+def print_parts_1_and_2(over: dict, parallel: dict) -> None:
     print(
         f"\n{'trainer vs plain loop (1 process, MLP 784-512-256-10, batch 256)':<66} {'samples/s':>10}"
     )
@@ -228,6 +244,9 @@ def main() -> None:
     print(f"{'1 process':<66} {parallel['samples_per_s_1']:>10.0f}")
     print(f"{'2 processes':<66} {parallel['samples_per_s_2']:>10.0f}")
     print(f"{'speed-up':<66} {parallel['speedup']:>10.2f}")
+
+
+def print_models(models: list[dict]) -> None:
     if models:
         print(
             f"\n{'model (full Fashion-MNIST)':<14} {'test acc':>9} {'train s':>8} {'params':>9}  settings"
@@ -241,10 +260,6 @@ def main() -> None:
                 f"{r['model']:<14} {r['test_accuracy']:>9.4f} {r['train_seconds']:>8.0f} "
                 f"{r['parameters']:>9.0f}  {' '.join(r['settings'])}"
             )
-    result = {"overhead": over, "data_parallel": parallel, "models": models, "cpus": os.cpu_count()}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.json}")
 
 
 if __name__ == "__main__":
