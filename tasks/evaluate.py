@@ -169,8 +169,9 @@ def plot_tsne(predictor: Predictor, X: np.ndarray, y: np.ndarray, path: Path) ->
     pick = np.sort(np.random.default_rng(0).permutation(len(X))[:TSNE_SAMPLE])
     with torch.inference_mode():
         H = predictor.model.embed(predictor.features(X[pick])).numpy()
-    if H.shape[1] > 50:
-        H = PCA(50, random_state=0).fit_transform(H)
+    dims = min(50, *H.shape)  # a small test split (wine: 21 rows) allows fewer than 50
+    if H.shape[1] > dims:
+        H = PCA(dims, random_state=0).fit_transform(H)
     perplexity = min(30.0, (len(pick) - 1) / 3)
     Z = TSNE(
         2, init="pca", learning_rate="auto", perplexity=perplexity, random_state=0

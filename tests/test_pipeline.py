@@ -252,3 +252,27 @@ def test_a_user_error_in_any_stage_fails_the_run_with_its_paragraph_only(
     logged = out + err + caplog.text
     assert "Traceback" not in logged
     assert f"accelflow: error: {failing}: its input was edited" in logged
+
+
+def test_the_tsne_map_draws_a_test_split_smaller_than_its_pca(tmp_path):
+    """Wine's test split is about 20 rows: fewer than the 50 PCA dimensions t-SNE starts
+    from (found by running the default config on it)."""
+    import json
+
+    import matplotlib.image
+    import torch
+    from sklearn.datasets import load_wine
+
+    from tasks.evaluate import plot_tsne
+    from tasks.serving import Predictor
+    from tasks.training.models import build_model
+
+    X, y = load_wine(return_X_y=True)
+    arch = {"model": "mlp", "n_features": 13, "n_classes": 3, "hidden": [128], "dropout": 0.0}
+    (tmp_path / "meta.json").write_text(
+        json.dumps({"feature_names": [f"f{i}" for i in range(13)], "classes": [0, 1, 2]})
+    )
+    (tmp_path / "model.json").write_text(json.dumps(arch))
+    torch.save(build_model(arch).state_dict(), tmp_path / "model.pt")
+    plot_tsne(Predictor(tmp_path), X[:21], y[:21], tmp_path / "tsne.png")
+    assert matplotlib.image.imread(tmp_path / "tsne.png").std() > 0.01
