@@ -21,6 +21,7 @@ help:
 	@echo "make run    - set up and run the pipeline on embedded defaults (ARGS='--set train.epochs=3')"
 	@echo "make test   - set up and run the test suite"
 	@echo "make serve  - start Prefect server + worker and MLflow server on 127.0.0.1, register deployments"
+	@echo "              (ALERT_WEBHOOK=URL: POST there when a run regresses)"
 	@echo "make stop   - stop exactly what make serve started"
 	@echo "make lint   - ruff"
 	@echo "make clean  - remove stage outputs and the local MLflow store (keeps .venv)"
@@ -72,7 +73,7 @@ test: setup data test-tools
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(ARGS)
 
 serve: setup data
-	$(BIN)/python -m flows.serve start
+	$(BIN)/python -m flows.serve start $(if $(ALERT_WEBHOOK),--alert-webhook '$(ALERT_WEBHOOK)')
 
 stop:
 	@if [ -x $(BIN)/python ]; then $(BIN)/python -m flows.serve stop; fi

@@ -1,11 +1,12 @@
 """Start and stop the local serving stack: Prefect server + worker, MLflow tracking server.
 
-    make serve        # python -m flows.serve start
+    make serve        # python -m flows.serve start [--alert-webhook URL]
     make stop         # python -m flows.serve stop
+    python -m flows.serve alerts --webhook URL --api URL   # alerts on a server of your own
 
 `start` launches each service in its own process group on 127.0.0.1, waits until it
-answers, creates the work pools, registers the deployments in prefect.yaml, and records
-the pids in <state>/services.json; `stop` stops exactly those process groups. The same
+answers, creates the work pools, registers the deployments in prefect.yaml (and, given a
+webhook, the regression alert of conf/automations/), and records the pids in <state>/services.json; `stop` stops exactly those process groups. The same
 helpers start the real servers (on PostgreSQL too) and Dask processes in the integration
 tests, so what the tests exercise is what users run.
 """
@@ -242,6 +243,35 @@ def register_deployments(api_url: str) -> None:
     )
 
 
+ALERT_SPEC = PROJECT / "conf" / "automations" / "regression-alert.yaml"
+ALERT_BLOCK = "accelflow-alerts"
+
+
+def register_alerts(api_url: str, webhook_url: str, spec_path: Path = ALERT_SPEC) -> str:
+    """Save `webhook_url` as the Webhook block `accelflow-alerts` and (re)create the
+    automation in `spec_path` with its call-webhook actions pointed at that block; returns
+    the automation's id. Rerunning replaces both, so the URL can change."""
+    import yaml
+    from prefect.blocks.webhook import Webhook
+    from prefect.client.orchestration import get_client
+    from prefect.events.schemas.automations import AutomationCore
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    spec = yaml.safe_load(spec_path.read_text())
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        block_id = Webhook(url=webhook_url, headers={"Content-Type": "application/json"}).save(
+            ALERT_BLOCK, overwrite=True
+        )
+        for action in spec["actions"]:
+            if action.get("type") == "call-webhook" and not action.get("block_document_id"):
+                action["block_document_id"] = str(block_id)
+        automation = AutomationCore.model_validate(spec)
+        with get_client(sync_client=True) as client:
+            for old in client.read_automations_by_name(automation.name):
+                client.delete_automation(old.id)
+            return str(client.create_automation(automation))
+
+
 def alive(pid: int) -> bool:
     try:
         os.killpg(pid, 0)
@@ -253,7 +283,9 @@ def alive(pid: int) -> bool:
 # ---------------------------------------------------------------- make serve / make stop
 
 
-def serve(state: Path, prefect_port: int, mlflow_port: int) -> list[Running]:
+def serve(
+    state: Path, prefect_port: int, mlflow_port: int, alert_webhook: str | None = None
+) -> list[Running]:
     started: list[Running] = []
     try:
         started.append(prefect_server(state, prefect_port))
@@ -263,6 +295,8 @@ def serve(state: Path, prefect_port: int, mlflow_port: int) -> list[Running]:
             f"http://127.0.0.1:{mlflow_port}",
         )
         register_deployments(api_url)
+        if alert_webhook:
+            register_alerts(api_url, alert_webhook)
         started.append(
             prefect_worker(state, api_url, "accelflow-cpu", {"MLFLOW_TRACKING_URI": tracking})
         )
@@ -277,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.serve", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("command", choices=["start", "stop", "status"])
+    parser.add_argument("command", choices=["start", "stop", "status", "alerts"])
     parser.add_argument("--state-dir", default=str(PROJECT / ".accelflow" / "serve"))
     parser.add_argument(
         "--prefect-port", type=int, default=int(os.environ.get("ACCELFLOW_PREFECT_PORT", 4200))
@@ -285,8 +319,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--mlflow-port", type=int, default=int(os.environ.get("ACCELFLOW_MLFLOW_PORT", 5000))
     )
+    parser.add_argument(
+        "--alert-webhook",
+        "--webhook",
+        default=os.environ.get("ACCELFLOW_ALERT_WEBHOOK") or None,
+        help="URL to POST regression alerts to (start, alerts); see conf/automations/",
+    )
+    parser.add_argument("--api", default=None, help="Prefect API URL for `alerts`")
     args = parser.parse_args(argv)
     state = Path(args.state_dir)
+    if args.command == "alerts":
+        if not args.alert_webhook:
+            parser.error("alerts needs --webhook URL (or ACCELFLOW_ALERT_WEBHOOK)")
+        api = args.api or os.environ.get("PREFECT_API_URL")
+        api = api or f"http://127.0.0.1:{args.prefect_port}/api"
+        automation = register_alerts(api, args.alert_webhook)
+        print(f"automation accelflow-regression-alert ({automation}) posts to the webhook")
+        return 0
     record = state / "services.json"
     running = [Running(**r) for r in json.loads(record.read_text())] if record.is_file() else []
     running = [r for r in running if alive(r.pid)]
@@ -307,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         print("already running (make stop first):", ", ".join(r.name for r in running))
         return 0
     try:
-        started = serve(state, args.prefect_port, args.mlflow_port)
+        started = serve(state, args.prefect_port, args.mlflow_port, args.alert_webhook)
     except ServiceError as exc:
         print(f"serve: {exc}", file=sys.stderr)
         return 1
@@ -318,6 +367,8 @@ Prefect UI   http://127.0.0.1:{args.prefect_port}
 MLflow UI    http://127.0.0.1:{args.mlflow_port}
 Deployments  accelflow/nightly (02:00 UTC), accelflow/adhoc, accelflow/cluster (pool accelflow-cpu),
              accelflow/gpu (pool accelflow-gpu, one run at a time; start a worker on a GPU node)
+
+Alerts       {"a worse run POSTs to the webhook (conf/automations/regression-alert.yaml)" if args.alert_webhook else "none: make serve ALERT_WEBHOOK=URL posts when a run regresses"}
 
 Trigger a run and follow it:
   export PREFECT_API_URL={api}

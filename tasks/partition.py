@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from conf.schema import PartitionConfig
+from tasks.progress import Progress, gather
 from tasks.stage import Manifest, StageDir, describe_files
 
 # the code whose output this stage stores: its digest is part of the cache key
@@ -292,11 +293,15 @@ def partition_dataset(
     report = client.gather(measuring)
     chosen = next(r for r in report if (r["codec"], r["level"]) == (codec, level))
     plot_report(report, chosen, out.path("codec_report.png"))
+    every = [f for futures in writing.values() for f in futures]
+    written_as = codec + (f"-{level}" if level is not None else "")
+    with Progress("partition", f"partitions written ({written_as})", len(every)) as progress:
+        written = iter(gather(client, every, progress, lambda d: f"{d['bytes'] / 2**20:.1f} MiB"))
 
     splits: dict[str, Any] = {}
     bytes_in = bytes_out = 0
     for name, split in ingest["splits"].items():
-        described = [out.moved(d) for d in client.gather(writing[name])]
+        described = [out.moved(next(written)) for _ in writing[name]]
         splits[name] = {"files": described, "rows": split["rows"]}
         bytes_in += split["X"]["bytes"] + split["y"]["bytes"]
         bytes_out += sum(d["bytes"] for d in described)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from conf.schema import ReduceConfig
+from tasks.progress import Progress, gather
 from tasks.stage import Manifest, StageDir, describe_files
 
 # the code whose output this stage stores: its digest is part of the cache key
@@ -169,7 +170,9 @@ def fit_reduction(partitions: Manifest, cfg: ReduceConfig, out: StageDir, client
     cluster. Return the manifest body, which says why it reduced or not."""
     columns, label = partitions["feature_names"], partitions["label"]
     train_files = [f["path"] for f in partitions["splits"]["train"]["files"]]
-    moments = client.gather(client.map(partition_moments, train_files, columns=columns, pure=False))
+    passing = client.map(partition_moments, train_files, columns=columns, pure=False)
+    with Progress("reduce", "PCA pass over train partitions", len(passing)) as progress:
+        moments = gather(client, passing, progress, lambda m: f"{m[0]:,} rows")
     standardize = standardizes(cfg, partitions)
     sweep = None
     if cfg.sweep:  # measured: the target the sweep picks replaces reduce.variance_target
@@ -206,21 +209,20 @@ def fit_reduction(partitions: Manifest, cfg: ReduceConfig, out: StageDir, client
         out.path(name).mkdir()
         sources = [f["path"] for f in split["files"]]
         targets = [str(out.path(f"{name}/{Path(s).name}")) for s in sources]
-        described = [
-            out.moved(d)
-            for d in client.gather(
-                client.map(
-                    project_partition,
-                    sources,
-                    targets,
-                    columns=columns,
-                    label=label,
-                    reduction_path=reduction_path,
-                    pure=False,
-                )
+        projecting = client.map(
+            project_partition,
+            sources,
+            targets,
+            columns=columns,
+            label=label,
+            reduction_path=reduction_path,
+            pure=False,
+        )
+        with Progress("reduce", f"{name} partitions projected", len(projecting)) as progress:
+            written = gather(
+                client, projecting, progress, lambda d: f"{d['bytes'] / 2**20:.1f} MiB"
             )
-        ]
-        splits[name] = {"files": described, "rows": split["rows"]}
+        splits[name] = {"files": [out.moved(d) for d in written], "rows": split["rows"]}
     why = (
         f"reduce.sweep picked variance target {cfg.variance_target}: {sweep['why']}"
         if sweep

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from conf.schema import ReduceConfig, TrainConfig
+from tasks.progress import Progress, gather
 from tasks.stage import Manifest, StageDir
 
 NONE = "none"  # the raw features
@@ -118,7 +119,14 @@ def run_sweep(
         points.append({"target": target, "features": features})
     threads = min(w["nthreads"] for w in client.scheduler_info(n_workers=-1)["workers"].values())
     start = time.perf_counter()
-    results = client.gather(client.map(proxy_train, specs, threads=threads, pure=False))
+    futures = client.map(proxy_train, specs, threads=threads, pure=False)
+    with Progress("reduce", "sweep points", len(futures)) as progress:
+        results = gather(
+            client,
+            futures,
+            progress,
+            lambda r: f"val accuracy {r['val_accuracy']:.4f} in {r['seconds']:.1f} s",
+        )
     for point, result in zip(points, results, strict=True):
         point.update(result)
     chosen, why = pick(points, cfg)

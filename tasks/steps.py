@@ -17,9 +17,9 @@ from conf.schema import PipelineConfig, TrainConfig, config_digest, mask_text
 from tasks import evaluate, ingest, partition, prune, readers, reduce, registry, train, tune
 from tasks.cluster import dask_client
 from tasks.errors import user_error_in
+from tasks.progress import Progress
 from tasks.stage import Manifest, StageOutcome, code_version, run_stage, stage_lock
 from tasks.tracking import (
-    Progress,
     log_dataset,
     log_source,
     log_sweep_point,
@@ -139,15 +139,15 @@ def tune_settings(cfg: PipelineConfig, parent: str, features: Manifest) -> Stage
     def build(out):
         if not cfg.tune.enabled:
             return tune.skip_tuning()
-        progress = Progress("tune", "trials")
+        progress = Progress("tune", "trials", cfg.tune.trials)
 
         def on_trial(trial, finished, budget):
             log_trial(run_id, trial, cfg.tune.metric)
             value = trial[cfg.tune.metric]
             shown = f"{cfg.tune.metric} {value:.4f}" if value is not None else trial["reason"]
-            progress.step(finished, budget, f"trial {trial['trial']} {trial['state']}, {shown}")
+            progress.step(finished, f"trial {trial['trial']} {trial['state']}, {shown}")
 
-        with dask_client(cfg.dask) as client:
+        with dask_client(cfg.dask) as client, progress:
             return tune.search(features, cfg.tune, cfg.train, out, client, on_trial)
 
     with stage_run(parent, "tune", "tune", cfg.tune) as run_id:

@@ -383,38 +383,6 @@ def log_sweep_point(stage_run_id: str, point: dict[str, Any]) -> str:
     )
 
 
-class Progress:
-    """A Prefect progress artifact for long work inside a task run (a no-op elsewhere), and
-    one log line per step: what a terminal, CI and a Prefect worker all show."""
-
-    def __init__(self, stage: str, what: str):
-        self.stage, self.what, self.artifact = stage, what, None
-        try:
-            import prefect.artifacts
-            from prefect.context import TaskRunContext
-
-            if TaskRunContext.get() is not None:
-                self.artifact = prefect.artifacts.create_progress_artifact(
-                    0.0, key=f"accelflow-{stage}-progress", description=f"{stage}: {what}"
-                )
-        except Exception as exc:  # a convenience: never fail a stage over it
-            print(f"note: no Prefect progress artifact for {stage}: {exc}")
-
-    def step(self, done: int, total: int, line: str) -> None:
-        print(f"{self.stage}: {self.what} {done}/{total}: {line}", flush=True)
-        if self.artifact is None:
-            return
-        try:
-            import prefect.artifacts
-
-            prefect.artifacts.update_progress_artifact(
-                self.artifact, min(100.0, 100.0 * done / max(total, 1))
-            )
-        except Exception as exc:
-            print(f"note: could not update the Prefect progress artifact: {exc}")
-            self.artifact = None
-
-
 def flag_regression(parent_run_id: str, cfg: PipelineConfig) -> dict[str, Any]:
     """Compare this run with the previous finished one on the same test data; tag the run
     (`accelflow.regression`) and, when it got worse, emit the Prefect event

@@ -2,6 +2,8 @@
 
 - a Prefect server + worker with the deployments of prefect.yaml, triggered by the CLI
   `prefect deployment run ... --watch`, logging to a real MLflow tracking server;
+- the regression alert automation of conf/automations/ posting to a local HTTP receiver
+  for a worse run, and not for a same-config rerun;
 - the MLflow UI rendered in headless Chromium (DOM dump + screenshot in tests/artifacts/);
 - docker/compose.yaml validated by docker-compose;
 - the cluster profile against separate processes: a Dask scheduler + 2 workers, an MLflow
@@ -16,7 +18,10 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -55,9 +60,30 @@ def parent_and_stages(client: MlflowClient, flow_run_id: str):
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, fmnist_small):
-    """What `make serve` starts (same entry point, free ports): Prefect server, MLflow server,
-    deployments from prefect.yaml, a worker on the CPU pool; `make stop`'s code stops it."""
+def webhook_receiver():
+    """A local HTTP endpoint that keeps the JSON bodies POSTed to it."""
+    received: list[dict] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_port}/accelflow-alerts", received
+    httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, fmnist_small, webhook_receiver):
+    """What `make serve ALERT_WEBHOOK=...` starts (same entry point, free ports): Prefect
+    server, MLflow server, deployments from prefect.yaml, the regression alert, a worker on
+    the CPU pool; `make stop`'s code stops it."""
     state = tmp_path_factory.mktemp("serve")
     prefect_port, mlflow_port = serve.free_port(), serve.free_port()
     args = [
@@ -68,7 +94,8 @@ def stack(tmp_path_factory, fmnist_small):
         "--mlflow-port",
         str(mlflow_port),
     ]
-    assert serve.main(["start", *args]) == 0
+    url, alerts = webhook_receiver
+    assert serve.main(["start", *args, "--alert-webhook", url]) == 0
     running = json.loads((state / "services.json").read_text())
     assert [r["name"] for r in running] == [
         "prefect-server",
@@ -81,6 +108,7 @@ def stack(tmp_path_factory, fmnist_small):
             "tracking": f"http://127.0.0.1:{mlflow_port}",
             "state": state,
             "data": fmnist_small,
+            "alerts": alerts,
         }
     finally:
         assert serve.main(["stop", *args]) == 0
@@ -134,6 +162,45 @@ def test_prefect_deployment_run_completes_and_lands_in_mlflow(stack, deployed_ru
     assert re.search(r"name='accelflow-[0-9a-f]{8}'", inspect), (
         inspect
     )  # run name carries the config digest
+
+
+def test_a_worse_run_fires_the_alert_webhook_and_a_same_config_rerun_does_not(stack, deployed_run):
+    """After the deployed run, the same config again from the CLI (no regression), then
+    one that cannot learn: the automation POSTs once, for that run."""
+    env = {
+        **os.environ,
+        **serve.QUIET,
+        "PREFECT_API_URL": stack["api"],
+        "MLFLOW_TRACKING_URI": stack["tracking"],
+    }
+    base = [*SMALL, f"data.source={stack['data']}", f"workdir={stack['state'] / 'work'}"]
+
+    def accelflow_run(*extra: str) -> tuple[str, str]:
+        sets = [arg for key in [*base, *extra] for arg in ("--set", key)]
+        out = subprocess.run(
+            [str(serve.BIN / "accelflow"), "run", "--profile", "serve", *sets],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+            cwd=serve.PROJECT,
+        )
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out.stdout, re.findall(r"/runs/([0-9a-f]{32})", out.stdout)[-1]  # the summary
+
+    same, _ = accelflow_run()
+    assert "No regression against the previous run" in same, same[-2000:]
+    worse, worse_run = accelflow_run("train.lr=1e-6")
+    assert "REGRESSION against run" in worse, worse[-2000:]
+    alerts, deadline = stack["alerts"], time.monotonic() + 90
+    while not alerts and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # a late second POST (for the rerun) would show up here
+    assert len(alerts) == 1, alerts
+    (alert,) = alerts
+    assert alert["run_id"] == worse_run and alert["event"] == "accelflow.run.regressed"
+    assert alert["accuracy_drop"] > 0.01 and "test accuracy" in alert["why"]
+    assert worse_run in alert["text"]
 
 
 def chromium(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.errors import TrainingError
+from tasks.progress import Progress
 
 if TYPE_CHECKING:  # the launcher itself needs no pydantic: a bare GPU box can run it
     from conf.schema import TrainConfig
@@ -40,6 +41,27 @@ def root_cause(log: str) -> str:
         elif in_traceback and line and not line[0].isspace():
             return line[:500]
     return "see the log"
+
+
+def epoch_row(line: str) -> dict[str, Any] | None:
+    """Rank 0 prints one JSON row per epoch (see `Trainer.log_epoch`); anything else is log."""
+    if not line.startswith('{"epoch"'):
+        return None
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+def epoch_figures(row: dict[str, Any], prefix: str) -> str:
+    shown = [
+        ("loss", row.get(f"{prefix}/loss"), ".4f"),
+        ("val loss", row.get("val/loss"), ".4f"),
+        ("val acc", row.get("val/accuracy"), ".4f"),
+        ("samples/s", row.get(f"{prefix}/samples_per_second"), ",.0f"),
+        ("sparsity", row.get(f"{prefix}/sparsity"), ".1%"),
+    ]
+    return ", ".join(f"{name} {value:{fmt}}" for name, value, fmt in shown if value is not None)
 
 
 def torchrun_command(
@@ -113,10 +135,25 @@ def launch(
             f"waiting for {nnodes - 1} more node(s); on each of them run:\n  {others}", flush=True
         )
     log_path = workdir / "train.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.run(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd()
+    stage = spec.get("metric_prefix", "train")
+    total = sum(phase["epochs"] for phase in spec["phases"])
+    with open(log_path, "w") as log, Progress(stage, "epochs", total) as progress:
+        proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=os.getcwd(),
+            text=True,
+            bufsize=1,
         )
+        for line in proc.stdout:  # the whole log to the file; rank 0's epoch rows to progress
+            log.write(line)
+            log.flush()  # `tail -f train.log` follows a long run
+            row = epoch_row(line)
+            if row is not None:
+                progress.step(row["epoch"] + 1, epoch_figures(row, stage))
+        proc.wait()
     if proc.returncode != 0:
         raise TrainingError(
             f"training workers exited with {proc.returncode}: {root_cause(log_path.read_text())} "
