@@ -83,6 +83,7 @@ def generate(folder: Path, rows: int, columns: int, seed: int = 0) -> dict:
         "splits": {"train": {**files, "rows": rows}, "val": empty, "test": empty},
     }
     out = folder / "partitioned"
+    out.mkdir()
     with dask_client(DaskConfig(n_workers=2, threads_per_worker=1, memory_limit="4GiB")) as c:
         body = partition_dataset(ingest, PartitionConfig(codec="zstd"), StageDir(out, out), c)
     (folder / "X.npy").unlink()

@@ -58,9 +58,33 @@ def read_features(path: str, columns: list[str]) -> np.ndarray:
     )
 
 
+BATCH_BYTES = 8 * 2**20  # rows read at a time by the PCA pass: a worker never holds more
+
+
 def partition_moments(path: str, columns: list[str]) -> tuple[int, np.ndarray, np.ndarray]:
-    X = read_features(path, columns)
-    return len(X), X.sum(axis=0), X.T @ X
+    """Row count, column sums and XᵀX (float64) of one partition, for PCA in one pass.
+
+    Read a batch of rows at a time, so a worker's memory is one batch, not the partition.
+    Each batch is centred on its own mean and multiplied in float32 (single-precision GEMM,
+    twice float64's speed, and no cancellation: the raw sums of squares are never formed in
+    float32), then shifted back in float64: Σxxᵀ = Σ(x-m)(x-m)ᵀ + n·m·mᵀ."""
+    import pyarrow.parquet as pq
+
+    d = len(columns)
+    n, total, gram = 0, np.zeros(d), np.zeros((d, d))
+    batch_rows = max(1024, BATCH_BYTES // (4 * max(d, 1)))
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns):
+        X = np.column_stack([c.to_numpy(zero_copy_only=False) for c in batch.columns]).astype(
+            np.float32, copy=False
+        )
+        if not len(X):
+            continue
+        sums = X.sum(axis=0, dtype=np.float64)
+        mean = sums / len(X)
+        X -= mean.astype(np.float32)
+        gram += (X.T @ X).astype(np.float64) + len(X) * np.outer(mean, mean)
+        n, total = n + len(X), total + sums
+    return n, total, gram
 
 
 def fit_pca(
