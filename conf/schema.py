@@ -334,12 +334,30 @@ class TuneConfig(Section):
         return v
 
 
+STRUCTURED_MODELS = ("mlp", "cnn")  # the models structured pruning knows how to narrow
+
+
 class PruneConfig(Section):
-    method: Literal["magnitude", "none"] = "magnitude"
-    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    method: Literal["magnitude", "structured", "none"] = "magnitude"
+    sparsity: float = Field(
+        0.5,
+        ge=0.0,
+        lt=1.0,
+        description="magnitude: share of weights zeroed; structured: share of each hidden "
+        "layer's neurons/channels removed",
+    )
     rounds: int = Field(1, ge=1, description="iterative pruning rounds, fine-tuned after each")
     finetune_epochs: int = Field(2, ge=0)
     finetune_lr: float = Field(1e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _one_shot_structured(self) -> PruneConfig:
+        if self.method == "structured" and self.rounds != 1:
+            raise ValueError(
+                f"rounds is {self.rounds}, but structured pruning is one-shot: set "
+                "prune.rounds to 1 (rounds ramp magnitude pruning)"
+            )
+        return self
 
 
 class EvaluateConfig(Section):
@@ -390,6 +408,12 @@ class PipelineConfig(Section):
                     else "train.model 'cnn' needs the raw images"
                 )
                 + ": remove reduce.sweep or change that key"
+            )
+        if self.prune.method == "structured" and self.train.model not in STRUCTURED_MODELS:
+            raise ValueError(
+                f"prune.method 'structured' narrows the layers of {' and '.join(STRUCTURED_MODELS)} "
+                f"models, but train.model is '{self.train.model}': use prune.method "
+                "'magnitude' or 'none'"
             )
         if self.train.model == "cnn" and self.reduce.method == "pca":
             raise ValueError(

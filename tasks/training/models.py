@@ -45,8 +45,12 @@ class MLP(nn.Module):
         return self.body[:-1](self.standardize(x))
 
 
+CNN_CHANNELS = [32, 64]
+
+
 class CNN(nn.Module):
-    """Two conv blocks and a small head, for images flattened to rows (C·H·W features)."""
+    """Two conv blocks and a small head, for images flattened to rows (C·H·W features).
+    `channels` are the blocks' widths (structured pruning narrows them)."""
 
     def __init__(
         self,
@@ -55,25 +59,28 @@ class CNN(nn.Module):
         image_shape: list[int],
         hidden: list[int],
         dropout: float,
+        channels: list[int] | None = None,
     ):
         super().__init__()
+        widths = channels
         channels, height, width = image_shape
         if channels * height * width != n_features:
             raise ValueError(f"image_shape {image_shape} does not match {n_features} features")
         self.image_shape = list(image_shape)
         self.channels_last = False
         self.standardize = Standardize(n_features)
+        c1, c2 = widths or CNN_CHANNELS
         self.features = nn.Sequential(
-            nn.Conv2d(channels, 32, 3, padding=1),
-            nn.BatchNorm2d(32),
+            nn.Conv2d(channels, c1, 3, padding=1),
+            nn.BatchNorm2d(c1),
             nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.BatchNorm2d(64),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.BatchNorm2d(c2),
             nn.ReLU(),
             nn.MaxPool2d(2),
         )
-        flat = 64 * (height // 4) * (width // 4)
+        flat = c2 * (height // 4) * (width // 4)
         self.head = nn.Sequential(
             nn.Flatten(),
             nn.Dropout(dropout),
@@ -223,6 +230,7 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
             arch["image_shape"],
             arch["hidden"],
             arch["dropout"],
+            arch.get("channels"),
         )
     if name == "rnn":
         return RNN(
@@ -244,3 +252,21 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
             arch.get("patch", 4),
         )
     raise ValueError(f"train.model: unknown model '{name}'; choose one of {', '.join(MODELS)}")
+
+
+# structured pruning (tasks.prune) narrows hidden layers in place; these say which layer
+# must keep its width (the classes) and read the narrowed widths back into the JSON spec
+
+
+def classifier(model: nn.Module) -> nn.Linear:
+    return model.body[-1] if isinstance(model, MLP) else model.head[-1]
+
+
+def widths(model: nn.Module) -> dict[str, list[int]]:
+    """The layer widths of an MLP or CNN, as `build_model` takes them from the spec."""
+    if isinstance(model, MLP):
+        return {"hidden": [m.out_features for m in model.body if isinstance(m, nn.Linear)][:-1]}
+    if isinstance(model, CNN):
+        convs = [m.out_channels for m in model.features if isinstance(m, nn.Conv2d)]
+        return {"channels": convs, "hidden": [model.head[2].out_features]}
+    raise ValueError(f"no layer widths for {type(model).__name__}")
