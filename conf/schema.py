@@ -361,8 +361,23 @@ class PruneConfig(Section):
 
 
 class EvaluateConfig(Section):
-    max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
+    max_accuracy_drop: float = Field(
+        0.01,
+        ge=0.0,
+        le=1.0,
+        description="the pruned model is chosen, and a new model may replace the champion, "
+        "only within this accuracy drop",
+    )
     latency_repeats: int = Field(30, ge=3)
+    objective: Literal["latency", "size"] = Field(
+        "latency", description="what the champion gate rewards: batch-256 latency or zstd size"
+    )
+    objective_margin: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="an objective counts as better only beyond this share (latency is noisy)",
+    )
 
 
 class AlertsConfig(Section):

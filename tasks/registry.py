@@ -2,8 +2,11 @@
 
 Idempotent: a model whose weights were already registered (a cached rerun) reuses its
 version instead of adding a new one. Promotion uses aliases (`champion`, `challenger`),
-never the deprecated stages. A new model takes `champion` unless the current champion was
-measured on the same test set and scores higher; otherwise it becomes `challenger`.
+never the deprecated stages. The gate (`decide`): against a champion measured on the same
+test set, a new model takes `champion` only when its accuracy is not worse beyond
+`evaluate.max_accuracy_drop` and it is better — on `evaluate.objective` (batch-256 latency
+or zstd size) by more than `evaluate.objective_margin`, or more accurate without being
+worse on the objective beyond that margin. Otherwise it is registered as `challenger`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from conf.schema import RegistryConfig
+from conf.schema import EvaluateConfig, RegistryConfig
 from tasks.stage import Manifest
 
 ENTRY = Path(__file__).resolve().with_name("pyfunc_model.py")
@@ -74,6 +77,77 @@ def log_pyfunc(bundle: str, example, name: str):
     return mlflow.MlflowClient().get_model_version(name, info.registered_model_version)
 
 
+OBJECTIVES = {  # evaluate.objective → the figure compared, lower is better
+    "latency": ("latency_b256_ms", "batch-256 latency", "ms"),
+    "size": ("size_zstd_bytes", "zstd size", "bytes"),
+}
+
+
+def decide(
+    candidate: dict[str, float], champion: dict[str, float] | None, cfg: EvaluateConfig
+) -> tuple[str, str]:
+    """(alias, why) for a candidate against the champion's figures on the same test set:
+    `accuracy` and the objective's figure (missing for a champion registered before it was
+    recorded: then accuracy alone decides)."""
+    if champion is None:
+        return "champion", "no champion on this test set"
+    key, label, unit = OBJECTIVES[cfg.objective]
+    gain = candidate["accuracy"] - champion["accuracy"]
+    accuracy = f"accuracy {candidate['accuracy']:.4f} vs {champion['accuracy']:.4f} ({gain:+.4f})"
+    if gain < -cfg.max_accuracy_drop:
+        return "challenger", (
+            f"{accuracy}: worse by more than evaluate.max_accuracy_drop ({cfg.max_accuracy_drop})"
+        )
+    if champion.get(key) is None:
+        if gain >= 0:
+            return "champion", f"{accuracy}; the champion has no recorded {label}"
+        return "challenger", f"{accuracy}; the champion has no recorded {label} to trade against"
+    ratio = candidate[key] / max(champion[key], 1e-12)
+    objective = (
+        f"{label} {candidate[key]:.4g} vs {champion[key]:.4g} {unit} (×{ratio:.2f}, "
+        f"evaluate.objective: {cfg.objective})"
+    )
+    if ratio < 1 - cfg.objective_margin:
+        return "champion", f"better {label}: {objective}; {accuracy}"
+    if gain > 0 and ratio <= 1 + cfg.objective_margin:
+        return "champion", f"more accurate: {accuracy}; {objective}"
+    return "challenger", (
+        f"not better: {objective}, needs < ×{1 - cfg.objective_margin:.2f} "
+        f"(evaluate.objective_margin), or higher accuracy within ×{1 + cfg.objective_margin:.2f}; "
+        f"{accuracy}"
+    )
+
+
+def gate_markdown(
+    alias: str, why: str, candidate: dict[str, float], champion: dict[str, float] | None, cfg
+) -> str:
+    """The decision with its numbers, as the markdown artifact a reviewer reads."""
+    lines = [f"## Gate: `{alias}`", "", why, ""]
+    if champion is not None:
+        lines += ["| figure | this model | champion |", "|---|---|---|"]
+        for key in ("accuracy", "latency_b256_ms", "size_zstd_bytes"):
+            theirs = champion.get(key)
+            lines.append(
+                f"| {key} | {candidate[key]:.6g} | {'—' if theirs is None else f'{theirs:.6g}'} |"
+            )
+        lines += [
+            "",
+            f"Rule: accuracy not worse than the champion's by more than {cfg.max_accuracy_drop}, "
+            f"and better on {cfg.objective} by more than {cfg.objective_margin:.0%} (or more "
+            "accurate and not worse beyond that margin).",
+        ]
+    return "\n".join(lines)
+
+
+def _figures(tags: dict[str, str]) -> dict[str, float | None]:
+    def number(key: str) -> float | None:
+        return float(tags[key]) if key in tags else None
+
+    return {"accuracy": number("test_accuracy") or float("nan")} | {
+        key: number(key) for key, _, _ in OBJECTIVES.values()
+    }
+
+
 def model_card(
     name: str, version: str, alias: str, why: str, evaluation: Manifest, facts: dict[str, str]
 ) -> str:
@@ -98,10 +172,14 @@ def model_card(
 
 
 def register_and_promote(
-    evaluation: Manifest, example, cfg: RegistryConfig, facts: dict[str, str] | None = None
+    evaluation: Manifest,
+    example,
+    cfg: RegistryConfig,
+    gate: EvaluateConfig,
+    facts: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Register (once), set the `champion` or `challenger` alias and write the version's
-    model card; return what happened."""
+    model card; return what happened, with the gate's markdown."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -115,21 +193,21 @@ def register_and_promote(
             "accelflow.test_digest": evaluation["test_digest"],
             "accelflow.variant": evaluation["chosen"],
             "test_accuracy": repr(chosen["accuracy"]),  # exact: the gate compares it
+            "latency_b256_ms": repr(chosen["latency_b256_ms"]),
+            "size_zstd_bytes": repr(chosen["size_zstd_bytes"]),
         }.items():
             client.set_model_version_tag(cfg.model_name, version.version, key, value)
 
     champion = _champion(client, cfg.model_name)
+    theirs = None
     alias, why = "champion", "no champion yet"
     if champion is not None and champion.version == version.version:
         why = "already the champion"
     elif champion is not None:
-        same_test = champion.tags.get("accelflow.test_digest") == evaluation["test_digest"]
-        champion_accuracy = float(champion.tags.get("test_accuracy", "nan"))
-        if same_test and champion_accuracy > chosen["accuracy"]:
-            alias = "challenger"
-            why = f"champion v{champion.version} scores {champion_accuracy:.4f} > {chosen['accuracy']:.4f}"
-        elif same_test:
-            why = f"beats or ties champion v{champion.version} ({champion_accuracy:.4f})"
+        if champion.tags.get("accelflow.test_digest") == evaluation["test_digest"]:
+            theirs = _figures(champion.tags)
+            alias, why = decide(chosen, theirs, gate)
+            why = f"against champion v{champion.version}: {why}"
         else:
             why = f"champion v{champion.version} was tested on other data; the newest model takes over"
     client.set_registered_model_alias(cfg.model_name, alias, version.version)
@@ -140,4 +218,5 @@ def register_and_promote(
         "version": int(version.version),
         "alias": alias,
         "why": why,
+        "markdown": gate_markdown(alias, why, chosen, theirs, gate),
     }

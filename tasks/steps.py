@@ -25,6 +25,7 @@ from tasks.tracking import (
     log_sweep_point,
     log_trial,
     publish,
+    publish_markdown,
     publish_table,
     stage_run,
 )
@@ -276,9 +277,12 @@ def evaluate_and_register(
                 outcome.manifest,
                 evaluate.input_example(partitions),
                 cfg.registry,
+                cfg.evaluate,
                 card_facts(cfg, partitions, features, trained, pruned),
             )
+        gate = promotion.pop("markdown")
         mlflow.set_tags({f"accelflow.registry.{k}": str(v) for k, v in promotion.items()})
+        publish_markdown("evaluate", "gate", gate)
         outcome.manifest["promotion"] = promotion
         publish("evaluate", outcome)
     return outcome

@@ -237,6 +237,19 @@ def publish_table(stage: str, name: str, rows: list[dict[str, Any]], plots: list
     )
 
 
+def publish_markdown(stage: str, name: str, text: str) -> None:
+    """A markdown note in the active MLflow run (`<stage>/<name>.md`) and as a Prefect artifact."""
+    import mlflow
+
+    mlflow.log_text(text, f"{stage}/{name}.md")
+    _prefect_artifact(
+        "create_markdown_artifact",
+        markdown=text,
+        key=f"accelflow-{stage}-{name}",
+        description=f"{stage}: {name}",
+    )
+
+
 def log_dataset(manifest: Manifest, split: str, context: str) -> None:
     """`mlflow.log_input` from a manifest: name, digest, source, row count — no data loaded."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source

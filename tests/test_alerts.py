@@ -60,6 +60,9 @@ def test_a_same_config_rerun_is_not_a_regression_and_a_worse_run_is(three_runs):
     assert worse["regression"]["regressed"] is True
     assert worse["regression"]["previous"] == second["parent_run_id"]
     assert "test accuracy" in worse["regression"]["why"]
+    # the registry's gate keeps the deliberately worse model out of `champion`
+    assert worse["promotion"]["alias"] == "challenger", worse["promotion"]
+    assert "worse by more than evaluate.max_accuracy_drop" in worse["promotion"]["why"]
 
     client = MlflowClient(cfg.tracking.uri)
     tags = [client.get_run(r["parent_run_id"]).data.tags for r in (first, second, worse)]

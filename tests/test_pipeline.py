@@ -147,13 +147,13 @@ def test_changing_the_learning_rate_reruns_train_and_after_only(first_run):
     assert [status[s]["status"] for s in STAGES] == ["cached"] * 4 + ["ran"] * 3
     assert "config changed: lr" in status["train"]["reason"]
     assert "input changed" in status["evaluate"]["reason"]
-    # the gate: a new model takes `champion` only if it does not score below the current one
+    # the gate (its branches: test_gate.py): a new version, judged against the champion
+    promotion = result["promotion"]
+    assert promotion["version"] == first_run[1]["promotion"]["version"] + 1
+    assert promotion["why"].startswith(f"against champion v{first_run[1]['promotion']['version']}")
     champion_accuracy = first_run[1]["headline"]["test/accuracy"]
-    expected = (
-        "challenger" if result["headline"]["test/accuracy"] < champion_accuracy else "champion"
-    )
-    assert result["promotion"]["alias"] == expected, result["promotion"]
-    assert result["promotion"]["version"] == first_run[1]["promotion"]["version"] + 1
+    if result["headline"]["test/accuracy"] < champion_accuracy - cfg.evaluate.max_accuracy_drop:
+        assert promotion["alias"] == "challenger", promotion
 
 
 def test_changed_stage_code_reruns_that_stage_and_after(first_run, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -94,29 +95,41 @@ print(json.dumps([str(p) for p in predictions]))
 def test_a_structured_run_registers_a_slim_model_served_without_the_pruning_library(
     digits_frame, tmp_path
 ):
+    """The unpruned model first (the champion), then the same training pruned: smaller by
+    far, it takes `champion` under `evaluate.objective: size`."""
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.pipeline import pipeline
 
     source = tmp_path / "digits.csv"
     digits_frame.to_csv(source, index=False)
-    cfg = make_config(
-        tmp_path,
-        source,
+    common = [
         "data.label=digit",
         "train.hidden=[128, 64]",
         "train.epochs=8",
         "train.batch_size=32",
-        "prune.method=structured",
-        "prune.finetune_epochs=3",
-        "evaluate.max_accuracy_drop=1.0",  # register the pruned variant whatever it scores
+        "evaluate.objective=size",
+        "evaluate.max_accuracy_drop=1.0",  # the pruned variant whatever it scores
+    ]
+    unpruned = make_config(tmp_path, source, *common, "prune.method=none")
+    cfg = make_config(
+        tmp_path, source, *common, "prune.method=structured", "prune.finetune_epochs=3"
     )
     with prefect_test_harness(server_startup_timeout=120):
+        champion = pipeline(unpruned)
         result = pipeline(cfg)
+    assert champion["promotion"]["alias"] == "champion"
+    assert result["promotion"]["alias"] == "champion", result["promotion"]
+    assert "better zstd size" in result["promotion"]["why"]
+    assert f"against champion v{champion['promotion']['version']}" in result["promotion"]["why"]
     client = MlflowClient(cfg.tracking.uri)
     runs = stage_runs(client, result["parent_run_id"])
     prune = runs["prune"].data
     assert prune.tags["accelflow.cached"] == "false"
+    gate = client.download_artifacts(
+        runs["evaluate"].info.run_id, "evaluate/gate.md", str(tmp_path)
+    )
+    assert Path(gate).read_text().startswith("## Gate: `champion`")
     (built,) = (tmp_path / "work" / "prune").glob("[!.]*/model.json")
     arch = json.loads(built.read_text())
     assert arch["hidden"] == [64, 32]
