@@ -31,6 +31,8 @@ HEADLINE = {  # parent-run metric → (stage, manifest metric)
     "data/compression_ratio": ("partition", "data/compression_ratio"),
     "test/latency_b1_ms": ("evaluate", "test/latency_b1_ms"),
     "test/latency_b256_ms": ("evaluate", "test/latency_b256_ms"),
+    "test/served_latency_b1_ms": ("evaluate", "test/served_latency_b1_ms"),
+    "test/served_latency_b256_ms": ("evaluate", "test/served_latency_b256_ms"),
 }
 KEY_FIGURE = {
     "ingest": lambda m: f"{sum(s['rows'] for s in m['splits'].values())} rows",

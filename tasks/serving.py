@@ -54,16 +54,41 @@ class Predictor:
         return np.asarray(self.classes)[self.predict_codes(X)]
 
     def encode(self, frame) -> np.ndarray:
-        """Raw rows (a DataFrame) → the features the reduction and network expect."""
+        """Raw rows (a DataFrame; for numeric features also an array in column order) → the
+        features the reduction and network expect. This is the served model's input check
+        (a wide model's MLflow signature leaves it out: see registry.WIDE_INPUT)."""
         if self.encoder is not None:
             return self.encoder.transform(frame)
-        missing = [c for c in self.feature_names if c not in frame.columns]
-        if missing:
+        if isinstance(frame, np.ndarray):
+            if frame.ndim != 2 or frame.shape[1] != len(self.feature_names):
+                raise ValueError(
+                    f"input array has shape {frame.shape}; send rows of "
+                    f"{len(self.feature_names)} features in training column order, or a DataFrame"
+                )
+            return frame.astype(np.float32, copy=False)
+        try:
+            selected = frame[self.feature_names]
+        except KeyError:
+            missing = [c for c in self.feature_names if c not in frame.columns]
             raise ValueError(
                 f"input is missing feature column(s) {missing[:10]}; send raw rows "
                 "with the columns the model was trained on"
-            )
-        return frame[self.feature_names].to_numpy(dtype=np.float32)
+            ) from None
+        try:  # one vectorised conversion, not a column-by-column rebuild
+            return selected.to_numpy(dtype=np.float32)
+        except (TypeError, ValueError):
+            import pandas as pd
+
+            def not_numbers(column) -> bool:
+                if pd.api.types.is_numeric_dtype(column):
+                    return False
+                return bool((pd.to_numeric(column, errors="coerce").isna() & column.notna()).any())
+
+            bad = [c for c in self.feature_names if not_numbers(selected[c])]
+            raise ValueError(
+                f"input column(s) {bad[:10]} hold values that are not numbers; this model "
+                "takes a number in every feature column"
+            ) from None
 
     def predict_frame(self, frame) -> np.ndarray:
         return self.predict(self.encode(frame))

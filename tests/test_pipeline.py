@@ -116,6 +116,16 @@ def test_champion_scores_raw_test_pixels_with_the_logged_accuracy(first_run, fmn
     )
     assert float((predictions == labels).mean()) == pytest.approx(logged, abs=1e-9)
     assert result["promotion"]["alias"] == "champion"
+    # 784 columns: the signature leaves the input out (MLflow's per-column check cost 46 ms a
+    # call); the model checks its own input, takes arrays too, and says what is wrong
+    assert model.metadata.get_input_schema() is None
+    assert (np.asarray(model.predict(pixels[:50].astype(np.float32))) == predictions[:50]).all()
+    with pytest.raises(ValueError, match=r"missing feature column\(s\) \['pixel_5'\]"):
+        model.predict(frame.drop(columns=["pixel_5"]))
+    with pytest.raises(ValueError, match=r"\['pixel_7'\] hold values that are not numbers"):
+        model.predict(frame.head(3).astype({"pixel_7": object}).assign(pixel_7="dark"))
+    headline = result["headline"]
+    assert headline["test/latency_b256_ms"] > 0 and headline["test/served_latency_b256_ms"] > 0
     # the version's model card: what it is, what it was tested on, why it holds its alias
     card = (
         MlflowClient(cfg.tracking.uri)
