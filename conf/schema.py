@@ -349,6 +349,11 @@ class PruneConfig(Section):
     rounds: int = Field(1, ge=1, description="iterative pruning rounds, fine-tuned after each")
     finetune_epochs: int = Field(2, ge=0)
     finetune_lr: float = Field(1e-3, gt=0)
+    quantize: Literal["none", "dynamic_int8"] = Field(
+        "none",
+        description="after pruning and fine-tuning: int8 Linear weights, activations "
+        "quantized on the fly (CPU serving)",
+    )
 
     @model_validator(mode="after")
     def _one_shot_structured(self) -> PruneConfig:

@@ -124,17 +124,19 @@ def score(
 ) -> dict[str, Any]:
     from sklearn.metrics import confusion_matrix, f1_score
 
+    from tasks.training.models import weight_counts
+
     codes = predictor.predict_codes(X)
     Z = predictor.features(X[:256])
-    params = list(predictor.model.parameters())
+    parameters, nonzero = weight_counts(predictor.model)
     raw = (predictor.bundle / "model.pt").read_bytes()
     return {
         "accuracy": float((codes == y).mean()),
         "macro_f1": float(f1_score(y, codes, average="macro")),
         "latency_b1_ms": latency_ms(predictor.model, Z, 1, cfg.latency_repeats),
         "latency_b256_ms": latency_ms(predictor.model, Z, 256, cfg.latency_repeats),
-        "parameters": sum(p.numel() for p in params),
-        "nonzero_parameters": int(sum((p != 0).sum() for p in params)),
+        "parameters": parameters,
+        "nonzero_parameters": nonzero,
         "size_bytes": len(raw),
         "size_zstd_bytes": len(zstandard.ZstdCompressor(level=19).compress(raw)),
         "confusion": confusion_matrix(y, codes, labels=range(len(predictor.classes))).tolist(),

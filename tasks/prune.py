@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from conf.schema import PruneConfig, TrainConfig
 from tasks.stage import Manifest, StageDir
 from tasks.train import OPTIM_KEYS, model_files, split_files
 from tasks.training.launch import launch, resolve_world_size
+
+QUANTIZE = "dynamic_int8"  # prune.quantize's one method (tasks.training.models.QUANTIZE)
 
 # the code whose output this stage stores: its digest is part of the cache key
 SOURCES = (
@@ -118,6 +122,11 @@ def prune_model(
         endpoint=train_cfg.rdzv_endpoint,
         max_restarts=train_cfg.max_restarts,
     )
+    if cfg.quantize == QUANTIZE:
+        arch = quantize_saved(arch, out.tmp / "model.pt", out.tmp / "model.json")
+        how_quantized = "; then dynamic int8 quantization of the Linear layers"
+    else:
+        how_quantized = ""
     # the headline: the share of the trained model's weights removed or zeroed
     removed = 1.0 - result["nonzero_parameters"] / trained["result"]["parameters"]
     if cfg.method == "structured":
@@ -145,18 +154,33 @@ def prune_model(
             "prune/parameters": result["parameters"],
             "prune/seconds": result["seconds"],
         },
-        "summary": f"{how}: val accuracy {result['val_accuracy']:.4f}",
+        "summary": f"{how}: val accuracy {result['val_accuracy']:.4f}{how_quantized}",
     }
+
+
+def quantize_saved(arch: dict[str, Any], weights: Path, spec: Path) -> dict[str, Any]:
+    """Replace the saved float32 weights by int8 ones (weights-only state dict) and mark the
+    spec, so `load_model` rebuilds the int8 model without pickled modules."""
+    import torch
+
+    from tasks.training.models import load_model, quantize_dynamic_int8
+
+    model = quantize_dynamic_int8(load_model(arch, str(weights)))
+    torch.save(model.state_dict(), weights)
+    quantized = {**arch, "quantize": QUANTIZE}
+    spec.write_text(json.dumps(quantized, indent=2))
+    return quantized
 
 
 def widths_keys(arch: dict[str, Any]) -> list[str]:
     return [k for k in ("channels", "hidden") if k in arch]
 
 
-def skip_pruning(trained: Manifest) -> dict[str, Any]:
-    """`prune.method: none`: the pruned model is the trained one, unchanged."""
+def skip_pruning(trained: Manifest, cfg: PruneConfig, out: StageDir) -> dict[str, Any]:
+    """`prune.method: none`: the pruned model is the trained one, unchanged, or only
+    quantized (`prune.quantize`)."""
     result = trained["result"]
-    return {
+    body = {
         "model": trained["model"],
         "arch": trained["arch"],
         "result": result,
@@ -167,3 +191,13 @@ def skip_pruning(trained: Manifest) -> dict[str, Any]:
         },
         "summary": "pruning disabled (prune.method: none)",
     }
+    if cfg.quantize == QUANTIZE:
+        shutil.copy(trained["model"]["weights"]["path"], out.tmp / "model.pt")
+        arch = quantize_saved(trained["arch"], out.tmp / "model.pt", out.tmp / "model.json")
+        body |= {
+            "model": model_files(out),
+            "arch": arch,
+            "summary": "no pruning (prune.method: none); dynamic int8 quantization of the "
+            "Linear layers",
+        }
+    return body

@@ -17,7 +17,7 @@ import torch
 
 from tasks.encoding import Encoder
 from tasks.reduce import apply_reduction, load_reduction
-from tasks.training.models import build_model
+from tasks.training.models import load_model
 
 
 class Predictor:
@@ -31,11 +31,9 @@ class Predictor:
         self.encoder = Encoder.load(encoder) if encoder.exists() else None
         reduction = bundle / "reduction.npz"
         self.reduction = load_reduction(reduction) if reduction.exists() else None
-        self.model = build_model(json.loads((bundle / "model.json").read_text()))
-        self.model.load_state_dict(
-            torch.load(bundle / "model.pt", map_location="cpu", weights_only=True)
+        self.model = load_model(
+            json.loads((bundle / "model.json").read_text()), bundle / "model.pt"
         )
-        self.model.eval()
 
     def features(self, X: np.ndarray) -> torch.Tensor:
         X = np.asarray(X, dtype=np.float32)

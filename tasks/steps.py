@@ -210,7 +210,7 @@ def prune_network(
 
     def build(out):
         if cfg.prune.method == "none":
-            return prune.skip_pruning(trained)
+            return prune.skip_pruning(trained, cfg.prune, out)
         return prune.prune_model(features, trained, cfg.prune, train_cfg, out, run_id)
 
     with stage_run(parent, "prune", "prune", cfg.prune) as run_id:

@@ -1,6 +1,6 @@
-"""Structured pruning: layers really shrink, the slim model is rebuilt from its JSON spec and
-a weights-only state dict, and the registered model serves raw rows in a process where the
-pruning library cannot be imported."""
+"""Structured pruning and int8 quantization: layers really shrink, the slim (and int8) model
+is rebuilt from its JSON spec and a weights-only state dict, and the registered model serves
+raw rows in a process where the pruning library cannot be imported."""
 
 from __future__ import annotations
 
@@ -58,6 +58,29 @@ def test_structured_pruning_leaves_a_smaller_dense_model_rebuilt_from_json(
     assert model.eval()(torch.randn(3, arch["n_features"])).shape == (3, 10)
 
 
+def test_int8_quantization_keeps_the_outputs_and_loads_from_a_weights_only_file(tmp_path):
+    from tasks.prune import quantize_saved
+    from tasks.training.models import load_model, weight_counts
+
+    arch = {"model": "mlp", "n_features": 64, "n_classes": 10, "hidden": [64, 32], "dropout": 0.1}
+    torch.manual_seed(0)
+    float_model = build_model(arch).eval()
+    torch.save(float_model.state_dict(), tmp_path / "model.pt")
+    before = (tmp_path / "model.pt").stat().st_size
+    quantized = quantize_saved(arch, tmp_path / "model.pt", tmp_path / "model.json")
+    assert quantized == {**arch, "quantize": "dynamic_int8"}
+    assert json.loads((tmp_path / "model.json").read_text()) == quantized
+    model = load_model(quantized, str(tmp_path / "model.pt"))
+    int8 = [m for m in model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert len(int8) == 3 and not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert (tmp_path / "model.pt").stat().st_size < 0.5 * before
+    x = torch.randn(16, 64) * 3
+    with torch.inference_mode():
+        expected, got = float_model(x), model(x)
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    assert weight_counts(model)[0] == weight_counts(float_model)[0]
+
+
 @pytest.mark.parametrize(
     "overrides, named",
     [
@@ -65,6 +88,7 @@ def test_structured_pruning_leaves_a_smaller_dense_model_rebuilt_from_json(
         (["prune.method=structured", "prune.rounds=2"], "prune.rounds"),
         (["prune.method=structural"], "prune.method"),
         (["prune.method=structured", "prune.sparsity=1.0"], "prune.sparsity"),
+        (["prune.quantize=int4"], "prune.quantize"),
     ],
 )
 def test_structured_pruning_config_errors_name_the_key(overrides, named):
@@ -112,8 +136,13 @@ def test_a_structured_run_registers_a_slim_model_served_without_the_pruning_libr
         "evaluate.max_accuracy_drop=1.0",  # the pruned variant whatever it scores
     ]
     unpruned = make_config(tmp_path, source, *common, "prune.method=none")
-    cfg = make_config(
-        tmp_path, source, *common, "prune.method=structured", "prune.finetune_epochs=3"
+    cfg = make_config(  # a recipe: structured pruning, fine-tuning, then int8
+        tmp_path,
+        source,
+        *common,
+        "prune.method=structured",
+        "prune.finetune_epochs=3",
+        "prune.quantize=dynamic_int8",
     )
     with prefect_test_harness(server_startup_timeout=120):
         champion = pipeline(unpruned)
@@ -132,7 +161,7 @@ def test_a_structured_run_registers_a_slim_model_served_without_the_pruning_libr
     assert Path(gate).read_text().startswith("## Gate: `champion`")
     (built,) = (tmp_path / "work" / "prune").glob("[!.]*/model.json")
     arch = json.loads(built.read_text())
-    assert arch["hidden"] == [64, 32]
+    assert arch["hidden"] == [64, 32] and arch["quantize"] == "dynamic_int8"
     trained = runs["train"].data.metrics["train/parameters"]
     assert prune.metrics["prune/parameters"] < 0.45 * trained
     parent = client.get_run(result["parent_run_id"]).data

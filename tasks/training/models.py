@@ -270,3 +270,43 @@ def widths(model: nn.Module) -> dict[str, list[int]]:
         convs = [m.out_channels for m in model.features if isinstance(m, nn.Conv2d)]
         return {"channels": convs, "hidden": [model.head[2].out_features]}
     raise ValueError(f"no layer widths for {type(model).__name__}")
+
+
+# post-training dynamic int8 (tasks.prune, `prune.quantize`): Linear weights stored as int8,
+# activations quantized on the fly; convolutions and recurrent cells stay float32
+QUANTIZE = "dynamic_int8"
+
+
+def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
+    import warnings
+
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated but ships in 2.13
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+def load_model(arch: dict[str, Any], weights: str, map_location: str = "cpu") -> nn.Module:
+    """The model `arch` describes with its saved weights-only state dict, in eval mode; an
+    int8 model is rebuilt as float32, converted, then given its int8 weights."""
+    import warnings
+
+    model = build_model(arch)
+    if arch.get("quantize") == QUANTIZE:
+        model = quantize_dynamic_int8(model)
+    with warnings.catch_warnings():  # int8 packed weights load through torch's TypedStorage
+        warnings.filterwarnings("ignore", "TypedStorage is deprecated")
+        state = torch.load(weights, map_location=map_location, weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def weight_counts(model: nn.Module) -> tuple[int, int]:
+    """(weights, non-zero weights) of a model, its int8 Linear layers included (their packed
+    weights and biases are not `parameters()`)."""
+    tensors = list(model.parameters())
+    for module in model.modules():
+        packed = getattr(module, "_packed_params", None)
+        if packed is not None and hasattr(packed, "_weight_bias"):
+            weight, bias = packed._weight_bias()
+            tensors += [weight.dequantize(), *([bias] if bias is not None else [])]
+    return sum(t.numel() for t in tensors), int(sum((t != 0).sum() for t in tensors))
