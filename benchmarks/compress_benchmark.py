@@ -25,7 +25,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 MLP_POINTS = {
     "magnitude 50%": ["prune.method=magnitude", "prune.sparsity=0.5"],
-    "magnitude 90% (3 rounds)": ["prune.method=magnitude", "prune.sparsity=0.9", "prune.rounds=3"],
+    "magnitude 90% (3 rounds × 4 epochs)": [
+        "prune.method=magnitude",
+        "prune.sparsity=0.9",
+        "prune.rounds=3",
+        "prune.finetune_epochs=4",
+    ],
+    "magnitude 90% (3 rounds × 4 epochs) + cluster 5 bits": [
+        "prune.method=magnitude",
+        "prune.sparsity=0.9",
+        "prune.rounds=3",
+        "prune.finetune_epochs=4",
+        "prune.cluster_bits=5",
+    ],
+    "cluster 5 bits (no pruning)": ["prune.method=none", "prune.cluster_bits=5"],
     "structured 50%": ["prune.method=structured", "prune.sparsity=0.5"],
     "structured 70%": ["prune.method=structured", "prune.sparsity=0.7"],
     "int8 (no pruning)": ["prune.method=none", "prune.quantize=dynamic_int8"],
@@ -47,7 +60,8 @@ CNN = ["train.model=cnn", "train.epochs=5", "tune.enabled=false"]
 
 
 def run_point(workdir: Path, overrides: list[str]) -> dict:
-    """One `accelflow run`; returns its evaluate manifest (read back from MLflow)."""
+    """One `accelflow run`; returns its evaluate manifest (read back from MLflow), with the
+    prune stage's metrics under `prune`."""
     import mlflow
 
     tracking = f"sqlite:///{workdir / 'mlflow.db'}"
@@ -60,12 +74,16 @@ def run_point(workdir: Path, overrides: list[str]) -> dict:
         raise RuntimeError(f"{overrides} failed:\n{done.stderr[-3000:]}")
     parent = done.stdout.strip().splitlines()[-1].rsplit("/runs/", 1)[1]
     client = mlflow.MlflowClient(tracking)
-    (evaluate,) = client.search_runs(
-        [client.get_run(parent).info.experiment_id],
-        f"tags.mlflow.parentRunId = '{parent}' and tags.mlflow.runName = 'evaluate'",
+    stages = {
+        run.info.run_name: run
+        for run in client.search_runs(
+            [client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'"
+        )
+    }
+    path = client.download_artifacts(
+        stages["evaluate"].info.run_id, "evaluate/manifest.json", str(workdir)
     )
-    path = client.download_artifacts(evaluate.info.run_id, "evaluate/manifest.json", str(workdir))
-    return json.loads(Path(path).read_text())
+    return {**json.loads(Path(path).read_text()), "prune": stages["prune"].data.metrics}
 
 
 def row(name: str, manifest: dict) -> dict:
@@ -83,6 +101,12 @@ def row(name: str, manifest: dict) -> dict:
         "nonzero": point["nonzero_parameters"],
         "size_zstd_kib": point["size_zstd_bytes"] / 1024,
         "size_ratio": base["size_zstd_bytes"] / point["size_zstd_bytes"],
+        # k-means points: codebooks + packed indices (+ non-zero maps) vs the float32 file
+        "encoded_kib": manifest["prune"].get("prune/encoded_bytes", float("nan")) / 1024,
+        "encoded_ratio": base["size_bytes"] / manifest["prune"]["prune/encoded_bytes"]
+        if "prune/encoded_bytes" in manifest["prune"]
+        else float("nan"),
+        "bits_per_weight": manifest["prune"].get("prune/bits_per_weight", float("nan")),
         "baseline": {
             k: base[k]
             for k in (
@@ -120,15 +144,21 @@ def main() -> None:
         )
         print(
             "| point | accuracy (drop, pt) | speed-up b1 | speed-up b256 | served b256 ms "
-            "(÷ network) | weights (non-zero) | zstd KiB (ratio) |"
+            "(÷ network) | weights (non-zero) | zstd KiB (ratio) | encoded KiB (ratio to float32 "
+            "file), bits/weight |"
         )
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|")
         for r in rows:
             print(
                 f"| {r['point']} | {r['accuracy']:.4f} ({r['accuracy_drop_pt']:+.2f}) "
                 f"| {r['speedup_b1']:.2f}× | {r['speedup_b256']:.2f}× "
                 f"| {r['served_b256_ms']:.2f} ({r['served_over_network']:.1f}×) "
-                f"| {r['weights']:,} ({r['nonzero']:,}) | {r['size_zstd_kib']:.0f} ({r['size_ratio']:.1f}×) |"
+                f"| {r['weights']:,} ({r['nonzero']:,}) | {r['size_zstd_kib']:.0f} ({r['size_ratio']:.1f}×) "
+                + (
+                    f"| {r['encoded_kib']:.0f} ({r['encoded_ratio']:.1f}×), {r['bits_per_weight']:.2f} |"
+                    if r["encoded_kib"] == r["encoded_kib"]
+                    else "| — |"
+                )
             )
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)

@@ -349,6 +349,13 @@ class PruneConfig(Section):
     rounds: int = Field(1, ge=1, description="iterative pruning rounds, fine-tuned after each")
     finetune_epochs: int = Field(2, ge=0)
     finetune_lr: float = Field(1e-3, gt=0)
+    cluster_bits: int | None = Field(
+        None,
+        ge=1,
+        le=8,
+        description="after pruning: k-means weight sharing, 2^bits values per layer, "
+        "fine-tuned (Deep Compression)",
+    )
     quantize: Literal["none", "dynamic_int8"] = Field(
         "none",
         description="after pruning and fine-tuning: int8 Linear weights, activations "
@@ -356,11 +363,16 @@ class PruneConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _one_shot_structured(self) -> PruneConfig:
+    def _a_recipe_that_composes(self) -> PruneConfig:
         if self.method == "structured" and self.rounds != 1:
             raise ValueError(
                 f"rounds is {self.rounds}, but structured pruning is one-shot: set "
                 "prune.rounds to 1 (rounds ramp magnitude pruning)"
+            )
+        if self.cluster_bits and self.quantize != "none":
+            raise ValueError(
+                "prune.cluster_bits and prune.quantize both re-encode the weights (int8 would "
+                "undo the shared values): choose one"
             )
         return self
 

@@ -28,6 +28,7 @@ QUANTIZE = "dynamic_int8"  # prune.quantize's one method (tasks.training.models.
 # the code whose output this stage stores: its digest is part of the cache key
 SOURCES = (
     "tasks.prune",
+    "tasks.training.clustering",
     "tasks.train",
     "tasks.training.launch",
     "tasks.training.worker",
@@ -90,11 +91,22 @@ def prune_model(
         init_from = str(out.path("slim_init.pt"))
         arch = slim_model(arch, trained["model"]["weights"]["path"], cfg.sparsity, Path(init_from))
         phases = [{"sparsity": None, "epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr}]
-    else:
+    elif cfg.method == "magnitude":
         phases = [
             {"sparsity": s, "epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr}
             for s in sparsity_schedule(cfg.sparsity, cfg.rounds)
         ]
+    else:  # none: weight sharing alone
+        phases = []
+    if cfg.cluster_bits:  # then share the surviving weights, the zeros kept by the last mask
+        phases.append(
+            {
+                "sparsity": phases[-1]["sparsity"] if phases else None,
+                "cluster_bits": cfg.cluster_bits,
+                "epochs": cfg.finetune_epochs,
+                "lr": cfg.finetune_lr,
+            }
+        )
     spec = {
         "train_files": split_files(features, "train"),
         "val_files": split_files(features, "val") or split_files(features, "train"),
@@ -122,7 +134,15 @@ def prune_model(
         endpoint=train_cfg.rdzv_endpoint,
         max_restarts=train_cfg.max_restarts,
     )
-    if cfg.quantize == QUANTIZE:
+    encoded: dict[str, float] = {}
+    if cfg.cluster_bits:
+        encoded = encode_shared(arch, out.tmp / "model.pt", cfg.cluster_bits, out.tmp)
+        how_quantized = (
+            f"; k-means weight sharing at {cfg.cluster_bits} bits, fine-tuned: "
+            f"{encoded['bits_per_weight']:.2f} bits per prunable weight, encoded "
+            f"{encoded['encoded_bytes'] / 1024:.0f} KiB (`encoded.npz`)"
+        )
+    elif cfg.quantize == QUANTIZE:
         arch = quantize_saved(arch, out.tmp / "model.pt", out.tmp / "model.json")
         how_quantized = "; then dynamic int8 quantization of the Linear layers"
     else:
@@ -136,11 +156,13 @@ def prune_model(
             f"{result['parameters']:,} of {trained['result']['parameters']:,} weights left, "
             f"{cfg.finetune_epochs} fine-tune epoch(s)"
         )
-    else:
+    elif cfg.method == "magnitude":
         how = (
             f"magnitude pruning to {result['sparsity']:.1%} in {cfg.rounds} round(s), "
             f"{cfg.finetune_epochs} fine-tune epoch(s) each"
         )
+    else:
+        how = "no pruning"
     return {
         "model": model_files(out),
         "arch": arch,
@@ -153,9 +175,18 @@ def prune_model(
             "prune/nonzero_parameters": result["nonzero_parameters"],
             "prune/parameters": result["parameters"],
             "prune/seconds": result["seconds"],
+            **{f"prune/{k}": v for k, v in encoded.items()},
         },
         "summary": f"{how}: val accuracy {result['val_accuracy']:.4f}{how_quantized}",
     }
+
+
+def encode_shared(arch: dict[str, Any], weights: Path, bits: int, folder: Path) -> dict[str, float]:
+    """The weight-shared model as codebooks + packed indices (`encoded.npz`)."""
+    from tasks.training.clustering import encode
+    from tasks.training.models import load_model
+
+    return encode(load_model(arch, str(weights)), bits, folder / "encoded.npz")
 
 
 def quantize_saved(arch: dict[str, Any], weights: Path, spec: Path) -> dict[str, Any]:

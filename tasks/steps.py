@@ -209,7 +209,7 @@ def prune_network(
     train_cfg = tuned_train(cfg, tuned)
 
     def build(out):
-        if cfg.prune.method == "none":
+        if cfg.prune.method == "none" and not cfg.prune.cluster_bits:
             return prune.skip_pruning(trained, cfg.prune, out)
         return prune.prune_model(features, trained, cfg.prune, train_cfg, out, run_id)
 

@@ -21,6 +21,7 @@ SOURCES = (
     "tasks.training.worker",
     "tasks.training.models",
     "tasks.training.sparsity",
+    "tasks.training.clustering",
 )
 OPTIM_KEYS = (
     "optimizer",

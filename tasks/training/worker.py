@@ -36,6 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tasks.training.clustering import cluster_weights, snap, tie_gradients
 from tasks.training.data import Shard, open_split
 from tasks.training.models import build_model
 from tasks.training.optim import EarlyStopping, Schedule, build_optimizer, l1_penalty
@@ -179,6 +180,7 @@ class Trainer:
         )
         self.sink = MetricSink(r)
         self.history: list[dict[str, float]] = []
+        self.clusters = None  # weight sharing in a phase with cluster_bits (tasks.prune)
         patience = spec.get("early_stopping_patience")
         self.stopper = EarlyStopping(patience) if patience else None
 
@@ -239,11 +241,15 @@ class Trainer:
             if self.spec.get("clip_grad_norm"):
                 self.scaler.unscale_(opt)  # clip the true gradients, not the loss-scaled ones
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.spec["clip_grad_norm"])
+            if self.clusters:  # a shared weight moves by its centroid's (summed) gradient
+                tie_gradients(self.model, self.clusters)
             self.scaler.step(opt)
             self.scaler.update()
             sched.step()
             if masks:
                 apply_masks(self.model, masks)  # keep pruned weights at exactly zero
+            if self.clusters:
+                snap(self.model, self.clusters)
             total_loss += loss.detach() * len(yb)  # no .item(): avoid a sync per batch
         seconds = time.perf_counter() - start
         loss_sum, count = all_sum([total_loss.item(), count], self.r)
@@ -320,8 +326,15 @@ class Trainer:
                 continue
             if masks:
                 apply_masks(self.model, masks)
-                if phase["epochs"] == 0:
-                    self.log_epoch(prefix, global_epoch, p, float("nan"), {}, masks)
+            # k-means weight sharing (after the masks: zeros stay zeros); on a resume the
+            # weights are already shared and cluster onto the same values again
+            self.clusters = (
+                cluster_weights(self.model, phase["cluster_bits"])
+                if phase.get("cluster_bits")
+                else None
+            )
+            if (masks or self.clusters) and phase["epochs"] == 0:
+                self.log_epoch(prefix, global_epoch, p, float("nan"), {}, masks)
             for epoch in range(first, phase["epochs"]):
                 loss, speed = self.train_epoch(opt, sched, masks, global_epoch)
                 speed["lr"] = opt.param_groups[0]["lr"]

@@ -1,0 +1,133 @@
+"""k-means weight sharing, after Deep Compression (Han et al.), in torch only.
+
+Each prunable layer's non-zero weights are clustered into 2^bits centroids (linear
+initialisation between the layer's min and max, then Lloyd iterations); every weight is
+replaced by its centroid. Fine-tuning keeps the sharing: after each backward pass, every
+weight's gradient is replaced by the sum of its cluster's gradients (the centroid's
+gradient), so all weights of a cluster get the same update — with SGD, momentum and Adam
+alike, since equal values and equal gradients keep equal optimizer state — and a snap back
+to the cluster mean after each step removes float drift. Pruned zeros form a cluster of
+their own that stays at zero. The layer is stored as its codebook plus `bits`-bit indices
+(and a 1-bit map of the non-zeros when the layer is sparse).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.training.sparsity import prunable_weights
+
+Clusters = dict[str, torch.Tensor]  # weight name → cluster index per weight (-1: a pruned zero)
+
+
+@torch.no_grad()
+def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 30) -> torch.Tensor:
+    """Centroids (sorted) of 1-D `values`: linear initialisation, then Lloyd iterations."""
+    lo, hi = values.min().item(), values.max().item()
+    centroids = torch.linspace(lo, hi, k, dtype=torch.float64)
+    x = values.double()
+    for _ in range(iterations):
+        index = assign(x, centroids)
+        sums = torch.zeros(k, dtype=torch.float64).index_add_(0, index, x)
+        counts = torch.bincount(index, minlength=k).double()
+        moved = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+        if torch.allclose(moved, centroids):
+            break
+        centroids = moved.sort().values
+    return centroids
+
+
+def assign(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of the sorted `centroids` for each value."""
+    boundaries = (centroids[1:] + centroids[:-1]) / 2
+    return torch.bucketize(x.to(boundaries.dtype), boundaries)
+
+
+@torch.no_grad()
+def cluster_weights(model: nn.Module, bits: int) -> Clusters:
+    """Share each prunable layer's non-zero weights among 2^bits values, in place."""
+    clusters = {}
+    for name, weight in prunable_weights(model).items():
+        nonzero = weight != 0
+        index = torch.full(weight.shape, -1, dtype=torch.long, device=weight.device)
+        if nonzero.any():
+            values = weight[nonzero].detach().cpu()
+            centroids = kmeans_1d(values, min(2**bits, values.numel()))
+            chosen = assign(values.double(), centroids)
+            index[nonzero] = chosen.to(weight.device)
+            weight[nonzero] = centroids[chosen].to(weight.dtype).to(weight.device)
+        clusters[name] = index
+    return clusters
+
+
+@torch.no_grad()
+def tie_gradients(model: nn.Module, clusters: Clusters) -> None:
+    """Each weight's gradient ← its cluster's summed gradient; pruned zeros get none."""
+    weights = prunable_weights(model)
+    for name, index in clusters.items():
+        weight = weights[name]
+        if weight.grad is None:
+            continue
+        grad, flat = weight.grad.view(-1), index.view(-1)
+        kept = flat >= 0
+        k = int(flat.max().item()) + 1 if kept.any() else 0
+        sums = torch.zeros(k, dtype=grad.dtype, device=grad.device)
+        sums.index_add_(0, flat[kept], grad[kept])
+        grad[kept] = sums[flat[kept]]
+        grad[~kept] = 0
+
+
+@torch.no_grad()
+def snap(model: nn.Module, clusters: Clusters) -> None:
+    """Every weight back to its cluster's mean (a no-op but for float drift); zeros to zero."""
+    weights = prunable_weights(model)
+    for name, index in clusters.items():
+        weight, flat = weights[name].view(-1), index.view(-1)
+        kept = flat >= 0
+        if kept.any():
+            k = int(flat.max().item()) + 1
+            sums = torch.zeros(k, dtype=weight.dtype, device=weight.device)
+            sums.index_add_(0, flat[kept], weight[kept])
+            counts = torch.bincount(flat[kept], minlength=k).clamp(min=1).to(weight.dtype)
+            weight[kept] = (sums / counts)[flat[kept]]
+        weight[~kept] = 0
+
+
+def encode(model: nn.Module, bits: int, path: Path) -> dict[str, float]:
+    """Write the shared layers as codebooks + packed `bits`-bit indices (+ a 1-bit non-zero
+    map for sparse layers) to `path` (.npz); the other parameters stay float32. Returns the
+    encoded size and bits per prunable weight."""
+    arrays: dict[str, np.ndarray] = {}
+    shared = dict(prunable_weights(model))
+    encoded_bits = 0
+    prunable = 0
+    for name, weight in shared.items():
+        w = weight.detach().cpu().numpy().ravel()
+        nonzero = w != 0
+        codebook, index = np.unique(w[nonzero], return_inverse=True)
+        if len(codebook) > 2**bits:
+            raise ValueError(f"{name} holds {len(codebook)} distinct values, more than 2^{bits}")
+        planes = ((index[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
+        arrays[f"{name}.codebook"] = codebook.astype(np.float32)
+        arrays[f"{name}.indices"] = np.packbits(planes.ravel())
+        arrays[f"{name}.shape"] = np.asarray(weight.shape)
+        layer_bits = len(index) * bits + 32 * len(codebook)
+        if not nonzero.all():
+            arrays[f"{name}.nonzero"] = np.packbits(nonzero)
+            layer_bits += len(w)
+        encoded_bits += layer_bits
+        prunable += len(w)
+    for name, tensor in model.state_dict().items():
+        if name not in shared:
+            arrays[name] = tensor.detach().cpu().numpy()
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+    return {
+        "encoded_bytes": path.stat().st_size,
+        "bits_per_weight": encoded_bits / max(prunable, 1),
+    }
