@@ -81,7 +81,7 @@ def test_fine_tuning_keeps_the_weights_shared(digits_parquet, tmp_path, optimize
     assert stats["bits_per_weight"] < 3 * 0.55 + 1 + 0.5  # 3-bit indices for half, a 1-bit map
     packed = np.load(tmp_path / "encoded.npz")
     assert len(packed["body.0.weight.codebook"]) <= 8
-    assert stats["encoded_bytes"] < 0.3 * (out / "model.pt").stat().st_size
+    assert stats["encoded_bytes"] < 0.4 * (out / "model.pt").stat().st_size  # the head stays fp32
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,15 @@ PRUNABLE = (nn.Linear, nn.Conv2d)
 
 
 def prunable_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        f"{name}.weight": m.weight for name, m in model.named_modules() if isinstance(m, PRUNABLE)
-    }
+    """Every Linear/Conv weight but the classifier's (the last Linear: every model here ends
+    with it). A global threshold would strip the classifier first: its weights are the
+    smallest, and at 70% global sparsity the Fashion-MNIST MLP lost 98% of them and fell
+    from 0.90 to 0.64 validation accuracy. It is a few thousand weights; it stays dense."""
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, PRUNABLE)]
+    last_linear = max(
+        (i for i, (_, m) in enumerate(layers) if isinstance(m, nn.Linear)), default=None
+    )
+    return {f"{name}.weight": m.weight for i, (name, m) in enumerate(layers) if i != last_linear}
 
 
 @torch.no_grad()
