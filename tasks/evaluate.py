@@ -66,57 +66,50 @@ def input_example(partitions: Manifest):
     return pd.read_parquet(partitions["raw_example"]["path"])
 
 
-def latency_ms(model: torch.nn.Module, Z: torch.Tensor, batch: int, repeats: int) -> float:
-    """Median wall time of one forward pass, one CPU thread (a typical serving replica)."""
+def median_ms(call, repeats: int) -> float:
+    """Median wall time of `call()` in ms on one CPU thread (a typical serving replica),
+    after 3 warm-up calls (allocator, kernel selection)."""
     import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with torch.inference_mode():
-            x = Z[:batch]
-            for _ in range(3):  # warm-up: allocator and kernel selection
-                model(x)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(x)
-                times.append(time.perf_counter() - start)
+        for _ in range(3):
+            call()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
         return statistics.median(times) * 1000
     finally:
         torch.set_num_threads(threads)
 
 
-def served_latency(bundle: Path, example, dest: Path, repeats: int) -> dict[str, float]:
-    """Median wall time of `mlflow.pyfunc.load_model(...).predict` on raw rows (the input
-    example's rows, repeated), batch 1 and 256, one thread: what a deployed replica pays
-    per call, MLflow's input handling and the model's encoding and reduction included.
-    The model is saved exactly as the registry logs it (`dest` keeps it, to inspect)."""
-    import mlflow
+def latency_ms(model: torch.nn.Module, Z: torch.Tensor, batch: int, repeats: int) -> float:
+    """The network alone: one forward pass on `batch` rows of features."""
     import torch
+
+    with torch.inference_mode():
+        return median_ms(lambda: model(Z[:batch]), repeats)
+
+
+def served_latency(bundle: Path, example, dest: Path, repeats: int) -> dict[str, float]:
+    """`mlflow.pyfunc.load_model(...).predict` on raw rows (the input example's rows,
+    repeated), batch 1 and 256: what a deployed replica pays per call, MLflow's input
+    handling and the model's encoding and reduction included. The model is saved exactly
+    as the registry logs it (`dest` keeps it, to inspect)."""
+    import mlflow
 
     from tasks.registry import pyfunc_arguments
 
     mlflow.pyfunc.save_model(path=str(dest), **pyfunc_arguments(str(bundle), example))
     model = mlflow.pyfunc.load_model(str(dest))
     rows = example.iloc[np.resize(np.arange(len(example)), 256)].reset_index(drop=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        figures = {}
-        for batch in (1, 256):
-            frame = rows.iloc[:batch]
-            for _ in range(3):  # warm-up
-                model.predict(frame)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model.predict(frame)
-                times.append(time.perf_counter() - start)
-            figures[f"served_b{batch}_ms"] = statistics.median(times) * 1000
-        return figures
-    finally:
-        torch.set_num_threads(threads)
+    return {
+        f"served_b{batch}_ms": median_ms(lambda b=batch: model.predict(rows.iloc[:b]), repeats)
+        for batch in (1, 256)
+    }
 
 
 def score(

@@ -137,16 +137,16 @@ def prune_model(
     encoded: dict[str, float] = {}
     if cfg.cluster_bits:
         encoded = encode_shared(arch, out.tmp / "model.pt", cfg.cluster_bits, out.tmp)
-        how_quantized = (
+        then = (
             f"; k-means weight sharing at {cfg.cluster_bits} bits, fine-tuned: "
             f"{encoded['bits_per_weight']:.2f} bits per prunable weight, encoded "
             f"{encoded['encoded_bytes'] / 1024:.0f} KiB (`encoded.npz`)"
         )
     elif cfg.quantize == QUANTIZE:
         arch = quantize_saved(arch, out.tmp / "model.pt", out.tmp / "model.json")
-        how_quantized = "; then dynamic int8 quantization of the Linear layers"
+        then = "; then dynamic int8 quantization of the Linear layers"
     else:
-        how_quantized = ""
+        then = ""
     # the headline: the share of the trained model's weights removed or zeroed
     removed = 1.0 - result["nonzero_parameters"] / trained["result"]["parameters"]
     if cfg.method == "structured":
@@ -177,7 +177,7 @@ def prune_model(
             "prune/seconds": result["seconds"],
             **{f"prune/{k}": v for k, v in encoded.items()},
         },
-        "summary": f"{how}: val accuracy {result['val_accuracy']:.4f}{how_quantized}",
+        "summary": f"{how}: val accuracy {result['val_accuracy']:.4f}{then}",
     }
 
 
