@@ -10,7 +10,7 @@ for each model on full Fashion-MNIST; side by side in one run.
    given cores / processes threads), same global batch of 256 per process; samples/s.
    The CPU default of `train.world_size` should follow from this.
 3. Time to accuracy: `accelflow run` per model (`mlp` on PCA features, `cnn`, `rnn`,
-   `transformer` on the images; tune and prune off), test accuracy on the 10,000 test
+   `transformer` on the images; tune and compression off), test accuracy on the 10,000 test
    images and the train stage's seconds.
 Prints tables and writes JSON.
 """
@@ -165,7 +165,7 @@ def time_to_accuracy(folder: Path, only: list[str] | None = None) -> list[dict]:
         for s in [
             f"tracking.uri=sqlite:///{store}",
             "tune.enabled=false",
-            "prune.method=none",
+            "compress.recipe=[]",
             *sets,
         ]:
             argv += ["--set", s]

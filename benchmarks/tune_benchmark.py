@@ -48,7 +48,7 @@ def accelflow_run(workdir: Path, sets: list[str]) -> dict:
 
     store = workdir / "mlflow.db"
     argv = [str(BIN / "accelflow"), "run", "--set", f"workdir={workdir}"]
-    argv += ["--set", f"tracking.uri=sqlite:///{store}", "--set", "prune.method=none"]
+    argv += ["--set", f"tracking.uri=sqlite:///{store}", "--set", "compress.recipe=[]"]
     for s in sets:
         argv += ["--set", s]
     t0 = time.perf_counter()

@@ -335,10 +335,99 @@ class TuneConfig(Section):
 
 
 STRUCTURED_MODELS = ("mlp", "cnn")  # the models structured pruning knows how to narrow
+CompressStep = Literal["magnitude", "structured", "cluster", "quantize"]
+PRUNING_STEPS = ("magnitude", "structured")
 
 
-class PruneConfig(Section):
-    method: Literal["magnitude", "structured", "none"] = "magnitude"
+def recipe_problem(recipe: list[str], key: str, rounds: int = 1) -> str | None:
+    """Why a compression recipe cannot run in that order, naming its key; None if it can.
+    Order: at most one pruning step first, then k-means sharing or int8 (not both: int8
+    would undo the shared values)."""
+    rank = {"magnitude": 0, "structured": 0, "cluster": 1, "quantize": 2}
+    if len(set(recipe)) != len(recipe):
+        return f"{key} {recipe} repeats a step: each step once"
+    if sum(step in PRUNING_STEPS for step in recipe) > 1:
+        return f"{key} {recipe}: choose one pruning step, magnitude or structured"
+    if [rank[s] for s in recipe] != sorted(rank[s] for s in recipe):
+        return (
+            f"{key} {recipe} is out of order: pruning (magnitude | structured) first, then "
+            "cluster or quantize"
+        )
+    if "cluster" in recipe and "quantize" in recipe:
+        return (
+            f"{key} {recipe}: cluster and quantize both re-encode the weights (int8 would undo "
+            "the shared values); choose one"
+        )
+    if "structured" in recipe and rounds != 1:
+        return (
+            f"compress.rounds is {rounds}, but structured pruning ({key}) is one-shot: set "
+            "compress.rounds to 1 (rounds ramp magnitude pruning)"
+        )
+    return None
+
+
+class CompressSweep(Section):
+    """Recipes × levels: every recipe at every level it uses (sparsity for a pruning step,
+    bits for cluster), each point fine-tuned and measured, in parallel on the Dask cluster."""
+
+    recipes: list[list[CompressStep]] = Field(
+        default_factory=lambda: [["magnitude"], ["structured"], ["quantize"]]
+    )
+    sparsity: list[float] = Field(
+        default_factory=lambda: [0.5],
+        description="magnitude: share of weights zeroed; structured: share of each hidden "
+        "layer's neurons/channels removed",
+    )
+    bits: list[int] = Field(default_factory=lambda: [5], description="cluster: 2^bits values")
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_levels(cls, v: list[float]) -> list[float]:
+        if any(not 0 <= s < 1 for s in v):
+            raise ValueError(f"every sparsity must be in [0, 1), got {v}")
+        return v
+
+    @field_validator("bits")
+    @classmethod
+    def _bit_levels(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= b <= 8 for b in v):
+            raise ValueError(f"every bits level must be 1-8, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _a_sweep_with_points(self) -> CompressSweep:
+        if not self.recipes:
+            raise ValueError("compress.sweep.recipes is empty: list at least one recipe")
+        for i, recipe in enumerate(self.recipes):
+            if not recipe:
+                raise ValueError(
+                    f"compress.sweep.recipes[{i}] is empty: the uncompressed baseline is "
+                    "always measured; remove it"
+                )
+            if problem := recipe_problem(recipe, f"compress.sweep.recipes[{i}]"):
+                raise ValueError(problem)
+        if not self.sparsity and any(set(r) & set(PRUNING_STEPS) for r in self.recipes):
+            raise ValueError("compress.sweep.sparsity is empty, but a recipe prunes")
+        if not self.bits and any("cluster" in r for r in self.recipes):
+            raise ValueError("compress.sweep.bits is empty, but a recipe clusters")
+        return self
+
+
+def auto_sweep(model: str) -> CompressSweep:
+    """`compress.recipe: auto`: the recipes that can make this model faster on a CPU at
+    sparsity 0.5: narrower layers (mlp, cnn), int8 Linear layers, and both; magnitude zeros
+    where layers cannot be narrowed (rnn, transformer: then the gain is the file size)."""
+    if model in STRUCTURED_MODELS:
+        return CompressSweep(recipes=[["structured"], ["quantize"], ["structured", "quantize"]])
+    return CompressSweep(recipes=[["magnitude"], ["quantize"], ["magnitude", "quantize"]])
+
+
+class CompressConfig(Section):
+    recipe: list[CompressStep] | Literal["auto"] = Field(
+        "auto",
+        description="steps in order: magnitude | structured, then cluster | quantize; [] keeps "
+        "the trained model; auto: sweep the recipes that make train.model faster (auto_sweep)",
+    )
     sparsity: float = Field(
         0.5,
         ge=0.0,
@@ -346,35 +435,38 @@ class PruneConfig(Section):
         description="magnitude: share of weights zeroed; structured: share of each hidden "
         "layer's neurons/channels removed",
     )
-    rounds: int = Field(1, ge=1, description="iterative pruning rounds, fine-tuned after each")
+    bits: int = Field(
+        5, ge=1, le=8, description="cluster: k-means weight sharing, 2^bits values per layer"
+    )
+    rounds: int = Field(1, ge=1, description="magnitude: pruning rounds, fine-tuned after each")
     finetune_epochs: int = Field(2, ge=0)
     finetune_lr: float = Field(1e-3, gt=0)
-    cluster_bits: int | None = Field(
-        None,
-        ge=1,
-        le=8,
-        description="after pruning: k-means weight sharing, 2^bits values per layer, "
-        "fine-tuned (Deep Compression)",
-    )
-    quantize: Literal["none", "dynamic_int8"] = Field(
-        "none",
-        description="after pruning and fine-tuning: int8 Linear weights, activations "
-        "quantized on the fly (CPU serving)",
+    sweep: CompressSweep | None = Field(
+        None, description="recipes × levels instead of one recipe, the best point chosen"
     )
 
     @model_validator(mode="after")
-    def _a_recipe_that_composes(self) -> PruneConfig:
-        if self.method == "structured" and self.rounds != 1:
+    def _a_recipe_that_composes(self) -> CompressConfig:
+        if self.recipe != "auto" and self.sweep:
             raise ValueError(
-                f"rounds is {self.rounds}, but structured pruning is one-shot: set "
-                "prune.rounds to 1 (rounds ramp magnitude pruning)"
+                "compress.recipe and compress.sweep are both set: set compress.recipe to auto "
+                "to sweep, or compress.sweep to null to run the one recipe"
             )
-        if self.cluster_bits and self.quantize != "none":
-            raise ValueError(
-                "prune.cluster_bits and prune.quantize both re-encode the weights (int8 would "
-                "undo the shared values): choose one"
-            )
+        if self.recipe != "auto" and (
+            problem := recipe_problem(self.recipe, "compress.recipe", self.rounds)
+        ):
+            raise ValueError(problem)
+        if self.sweep:
+            for i, recipe in enumerate(self.sweep.recipes):
+                if problem := recipe_problem(recipe, f"compress.sweep.recipes[{i}]", self.rounds):
+                    raise ValueError(problem)
         return self
+
+    def recipes(self) -> list[tuple[str, list[str]]]:
+        """(key, recipe) for every recipe this config runs (after `auto` is resolved)."""
+        if self.sweep:
+            return [(f"compress.sweep.recipes[{i}]", r) for i, r in enumerate(self.sweep.recipes)]
+        return [("compress.recipe", self.recipe)]
 
 
 class EvaluateConfig(Section):
@@ -382,12 +474,14 @@ class EvaluateConfig(Section):
         0.01,
         ge=0.0,
         le=1.0,
-        description="the pruned model is chosen, and a new model may replace the champion, "
-        "only within this accuracy drop",
+        description="a compressed model is chosen, and a new model may replace the "
+        "champion, only within this accuracy drop of the baseline",
     )
     latency_repeats: int = Field(30, ge=3)
     objective: Literal["latency", "size"] = Field(
-        "latency", description="what the champion gate rewards: batch-256 latency or zstd size"
+        "latency",
+        description="what the compress choice and the champion gate reward: batch-256 "
+        "latency or zstd size",
     )
     objective_margin: float = Field(
         0.1,
@@ -423,11 +517,23 @@ class PipelineConfig(Section):
     reduce: ReduceConfig = Field(default_factory=ReduceConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    prune: PruneConfig = Field(default_factory=PruneConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_sections(cls, tree: Any) -> Any:
+        if isinstance(tree, dict) and "prune" in tree:
+            raise ValueError(
+                "the prune section is now compress: prune.method X → compress.recipe [X] "
+                "(none → []), prune.cluster_bits N → compress.bits N with cluster in the "
+                "recipe, prune.quantize dynamic_int8 → quantize in the recipe; sparsity, "
+                "rounds, finetune_epochs and finetune_lr keep their names"
+            )
+        return tree
 
     @model_validator(mode="after")
     def _compatible_sections(self) -> PipelineConfig:
@@ -441,12 +547,16 @@ class PipelineConfig(Section):
                 )
                 + ": remove reduce.sweep or change that key"
             )
-        if self.prune.method == "structured" and self.train.model not in STRUCTURED_MODELS:
-            raise ValueError(
-                f"prune.method 'structured' narrows the layers of {' and '.join(STRUCTURED_MODELS)} "
-                f"models, but train.model is '{self.train.model}': use prune.method "
-                "'magnitude' or 'none'"
-            )
+        if self.compress.recipe == "auto" and not self.compress.sweep:
+            self.compress.sweep = auto_sweep(self.train.model)  # logged as the real grid
+        if self.train.model not in STRUCTURED_MODELS:
+            for key, recipe in self.compress.recipes():
+                if "structured" in recipe:
+                    raise ValueError(
+                        f"{key} {recipe}: structured pruning narrows the layers of "
+                        f"{' and '.join(STRUCTURED_MODELS)} models, but train.model is "
+                        f"'{self.train.model}': use magnitude instead"
+                    )
         if self.train.model == "cnn" and self.reduce.method == "pca":
             raise ValueError(
                 "train.model 'cnn' works on raw images, but reduce.method is 'pca': set "

@@ -1,4 +1,4 @@
-"""The accelflow DAG: ingest → partition → reduce → tune → train → prune → evaluate + register.
+"""The accelflow DAG: ingest → partition → reduce → tune → train → compress → evaluate + register.
 
 Wiring only; each stage's logic lives in `tasks/`. The flow takes the validated config as
 its one parameter, so the CLI, a deployment and a test all run the same code path:
@@ -24,7 +24,9 @@ from tasks.stage import check_workdir
 HEADLINE = {  # parent-run metric → (stage, manifest metric)
     "test/accuracy": ("evaluate", "test/accuracy"),
     "baseline/accuracy": ("evaluate", "baseline/accuracy"),
-    "prune/sparsity": ("prune", "prune/sparsity"),
+    "prune/sparsity": ("compress", "prune/sparsity"),
+    "compress/speedup_b256": ("compress", "compress/speedup_b256"),
+    "compress/size_ratio": ("compress", "compress/size_ratio"),
     "tune/default_val_accuracy": ("tune", "tune/default_val_accuracy"),
     "tune/best_val_accuracy": ("tune", "tune/best_val_accuracy"),
     "tune/gain": ("tune", "tune/gain"),
@@ -45,7 +47,10 @@ KEY_FIGURE = {
         else (f"{len(m['leaderboard'])} trials" if m["leaderboard"] else "off")
     ),
     "train": lambda m: f"val acc {m['metrics']['train/val_accuracy']:.4f}",
-    "prune": lambda m: f"sparsity {m['metrics']['prune/sparsity']:.1%}",
+    "compress": lambda m: (
+        f"{m['chosen']}: ×{m['metrics']['compress/speedup_b256']:.2f} b256, "
+        f"×{m['metrics']['compress/size_ratio']:.2f} smaller"
+    ),
     "evaluate": lambda m: f"test acc {m['metrics']['test/accuracy']:.4f} ({m['chosen']})",
 }
 
@@ -110,8 +115,13 @@ def run_stages(config: PipelineConfig) -> dict[str, Any]:
         features = steps.reduce_features(config, parent, partitions.manifest)
         tuned = steps.tune_settings(config, parent, features.manifest)
         trained = steps.train_network(config, parent, features.manifest, tuned.manifest)
-        pruned = steps.prune_network(
-            config, parent, features.manifest, tuned.manifest, trained.manifest
+        compressed = steps.compress_network(
+            config,
+            parent,
+            partitions.manifest,
+            features.manifest,
+            tuned.manifest,
+            trained.manifest,
         )
         evaluated = steps.evaluate_and_register(
             config,
@@ -119,7 +129,7 @@ def run_stages(config: PipelineConfig) -> dict[str, Any]:
             partitions.manifest,
             features.manifest,
             trained.manifest,
-            pruned.manifest,
+            compressed.manifest,
         )
         outcomes = {
             "ingest": ingested,
@@ -127,7 +137,7 @@ def run_stages(config: PipelineConfig) -> dict[str, Any]:
             "reduce": features,
             "tune": tuned,
             "train": trained,
-            "prune": pruned,
+            "compress": compressed,
             "evaluate": evaluated,
         }
         headline = {

@@ -22,7 +22,7 @@ COMPARED = {
     "data/compression_ratio": "higher",
     "tune/best_val_accuracy": "higher",
 }
-STAGES = ("ingest", "partition", "reduce", "tune", "train", "prune", "evaluate")
+STAGES = ("ingest", "partition", "reduce", "tune", "train", "compress", "evaluate")
 TAG = "accelflow.regression"
 
 

@@ -1,9 +1,10 @@
-"""evaluate: quality, latency and size of the unpruned baseline and the pruned model.
+"""evaluate: quality, latency and size of the uncompressed baseline and the compressed model.
 
 Both are scored on the raw test split through `serving.Predictor` (reduction + network),
-exactly what the registered pyfunc does. The pruned model is chosen when it stays within
-`evaluate.max_accuracy_drop` of the baseline; the registry step then gates it against
-the current champion.
+exactly what the registered pyfunc does. The compress stage chose its model on the
+validation split; here it is kept only when it also stays within
+`evaluate.max_accuracy_drop` of the baseline on the test split; the registry step then
+gates the result against the current champion.
 """
 
 from __future__ import annotations
@@ -115,17 +116,32 @@ def served_latency(bundle: Path, example, dest: Path, repeats: int) -> dict[str,
 def score(
     predictor: Predictor, X: np.ndarray, y: np.ndarray, cfg: EvaluateConfig
 ) -> dict[str, Any]:
-    from sklearn.metrics import confusion_matrix, f1_score
+    from sklearn.metrics import (
+        confusion_matrix,
+        f1_score,
+        log_loss,
+        precision_recall_fscore_support,
+    )
 
     from tasks.training.models import weight_counts
 
-    codes = predictor.predict_codes(X)
+    proba = predictor.predict_proba(X)
+    codes = proba.argmax(1)
+    labels = list(range(len(predictor.classes)))
+    precision, recall, _, support = precision_recall_fscore_support(
+        y, codes, labels=labels, zero_division=0
+    )
     Z = predictor.features(X[:256])
     parameters, nonzero = weight_counts(predictor.model)
     raw = (predictor.bundle / "model.pt").read_bytes()
     return {
         "accuracy": float((codes == y).mean()),
         "macro_f1": float(f1_score(y, codes, average="macro")),
+        "log_loss": float(log_loss(y, np.clip(proba, 1e-7, 1), labels=labels)),
+        "per_class": [
+            {"class": str(c), "precision": float(p), "recall": float(r), "support": int(n)}
+            for c, p, r, n in zip(predictor.classes, precision, recall, support, strict=True)
+        ],
         "latency_b1_ms": latency_ms(predictor.model, Z, 1, cfg.latency_repeats),
         "latency_b256_ms": latency_ms(predictor.model, Z, 256, cfg.latency_repeats),
         "parameters": parameters,
@@ -230,9 +246,25 @@ def markdown_table(rows: dict[str, dict[str, Any]], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def per_class_table(results: dict[str, dict[str, Any]]) -> str:
+    """Precision and recall of every class, for each scored model side by side."""
+    names = list(results)
+    head = " | ".join(f"{n} precision | {n} recall" for n in names)
+    lines = [f"| class | support | {head} |", "|---|---|" + "---|---|" * len(names)]
+    for i, row in enumerate(results[names[0]]["per_class"]):
+        cells = " | ".join(
+            f"{results[n]['per_class'][i]['precision']:.4f} | "
+            f"{results[n]['per_class'][i]['recall']:.4f}"
+            for n in names
+        )
+        lines.append(f"| {row['class']} | {row['support']} | {cells} |")
+    return "\n".join(lines)
+
+
 TABLE_KEYS = [
     "accuracy",
     "macro_f1",
+    "log_loss",
     "latency_b1_ms",
     "latency_b256_ms",
     "served_b1_ms",
@@ -248,11 +280,11 @@ def evaluate_model(
     partitions: Manifest,
     features: Manifest,
     trained: Manifest,
-    pruned: Manifest,
+    compressed: Manifest,
     cfg: EvaluateConfig,
     out: StageDir,
 ) -> dict[str, Any]:
-    """Score baseline and pruned side by side, choose one; return the manifest body."""
+    """Score baseline and compressed side by side, choose one; return the manifest body."""
     from tasks.serving import Predictor, write_bundle
 
     X, y = load_test_split(partitions)
@@ -265,7 +297,7 @@ def evaluate_model(
     }
     example = input_example(partitions)
     results, predictors = {}, {}
-    for name, manifest in (("baseline", trained), ("pruned", pruned)):
+    for name, manifest in (("baseline", trained), ("compressed", compressed)):
         bundle = write_bundle(out.path(name), manifest["model"], reduction, meta, encoder)
         predictors[name] = Predictor(bundle)
         results[name] = score(predictors[name], X, y, cfg)
@@ -278,24 +310,24 @@ def evaluate_model(
             f"{name} (test)",
             out.path(f"confusion_{name}.png"),
         )
-    drop = results["baseline"]["accuracy"] - results["pruned"]["accuracy"]
-    chosen = "pruned" if drop <= cfg.max_accuracy_drop else "baseline"
+    drop = results["baseline"]["accuracy"] - results["compressed"]["accuracy"]
+    chosen = "compressed" if drop <= cfg.max_accuracy_drop else "baseline"
     storage = storage_impact(partitions, predictors[chosen], results[chosen]["accuracy"])
     plot_tsne(predictors[chosen], X, y, out.path("tsne.png"))
-    weights = (pruned if chosen == "pruned" else trained)["model"]["weights"]["digest"]
+    weights = (compressed if chosen == "compressed" else trained)["model"]["weights"]["digest"]
     model_digest = (
         weights
         + (features["reduction"]["digest"] if reduction else "")
         + (partitions["encoder"]["digest"] if encoder else "")
     )
     speedup = results["baseline"]["latency_b256_ms"] / max(
-        results["pruned"]["latency_b256_ms"], 1e-9
+        results["compressed"]["latency_b256_ms"], 1e-9
     )
-    table = markdown_table(results, TABLE_KEYS)
+    table = markdown_table(results, TABLE_KEYS) + "\n\n" + per_class_table(results)
     overhead = results[chosen]["served_b256_ms"] / max(results[chosen]["latency_b256_ms"], 1e-9)
     summary = (
         f"{table}\n\nChosen: **{chosen}** (accuracy drop {drop:+.4f}, allowed "
-        f"{cfg.max_accuracy_drop}); batch-256 latency ratio baseline/pruned {speedup:.2f}×. "
+        f"{cfg.max_accuracy_drop}); batch-256 latency ratio baseline/compressed {speedup:.2f}×. "
         f"Served (`mlflow.pyfunc` predict on raw rows, 1 thread) at batch 256: "
         f"{results[chosen]['served_b256_ms']:.2f} ms, {overhead:.1f}× the network alone"
     )
@@ -317,13 +349,14 @@ def evaluate_model(
     metrics |= {
         "test/accuracy": results[chosen]["accuracy"],
         "test/macro_f1": results[chosen]["macro_f1"],
+        "test/log_loss": results[chosen]["log_loss"],
         "test/latency_b1_ms": results[chosen]["latency_b1_ms"],
         "test/latency_b256_ms": results[chosen]["latency_b256_ms"],
         "test/served_latency_b1_ms": results[chosen]["served_b1_ms"],
         "test/served_latency_b256_ms": results[chosen]["served_b256_ms"],
         "baseline/accuracy": results["baseline"]["accuracy"],
         "evaluate/accuracy_drop": drop,
-        "evaluate/chosen_pruned": float(chosen == "pruned"),
+        "evaluate/chosen_compressed": float(chosen == "compressed"),
     }
     return {
         "chosen": chosen,

@@ -180,7 +180,7 @@ def model_card(
         f"### {name} v{version}: `{alias}`",
         f"- **gate**: {why}",
         *(f"- **{k}**: {v}" for k, v in facts.items()),
-        f"- **variant**: {evaluation['chosen']} (the {'pruned' if evaluation['chosen'] == 'pruned' else 'unpruned'} model)",
+        f"- **variant**: {evaluation['chosen']} (the {'compressed' if evaluation['chosen'] == 'compressed' else 'uncompressed'} model)",
         f"- **test** (digest `{evaluation['test_digest']}`): {figures}",
         "- **input**: a DataFrame of raw feature columns; the model applies its own encoding and reduction",
     ]

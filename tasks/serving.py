@@ -43,10 +43,15 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_codes(self, X: np.ndarray, batch: int = 8192) -> np.ndarray:
+        return self.predict_proba(X, batch).argmax(1)
+
+    def predict_proba(self, X: np.ndarray, batch: int = 8192) -> np.ndarray:
+        """Class probabilities (softmax of the logits), one row per input row."""
         Z = self.features(X)
-        return torch.cat(
-            [self.model(Z[i : i + batch]).argmax(1) for i in range(0, len(Z), batch)]
-        ).numpy()
+        with torch.inference_mode():
+            return torch.cat(
+                [self.model(Z[i : i + batch]).softmax(1) for i in range(0, len(Z), batch)]
+            ).numpy()
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.classes)[self.predict_codes(X)]

@@ -14,12 +14,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import PipelineConfig, TrainConfig, config_digest, mask_text
-from tasks import evaluate, ingest, partition, prune, readers, reduce, registry, train, tune
+from tasks import compress, evaluate, ingest, partition, readers, reduce, registry, train, tune
 from tasks.cluster import dask_client
 from tasks.errors import user_error_in
 from tasks.progress import Progress
 from tasks.stage import Manifest, StageOutcome, code_version, run_stage, stage_lock
 from tasks.tracking import (
+    log_compress_point,
     log_dataset,
     log_source,
     log_sweep_point,
@@ -201,35 +202,66 @@ def train_network(
     return outcome
 
 
-@task(name="prune", cache_policy=NO_CACHE)
-def prune_network(
-    cfg: PipelineConfig, parent: str, features: Manifest, tuned: Manifest, trained: Manifest
+@task(name="compress", cache_policy=NO_CACHE, **RETRY_DASK)
+def compress_network(
+    cfg: PipelineConfig,
+    parent: str,
+    partitions: Manifest,
+    features: Manifest,
+    tuned: Manifest,
+    trained: Manifest,
 ) -> StageOutcome:
-    """Prune the trained model by magnitude and fine-tune it with the mask held."""
+    """Compress the trained model by the recipe (or sweep), fine-tuned, measured, chosen."""
     train_cfg = tuned_train(cfg, tuned)
 
     def build(out):
-        if cfg.prune.method == "none" and not cfg.prune.cluster_bits:
-            return prune.skip_pruning(trained, cfg.prune, out)
-        return prune.prune_model(features, trained, cfg.prune, train_cfg, out, run_id)
+        if not cfg.compress.sweep:
+            return compress.compress_model(
+                partitions, features, trained, cfg.compress, train_cfg, cfg.evaluate, out, run_id
+            )
+        with dask_client(cfg.dask) as client:
+            return compress.compress_model(
+                partitions,
+                features,
+                trained,
+                cfg.compress,
+                train_cfg,
+                cfg.evaluate,
+                out,
+                run_id,
+                client,
+            )
 
-    with stage_run(parent, "prune", "prune", cfg.prune) as run_id:
-        # the fine-tune uses train's optimizer settings, so they are part of this stage's key
-        config = {**cfg.prune.model_dump(mode="json"), "train": train_key(train_cfg)}
+    with stage_run(parent, "compress", "compress", cfg.compress) as run_id:
+        # the fine-tune uses train's optimizer settings and the choice evaluate's rule
+        key = {
+            **cfg.compress.model_dump(mode="json"),
+            "train": train_key(train_cfg),
+            "choice": cfg.evaluate.model_dump(
+                mode="json", include={"max_accuracy_drop", "objective", "latency_repeats"}
+            ),
+        }
         outcome = run_stage(
             cfg.workdir,
-            "prune",
-            code_version(prune.SOURCES),
-            config,
-            [features, trained],
+            "compress",
+            code_version(compress.SOURCES),
+            key,
+            [partitions, features, trained],
             build,
             resumable=True,
         )
-        publish("prune", outcome)
+        table = outcome.manifest["table"]
+        if table:
+            if not outcome.cached:  # a cached sweep's points are under the run that made them
+                for row in table:
+                    log_compress_point(run_id, row)
+            publish_markdown("compress", "pareto", Path(outcome.manifest["report"]).read_text())
+            publish_table("compress", "points", table, outcome.manifest["plots"])
+        publish("compress", outcome)
     return outcome
 
 
-def card_facts(cfg, partitions, features, trained, pruned) -> dict[str, str]:
+def card_facts(cfg, partitions, features, trained, compressed) -> dict[str, str]:
     """What the model card says about the data, features, model and compression."""
     rows = {s: partitions["splits"][s]["rows"] for s in ("train", "val", "test")}
     arch = trained["arch"]
@@ -238,7 +270,7 @@ def card_facts(cfg, partitions, features, trained, pruned) -> dict[str, str]:
         f"{rows['test']:,} test rows, {len(partitions['classes'])} classes",
         "features": features["summary"],
         "model": f"{arch['model']} {arch['hidden']}, trained {trained['summary'].split(':')[0]}",
-        "compression": pruned.get("summary", "none"),
+        "compression": compressed.get("summary", "none"),
         "config digest": cfg.digest(),
     }
 
@@ -250,9 +282,10 @@ def evaluate_and_register(
     partitions: Manifest,
     features: Manifest,
     trained: Manifest,
-    pruned: Manifest,
+    compressed: Manifest,
 ) -> StageOutcome:
-    """Score baseline and pruned models, pick one, register it and gate it against the champion."""
+    """Score the baseline and the compressed model on the test split, pick one, register it
+    and gate it against the champion."""
     import mlflow
 
     with stage_run(parent, "evaluate", "evaluate", cfg.evaluate):
@@ -261,9 +294,9 @@ def evaluate_and_register(
             "evaluate",
             code_version(evaluate.SOURCES),
             cfg.evaluate.model_dump(mode="json"),
-            [partitions, features, trained, pruned],
+            [partitions, features, trained, compressed],
             lambda out: evaluate.evaluate_model(
-                partitions, features, trained, pruned, cfg.evaluate, out
+                partitions, features, trained, compressed, cfg.evaluate, out
             ),
         )
         log_dataset(partitions, "test", context="evaluation")
@@ -278,7 +311,7 @@ def evaluate_and_register(
                 evaluate.input_example(partitions),
                 cfg.registry,
                 cfg.evaluate,
-                card_facts(cfg, partitions, features, trained, pruned),
+                card_facts(cfg, partitions, features, trained, compressed),
             )
         gate = promotion.pop("markdown")
         mlflow.set_tags({f"accelflow.registry.{k}": str(v) for k, v in promotion.items()})

@@ -396,6 +396,28 @@ def log_sweep_point(stage_run_id: str, point: dict[str, Any]) -> str:
     )
 
 
+def log_compress_point(stage_run_id: str, row: dict[str, Any]) -> str:
+    """One compress point (or the baseline): its recipe and levels, every measured figure,
+    and whether it is on a Pareto front and chosen; a point that failed, with its reason."""
+    params = {"compress.recipe": row["recipe"] or "none"}
+    params |= {f"compress.{k}": row[k] for k in ("sparsity", "bits") if row.get(k) is not None}
+    figures = [
+        (f"point/{k}", v, 0)
+        for k, v in row.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("sparsity", "bits")
+    ]
+    tags = {
+        "accelflow.stage": "compress-point",
+        "accelflow.point.pareto": row.get("pareto", ""),
+        "accelflow.point.chosen": str(row.get("chosen", False)).lower(),
+    }
+    if "error" in row:
+        tags["accelflow.point.error"] = row["error"]
+    return log_child_run(
+        stage_run_id, row["name"], params, figures, tags, "FAILED" if "error" in row else "FINISHED"
+    )
+
+
 def flag_regression(parent_run_id: str, cfg: PipelineConfig) -> dict[str, Any]:
     """Compare this run with the previous finished one on the same test data; tag the run
     (`accelflow.regression`) and, when it got worse, emit the Prefect event

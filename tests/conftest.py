@@ -184,7 +184,8 @@ def make_config(tmp_path: Path, source: Path | str, *overrides: str) -> Pipeline
         f"workdir={tmp_path / 'work'}",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "train.epochs=3",
-        "prune.finetune_epochs=1",
+        "compress.finetune_epochs=1",
+        "compress.recipe=[magnitude]",  # one recipe (50%); the compress tests sweep
         "dask.memory_limit=1GiB",
         "evaluate.latency_repeats=5",
         "tune.enabled=false",  # the tune tests switch it on

@@ -25,8 +25,8 @@ def three_runs(digits_frame, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("alerts")
     source = tmp / "digits.csv"
     digits_frame.to_csv(source, index=False)
-    cfg = make_config(tmp, source, "data.label=digit", "prune.method=none")
-    worse = make_config(tmp, source, "data.label=digit", "prune.method=none", "train.lr=1e-6")
+    cfg = make_config(tmp, source, "data.label=digit", "compress.recipe=[]")
+    worse = make_config(tmp, source, "data.label=digit", "compress.recipe=[]", "train.lr=1e-6")
     with prefect_test_harness(server_startup_timeout=120):
         runs = [pipeline(cfg), pipeline(cfg), pipeline(worse)]
         events = regression_events()

@@ -139,7 +139,7 @@ def test_two_runs_at_once_on_one_workdir_and_store_both_finish(digits_csv, tmp_p
     outputs = [r.communicate(timeout=600) for r in runs]
     for run, (_, err) in zip(runs, outputs, strict=True):
         assert run.returncode == 0, err[-3000:]
-    for stage in ("ingest", "partition", "reduce", "tune", "train", "prune", "evaluate"):
+    for stage in ("ingest", "partition", "reduce", "tune", "train", "compress", "evaluate"):
         ran = [
             len(re.findall(rf"^ {stage}\s+\| ran\s+\|", out, re.MULTILINE)) for out, _ in outputs
         ]
@@ -180,7 +180,7 @@ def test_a_run_killed_during_training_resumes_where_it_stopped(digits_csv, tmp_p
         "train.epochs=12",
         "train.batch_size=8",
         "train.hidden=[512, 512]",
-        "prune.method=none",
+        "compress.recipe=[]",
         "tune.enabled=false",
     ]
     argv = [*CLI, "run", *[a for s in sets for a in ("--set", s)]]
@@ -344,12 +344,12 @@ def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
         "train.hidden=[128]",
         "reduce.method=pca",  # standardised PCA on the way to serving, not auto's pass-through
         "train.batch_size=32",
-        "prune.finetune_epochs=1",
+        "compress.finetune_epochs=1",
         "tune.enabled=false",
     ]
     out = accelflow("run", *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    for stage in ("ingest", "partition", "reduce", "tune", "train", "prune", "evaluate"):
+    for stage in ("ingest", "partition", "reduce", "tune", "train", "compress", "evaluate"):
         assert re.search(rf"^ {stage}\s+\| ran\s+\|", out.stdout, re.MULTILINE), stage
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in out.stdout
     assert "as 'champion'" in out.stdout
@@ -361,7 +361,7 @@ def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
         ("partition", r"partitions written \(\S+\)", r"\d+"),
         ("reduce", "PCA pass over train partitions", r"\d+"),
         ("train", "epochs", "5"),
-        ("prune", "epochs", "1"),
+        ("compress", "epochs", "1"),
     ):
         steps = [x for x in lines if re.search(rf" - {stage}: {what} \d+/{last} \| ", x)]
         assert steps and re.search(r"elapsed, eta 0s$", steps[-1]), (stage, lines[-60:])

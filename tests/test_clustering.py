@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import make_spec
 
-from conf.schema import ConfigError, load_config
 from tasks.training.clustering import cluster_weights, encode, kmeans_1d, tie_gradients
 from tasks.training.models import build_model
 from tasks.training.sparsity import global_magnitude_masks, prunable_weights
@@ -82,16 +81,3 @@ def test_fine_tuning_keeps_the_weights_shared(digits_parquet, tmp_path, optimize
     packed = np.load(tmp_path / "encoded.npz")
     assert len(packed["body.0.weight.codebook"]) <= 8
     assert stats["encoded_bytes"] < 0.4 * (out / "model.pt").stat().st_size  # the head stays fp32
-
-
-@pytest.mark.parametrize(
-    "overrides, named",
-    [
-        (["prune.cluster_bits=0"], "prune.cluster_bits"),
-        (["prune.cluster_bits=9"], "prune.cluster_bits"),
-        (["prune.cluster_bits=5", "prune.quantize=dynamic_int8"], "choose one"),
-    ],
-)
-def test_bad_cluster_settings_name_the_key(overrides, named):
-    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
-        load_config(None, overrides)

@@ -32,7 +32,7 @@ from flows import serve
 
 pytestmark = pytest.mark.integration
 ARTIFACTS = Path(__file__).parent / "artifacts"
-STAGES = {"ingest", "partition", "reduce", "tune", "train", "prune", "evaluate"}
+STAGES = {"ingest", "partition", "reduce", "tune", "train", "compress", "evaluate"}
 POSTGRES = os.environ.get(
     "ACCELFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
@@ -41,7 +41,7 @@ SMALL = [
     "train.epochs=3",
     "train.batch_size=64",
     "train.hidden=[128]",
-    "prune.finetune_epochs=1",
+    "compress.finetune_epochs=1",
     "evaluate.latency_repeats=5",
     "tune.enabled=false",  # the cluster profile's test runs the search, on PostgreSQL
 ]

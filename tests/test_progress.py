@@ -83,5 +83,5 @@ def test_the_launcher_reads_rank_zeros_epoch_rows_and_nothing_else():
     assert epoch_figures(row, "train") == (
         "loss 0.4123, val loss 0.5000, val acc 0.8750, samples/s 12,346"
     )
-    pruned = {"epoch": 0, "prune/loss": 0.3, "prune/sparsity": 0.5}
-    assert epoch_figures(pruned, "prune") == "loss 0.3000, sparsity 50.0%"
+    pruned = {"epoch": 0, "compress/loss": 0.3, "compress/sparsity": 0.5}
+    assert epoch_figures(pruned, "compress") == "loss 0.3000, sparsity 50.0%"

@@ -145,7 +145,11 @@ def test_each_trial_is_a_nested_run_and_train_uses_the_best(tuned_run):
     assert train.params["train.epochs"] == "3"  # train.*'s own budget, not the trial's
     parent = client.get_run(first["parent_run_id"]).data.metrics
     assert parent["tune/best_val_accuracy"] == metrics["tune/best_val_accuracy"]
-    assert "tune/gain" in parent and parent["test/accuracy"] > 0.8
+    (default,) = [t for t in trials if t.data.tags["accelflow.trial.default"] == "true"]
+    # ASHA may stop the default trial too (which rung it meets first depends on which
+    # parallel trial finishes first): then there is no gain to state
+    completed = default.data.tags["accelflow.trial.state"] == "complete"
+    assert ("tune/gain" in parent) == completed and parent["test/accuracy"] > 0.8
     artifacts = {a.path for a in client.list_artifacts(tune_run.info.run_id, "tune")}
     assert {"tune/tune-history.png", "tune/leaderboard.json"} <= artifacts
 
@@ -222,7 +226,7 @@ def test_a_search_killed_midway_resumes_with_its_finished_trials(digits_frame, t
         "batch_size: {type: categorical, choices: [8]}}",  # small batches: slow trials
         "train.epochs=1",
         "train.hidden=[64]",
-        "prune.method=none",
+        "compress.recipe=[]",
         "evaluate.latency_repeats=3",
     ]
     command = [sys.executable, "-m", "flows.cli", "run", *[a for s in sets for a in ("--set", s)]]

@@ -97,10 +97,11 @@ def snap(model: nn.Module, clusters: Clusters) -> None:
         weight[~kept] = 0
 
 
-def encode(model: nn.Module, bits: int, path: Path) -> dict[str, float]:
-    """Write the shared layers as codebooks + packed `bits`-bit indices (+ a 1-bit non-zero
-    map for sparse layers) to `path` (.npz); the other parameters stay float32. Returns the
-    encoded size and bits per prunable weight."""
+def encode(model: nn.Module, bits: int | None, path: Path) -> dict[str, float]:
+    """Write the prunable layers compactly to `path` (.npz): shared layers as codebooks +
+    packed `bits`-bit indices, or (`bits` None) their non-zero values as float32; either way
+    with a 1-bit non-zero map for sparse layers. The other parameters stay float32. Returns
+    the encoded size and bits per prunable weight."""
     arrays: dict[str, np.ndarray] = {}
     shared = dict(prunable_weights(model))
     encoded_bits = 0
@@ -108,14 +109,20 @@ def encode(model: nn.Module, bits: int, path: Path) -> dict[str, float]:
     for name, weight in shared.items():
         w = weight.detach().cpu().numpy().ravel()
         nonzero = w != 0
-        codebook, index = np.unique(w[nonzero], return_inverse=True)
-        if len(codebook) > 2**bits:
-            raise ValueError(f"{name} holds {len(codebook)} distinct values, more than 2^{bits}")
-        planes = ((index[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
-        arrays[f"{name}.codebook"] = codebook.astype(np.float32)
-        arrays[f"{name}.indices"] = np.packbits(planes.ravel())
         arrays[f"{name}.shape"] = np.asarray(weight.shape)
-        layer_bits = len(index) * bits + 32 * len(codebook)
+        if bits is None:
+            arrays[f"{name}.values"] = w[nonzero].astype(np.float32)
+            layer_bits = 32 * int(nonzero.sum())
+        else:
+            codebook, index = np.unique(w[nonzero], return_inverse=True)
+            if len(codebook) > 2**bits:
+                raise ValueError(
+                    f"{name} holds {len(codebook)} distinct values, more than 2^{bits}"
+                )
+            planes = ((index[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
+            arrays[f"{name}.codebook"] = codebook.astype(np.float32)
+            arrays[f"{name}.indices"] = np.packbits(planes.ravel())
+            layer_bits = len(index) * bits + 32 * len(codebook)
         if not nonzero.all():
             arrays[f"{name}.nonzero"] = np.packbits(nonzero)
             layer_bits += len(w)

@@ -254,7 +254,7 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
     raise ValueError(f"train.model: unknown model '{name}'; choose one of {', '.join(MODELS)}")
 
 
-# structured pruning (tasks.prune) narrows hidden layers in place; these say which layer
+# structured pruning (tasks.compress) narrows hidden layers in place; these say which layer
 # must keep its width (the classes) and read the narrowed widths back into the JSON spec
 
 
@@ -272,7 +272,7 @@ def widths(model: nn.Module) -> dict[str, list[int]]:
     raise ValueError(f"no layer widths for {type(model).__name__}")
 
 
-# post-training dynamic int8 (tasks.prune, `prune.quantize`): Linear weights stored as int8,
+# post-training dynamic int8 (tasks.compress, the `quantize` step): Linear weights stored as int8,
 # activations quantized on the fly; convolutions and recurrent cells stay float32
 QUANTIZE = "dynamic_int8"
 

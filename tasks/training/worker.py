@@ -180,7 +180,7 @@ class Trainer:
         )
         self.sink = MetricSink(r)
         self.history: list[dict[str, float]] = []
-        self.clusters = None  # weight sharing in a phase with cluster_bits (tasks.prune)
+        self.clusters = None  # weight sharing in a phase with cluster_bits (tasks.compress)
         patience = spec.get("early_stopping_patience")
         self.stopper = EarlyStopping(patience) if patience else None
 

@@ -1,0 +1,323 @@
+"""The compress stage: structured pruning and int8 quantization really shrink the layers,
+the slim (and int8) model is rebuilt from its JSON spec and a weights-only state dict; a
+sweep measures every point as a nested run with a Pareto table, the choice follows
+`evaluate.objective`, and the registered model serves raw rows in a process where the
+pruning library cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_config, raw_test_rows, stage_runs
+from mlflow import MlflowClient
+
+from conf.schema import ConfigError, load_config
+from tasks.compress import slim_model
+from tasks.training.models import build_model
+
+
+@pytest.mark.parametrize(
+    "arch, expected",
+    [
+        (
+            {"model": "mlp", "n_features": 64, "n_classes": 10, "hidden": [64, 32], "dropout": 0.1},
+            {"hidden": [32, 16]},
+        ),
+        (
+            {
+                "model": "cnn",
+                "n_features": 784,
+                "n_classes": 10,
+                "hidden": [32],
+                "dropout": 0.1,
+                "image_shape": [1, 28, 28],
+            },
+            {"channels": [16, 32], "hidden": [16]},
+        ),
+    ],
+)
+def test_structured_pruning_leaves_a_smaller_dense_model_rebuilt_from_json(
+    arch, expected, tmp_path
+):
+    torch.manual_seed(0)
+    torch.save(build_model(arch).state_dict(), tmp_path / "trained.pt")
+    slim = slim_model(arch, str(tmp_path / "trained.pt"), 0.5, tmp_path / "slim.pt")
+    assert {k: slim[k] for k in expected} == expected
+    assert {k: v for k, v in slim.items() if k not in expected} == {
+        k: v for k, v in arch.items() if k not in expected
+    }
+    model = build_model(json.loads(json.dumps(slim)))  # the spec survives JSON
+    model.load_state_dict(torch.load(tmp_path / "slim.pt", weights_only=True))
+    before = sum(p.numel() for p in build_model(arch).parameters())
+    after = sum(p.numel() for p in model.parameters())
+    assert after < 0.45 * before  # both sides of each hidden layer narrowed
+    assert model.eval()(torch.randn(3, arch["n_features"])).shape == (3, 10)
+
+
+def test_int8_quantization_keeps_the_outputs_and_loads_from_a_weights_only_file(tmp_path):
+    from tasks.compress import quantize_saved
+    from tasks.training.models import load_model, weight_counts
+
+    arch = {"model": "mlp", "n_features": 64, "n_classes": 10, "hidden": [64, 32], "dropout": 0.1}
+    torch.manual_seed(0)
+    float_model = build_model(arch).eval()
+    torch.save(float_model.state_dict(), tmp_path / "model.pt")
+    before = (tmp_path / "model.pt").stat().st_size
+    quantized = quantize_saved(arch, tmp_path / "model.pt", tmp_path / "model.json")
+    assert quantized == {**arch, "quantize": "dynamic_int8"}
+    assert json.loads((tmp_path / "model.json").read_text()) == quantized
+    model = load_model(quantized, str(tmp_path / "model.pt"))
+    int8 = [m for m in model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert len(int8) == 3 and not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert (tmp_path / "model.pt").stat().st_size < 0.5 * before
+    x = torch.randn(16, 64) * 3
+    with torch.inference_mode():
+        expected, got = float_model(x), model(x)
+    assert (got - expected).abs().max() < 0.05 * expected.abs().max()
+    assert weight_counts(model)[0] == weight_counts(float_model)[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["compress.recipe=[structured]", "train.model=rnn"], "compress.recipe"),
+        (["compress.recipe=[structured]", "compress.rounds=2"], "compress.rounds"),
+        (["compress.recipe=[structural]"], "compress.recipe"),
+        (["compress.sparsity=1.0"], "compress.sparsity"),
+        (["compress.bits=0"], "compress.bits"),
+        (["compress.bits=9"], "compress.bits"),
+        (["compress.recipe=[quantize, magnitude]"], "out of order"),
+        (["compress.recipe=[magnitude, structured]"], "one pruning step"),
+        (["compress.recipe=[cluster, quantize]"], "choose one"),
+        (["compress.sweep={recipes: []}"], "compress.sweep.recipes is empty"),
+        (["compress.sweep={recipes: [[magnitude], []]}"], r"compress.sweep.recipes[1] is empty"),
+        (["compress.sweep={recipes: [[magnitude]], sparsity: []}"], "compress.sweep.sparsity"),
+        (["compress.sweep={recipes: [[cluster]], bits: [9]}"], "compress.sweep.bits"),
+        (
+            ["compress.sweep={recipes: [[structured]]}", "train.model=transformer"],
+            "compress.sweep.recipes[0]",
+        ),
+        (["compress.sweep={recipes: [[magnitude]], sparsity: [1.0]}"], "compress.sweep.sparsity"),
+        (["prune.method=structured"], "the prune section is now compress"),
+        (["compress.recipe=[magnitude]", "compress.sweep={recipes: [[quantize]]}"], "both set"),
+    ],
+)
+def test_bad_compress_config_fails_at_validation_naming_the_key(overrides, named):
+    import re
+
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config(None, overrides)
+
+
+def test_a_sweep_is_every_recipe_at_every_level_it_uses():
+    from tasks.compress import sweep_points
+
+    cfg = load_config(
+        None,
+        [
+            "compress.sweep={recipes: [[structured, quantize], [magnitude, cluster], [quantize]],"
+            " sparsity: [0.3, 0.5], bits: [4, 6]}"
+        ],
+    ).compress
+    names = [p["name"] for p in sweep_points(cfg)]
+    assert names == [
+        "structured-0.3+quantize",
+        "structured-0.5+quantize",
+        "magnitude-0.3+cluster-4b",
+        "magnitude-0.3+cluster-6b",
+        "magnitude-0.5+cluster-4b",
+        "magnitude-0.5+cluster-6b",
+        "quantize",
+    ]
+
+
+def test_recipe_auto_sweeps_what_makes_the_model_faster():
+    mlp = load_config().compress
+    assert mlp.recipe == "auto" and mlp.sweep.recipes == [
+        ["structured"],
+        ["quantize"],
+        ["structured", "quantize"],
+    ]
+    rnn = load_config(None, ["train.model=rnn"]).compress  # layers it cannot narrow
+    assert rnn.sweep.recipes == [["magnitude"], ["quantize"], ["magnitude", "quantize"]]
+    one = load_config(None, ["compress.recipe=[structured, quantize]"]).compress
+    assert one.sweep is None and one.recipe == ["structured", "quantize"]
+    assert load_config(None, ["compress.recipe=[]"]).compress.sweep is None
+    cfg = load_config()  # the resolved grid survives a round trip (deployments, MLflow)
+    assert type(cfg).model_validate(cfg.model_dump()).digest() == cfg.digest()
+
+
+def row(name, accuracy, latency, size):
+    return {
+        "name": name,
+        "val_accuracy": accuracy,
+        "latency_b256_p50_ms": latency,
+        "latency_b1_p50_ms": latency / 10,
+        "size_zstd_bytes": size,
+        "size_encoded_bytes": size,
+    }
+
+
+def test_the_choice_is_the_best_objective_within_the_tolerance_and_says_why():
+    from conf.schema import EvaluateConfig
+    from tasks.compress import choose, pareto
+
+    rows = [
+        row("baseline", 0.90, 10.0, 1000),
+        row("fast-but-wrong", 0.80, 2.0, 900),  # outside the 1-point tolerance
+        row("fast", 0.895, 4.0, 800),
+        row("small", 0.892, 6.0, 100),
+        {"name": "crashed", "error": "RuntimeError: boom"},
+    ]
+    latency = EvaluateConfig(objective="latency", max_accuracy_drop=0.01)
+    chosen, why = choose(rows, latency)
+    assert (
+        chosen["name"] == "fast" and "2 of 3 measured points (1 failed)" in why and "2.50×" in why
+    )
+    chosen, why = choose(rows, EvaluateConfig(objective="size", max_accuracy_drop=0.01))
+    assert chosen["name"] == "small" and "10.00×" in why
+    chosen, why = choose(rows[:2], latency)
+    assert chosen is None and "the trained model is kept" in why
+    # dominated: small is beaten by nothing on size; fast-but-wrong is fastest; baseline most
+    # accurate; nothing else is on the latency front
+    assert pareto(rows, "latency_b1_p50_ms") == {"baseline", "fast", "fast-but-wrong"}
+    assert pareto(rows, "size_encoded_bytes") == {"baseline", "fast", "small"}
+
+
+BLOCKED = """
+import json, sys
+
+class NoPruningLibrary:  # as on a serving box where torch-pruning was never installed
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch_pruning":
+            raise ImportError("torch_pruning is not installed here")
+
+sys.meta_path.insert(0, NoPruningLibrary())
+import mlflow, pandas as pd
+
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pyfunc.load_model(sys.argv[2])
+predictions = model.predict(pd.read_parquet(sys.argv[3]))
+assert "torch_pruning" not in sys.modules
+print(json.dumps([str(p) for p in predictions]))
+"""
+
+
+@pytest.mark.slow
+def test_a_sweep_registers_a_slim_model_served_without_the_pruning_library(digits_frame, tmp_path):
+    """The uncompressed model first (the champion), then a sweep over the same training:
+    one nested run per point and a Pareto table; the smallest point (structured + int8)
+    is chosen under `evaluate.objective: size` and takes `champion`."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+
+    source = tmp_path / "digits.csv"
+    digits_frame.to_csv(source, index=False)
+    common = [
+        "data.label=digit",
+        "train.hidden=[128, 64]",
+        "train.epochs=8",
+        "train.batch_size=32",
+        "evaluate.objective=size",
+        "evaluate.max_accuracy_drop=1.0",  # the smallest point whatever it scores
+    ]
+    unpruned = make_config(tmp_path, source, *common, "compress.recipe=[]")
+    cfg = make_config(
+        tmp_path,
+        source,
+        *common,
+        "compress.recipe=auto",
+        "compress.sweep={recipes: [[structured, quantize], [structured], [magnitude]],"
+        " sparsity: [0.5]}",
+        "compress.finetune_epochs=2",
+    )
+    with prefect_test_harness(server_startup_timeout=120):
+        champion = pipeline(unpruned)
+        result = pipeline(cfg)
+    assert champion["promotion"]["alias"] == "champion"
+    assert result["promotion"]["alias"] == "champion", result["promotion"]
+    assert "better zstd size" in result["promotion"]["why"]
+    assert f"against champion v{champion['promotion']['version']}" in result["promotion"]["why"]
+    client = MlflowClient(cfg.tracking.uri)
+    runs = stage_runs(client, result["parent_run_id"])
+    stage = runs["compress"]
+    assert stage.data.tags["accelflow.cached"] == "false"
+    points = client.search_runs(
+        [stage.info.experiment_id], f"tags.mlflow.parentRunId = '{stage.info.run_id}'"
+    )
+    by_name = {p.info.run_name: p.data for p in points}
+    assert set(by_name) == {
+        "baseline",
+        "structured-0.5+quantize",
+        "structured-0.5",
+        "magnitude-0.5",
+    }
+    assert [n for n, p in by_name.items() if p.tags["accelflow.point.chosen"] == "true"] == [
+        "structured-0.5+quantize"
+    ]
+    for name, point in by_name.items():
+        for key in ("val_accuracy", "latency_b1_p95_ms", "served_b256_ms", "macs"):
+            assert point.metrics[f"point/{key}"] > 0, (name, key)
+    # structured halves the MACs; magnitude's zeros leave them
+    assert (
+        by_name["structured-0.5"].metrics["point/macs"]
+        < 0.45 * by_name["baseline"].metrics["point/macs"]
+    )
+    assert (
+        by_name["magnitude-0.5"].metrics["point/macs"] == by_name["baseline"].metrics["point/macs"]
+    )
+    assert (
+        by_name["magnitude-0.5"].metrics["point/size_encoded_bytes"]
+        < 0.7 * by_name["baseline"].metrics["point/size_bytes"]
+    )
+    pareto = Path(
+        client.download_artifacts(stage.info.run_id, "compress/pareto.md", str(tmp_path))
+    ).read_text()
+    rows = [line for line in pareto.splitlines() if line.startswith("| ")][1:]  # not the header
+    assert len(rows) == 4 and "Chosen: **structured-0.5+quantize**" in pareto
+    for artifact in ("compress/points.json", "compress/pareto.png"):
+        assert client.download_artifacts(stage.info.run_id, artifact, str(tmp_path))
+    compress = stage.data
+    gate = client.download_artifacts(
+        runs["evaluate"].info.run_id, "evaluate/gate.md", str(tmp_path)
+    )
+    assert Path(gate).read_text().startswith("## Gate: `champion`")
+    (built,) = (tmp_path / "work" / "compress").glob("[!.]*/model.json")
+    arch = json.loads(built.read_text())
+    assert arch["hidden"] == [64, 32] and arch["quantize"] == "dynamic_int8"
+    trained = runs["train"].data.metrics["train/parameters"]
+    assert compress.metrics["compress/parameters"] < 0.45 * trained
+    parent = client.get_run(result["parent_run_id"]).data
+    assert parent.metrics["prune/sparsity"] == pytest.approx(
+        1 - compress.metrics["compress/nonzero_parameters"] / trained
+    )
+    assert parent.metrics["compress/size_ratio"] > 4  # int8 of a quarter of the weights
+    assert parent.metrics["test/accuracy"] > 0.8, dict(parent.metrics)
+
+    raw_X, raw_y = raw_test_rows(source, cfg)
+    raw_X.to_parquet(tmp_path / "raw.parquet")
+    served = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            BLOCKED,
+            cfg.tracking.uri,
+            f"models:/{cfg.registry.model_name}@champion",
+            str(tmp_path / "raw.parquet"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert served.returncode == 0, served.stderr[-3000:]
+    predictions = np.asarray(json.loads(served.stdout.strip().splitlines()[-1]))
+    assert float((predictions == raw_y).mean()) == pytest.approx(
+        parent.metrics["test/accuracy"], abs=1e-9
+    )
