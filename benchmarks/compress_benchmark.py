@@ -160,7 +160,7 @@ def print_table(model: str, rows: list[dict], manifest: dict) -> None:
     h = manifest["headline"]
     print(
         f"test accuracy of the registered model {h['test/accuracy']:.4f} (baseline "
-        f"{h['baseline/accuracy']:.4f}); make-run headline compress/speedup_b256 "
+        f"{h['baseline/accuracy']:.4f}); parent-run headline compress/speedup_b256 "
         f"{h['compress/speedup_b256']:.2f}×, compress/size_ratio {h['compress/size_ratio']:.2f}×"
     )
 

@@ -457,8 +457,9 @@ class CompressConfig(Section):
         ):
             raise ValueError(problem)
         if self.sweep:
+            # (in a sweep, compress.rounds ramps the magnitude points; structured is one-shot)
             for i, recipe in enumerate(self.sweep.recipes):
-                if problem := recipe_problem(recipe, f"compress.sweep.recipes[{i}]", self.rounds):
+                if problem := recipe_problem(recipe, f"compress.sweep.recipes[{i}]"):
                     raise ValueError(problem)
         return self
 

@@ -41,7 +41,7 @@ import zstandard
 from conf.schema import PRUNING_STEPS, CompressConfig, EvaluateConfig, TrainConfig
 from tasks.progress import Progress, gather
 from tasks.stage import Manifest, StageDir
-from tasks.train import OPTIM_KEYS, model_files, split_files
+from tasks.train import model_files, split_files, train_spec
 from tasks.training.launch import launch, resolve_world_size
 
 # the code whose output this stage stores: its digest is part of the cache key
@@ -161,20 +161,14 @@ def finetune_spec(
     folder: Path,
 ) -> dict[str, Any]:
     return {
-        "train_files": split_files(features, "train"),
-        "val_files": split_files(features, "val") or split_files(features, "train"),
-        "features": features["feature_names"],
-        "label": features["label"],
+        **train_spec(features, train_cfg, str(folder), str(folder / "checkpoints")),
         "arch": arch,
         "phases": point_phases,
-        **{k: getattr(train_cfg, k) for k in OPTIM_KEYS},
         # fine-tuning restarts from a low LR; a warm-up cycle would undo the pruned model's fit
         "scheduler": "cosine" if train_cfg.scheduler == "onecycle" else train_cfg.scheduler,
         "warmup_epochs": 0,
         "early_stopping_patience": None,  # every round's epochs, so the mask schedule holds
         "init_from": init_from,
-        "out_dir": str(folder),
-        "checkpoint_dir": str(folder / "checkpoints"),
         "metric_prefix": "compress",
     }
 
@@ -245,7 +239,8 @@ def read_split(manifest: Manifest, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def timed_ms(model, x, threads: int, repeats: int) -> tuple[float, float]:
     """p50 and p95 of one forward pass in ms, timed call by call with torch.utils.benchmark
-    (which sets the thread count and, on a GPU, synchronises) after 3 warm-up calls."""
+    (which sets the thread count and, for CUDA tensors, synchronises the device) after 3
+    warm-up calls."""
     from torch.utils import benchmark
 
     timer = benchmark.Timer("model(x)", globals={"model": model, "x": x}, num_threads=threads)
@@ -299,6 +294,13 @@ def measure(
                 p50, p95 = timed_ms(model, Z[:batch], threads, repeats)
                 row[f"latency_b{batch}_p50_ms{tag}"] = p50
                 row[f"latency_b{batch}_p95_ms{tag}"] = p95
+        if torch.cuda.is_available() and not arch.get("quantize"):  # int8 here is CPU-only
+            # the Timer synchronises the device around each call, so these are kernel times
+            on_gpu = load_model(arch, str(weights)).cuda()
+            for batch in (1, 256):
+                p50, p95 = timed_ms(on_gpu, Z[:batch].cuda(), 1, repeats)
+                row[f"latency_b{batch}_p50_ms_cuda"] = p50
+                row[f"latency_b{batch}_p95_ms_cuda"] = p95
     served_ms = {}
     if served:  # a sweep's table; with one recipe, evaluate measures the served path
         bundle = write_bundle(
