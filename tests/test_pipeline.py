@@ -84,8 +84,9 @@ def test_parent_run_and_seven_stage_runs_with_their_metrics(first_run):
     summary = Path(
         client.download_artifacts(runs["evaluate"].info.run_id, "evaluate/summary.md")
     ).read_text()
-    assert "| class | support | baseline precision | baseline recall |" in summary
-    per_class = [line for line in summary.splitlines() if re.match(r"\| \S+ \| \d+ \|", line)]
+    header = "| class | support | baseline precision | baseline recall |"
+    table = summary[summary.index(header) :].split("\n\n")[0].splitlines()[2:]
+    per_class = [line for line in table if re.match(r"\| \S+ \| \d+ \|", line)]
     assert len(per_class) == 10 and sum(int(line.split("|")[2]) for line in per_class) == 1000
     tsne = Path(client.download_artifacts(runs["evaluate"].info.run_id, "evaluate/tsne.png"))
     import matplotlib.image
