@@ -173,16 +173,20 @@ def finetune_spec(
     }
 
 
-def finetune_point(spec: dict[str, Any], threads: int) -> dict[str, Any]:
-    """One sweep point's fine-tune in this (Dask worker) process. Never raises: a point that
-    fails comes back with its reason and is left out of the choice."""
+def finetune_point(spec: dict[str, Any], index: int, threads: int) -> dict[str, Any]:
+    """One sweep point's fine-tune in this (Dask worker) process, on GPU `index` modulo the
+    GPUs when there are any (as tuning trials do). Never raises: a point that fails comes
+    back with its reason and is left out of the choice."""
     import torch
 
     from tasks.training.worker import Rank, Trainer
 
     torch.set_num_threads(max(1, threads))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", index % torch.cuda.device_count())
     try:
-        return Trainer(spec, Rank(0, 1, torch.device("cpu")), on_epoch=lambda *_: None).run()
+        return Trainer(spec, Rank(0, 1, device), on_epoch=lambda *_: None).run()
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"[:500]}
 
@@ -524,7 +528,9 @@ def compress_model(
     if len(specs) > 1:  # in parallel on the cluster, one process each
         workers = client.scheduler_info(n_workers=-1)["workers"].values()
         threads = min(w["nthreads"] for w in workers)
-        futures = client.map(finetune_point, list(specs.values()), threads=threads, pure=False)
+        futures = client.map(
+            finetune_point, list(specs.values()), range(len(specs)), threads=threads, pure=False
+        )
         with Progress("compress", "fine-tunes", len(futures)) as progress:
             done = gather(
                 client,
