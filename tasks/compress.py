@@ -417,19 +417,24 @@ def pareto_markdown(rows: list[dict[str, Any]], why: str) -> str:
     )
 
 
-def plot_pareto(rows: list[dict[str, Any]], path: Path) -> None:
+def plot_pareto(rows: list[dict[str, Any]], path: Path, floor: float) -> None:
+    """Accuracy against three costs, fronts dashed, baseline ★, chosen circled and the
+    accuracy floor (baseline − evaluate.max_accuracy_drop) dotted unless far below."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if "error" not in r]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, cost, label, front in (
-        (axes[0], "latency_b1_p50_ms", "batch-1 latency p50, ms (1 thread)", "L"),
-        (axes[1], "size_encoded_bytes", "encoded size, bytes", "S"),
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
+    for ax, cost, label in (
+        (axes[0], "latency_b1_p50_ms", "batch-1 latency p50, ms (1 thread)"),
+        # the latency objective's own axis, so the choice can be read off a picture
+        (axes[1], "latency_b256_p50_ms", "batch-256 latency p50, ms (1 thread)"),
+        (axes[2], "size_encoded_bytes", "encoded size, bytes"),
     ):
-        on_front = sorted((r for r in ok if front in r["pareto"]), key=lambda r: r[cost])
+        front = pareto(rows, cost)
+        on_front = sorted((r for r in ok if r["name"] in front), key=lambda r: r[cost])
         ax.plot(
             [r[cost] for r in on_front],
             [r["val_accuracy"] for r in on_front],
@@ -456,6 +461,10 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path) -> None:
                     edgecolors="tab:red",
                     label="chosen",
                 )
+        low, high = ax.get_ylim()
+        if floor >= low - (high - low) / 2:  # in view, or near enough to widen the view
+            ax.axhline(floor, color="tab:red", linestyle=":", label="accuracy floor")
+            ax.set_ylim(min(low, floor - (high - low) / 20), high)
         ax.set(
             xscale="log",
             xlabel=label,
@@ -600,7 +609,9 @@ def compress_model(
         r["pareto"] = "".join(k for k, names in fronts.items() if r["name"] in names)
         r["chosen"] = r["name"] == pick["name"]
     (out.path("pareto.md")).write_text(pareto_markdown(rows, why))
-    plot_pareto(rows, out.path("pareto.png"))
+    plot_pareto(
+        rows, out.path("pareto.png"), baseline["val_accuracy"] - evaluate_cfg.max_accuracy_drop
+    )
     body: dict[str, Any] = {"model": trained["model"], "arch": trained["arch"], "result": {}}
     if chosen:
         folder = out.path(f"points/{chosen['name']}")
