@@ -23,6 +23,8 @@ from tasks.stage import check_workdir
 
 HEADLINE = {  # parent-run metric → (stage, manifest metric)
     "test/accuracy": ("evaluate", "test/accuracy"),
+    "test/macro_f1": ("evaluate", "test/macro_f1"),
+    "test/log_loss": ("evaluate", "test/log_loss"),
     "baseline/accuracy": ("evaluate", "baseline/accuracy"),
     "prune/sparsity": ("compress", "prune/sparsity"),
     "compress/speedup_b256": ("compress", "compress/speedup_b256"),

@@ -18,7 +18,10 @@ COMPARED = {
     "baseline/accuracy": "higher",
     "test/latency_b1_ms": "lower",
     "test/latency_b256_ms": "lower",
+    "test/log_loss": "lower",
     "prune/sparsity": "higher",
+    "compress/speedup_b256": "higher",
+    "compress/size_ratio": "higher",
     "data/compression_ratio": "higher",
     "tune/best_val_accuracy": "higher",
 }

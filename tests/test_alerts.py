@@ -83,6 +83,8 @@ def test_compare_reports_exactly_the_changed_key(three_runs):
     assert {row["stage"] for row in table["stages"]} == set(alerts.STAGES)
     accuracy = next(r for r in table["metrics"] if r["metric"] == "test/accuracy")
     assert accuracy["b"] < accuracy["a"] and accuracy["change"] < 0
+    loss = next(r for r in table["metrics"] if r["metric"] == "test/log_loss")
+    assert loss["b"] > loss["a"] > 0  # the run that cannot learn is less sure of every row
     printed = compare(cfg, [])  # no ids: the experiment's last two runs, the same pair
     assert "train.lr" in printed and "0.003 → 1e-06" in printed
     logged = client.list_artifacts(worse["parent_run_id"], "compare")
