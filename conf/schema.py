@@ -472,7 +472,7 @@ class CompressConfig(Section):
 
 class EvaluateConfig(Section):
     max_accuracy_drop: float = Field(
-        0.01,
+        0.005,
         ge=0.0,
         le=1.0,
         description="a compressed model is chosen, and a new model may replace the "

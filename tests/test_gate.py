@@ -28,13 +28,13 @@ def candidate(**changes):
     ],
 )
 def test_the_gate_promotes_only_within_tolerance_and_better(changes, objective, alias, says):
-    cfg = EvaluateConfig(objective=objective)
+    cfg = EvaluateConfig(objective=objective, max_accuracy_drop=0.01)
     decided, why = decide(candidate(**changes), CHAMPION, cfg)
     assert (decided, says in why) == (alias, True), why
 
 
 def test_without_a_champion_or_its_figures_accuracy_decides():
-    cfg = EvaluateConfig()
+    cfg = EvaluateConfig(max_accuracy_drop=0.01)
     assert decide(candidate(), None, cfg)[0] == "champion"
     old = {"accuracy": 0.90, "latency_b256_ms": None, "size_zstd_bytes": None}
     assert decide(candidate(accuracy=0.905), old, cfg)[0] == "champion"
@@ -42,7 +42,7 @@ def test_without_a_champion_or_its_figures_accuracy_decides():
 
 
 def test_the_gate_markdown_carries_the_numbers():
-    cfg = EvaluateConfig()
+    cfg = EvaluateConfig(max_accuracy_drop=0.01)
     new = candidate(accuracy=0.895, latency_b256_ms=0.5)
     alias, why = decide(new, CHAMPION, cfg)
     text = gate_markdown(alias, why, new, CHAMPION, cfg)
