@@ -241,18 +241,6 @@ def read_split(manifest: Manifest, split: str) -> tuple[np.ndarray, np.ndarray]:
     return X.astype(np.float32), y
 
 
-def timed_ms(model, x, threads: int, repeats: int) -> tuple[float, float]:
-    """p50 and p95 of one forward pass in ms, timed call by call with torch.utils.benchmark
-    (which sets the thread count and, for CUDA tensors, synchronises the device) after 3
-    warm-up calls."""
-    from torch.utils import benchmark
-
-    timer = benchmark.Timer("model(x)", globals={"model": model, "x": x}, num_threads=threads)
-    timer.timeit(3)
-    times = [timer.timeit(1).median * 1000 for _ in range(repeats)]
-    return float(np.percentile(times, 50)), float(np.percentile(times, 95))
-
-
 def count_macs(arch: dict[str, Any]) -> int:
     """Multiply-accumulates of one row through the float network (matmuls, convolutions,
     attention; int8 keeps the count, zeros do not lower it on a dense kernel)."""
@@ -281,7 +269,7 @@ def measure(
     import torch
     from sklearn.metrics import f1_score
 
-    from tasks.evaluate import served_latency
+    from tasks.evaluate import served_latency, timed_ms
     from tasks.serving import write_bundle
     from tasks.training.models import load_model, weight_counts
 
@@ -295,14 +283,15 @@ def measure(
         for threads in dict.fromkeys((1, os.cpu_count() or 1)):
             tag = "" if threads == 1 else f"_t{threads}"
             for batch in (1, 256):
-                p50, p95 = timed_ms(model, Z[:batch], threads, repeats)
+                p50, p95 = timed_ms(lambda b=batch: model(Z[:b]), repeats, threads)
                 row[f"latency_b{batch}_p50_ms{tag}"] = p50
                 row[f"latency_b{batch}_p95_ms{tag}"] = p95
         if torch.cuda.is_available() and not arch.get("quantize"):  # int8 here is CPU-only
             # the Timer synchronises the device around each call, so these are kernel times
             on_gpu = load_model(arch, str(weights)).cuda()
             for batch in (1, 256):
-                p50, p95 = timed_ms(on_gpu, Z[:batch].cuda(), 1, repeats)
+                x = Z[:batch].cuda()
+                p50, p95 = timed_ms(lambda x=x: on_gpu(x), repeats)
                 row[f"latency_b{batch}_p50_ms_cuda"] = p50
                 row[f"latency_b{batch}_p95_ms_cuda"] = p95
     served_ms = {}

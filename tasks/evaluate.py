@@ -9,8 +9,6 @@ gates the result against the current champion.
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,24 +65,17 @@ def input_example(partitions: Manifest):
     return pd.read_parquet(partitions["raw_example"]["path"])
 
 
-def median_ms(call, repeats: int) -> float:
-    """Median wall time of `call()` in ms on one CPU thread (a typical serving replica),
-    after 3 warm-up calls (allocator, kernel selection)."""
-    import torch
+def timed_ms(call, repeats: int, threads: int = 1) -> tuple[float, float]:
+    """p50 and p95 of `call()` in ms, timed call by call with torch.utils.benchmark (which
+    sets the torch thread count — 1 by default, a typical serving replica — and, when CUDA
+    is there, synchronises the device) after 3 warm-up calls. The one timing loop behind
+    the network, served and compress-point latencies."""
+    from torch.utils import benchmark
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(3):
-            call()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1000
-    finally:
-        torch.set_num_threads(threads)
+    timer = benchmark.Timer("call()", globals={"call": call}, num_threads=threads)
+    timer.timeit(3)
+    times = [timer.timeit(1).median * 1000 for _ in range(repeats)]
+    return float(np.percentile(times, 50)), float(np.percentile(times, 95))
 
 
 def latency_ms(model: torch.nn.Module, Z: torch.Tensor, batch: int, repeats: int) -> float:
@@ -92,7 +83,7 @@ def latency_ms(model: torch.nn.Module, Z: torch.Tensor, batch: int, repeats: int
     import torch
 
     with torch.inference_mode():
-        return median_ms(lambda: model(Z[:batch]), repeats)
+        return timed_ms(lambda: model(Z[:batch]), repeats)[0]
 
 
 def served_latency(bundle: Path, example, dest: Path, repeats: int) -> dict[str, float]:
@@ -108,7 +99,7 @@ def served_latency(bundle: Path, example, dest: Path, repeats: int) -> dict[str,
     model = mlflow.pyfunc.load_model(str(dest))
     rows = example.iloc[np.resize(np.arange(len(example)), 256)].reset_index(drop=True)
     return {
-        f"served_b{batch}_ms": median_ms(lambda b=batch: model.predict(rows.iloc[:b]), repeats)
+        f"served_b{batch}_ms": timed_ms(lambda b=batch: model.predict(rows.iloc[:b]), repeats)[0]
         for batch in (1, 256)
     }
 

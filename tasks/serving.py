@@ -42,16 +42,16 @@ class Predictor:
         return torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
 
     @torch.inference_mode()
+    def logits(self, X: np.ndarray, batch: int = 8192) -> torch.Tensor:
+        Z = self.features(X)
+        return torch.cat([self.model(Z[i : i + batch]) for i in range(0, len(Z), batch)])
+
     def predict_codes(self, X: np.ndarray, batch: int = 8192) -> np.ndarray:
-        return self.predict_proba(X, batch).argmax(1)
+        return self.logits(X, batch).argmax(1).numpy()  # no softmax on the serving path
 
     def predict_proba(self, X: np.ndarray, batch: int = 8192) -> np.ndarray:
         """Class probabilities (softmax of the logits), one row per input row."""
-        Z = self.features(X)
-        with torch.inference_mode():
-            return torch.cat(
-                [self.model(Z[i : i + batch]).softmax(1) for i in range(0, len(Z), batch)]
-            ).numpy()
+        return self.logits(X, batch).softmax(1).numpy()
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.classes)[self.predict_codes(X)]

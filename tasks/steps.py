@@ -8,6 +8,7 @@ across flow runs and processes.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from prefect import task
@@ -215,11 +216,9 @@ def compress_network(
     train_cfg = tuned_train(cfg, tuned)
 
     def build(out):
-        if not cfg.compress.sweep:
-            return compress.compress_model(
-                partitions, features, trained, cfg.compress, train_cfg, cfg.evaluate, out, run_id
-            )
-        with dask_client(cfg.dask) as client:
+        # a sweep fine-tunes its points on the cluster; one recipe needs none
+        cluster = dask_client(cfg.dask) if cfg.compress.sweep else contextlib.nullcontext()
+        with cluster as client:
             return compress.compress_model(
                 partitions,
                 features,

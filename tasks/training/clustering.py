@@ -64,6 +64,13 @@ def cluster_weights(model: nn.Module, bits: int) -> Clusters:
     return clusters
 
 
+def cluster_sums(values: torch.Tensor, flat: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Per cluster, the sum of `values` (flat) over its members (`kept`: not a pruned zero)."""
+    k = int(flat.max().item()) + 1
+    sums = torch.zeros(k, dtype=values.dtype, device=values.device)
+    return sums.index_add_(0, flat[kept], values[kept])
+
+
 @torch.no_grad()
 def tie_gradients(model: nn.Module, clusters: Clusters) -> None:
     """Each weight's gradient ← its cluster's summed gradient; pruned zeros get none."""
@@ -74,10 +81,8 @@ def tie_gradients(model: nn.Module, clusters: Clusters) -> None:
             continue
         grad, flat = weight.grad.view(-1), index.view(-1)
         kept = flat >= 0
-        k = int(flat.max().item()) + 1 if kept.any() else 0
-        sums = torch.zeros(k, dtype=grad.dtype, device=grad.device)
-        sums.index_add_(0, flat[kept], grad[kept])
-        grad[kept] = sums[flat[kept]]
+        if kept.any():
+            grad[kept] = cluster_sums(grad, flat, kept)[flat[kept]]
         grad[~kept] = 0
 
 
@@ -89,11 +94,9 @@ def snap(model: nn.Module, clusters: Clusters) -> None:
         weight, flat = weights[name].view(-1), index.view(-1)
         kept = flat >= 0
         if kept.any():
-            k = int(flat.max().item()) + 1
-            sums = torch.zeros(k, dtype=weight.dtype, device=weight.device)
-            sums.index_add_(0, flat[kept], weight[kept])
-            counts = torch.bincount(flat[kept], minlength=k).clamp(min=1).to(weight.dtype)
-            weight[kept] = (sums / counts)[flat[kept]]
+            sums = cluster_sums(weight, flat, kept)
+            counts = torch.bincount(flat[kept], minlength=len(sums)).clamp(min=1)
+            weight[kept] = (sums / counts.to(weight.dtype))[flat[kept]]
         weight[~kept] = 0
 
 
