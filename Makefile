@@ -23,7 +23,7 @@ help:
 	@echo "make serve  - start Prefect server + worker and MLflow server on 127.0.0.1, register deployments"
 	@echo "              (ALERT_WEBHOOK=URL: POST there when a run regresses)"
 	@echo "make stop   - stop exactly what make serve started"
-	@echo "make lint   - ruff"
+	@echo "make lint   - ruff and the import contracts (the three floors)"
 	@echo "make clean  - remove stage outputs and the local MLflow store (keeps .venv)"
 
 setup: $(BIN)/.installed
@@ -88,6 +88,7 @@ test-fast: setup data
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 format: setup
 	$(BIN)/ruff check --fix .

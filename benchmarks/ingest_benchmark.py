@@ -74,7 +74,7 @@ def run_accelflow(source: Path, work: Path, worker_memory: str, block_mb: float)
     from conf.schema import DaskConfig, DataConfig
     from tasks.cluster import dask_client, peak_memory_mib
     from tasks.ingest import ingest_dataset
-    from tasks.stage import run_stage
+    from tasks.store import run_stage
 
     cfg = DataConfig(source=str(source), label="label", on_bad_rows="quarantine", block_mb=block_mb)
     with dask_client(DaskConfig(n_workers=2, memory_limit=worker_memory)) as client:

@@ -82,7 +82,7 @@ def run_accelflow(path: Path, out: Path, level: int) -> dict:
     from conf.schema import DaskConfig, PartitionConfig
     from tasks.cluster import dask_client, peak_memory_mib
     from tasks.partition import partition_dataset
-    from tasks.stage import StageDir
+    from tasks.store import StageDir
 
     meta = json.loads((path / "meta.json").read_text())
     cfg = PartitionConfig(codec="zstd", compression_level=level, target_partition_mb=64)

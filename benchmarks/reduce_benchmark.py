@@ -55,7 +55,7 @@ def generate(folder: Path, rows: int, columns: int, seed: int = 0) -> dict:
     from conf.schema import DaskConfig, PartitionConfig
     from tasks.cluster import dask_client
     from tasks.partition import partition_dataset
-    from tasks.stage import StageDir
+    from tasks.store import StageDir
 
     rng = np.random.default_rng(seed)
     rank = max(columns // 8, 4)
@@ -97,7 +97,7 @@ def generate(folder: Path, rows: int, columns: int, seed: int = 0) -> dict:
 def run_accelflow(data: dict) -> dict:
     from conf.schema import DaskConfig, ReduceConfig
     from tasks.cluster import dask_client, peak_memory_mib
-    from tasks.reduce import fit_pca, partition_moments
+    from tasks.reduce.pca import fit_pca, partition_moments
 
     cfg = ReduceConfig(variance_target=0.99)
     with dask_client(DaskConfig(n_workers=2, threads_per_worker=1, memory_limit="4GiB")) as c:

@@ -91,7 +91,7 @@ def study(features: dict, client, root: Path, name: str, **tune_keys) -> dict:
     """One search straight through the stage logic, in its own folder."""
     from conf.schema import load_config
     from tasks import tune
-    from tasks.stage import StageDir
+    from tasks.store import StageDir
 
     cfg = load_config(None, [f"tune.{k}={v}" for k, v in tune_keys.items()])
     out = StageDir(tmp=root / name, final=root / f"{name}-{time.time_ns()}")

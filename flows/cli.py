@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             print(write_report(cfg, args.run, args.output))
             return 0
         from tasks.readers import preflight
-        from tasks.stage import check_workdir
+        from tasks.store import check_workdir
 
         check_workdir(cfg.workdir)  # fail in a second, before Prefect and Dask start
         check_tracking(cfg.tracking.uri)

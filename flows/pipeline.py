@@ -19,7 +19,7 @@ from prefect.states import Failed
 from conf.schema import PipelineConfig, load_config
 from tasks import cluster, steps, tracking
 from tasks.errors import UserError
-from tasks.stage import check_workdir
+from tasks.store import check_workdir
 
 HEADLINE = {  # parent-run metric → (stage, manifest metric)
     "test/accuracy": ("evaluate", "test/accuracy"),

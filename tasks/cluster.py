@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from conf.schema import DaskConfig
-from tasks.readers import DataError
+from tasks.errors import DataError
 
 # LocalClusters shared by the stages of one flow run (see `one_cluster_per_run`), by config
 _shared: dict[tuple, object] | None = None

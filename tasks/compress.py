@@ -40,21 +40,11 @@ import zstandard
 
 from conf.schema import PRUNING_STEPS, CompressConfig, EvaluateConfig, TrainConfig
 from tasks.progress import Progress, gather
-from tasks.stage import Manifest, StageDir
+from tasks.store import Manifest, StageDir
 from tasks.train import model_files, split_files, train_spec
-from tasks.training.launch import launch, resolve_world_size
+from tasks.training.launch import EpochHook, launch, resolve_world_size
 
 # the code whose output this stage stores: its digest is part of the cache key
-SOURCES = (
-    "tasks.compress",
-    "tasks.evaluate",
-    "tasks.serving",
-    "tasks.registry",
-    "tasks.pyfunc_model",
-    "tasks.encoding",
-    "tasks.train",
-    "tasks.training",
-)
 
 BASELINE = "baseline"
 # what `evaluate.objective` minimises, per point (1 thread: a typical serving replica)
@@ -231,7 +221,7 @@ def read_split(manifest: Manifest, split: str) -> tuple[np.ndarray, np.ndarray]:
     """A split's features and label codes as the stage stored them."""
     import pyarrow.parquet as pq
 
-    from tasks.reduce import read_features
+    from tasks.reduce.pca import read_features
 
     files = split_files(manifest, split)
     X = np.concatenate([read_features(f, manifest["feature_names"]) for f in files])
@@ -269,8 +259,8 @@ def measure(
     import torch
     from sklearn.metrics import f1_score
 
-    from tasks.evaluate import served_latency, timed_ms
-    from tasks.serving import write_bundle
+    from tasks.served.predictor import write_bundle
+    from tasks.served.pyfunc import served_latency, timed_ms
     from tasks.training.models import load_model, weight_counts
 
     weights = folder / "model.pt"
@@ -493,7 +483,7 @@ def compress_model(
     train_cfg: TrainConfig,
     evaluate_cfg: EvaluateConfig,
     out: StageDir,
-    run_id: str | None = None,
+    on_epoch: EpochHook | None = None,
     client=None,
 ) -> dict[str, Any]:
     """Fine-tune and measure every point and the baseline, choose; the manifest body.
@@ -543,7 +533,7 @@ def compress_model(
             spec,
             resolve_world_size(train_cfg),
             Path(spec["out_dir"]),
-            run_id,
+            on_epoch,
             nnodes=train_cfg.nnodes,
             endpoint=train_cfg.rdzv_endpoint,
             max_restarts=train_cfg.max_restarts,

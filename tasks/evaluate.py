@@ -1,6 +1,6 @@
 """evaluate: quality, latency and size of the uncompressed baseline and the compressed model.
 
-Both are scored on the raw test split through `serving.Predictor` (reduction + network),
+Both are scored on the raw test split through `served.predictor.Predictor` (reduction + network),
 exactly what the registered pyfunc does. The compress stage chose its model on the
 validation split; here it is kept only when it also stays within
 `evaluate.max_accuracy_drop` of the baseline on the test split; the registry step then
@@ -17,24 +17,16 @@ import zstandard
 
 from conf.schema import EvaluateConfig
 from tasks.errors import DataError
-from tasks.reduce import read_features
-from tasks.stage import Manifest, StageDir, files_digest
+from tasks.reduce.pca import read_features
+from tasks.served.pyfunc import served_latency, timed_ms
+from tasks.store import Manifest, StageDir, files_digest
 
 if TYPE_CHECKING:  # torch loads only when a model is scored: a cached run never imports it
     import torch
 
-    from tasks.serving import Predictor
+    from tasks.served.predictor import Predictor
 
 # the code whose output this stage stores: its digest is part of the cache key
-SOURCES = (
-    "tasks.evaluate",
-    "tasks.registry",
-    "tasks.pyfunc_model",
-    "tasks.serving",
-    "tasks.encoding",
-    "tasks.reduce",
-    "tasks.training.models",
-)
 
 
 def load_test_split(partitions: Manifest) -> tuple[np.ndarray, np.ndarray]:
@@ -65,43 +57,12 @@ def input_example(partitions: Manifest):
     return pd.read_parquet(partitions["raw_example"]["path"])
 
 
-def timed_ms(call, repeats: int, threads: int = 1) -> tuple[float, float]:
-    """p50 and p95 of `call()` in ms, timed call by call with torch.utils.benchmark (which
-    sets the torch thread count — 1 by default, a typical serving replica — and, when CUDA
-    is there, synchronises the device) after 3 warm-up calls. The one timing loop behind
-    the network, served and compress-point latencies."""
-    from torch.utils import benchmark
-
-    timer = benchmark.Timer("call()", globals={"call": call}, num_threads=threads)
-    timer.timeit(3)
-    times = [timer.timeit(1).median * 1000 for _ in range(repeats)]
-    return float(np.percentile(times, 50)), float(np.percentile(times, 95))
-
-
 def latency_ms(model: torch.nn.Module, Z: torch.Tensor, batch: int, repeats: int) -> float:
     """The network alone: one forward pass on `batch` rows of features."""
     import torch
 
     with torch.inference_mode():
         return timed_ms(lambda: model(Z[:batch]), repeats)[0]
-
-
-def served_latency(bundle: Path, example, dest: Path, repeats: int) -> dict[str, float]:
-    """`mlflow.pyfunc.load_model(...).predict` on raw rows (the input example's rows,
-    repeated), batch 1 and 256: what a deployed replica pays per call, MLflow's input
-    handling and the model's encoding and reduction included. The model is saved exactly
-    as the registry logs it (`dest` keeps it, to inspect)."""
-    import mlflow
-
-    from tasks.registry import pyfunc_arguments
-
-    mlflow.pyfunc.save_model(path=str(dest), **pyfunc_arguments(str(bundle), example))
-    model = mlflow.pyfunc.load_model(str(dest))
-    rows = example.iloc[np.resize(np.arange(len(example)), 256)].reset_index(drop=True)
-    return {
-        f"served_b{batch}_ms": timed_ms(lambda b=batch: model.predict(rows.iloc[:b]), repeats)[0]
-        for batch in (1, 256)
-    }
 
 
 def score(
@@ -276,7 +237,7 @@ def evaluate_model(
     out: StageDir,
 ) -> dict[str, Any]:
     """Score baseline and compressed side by side, choose one; return the manifest body."""
-    from tasks.serving import Predictor, write_bundle
+    from tasks.served.predictor import Predictor, write_bundle
 
     X, y = load_test_split(partitions)
     reduction = features["reduction"]["path"] if features.get("reduction") else None

@@ -30,10 +30,9 @@ from tasks.readers import (
     read_npz,
 )
 from tasks.splitting import array_row_uniforms, assign_splits
-from tasks.stage import StageDir
+from tasks.store import StageDir
 
 # the code whose output this stage stores: its digest is part of the cache key
-SOURCES = ("tasks.ingest", "tasks.tables", "tasks.readers", "tasks.encoding", "tasks.splitting")
 SPLITS = ("train", "val", "test")
 TABLE_FORMATS = ("csv", "parquet")
 

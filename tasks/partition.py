@@ -23,10 +23,9 @@ import numpy as np
 
 from conf.schema import PartitionConfig
 from tasks.progress import Progress, gather
-from tasks.stage import Manifest, StageDir, describe_files
+from tasks.store import Manifest, StageDir, describe_files
 
 # the code whose output this stage stores: its digest is part of the cache key
-SOURCES = ("tasks.partition",)
 LABEL = "label"
 CANDIDATES = [
     ("none", None),

@@ -2,11 +2,13 @@
 
 In a terminal, a rich bar per piece of work: done/total, elapsed, ETA and the latest
 figures. Anywhere else (CI, a Prefect worker, a pipe) one plain line per step with the same
-figures, so a log stays readable and greppable. Inside a Prefect task run a progress
-artifact follows along. `ACCELFLOW_PROGRESS=bar|lines|off` overrides the choice.
+figures, so a log stays readable and greppable. `ACCELFLOW_PROGRESS=bar|lines|off`
+overrides the choice. The orchestration floor may `observe` every progress (inside a Prefect
+task run a progress artifact follows along): this module knows nothing of Prefect, so the
+stages that report through it stay free of it.
 
-Stdlib only at import time (rich and Prefect are imported when used): the training
-launcher, which must run on a bare GPU box, reports its epochs through this module too.
+Stdlib only at import time (rich is imported when used): the training launcher, which must
+run on a bare GPU box, reports its epochs through this module too.
 """
 
 from __future__ import annotations
@@ -24,6 +26,16 @@ MODES = ("auto", "bar", "lines", "off")
 # rich allows one live display per process: the bars alive at once share it
 _lock = threading.Lock()
 _shared: dict[str, Any] = {"live": None, "bars": 0}
+
+# (stage, what) → a callback (done, total) for that progress, or None to skip it
+Observer = Callable[[str, str], Callable[[int, int], None] | None]
+_observers: list[Observer] = []
+
+
+def observe(observer: Observer) -> None:
+    """Call `observer(stage, what)` for every progress opened from now on (once per observer)."""
+    if observer not in _observers:
+        _observers.append(observer)
 
 
 def display_mode() -> str:
@@ -46,12 +58,12 @@ def duration(seconds: float | None) -> str:
 class Progress:
     """`with Progress("partition", "partitions", 12) as p: ... p.step(done, "figures")`."""
 
-    def __init__(self, stage: str, what: str, total: int, artifact: bool = True):
+    def __init__(self, stage: str, what: str, total: int, observed: bool = True):
         self.stage, self.what, self.total = stage, what, max(int(total), 0)
         self.started = time.monotonic()
         self.mode = display_mode()
         self.bar: int | None = None
-        self.artifact = _prefect_artifact(stage, what) if artifact else None
+        self.followers = [f for o in _observers if (f := o(stage, what))] if observed else []
         if self.mode == "bar":
             self.bar = _open_bar(f"{stage}: {what}", self.total)
 
@@ -71,8 +83,8 @@ class Progress:
                 + f" | {duration(elapsed)} elapsed, eta {duration(self.eta(done))}",
                 flush=True,
             )
-        if self.artifact is not None:
-            self.artifact = _update_artifact(self.artifact, done, self.total)
+        for follow in self.followers:
+            follow(done, self.total)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -143,35 +155,3 @@ def _close_bar(bar: int) -> None:
         if _shared["bars"] <= 0:  # the finished bars stay on screen as a record
             live.stop()
             _shared.update(live=None, bars=0)
-
-
-# ---------------------------------------------------------------- Prefect
-
-
-def _prefect_artifact(stage: str, what: str):
-    try:
-        from prefect.context import TaskRunContext
-
-        if TaskRunContext.get() is None:
-            return None
-        import prefect.artifacts
-
-        return prefect.artifacts.create_progress_artifact(
-            0.0, key=f"accelflow-{stage}-progress", description=f"{stage}: {what}"
-        )
-    except Exception as exc:  # a convenience: never fail a stage over it
-        print(f"note: no Prefect progress artifact for {stage}: {exc}")
-        return None
-
-
-def _update_artifact(artifact, done: int, total: int):
-    try:
-        import prefect.artifacts
-
-        prefect.artifacts.update_progress_artifact(
-            artifact, min(100.0, 100.0 * done / max(total, 1))
-        )
-        return artifact
-    except Exception as exc:
-        print(f"note: could not update the Prefect progress artifact: {exc}")
-        return None

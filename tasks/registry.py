@@ -11,23 +11,11 @@ worse on the objective beyond that margin. Otherwise it is registered as `challe
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from conf.schema import EvaluateConfig, RegistryConfig
-from tasks.stage import Manifest
-
-ENTRY = Path(__file__).resolve().with_name("pyfunc_model.py")
-CODE_DIRS = [Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "conf"]
-PIP_REQUIREMENTS = [
-    "torch>=2.4",
-    "numpy",
-    "pandas",
-    "pyarrow",
-    "pydantic>=2.7",
-    "pyyaml",
-    "zstandard",
-]
+from tasks.served.pyfunc import pyfunc_arguments
+from tasks.store import Manifest
 
 
 def _existing_version(client, name: str, model_digest: str):
@@ -42,45 +30,6 @@ def _champion(client, name: str):
         return client.get_model_version_by_alias(name, "champion")
     except Exception:  # no registered model yet, or no champion alias
         return None
-
-
-# Above this many input columns MLflow's per-column schema check costs more than the model
-# itself (measured: 46 ms per call at 784 pixel columns, against 1.3 ms for the network at
-# batch 256), so a wide model's signature leaves the input out and the model checks its
-# own input (`Predictor.encode`: required columns by name, numbers, a clear error).
-WIDE_INPUT = 64
-
-
-def pyfunc_arguments(bundle: str, example) -> dict[str, Any]:
-    """What `mlflow.pyfunc.log_model` / `save_model` take for the bundle: models from code
-    (no pickles), the code paths, signature and input example, pinned requirements."""
-    from mlflow.models import infer_signature
-
-    from tasks.serving import Predictor
-
-    numeric = example.select_dtypes("number").columns
-    example = example.astype({c: "float64" for c in numeric})  # a float schema accepts integers too
-    predictor = Predictor(bundle)
-    output = predictor.predict_frame(example)
-    signature = infer_signature(example, output)
-    if len(example.columns) > WIDE_INPUT:
-        signature.inputs = None
-    elif predictor.encoder is not None:
-        # A table's raw rows come as the user has them: a number column read as text because
-        # one value is "n/a", a category coded as integers. The model's own encoder parses,
-        # fills and maps them; MLflow's type check would refuse such a frame outright, so
-        # the signature names the columns (still required) and leaves their types to it.
-        from mlflow.types.schema import AnyType, ColSpec, Schema
-
-        signature.inputs = Schema([ColSpec(AnyType(), c) for c in example.columns])
-    return {
-        "python_model": str(ENTRY),
-        "artifacts": {"bundle": bundle},
-        "code_paths": [str(p) for p in CODE_DIRS],
-        "signature": signature,
-        "input_example": example,
-        "pip_requirements": PIP_REQUIREMENTS,  # skips MLflow's slow requirement inference
-    }
 
 
 def log_pyfunc(bundle: str, example, name: str):

@@ -18,19 +18,23 @@ from conf.schema import PipelineConfig, TrainConfig, config_digest, mask_text
 from tasks import compress, evaluate, ingest, partition, readers, reduce, registry, train, tune
 from tasks.cluster import dask_client
 from tasks.errors import user_error_in
-from tasks.progress import Progress
-from tasks.stage import Manifest, StageOutcome, code_version, run_stage, stage_lock
+from tasks.progress import Progress, observe
+from tasks.store import Manifest, StageOutcome, code_version, run_stage, stage_lock
 from tasks.tracking import (
+    epoch_logger,
     log_compress_point,
     log_dataset,
     log_source,
     log_sweep_point,
     log_trial,
+    progress_artifact,
     publish,
     publish_markdown,
     publish_table,
     stage_run,
 )
+
+observe(progress_artifact)  # each stage's progress as a Prefect artifact in its task run
 
 
 def not_a_user_error(task, task_run, state) -> bool:
@@ -62,7 +66,7 @@ def ingest_data(cfg: PipelineConfig, parent: str) -> StageOutcome:
         outcome = run_stage(
             cfg.workdir,
             "ingest",
-            code_version(ingest.SOURCES),
+            code_version(ingest.__name__),
             key,
             [],
             lambda out: ingest.ingest_dataset(cfg.data, out, dask=cfg.dask),
@@ -83,7 +87,7 @@ def partition_data(cfg: PipelineConfig, parent: str, ingested: Manifest) -> Stag
         outcome = run_stage(
             cfg.workdir,
             "partition",
-            code_version(partition.SOURCES),
+            code_version(partition.__name__),
             cfg.partition.model_dump(mode="json"),
             [ingested],
             build,
@@ -116,7 +120,7 @@ def reduce_features(cfg: PipelineConfig, parent: str, partitions: Manifest) -> S
         # auto passes images through for an image model: the model is part of the decision
         key = {**cfg.reduce.model_dump(mode="json"), "image_model": image_model}
         outcome = run_stage(
-            cfg.workdir, "reduce", code_version(reduce.SOURCES), key, [partitions], build
+            cfg.workdir, "reduce", code_version(reduce.__name__), key, [partitions], build
         )
         sweep = outcome.manifest.get("sweep")
         if sweep:
@@ -162,7 +166,7 @@ def tune_settings(cfg: PipelineConfig, parent: str, features: Manifest) -> Stage
                 "train": cfg.train.model_dump(mode="json", exclude={"max_restarts", "epochs"}),
             }
         outcome = run_stage(
-            cfg.workdir, "tune", code_version(tune.SOURCES), key, [features], build, resumable=True
+            cfg.workdir, "tune", code_version(tune.__name__), key, [features], build, resumable=True
         )
         if outcome.manifest["leaderboard"]:
             publish_table(
@@ -191,10 +195,10 @@ def train_network(
         outcome = run_stage(
             cfg.workdir,
             "train",
-            code_version(train.SOURCES),
+            code_version(train.__name__),
             train_key(train_cfg),
             [features, tuned],
-            lambda out: train.train_model(features, train_cfg, out, run_id),
+            lambda out: train.train_model(features, train_cfg, out, epoch_logger(run_id)),
             resumable=True,
         )
         for plot in outcome.manifest.get("plots", []):
@@ -227,7 +231,7 @@ def compress_network(
                 train_cfg,
                 cfg.evaluate,
                 out,
-                run_id,
+                epoch_logger(run_id),
                 client,
             )
 
@@ -243,7 +247,7 @@ def compress_network(
         outcome = run_stage(
             cfg.workdir,
             "compress",
-            code_version(compress.SOURCES),
+            code_version(compress.__name__),
             key,
             [partitions, features, trained],
             build,
@@ -291,7 +295,7 @@ def evaluate_and_register(
         outcome = run_stage(
             cfg.workdir,
             "evaluate",
-            code_version(evaluate.SOURCES),
+            code_version(evaluate.__name__),
             cfg.evaluate.model_dump(mode="json"),
             [partitions, features, trained, compressed],
             lambda out: evaluate.evaluate_model(

@@ -21,7 +21,7 @@ from typing import Any
 
 from conf.schema import PipelineConfig, config_digest, flatten, mask_secrets, mask_text
 from tasks.errors import ConfigError, user_error_in
-from tasks.stage import Manifest, StageOutcome, file_lock, files_digest
+from tasks.store import Manifest, StageOutcome, file_lock, files_digest
 
 TELEMETRY_OFF = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -310,6 +310,54 @@ def _prefect_artifact(factory: str, **kwargs: Any) -> None:
             getattr(prefect.artifacts, factory)(**kwargs)
     except Exception as exc:  # an artifact is a convenience: never fail a stage over it
         print(f"note: could not publish the Prefect artifact {kwargs.get('key')}: {exc}")
+
+
+def progress_artifact(stage: str, what: str):
+    """A `tasks.progress` observer: inside a Prefect task run, a progress artifact that
+    follows the stage's work (`progress.observe(progress_artifact)`); elsewhere none."""
+    try:
+        import prefect.artifacts
+        from prefect.context import TaskRunContext
+
+        if TaskRunContext.get() is None:
+            return None
+        artifact = prefect.artifacts.create_progress_artifact(
+            0.0, key=f"accelflow-{stage}-progress", description=f"{stage}: {what}"
+        )
+    except Exception as exc:  # a convenience: never fail a stage over it
+        print(f"note: no Prefect progress artifact for {stage}: {exc}")
+        return None
+
+    def follow(done: int, total: int) -> None:
+        try:
+            prefect.artifacts.update_progress_artifact(
+                artifact, min(100.0, 100.0 * done / max(total, 1))
+            )
+        except Exception as exc:
+            print(f"note: could not update the Prefect progress artifact: {exc}")
+
+    return follow
+
+
+def epoch_logger(run_id: str):
+    """A training launcher's `on_epoch`: rank 0's row for each epoch, logged to the stage's
+    MLflow run as it arrives (the workers themselves never talk to MLflow)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient()
+
+    def log(row: dict[str, Any]) -> None:
+        stamp = int(time.time() * 1000)
+        step = int(row["epoch"])
+        metrics = [
+            Metric(k, float(v), stamp, step)
+            for k, v in row.items()
+            if k not in ("epoch", "phase") and isinstance(v, int | float)
+        ]
+        client.log_batch(run_id, metrics=metrics, synchronous=True)
+
+    return log
 
 
 def _yaml(cfg: PipelineConfig) -> str:

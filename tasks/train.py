@@ -11,18 +11,10 @@ from typing import Any
 
 from conf.schema import TrainConfig
 from tasks.errors import ConfigError
-from tasks.stage import Manifest, StageDir
-from tasks.training.launch import launch, resolve_world_size
+from tasks.store import Manifest, StageDir
+from tasks.training.launch import EpochHook, launch, resolve_world_size
 
 # the code whose output this stage stores: its digest is part of the cache key
-SOURCES = (
-    "tasks.train",
-    "tasks.training.launch",
-    "tasks.training.worker",
-    "tasks.training.models",
-    "tasks.training.sparsity",
-    "tasks.training.clustering",
-)
 OPTIM_KEYS = (
     "optimizer",
     "momentum",
@@ -146,9 +138,10 @@ def plot_curves(history: list[dict[str, Any]], path) -> str | None:
 
 
 def train_model(
-    features: Manifest, cfg: TrainConfig, out: StageDir, run_id: str | None = None
+    features: Manifest, cfg: TrainConfig, out: StageDir, on_epoch: EpochHook | None = None
 ) -> dict[str, Any]:
-    """Launch the workers on train/val; return the manifest body with the model files."""
+    """Launch the workers on train/val; return the manifest body with the model files.
+    `on_epoch` gets rank 0's row for each epoch as it arrives."""
     spec = train_spec(features, cfg, str(out.tmp), str(out.path("checkpoints")))
     world = resolve_world_size(cfg)
     processes = world * cfg.nnodes
@@ -157,7 +150,7 @@ def train_model(
         spec,
         world,
         out.tmp,
-        run_id,
+        on_epoch,
         nnodes=cfg.nnodes,
         endpoint=cfg.rdzv_endpoint,
         max_restarts=cfg.max_restarts,

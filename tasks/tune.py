@@ -23,10 +23,9 @@ from typing import Any
 from conf.schema import SearchDimension, TrainConfig, TuneConfig, mask_text
 from tasks import train
 from tasks.errors import TrainingError
-from tasks.stage import Manifest, StageDir
+from tasks.store import Manifest, StageDir
 
 # the code whose output this stage stores: trials run the trainer, so its sources count too
-SOURCES = ("tasks.tune", *train.SOURCES)
 # keys that only some optimizers read: suggested only for those (define-by-run)
 CONDITIONAL = {"momentum": ("sgd", "rmsprop"), "nesterov": ("sgd",)}
 INTERRUPTED = "interrupted: the run stopped while this trial ran"

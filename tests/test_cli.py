@@ -78,7 +78,7 @@ def test_secrets_in_config_values_never_reach_mlflow(tmp_path):
 
     from conf.schema import load_config, mask_secrets
     from tasks import tracking
-    from tasks.stage import StageOutcome
+    from tasks.store import StageOutcome
 
     cfg = load_config(
         None,

@@ -11,7 +11,7 @@ from tasks.cluster import dask_client, peak_memory_mib
 from tasks.ingest import ingest_dataset
 from tasks.partition import CANDIDATES, choose_codec, partition_dataset
 from tasks.reduce import apply_reduction, fit_reduction, load_reduction, read_features
-from tasks.stage import run_stage
+from tasks.store import run_stage
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_auto_reduces_only_where_it_pays(partitioned, client, tmp_path):
 
 
 def _stage_dir(path: Path):
-    from tasks.stage import StageDir
+    from tasks.store import StageDir
 
     path.mkdir()
     return StageDir(tmp=path, final=path)
@@ -244,7 +244,7 @@ import json, sys
 from conf.schema import DaskConfig, PartitionConfig
 from tasks.cluster import dask_client, peak_memory_mib
 from tasks.partition import partition_dataset
-from tasks.stage import run_stage
+from tasks.store import run_stage
 
 if __name__ == "__main__":
     work, manifest = sys.argv[1], json.load(open(sys.argv[2]))

@@ -10,7 +10,7 @@ from conftest import tree_digest, write_idx
 from conf.schema import DataConfig
 from tasks.ingest import ingest_dataset, read_source, split_table
 from tasks.readers import DataError
-from tasks.stage import run_stage
+from tasks.store import run_stage
 
 
 @pytest.fixture(autouse=True)

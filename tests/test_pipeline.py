@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from conf.schema import config_digest
 from flows.pipeline import pipeline
 from tasks.readers import read_idx, source_fingerprint
-from tasks.stage import files_digest
+from tasks.store import files_digest
 
 STAGES = ["ingest", "partition", "reduce", "tune", "train", "compress", "evaluate"]
 pytestmark = pytest.mark.slow
@@ -179,22 +179,27 @@ def test_changing_the_learning_rate_reruns_train_and_after_only(first_run):
 
 
 def test_changed_stage_code_reruns_that_stage_and_after(first_run, tmp_path, monkeypatch):
-    """No hand-bumped versions: the cache key digests the bytes of every source file a
-    stage runs (`SOURCES`; a byte changed in any of them changes the digest, tested in
-    test_stage.py). One more source file for reduce re-runs reduce and every stage after it;
-    back as it was, the earlier outputs are cache hits again. (The file is a temporary
-    module, not tasks/reduce.py itself: tests run in parallel and read that file too.)"""
-    import tasks.reduce
+    """No hand-kept lists: a stage's code version digests its import closure, read from the
+    source. tasks/training/optim.py is reached only through the DDP worker, which the trainer
+    starts by name (`-m tasks.training.worker`); one byte more in it re-runs every stage that
+    trains (reduce's sweep trains too) and after, and leaves ingest and partition cached. The
+    edit goes to a copy of the source tree (tests run in parallel and read the real files)."""
+    import shutil
+
+    import tasks.store
 
     cfg, _ = first_run
-    (tmp_path / "reduce_extra_source.py").write_text("# one more line of reduce's code\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    copy = tmp_path / "src"
+    for package in tasks.store.project_packages(tasks.store.PROJECT_ROOT):
+        shutil.copytree(tasks.store.PROJECT_ROOT / package, copy / package)
+    with (copy / "tasks/training/optim.py").open("a") as fh:
+        fh.write("# one more line of the optimizer's code\n")
     with monkeypatch.context() as patch:
-        patch.setattr(tasks.reduce, "SOURCES", (*tasks.reduce.SOURCES, "reduce_extra_source"))
+        patch.setattr(tasks.store, "PROJECT_ROOT", copy)
         changed = {row["stage"]: row for row in pipeline(cfg)["stages"]}
     assert [changed[s]["status"] for s in STAGES] == ["cached"] * 2 + ["ran"] * 5
     assert "stage code changed" in changed["reduce"]["reason"]
-    assert "input changed" in changed["train"]["reason"]
+    assert "stage code changed" in changed["train"]["reason"]
     restored = pipeline(cfg)["stages"]
     assert [row["status"] for row in restored] == ["cached"] * 7
 
@@ -286,7 +291,7 @@ def test_the_tsne_map_draws_a_test_split_smaller_than_its_pca(tmp_path):
     from sklearn.datasets import load_wine
 
     from tasks.evaluate import plot_tsne
-    from tasks.serving import Predictor
+    from tasks.served.predictor import Predictor
     from tasks.training.models import build_model
 
     X, y = load_wine(return_X_y=True)

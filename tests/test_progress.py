@@ -50,7 +50,7 @@ def test_a_bar_on_request_shows_done_of_total_and_the_figures(capsys, monkeypatc
 
 
 def test_eta_and_duration():
-    p = progress.Progress("x", "steps", 10, artifact=False)
+    p = progress.Progress("x", "steps", 10, observed=False)
     p.started -= 20  # 20 s in, 4 of 10 done: 30 s to go
     assert p.eta(4) == pytest.approx(30, abs=1)
     assert p.eta(0) is None and p.eta(10) == 0.0

@@ -8,7 +8,7 @@ import pytest
 
 from conf.schema import ReduceConfig, load_config
 from tasks.errors import ConfigError
-from tasks.reduce_sweep import pick
+from tasks.reduce.sweep import pick
 
 
 def test_smallest_within_takes_the_fewest_features_near_the_best():

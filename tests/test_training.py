@@ -49,10 +49,12 @@ def test_cnn_trains_on_images(digits_parquet, tmp_path):
 
 def test_ddp_two_gloo_processes_train_and_log_only_on_rank_0(digits_parquet, tmp_path):
     spec = make_spec(digits_parquet, tmp_path)
-    result = launch(spec, world_size=2, workdir=tmp_path)
+    rows = []  # what a tracker is handed live: rank 0's row per epoch, once each
+    result = launch(spec, world_size=2, workdir=tmp_path, on_epoch=rows.append)
     assert result["world_size"] == 2 and result["val_accuracy"] > 0.85
     history = json.loads((tmp_path / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert rows == history
     log = (tmp_path / "train.log").read_text()
     assert log.count('"val/accuracy"') == 4  # one line per epoch: rank 1 stays quiet
     model = build_model(spec["arch"])

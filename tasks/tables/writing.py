@@ -12,7 +12,7 @@ from conf.schema import DataConfig
 from tasks.cluster import checked, data_task
 from tasks.encoding import Encoder
 from tasks.errors import DataError
-from tasks.stage import StageDir
+from tasks.store import StageDir
 from tasks.tables.blocks import block_size, read_block, scan
 from tasks.tables.cleaning import good_rows
 from tasks.tables.profiling import SPLITS, plan

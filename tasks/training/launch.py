@@ -12,11 +12,14 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tasks.errors import TrainingError
 from tasks.progress import Progress
+
+EpochHook = Callable[[dict[str, Any]], None]  # rank 0's row for one epoch
 
 if TYPE_CHECKING:  # the launcher itself needs no pydantic: a bare GPU box can run it
     from conf.schema import TrainConfig
@@ -101,12 +104,13 @@ def launch(
     spec: dict[str, Any],
     world_size: int,
     workdir: Path,
-    run_id: str | None = None,
+    on_epoch: EpochHook | None = None,
     nnodes: int = 1,
     endpoint: str | None = None,
     max_restarts: int = 0,
 ) -> dict[str, Any]:
-    """Write the spec, run `torch.distributed.run`, return the worker's result.json.
+    """Write the spec, run `torch.distributed.run`, return the worker's result.json;
+    `on_epoch` gets rank 0's row for each epoch as it arrives (to log it live).
 
     With `nnodes > 1` this node joins a c10d rendezvous at `endpoint` and waits there for
     the other nodes, which run the command this function prints (the spec, workdir and
@@ -122,10 +126,6 @@ def launch(
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": str(spec["threads_per_process"]),  # no oversubscription of cores
     }
-    if run_id:
-        env["MLFLOW_RUN_ID"] = run_id  # only rank 0 reads it
-    else:
-        env.pop("MLFLOW_RUN_ID", None)
     command = torchrun_command(
         spec_path, world_size, nnodes, endpoint, workdir.name.lstrip("."), max_restarts
     )
@@ -153,6 +153,8 @@ def launch(
             row = epoch_row(line)
             if row is not None:
                 progress.step(row["epoch"] + 1, epoch_figures(row, stage))
+                if on_epoch is not None:
+                    on_epoch(row)
         proc.wait()
     if proc.returncode != 0:
         raise TrainingError(

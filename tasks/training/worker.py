@@ -8,12 +8,13 @@ Launched by `tasks.training.launch` (or by hand, on one or many nodes):
 
 The spec (JSON) names the Parquet files, the model, optimizer, schedule and a list of
 phases: plain training is one phase; pruning is one phase per round, each starting by
-masking the smallest weights and then fine-tuning with the mask held. Only rank 0 logs
-(to MLflow when MLFLOW_RUN_ID is set) and writes checkpoints; a rerun with the same
-checkpoint folder resumes after the last completed epoch.
+masking the smallest weights and then fine-tuning with the mask held. Only rank 0 prints
+each epoch's row (one JSON line: the launcher forwards it to progress and to whoever
+tracks the run) and writes checkpoints; a rerun with the same checkpoint folder resumes
+after the last completed epoch.
 
-Imports torch, numpy and pyarrow only, so workers start fast (mlflow is imported lazily,
-on rank 0, only when a run id is given).
+Imports torch, numpy and pyarrow only, so workers start fast and run on a bare GPU box;
+they never talk to MLflow or Prefect (an import-linter contract in pyproject.toml holds it).
 """
 
 from __future__ import annotations
@@ -87,26 +88,6 @@ def all_sum(values: list[float], r: Rank) -> list[float]:
     return t.tolist()
 
 
-class MetricSink:
-    """Rank 0 → MLflow (if MLFLOW_RUN_ID is set) and a JSON history; other ranks: no-op."""
-
-    def __init__(self, r: Rank):
-        self.client = None
-        self.run_id = os.environ.get("MLFLOW_RUN_ID") if r.is_main else None
-        if self.run_id:
-            from mlflow import MlflowClient  # lazy: ~2 s, rank 0 only
-
-            self.client = MlflowClient()
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client:
-            stamp = int(time.time() * 1000)
-            from mlflow.entities import Metric
-
-            batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items()]
-            self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
-
-
 # ---------------------------------------------------------------- data, model, optimizer
 
 
@@ -178,7 +159,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(
             enabled=self.amp == torch.float16 and r.device.type == "cuda"
         )
-        self.sink = MetricSink(r)
         self.history: list[dict[str, float]] = []
         self.clusters = None  # weight sharing in a phase with cluster_bits (tasks.compress)
         patience = spec.get("early_stopping_patience")
@@ -364,7 +344,6 @@ class Trainer:
             row[f"{prefix}/sparsity"] = sparsity_report(self.model)["sparsity"]
         row = {k: v for k, v in row.items() if not math.isnan(v)}
         self.history.append({"epoch": step, "phase": phase, **row})
-        self.sink.log(row, step)
         if self.r.is_main and self.on_epoch is None:  # a trial reports through its hook
             print(json.dumps(self.history[-1]), flush=True)
         return val_loss, val_acc

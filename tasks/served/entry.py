@@ -8,7 +8,7 @@ import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from tasks.serving import Predictor
+from tasks.served.predictor import Predictor
 
 
 class AccelflowClassifier(PythonModel):

@@ -18,7 +18,8 @@ import numpy as np
 
 from conf.schema import ReduceConfig, TrainConfig
 from tasks.progress import Progress, gather
-from tasks.stage import Manifest, StageDir
+from tasks.reduce.pca import apply_reduction, fit_pca, read_features
+from tasks.store import Manifest, StageDir
 
 NONE = "none"  # the raw features
 
@@ -26,8 +27,6 @@ NONE = "none"  # the raw features
 def sample_rows(files: list[str], columns: list[str], label: str, rows: int):
     """The first `rows` rows of a split (its rows are already in seeded random order)."""
     import pyarrow.parquet as pq
-
-    from tasks.reduce import read_features
 
     X, y, have = [], [], 0
     for path in files:
@@ -84,7 +83,6 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Every point trained and measured; returns the points, the pick and its reason."""
     from tasks import train
-    from tasks.reduce import apply_reduction, fit_pca
 
     columns, label = partitions["feature_names"], partitions["label"]
     files = {s: [f["path"] for f in partitions["splits"][s]["files"]] for s in ("train", "val")}

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from tasks.encoding import Encoder
-from tasks.reduce import apply_reduction, load_reduction
+from tasks.reduce.pca import apply_reduction, load_reduction
 from tasks.training.models import load_model
 
 
@@ -59,7 +59,7 @@ class Predictor:
     def encode(self, frame) -> np.ndarray:
         """Raw rows (a DataFrame; for numeric features also an array in column order) → the
         features the reduction and network expect. This is the served model's input check
-        (a wide model's MLflow signature leaves it out: see registry.WIDE_INPUT)."""
+        (a wide model's MLflow signature leaves it out: see served.pyfunc.WIDE_INPUT)."""
         if self.encoder is not None:
             return self.encoder.transform(frame)
         if isinstance(frame, np.ndarray):

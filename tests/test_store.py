@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tasks.stage import StageInputError, files_digest, run_stage
+from tasks.store import StageInputError, files_digest, run_stage
 
 
 def build_ok(out):
@@ -72,7 +72,7 @@ def test_resumable_stage_keeps_its_partial_folder(tmp_path):
 
 
 def build_described(out):
-    from tasks.stage import describe_files
+    from tasks.store import describe_files
 
     out.path("data.bin").write_bytes(b"x" * 64)
     entry = describe_files([out.path("data.bin")])[0] | {"path": out.final_path("data.bin")}
@@ -128,14 +128,35 @@ def test_two_runs_on_one_workdir_build_a_stage_once(tmp_path):
     assert (tmp_path / "demo" / second.manifest["key"] / "data.txt").read_text() == "built once"
 
 
-def test_a_package_s_code_version_covers_every_module_in_it(tmp_path, monkeypatch):
-    from tasks.stage import code_version
+def test_a_stage_s_code_version_is_the_digest_of_its_import_closure(tmp_path):
+    """Found by reading imports (top-level, lazy, relative, and a worker started by name):
+    a byte changed in any of them changes the digest; a module the stage never reaches does not."""
+    from tasks.store import code_version, import_closure
 
-    package = tmp_path / "demo_pkg"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "inner.py").write_text("X = 1\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    before = code_version(("demo_pkg",))
-    (package / "inner.py").write_text("X = 2\n")
-    assert code_version(("demo_pkg",)) != before
+    files = {
+        "demo/__init__.py": "",
+        "demo/stage.py": "from demo import launch\n",
+        "demo/launch.py": 'CMD = ["torchrun", "-m", "demo.worker.main"]\n',
+        "demo/worker/__init__.py": "",
+        "demo/worker/main.py": "def run():\n    from .optim import step\n",
+        "demo/worker/optim.py": "LR = 1\n",
+        "demo/unrelated.py": "X = 1\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert set(import_closure("demo.stage", tmp_path)) == {
+        "demo",
+        "demo.stage",
+        "demo.launch",
+        "demo.worker",
+        "demo.worker.main",
+        "demo.worker.optim",
+    }
+    before = code_version("demo.stage", tmp_path)
+    (tmp_path / "demo/unrelated.py").write_text("X = 2\n")
+    assert code_version("demo.stage", tmp_path) == before
+    (tmp_path / "demo/worker/optim.py").write_text("LR = 2\n")
+    assert code_version("demo.stage", tmp_path) != before
+    with pytest.raises(RuntimeError, match="demo.missing"):
+        code_version("demo.missing", tmp_path)

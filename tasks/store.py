@@ -11,10 +11,12 @@ the only thing stages pass to each other. Pure Python: no Prefect, no MLflow her
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -28,6 +30,7 @@ from tasks.errors import ConfigError, StageInputError
 
 Manifest = dict[str, Any]
 MANIFEST = "manifest.json"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -85,24 +88,79 @@ class StageDir:
         return [self.moved(entry) for entry in describe_files([self.path(n) for n in names])]
 
 
-def code_version(modules: tuple[str, ...]) -> str:
-    """A digest of the source files a stage runs (module or package names, resolved without
-    importing them), so a stage's cache cannot outlive its code: edit one byte and the stage, and every
-    stage after it, runs again. Nothing to remember to bump."""
-    from importlib.util import find_spec
+# a dotted name in a string ("tasks.training.worker") may be a module started by name
+# (`python -m ...`, torchrun): code the stage runs, though never imported
+DOTTED_NAME = re.compile(r"^\w+(?:\.\w+)+$")
 
+
+def project_packages(root: Path) -> set[str]:
+    """The project's top-level packages: folders under `root` with an __init__.py."""
+    return {p.parent.name for p in root.glob("*/__init__.py")}
+
+
+def module_file(name: str, root: Path) -> Path | None:
+    """The source file of project module `name` under `root`, or None when it has none."""
+    path = root.joinpath(*name.split("."))
+    for candidate in (path / "__init__.py", path.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(name: str, path: Path, packages: set[str]) -> set[str]:
+    """Project modules that module `name` (source at `path`) imports anywhere in its body
+    (lazy imports inside functions and TYPE_CHECKING blocks included) or starts by name."""
+    found: set[str] = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: counted from the importing module's package
+                parts = package.split(".")[: package.count(".") + 2 - node.level]
+                base = ".".join([*parts, base] if base else parts)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # from pkg import mod
+        elif (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and DOTTED_NAME.match(node.value)
+        ):
+            found.add(node.value)
+    # importing a.b.c runs a/__init__ and a/b/__init__ too
+    with_parents = {".".join(n.split(".")[:i]) for n in found for i in range(1, n.count(".") + 2)}
+    return {n for n in with_parents if n.split(".")[0] in packages}
+
+
+def import_closure(module: str, root: Path | None = None) -> dict[str, Path]:
+    """Every project module `module` runs: itself and, transitively, what it imports or starts
+    by name, found by reading the source under `root` (the project's; nothing is imported)."""
+    root = root or PROJECT_ROOT
+    packages = project_packages(root)
+    closure: dict[str, Path] = {}
+    pending = [module]
+    while pending:
+        name = pending.pop()
+        if name in closure:
+            continue
+        path = module_file(name, root)
+        if path is None:  # `from tasks.x import function`: a name, not a module
+            continue
+        closure[name] = path
+        pending.extend(imported_modules(name, path, packages) - closure.keys())
+    if module not in closure:
+        raise RuntimeError(f"stage module {module} not found under {root}")
+    return closure
+
+
+def code_version(module: str, root: Path | None = None) -> str:
+    """A digest of the source of every project module a stage runs (its import closure), so a
+    stage's cache cannot outlive its code: edit one byte of anything it imports and the stage,
+    and every stage after it, runs again. Derived from the imports: no list to keep."""
     h = hashlib.sha256()
-    for name in sorted(modules):
-        spec = find_spec(name)
-        if spec is None or not spec.origin:
-            raise RuntimeError(f"stage source module {name} not found")
-        files = [Path(spec.origin)]
-        if spec.submodule_search_locations:  # a package: every module in it
-            files = sorted(
-                p for folder in spec.submodule_search_locations for p in Path(folder).glob("*.py")
-            )
-        for path in files:
-            h.update(f"{name}/{path.name}".encode() + b"\0" + path.read_bytes())
+    for name, path in sorted(import_closure(module, root).items()):
+        h.update(name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:12]
 
 
