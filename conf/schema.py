@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,36 @@ from tasks.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).with_name("pipeline.yaml")
 PROFILES = Path(__file__).with_name("profiles")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What a `train.model` reads and what compression can do to it: one row per family;
+    validation, reduce's pass-through, the auto sweep and the builders read this table."""
+
+    reads: Literal["features", "images", "images or features"]
+    narrowable: bool  # structured pruning removes whole neurons / channels (a real speed-up)
+
+
+MODEL_FAMILIES = {
+    "mlp": ModelFamily(reads="features", narrowable=True),
+    "cnn": ModelFamily(reads="images", narrowable=True),
+    # an image's rows (rnn) or patches (transformer), or a table's features as a sequence
+    "rnn": ModelFamily(reads="images or features", narrowable=False),
+    "transformer": ModelFamily(reads="images or features", narrowable=False),
+}
+ModelName = Literal[tuple(MODEL_FAMILIES)]  # type: ignore[valid-type]
+
+
+def reads_images(model: str, image_shape: Any) -> bool:
+    """Whether `model` takes the pixels whole: always for an images-only family, and for
+    one that reads either when the data are images."""
+    reads = MODEL_FAMILIES[model].reads
+    return reads == "images" or (reads == "images or features" and bool(image_shape))
+
+
+def needs_images(model: str) -> bool:
+    return MODEL_FAMILIES[model].reads == "images"
 
 
 class Section(BaseModel):
@@ -135,7 +166,7 @@ class ReduceConfig(Section):
 
 class TrainConfig(Section):
     # mlp: features; cnn: images; rnn, transformer: an image's rows / patches, or a table's features
-    model: Literal["mlp", "cnn", "rnn", "transformer"] = "mlp"
+    model: ModelName = "mlp"
     # mlp: layer widths; cnn: the head's width; rnn, transformer: len(hidden) layers of hidden[0]
     hidden: list[int] = Field(default_factory=lambda: [512, 256])
     cell: Literal["gru", "lstm"] = "gru"  # rnn
@@ -334,7 +365,8 @@ class TuneConfig(Section):
         return v
 
 
-STRUCTURED_MODELS = ("mlp", "cnn")  # the models structured pruning knows how to narrow
+# the models structured pruning knows how to narrow
+STRUCTURED_MODELS = tuple(name for name, family in MODEL_FAMILIES.items() if family.narrowable)
 CompressStep = Literal["magnitude", "structured", "cluster", "quantize"]
 PRUNING_STEPS = ("magnitude", "structured")
 
@@ -538,13 +570,14 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _compatible_sections(self) -> PipelineConfig:
-        if self.reduce.sweep and (self.reduce.method == "none" or self.train.model == "cnn"):
+        images = needs_images(self.train.model)
+        if self.reduce.sweep and (self.reduce.method == "none" or images):
             raise ValueError(
                 "reduce.sweep compares PCA targets, but "
                 + (
                     "reduce.method is 'none'"
                     if self.reduce.method == "none"
-                    else "train.model 'cnn' needs the raw images"
+                    else f"train.model '{self.train.model}' needs the raw images"
                 )
                 + ": remove reduce.sweep or change that key"
             )
@@ -558,10 +591,12 @@ class PipelineConfig(Section):
                         f"{' and '.join(STRUCTURED_MODELS)} models, but train.model is "
                         f"'{self.train.model}': use magnitude instead"
                     )
-        if self.train.model == "cnn" and self.reduce.method == "pca":
+        if images and self.reduce.method == "pca":
+            readers = [m for m, f in MODEL_FAMILIES.items() if f.reads != "images"]
             raise ValueError(
-                "train.model 'cnn' works on raw images, but reduce.method is 'pca': set "
-                "reduce.method to 'auto' or 'none' (rnn and transformer can read PCA features)"
+                f"train.model '{self.train.model}' works on raw images, but reduce.method is "
+                f"'pca': set reduce.method to 'auto' or 'none' ({', '.join(readers)} can read "
+                "PCA features)"
             )
         return self
 

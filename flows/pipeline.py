@@ -19,42 +19,9 @@ from prefect.states import Failed
 from conf.schema import PipelineConfig, load_config
 from tasks import cluster, steps, tracking
 from tasks.errors import UserError
-from tasks.store import check_workdir
-
-HEADLINE = {  # parent-run metric → (stage, manifest metric)
-    "test/accuracy": ("evaluate", "test/accuracy"),
-    "test/macro_f1": ("evaluate", "test/macro_f1"),
-    "test/log_loss": ("evaluate", "test/log_loss"),
-    "baseline/accuracy": ("evaluate", "baseline/accuracy"),
-    "prune/sparsity": ("compress", "prune/sparsity"),
-    "compress/speedup_b256": ("compress", "compress/speedup_b256"),
-    "compress/size_ratio": ("compress", "compress/size_ratio"),
-    "tune/default_val_accuracy": ("tune", "tune/default_val_accuracy"),
-    "tune/best_val_accuracy": ("tune", "tune/best_val_accuracy"),
-    "tune/gain": ("tune", "tune/gain"),
-    "data/compression_ratio": ("partition", "data/compression_ratio"),
-    "test/latency_b1_ms": ("evaluate", "test/latency_b1_ms"),
-    "test/latency_b256_ms": ("evaluate", "test/latency_b256_ms"),
-    "test/served_latency_b1_ms": ("evaluate", "test/served_latency_b1_ms"),
-    "test/served_latency_b256_ms": ("evaluate", "test/served_latency_b256_ms"),
-}
-KEY_FIGURE = {
-    "ingest": lambda m: f"{sum(s['rows'] for s in m['splits'].values())} rows",
-    "partition": lambda m: f"compression ×{m['metrics']['data/compression_ratio']:.2f}",
-    "reduce": lambda m: f"{m['metrics']['reduce/components']} features",
-    "tune": lambda m: (
-        f"val acc {m['metrics']['tune/default_val_accuracy']:.4f} → "
-        f"{m['metrics']['tune/best_val_accuracy']:.4f} ({len(m['leaderboard'])} trials)"
-        if "tune/default_val_accuracy" in m["metrics"]
-        else (f"{len(m['leaderboard'])} trials" if m["leaderboard"] else "off")
-    ),
-    "train": lambda m: f"val acc {m['metrics']['train/val_accuracy']:.4f}",
-    "compress": lambda m: (
-        f"{m['chosen']}: ×{m['metrics']['compress/speedup_b256']:.2f} b256, "
-        f"×{m['metrics']['compress/size_ratio']:.2f} smaller"
-    ),
-    "evaluate": lambda m: f"test acc {m['metrics']['test/accuracy']:.4f} ({m['chosen']})",
-}
+from tasks.stages import STAGES
+from tasks.steps import SPECS
+from tasks.store import StageOutcome, check_workdir
 
 
 def resolve_config(
@@ -112,41 +79,17 @@ def run_stages(config: PipelineConfig) -> dict[str, Any]:
     tracking.check_tracking(config.tracking.uri)
     experiment_id = tracking.configure(config)
     with cluster.one_cluster_per_run(), tracking.pipeline_run(config, experiment_id) as parent:
-        ingested = steps.ingest_data(config, parent)
-        partitions = steps.partition_data(config, parent, ingested.manifest)
-        features = steps.reduce_features(config, parent, partitions.manifest)
-        tuned = steps.tune_settings(config, parent, features.manifest)
-        trained = steps.train_network(config, parent, features.manifest, tuned.manifest)
-        compressed = steps.compress_network(
-            config,
-            parent,
-            partitions.manifest,
-            features.manifest,
-            tuned.manifest,
-            trained.manifest,
-        )
-        evaluated = steps.evaluate_and_register(
-            config,
-            parent,
-            partitions.manifest,
-            features.manifest,
-            trained.manifest,
-            compressed.manifest,
-        )
-        outcomes = {
-            "ingest": ingested,
-            "partition": partitions,
-            "reduce": features,
-            "tune": tuned,
-            "train": trained,
-            "compress": compressed,
-            "evaluate": evaluated,
-        }
+        outcomes: dict[str, StageOutcome] = {}
+        for spec in STAGES:  # in DAG order: every stage's inputs have run before it
+            inputs = {name: outcomes[name].manifest for name in spec.inputs}
+            outcomes[spec.name] = steps.TASKS[spec.name](spec.name, config, parent, inputs)
         headline = {
-            k: outcomes[s].manifest["metrics"][m]
-            for k, (s, m) in HEADLINE.items()
-            if m in outcomes[s].manifest["metrics"]  # tune's figures only when it searched
+            metric: outcomes[spec.name].manifest["metrics"][metric]
+            for spec in STAGES
+            for metric in spec.headline
+            if metric in outcomes[spec.name].manifest["metrics"]  # tune's only when it searched
         }
+        evaluated = outcomes["evaluate"]
         import mlflow
 
         mlflow.log_metrics(headline)
@@ -177,13 +120,13 @@ def run_stages(config: PipelineConfig) -> dict[str, Any]:
     }
 
 
-def stage_rows(outcomes: dict[str, Any]) -> list[dict[str, Any]]:
+def stage_rows(outcomes: dict[str, StageOutcome]) -> list[dict[str, Any]]:
     return [
         {
             "stage": stage,
             "status": "cached" if outcome.cached else "ran",
             "seconds": round(outcome.seconds, 1),
-            "figure": KEY_FIGURE[stage](outcome.manifest),
+            "figure": SPECS[stage].figure(outcome.manifest),
             "reason": outcome.reason,
         }
         for stage, outcome in outcomes.items()

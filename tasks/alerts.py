@@ -11,21 +11,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-# parent-run metrics a comparison shows, and which direction is better
-COMPARED = {
-    "test/accuracy": "higher",
-    "test/macro_f1": "higher",
-    "baseline/accuracy": "higher",
-    "test/latency_b1_ms": "lower",
-    "test/latency_b256_ms": "lower",
-    "test/log_loss": "lower",
-    "prune/sparsity": "higher",
-    "compress/speedup_b256": "higher",
-    "compress/size_ratio": "higher",
-    "data/compression_ratio": "higher",
-    "tune/best_val_accuracy": "higher",
-}
-STAGES = ("ingest", "partition", "reduce", "tune", "train", "compress", "evaluate")
+from tasks.stages import HEADLINE  # the parent-run metrics, and which direction is better
+from tasks.stages import NAMES as STAGES
+
 TAG = "accelflow.regression"
 
 
@@ -83,7 +71,7 @@ def compare_runs(client, run_a: str, run_b: str) -> dict[str, Any]:
                 }
             )
     figures = []
-    for metric, better in {**COMPARED, "train/samples_per_second": "higher"}.items():
+    for metric, better in {**HEADLINE, "train/samples_per_second": "higher"}.items():
         va = throughput(sa) if metric == "train/samples_per_second" else a.data.metrics.get(metric)
         vb = throughput(sb) if metric == "train/samples_per_second" else b.data.metrics.get(metric)
         if va is None and vb is None:

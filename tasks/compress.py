@@ -28,6 +28,7 @@ split stays for evaluate).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -38,13 +39,19 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from conf.schema import PRUNING_STEPS, CompressConfig, EvaluateConfig, TrainConfig
+from conf.schema import (
+    PRUNING_STEPS,
+    CompressConfig,
+    EvaluateConfig,
+    PipelineConfig,
+    TrainConfig,
+)
+from tasks.cluster import dask_client
 from tasks.progress import Progress, gather
+from tasks.spec import ChildRun, Hooks, Inputs, StageSpec
 from tasks.store import Manifest, StageDir
-from tasks.train import model_files, split_files, train_spec
+from tasks.train import model_files, split_files, train_key, train_spec, tuned_config
 from tasks.training.launch import EpochHook, launch, resolve_world_size
-
-# the code whose output this stage stores: its digest is part of the cache key
 
 BASELINE = "baseline"
 # what `evaluate.objective` minimises, per point (1 thread: a typical serving replica)
@@ -654,3 +661,80 @@ def keep_trained(trained: Manifest) -> dict[str, Any]:
         "plots": [],
         "summary": "no compression (compress.recipe: [])",
     }
+
+
+def compress_key(cfg: PipelineConfig, inputs: Inputs) -> dict[str, Any]:
+    # the fine-tunes use train's (tuned) optimizer settings, the choice evaluate's rule
+    return {
+        **cfg.compress.model_dump(mode="json"),
+        "train": train_key(cfg, inputs),
+        "choice": cfg.evaluate.model_dump(
+            mode="json", include={"max_accuracy_drop", "objective", "latency_repeats"}
+        ),
+    }
+
+
+def build_compression(cfg: PipelineConfig, inputs: Inputs, out: StageDir, hooks: Hooks) -> dict:
+    # a sweep fine-tunes its points on the cluster; one recipe needs none
+    cluster = dask_client(cfg.dask) if cfg.compress.sweep else contextlib.nullcontext()
+    with cluster as client:
+        return compress_model(
+            inputs["partition"],
+            inputs["reduce"],
+            inputs["train"],
+            cfg.compress,
+            tuned_config(cfg, inputs),
+            cfg.evaluate,
+            out,
+            hooks.on_epoch,
+            client,
+        )
+
+
+def point_runs(manifest: Manifest) -> list[ChildRun]:
+    """Each point (and the baseline) as a nested run: its recipe and levels, every measured
+    figure, whether it is on a Pareto front and chosen; a failed one with its reason."""
+    runs = []
+    for row in manifest["table"]:
+        params = {"compress.recipe": row["recipe"] or "none"}
+        params |= {f"compress.{k}": row[k] for k in ("sparsity", "bits") if row.get(k) is not None}
+        figures = [
+            (f"point/{k}", v, 0)
+            for k, v in row.items()
+            if isinstance(v, int | float)
+            and not isinstance(v, bool)
+            and k not in ("sparsity", "bits")
+        ]
+        tags = {
+            "accelflow.stage": "compress-point",
+            "accelflow.point.pareto": row.get("pareto", ""),
+            "accelflow.point.chosen": str(row.get("chosen", False)).lower(),
+        }
+        if "error" in row:
+            tags["accelflow.point.error"] = row["error"]
+        status = "FAILED" if "error" in row else "FINISHED"
+        runs.append(ChildRun(row["name"], params, figures, tags, status))
+    return runs
+
+
+SPEC = StageSpec(
+    name="compress",
+    section="compress",
+    inputs=("partition", "reduce", "tune", "train"),
+    key=compress_key,
+    build=build_compression,
+    figure=lambda m: (
+        f"{m['chosen']}: ×{m['metrics']['compress/speedup_b256']:.2f} b256, "
+        f"×{m['metrics']['compress/size_ratio']:.2f} smaller"
+    ),
+    headline={
+        "prune/sparsity": "higher",
+        "compress/speedup_b256": "higher",
+        "compress/size_ratio": "higher",
+    },
+    tables={"points": "table"},
+    reports={"pareto": "report"},
+    children=point_runs,
+    resumable=True,
+    uses_dask=True,
+)

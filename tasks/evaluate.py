@@ -15,18 +15,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zstandard
 
-from conf.schema import EvaluateConfig
+from conf.schema import EvaluateConfig, PipelineConfig
 from tasks.errors import DataError
 from tasks.reduce.pca import read_features
 from tasks.served.pyfunc import served_latency, timed_ms
+from tasks.spec import Hooks, Inputs, StageSpec
 from tasks.store import Manifest, StageDir, files_digest
 
 if TYPE_CHECKING:  # torch loads only when a model is scored: a cached run never imports it
     import torch
 
     from tasks.served.predictor import Predictor
-
-# the code whose output this stage stores: its digest is part of the cache key
 
 
 def load_test_split(partitions: Manifest) -> tuple[np.ndarray, np.ndarray]:
@@ -324,3 +323,35 @@ def evaluate_model(
         "metrics": metrics,
         "summary": summary,
     }
+
+
+def build_evaluation(cfg: PipelineConfig, inputs: Inputs, out: StageDir, hooks: Hooks) -> dict:
+    return evaluate_model(
+        inputs["partition"],
+        inputs["reduce"],
+        inputs["train"],
+        inputs["compress"],
+        cfg.evaluate,
+        out,
+    )
+
+
+SPEC = StageSpec(
+    name="evaluate",
+    section="evaluate",
+    inputs=("partition", "reduce", "train", "compress"),
+    key=lambda cfg, inputs: cfg.evaluate.model_dump(mode="json"),
+    build=build_evaluation,
+    figure=lambda m: f"test acc {m['metrics']['test/accuracy']:.4f} ({m['chosen']})",
+    headline={
+        "test/accuracy": "higher",
+        "test/macro_f1": "higher",
+        "test/log_loss": "lower",
+        "baseline/accuracy": "higher",
+        "test/latency_b1_ms": "lower",
+        "test/latency_b256_ms": "lower",
+        "test/served_latency_b1_ms": "lower",
+        "test/served_latency_b256_ms": "lower",
+    },
+    datasets=(("partition", "test", "evaluation"),),
+)

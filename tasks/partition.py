@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from conf.schema import PartitionConfig
+from conf.schema import PartitionConfig, PipelineConfig
+from tasks.cluster import dask_client
 from tasks.progress import Progress, gather
+from tasks.spec import Hooks, Inputs, StageSpec
 from tasks.store import Manifest, StageDir, describe_files
 
-# the code whose output this stage stores: its digest is part of the cache key
 LABEL = "label"
 CANDIDATES = [
     ("none", None),
@@ -347,3 +348,22 @@ def partition_dataset(
         },
         "summary": summary,
     }
+
+
+def build_partitions(cfg: PipelineConfig, inputs: Inputs, out: StageDir, hooks: Hooks) -> dict:
+    with dask_client(cfg.dask) as client:
+        return partition_dataset(inputs["ingest"], cfg.partition, out, client)
+
+
+SPEC = StageSpec(
+    name="partition",
+    section="partition",
+    inputs=("ingest",),
+    key=lambda cfg, inputs: cfg.partition.model_dump(mode="json"),
+    build=build_partitions,
+    figure=lambda m: f"compression ×{m['metrics']['data/compression_ratio']:.2f}",
+    headline={"data/compression_ratio": "higher"},
+    tables={"codec-report": "codec_report"},
+    datasets=tuple(("partition", split, split) for split in ("train", "val", "test")),
+    uses_dask=True,
+)

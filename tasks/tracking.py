@@ -21,6 +21,7 @@ from typing import Any
 
 from conf.schema import PipelineConfig, config_digest, flatten, mask_secrets, mask_text
 from tasks.errors import ConfigError, user_error_in
+from tasks.spec import ChildRun
 from tasks.store import Manifest, StageOutcome, file_lock, files_digest
 
 TELEMETRY_OFF = {
@@ -401,68 +402,10 @@ def log_child_run(
     return run.info.run_id
 
 
-def log_trial(stage_run_id: str, trial: dict[str, Any], metric: str) -> str:
-    """One finished tuning trial: its train.* values, per-epoch validation curve, state
-    (complete / pruned / failed, with the reason) and seconds."""
-    curve = [
-        (f"val/{k.removeprefix('val_')}", row[k], int(row["epoch"]))
-        for row in trial["curve"]
-        for k in ("val_accuracy", "val_loss")
-    ]
-    figures = [
-        (f"trial/{k}", trial.get(k), 0) for k in dict.fromkeys((metric, "val_accuracy", "seconds"))
-    ]
-    tags = {
-        "accelflow.stage": "tune-trial",
-        "accelflow.trial.state": trial["state"],
-        "accelflow.trial.default": str(trial["default"]).lower(),
-    }
-    if trial["reason"]:
-        tags["accelflow.trial.reason"] = trial["reason"]
+def log_child(stage_run_id: str, child: ChildRun) -> str:
+    """A stage's nested run (a tuning trial, a sweep or compress point) from its spec."""
     return log_child_run(
-        stage_run_id,
-        f"trial-{trial['trial']:03d}" + (" (default)" if trial["default"] else ""),
-        {f"train.{k}": v for k, v in trial["params"].items()},
-        curve + figures,
-        tags,
-        {"complete": "FINISHED", "pruned": "KILLED"}.get(trial["state"], "FAILED"),
-    )
-
-
-def log_sweep_point(stage_run_id: str, point: dict[str, Any]) -> str:
-    """One reduce-sweep point: its target, features, proxy accuracy and seconds."""
-    return log_child_run(
-        stage_run_id,
-        f"sweep-{point['target']}",
-        {"reduce.variance_target": point["target"]},
-        [
-            ("sweep/features", point["features"], 0),
-            ("sweep/val_accuracy", point["val_accuracy"], 0),
-            ("sweep/seconds", point["seconds"], 0),
-        ],
-        {"accelflow.stage": "reduce-sweep", "accelflow.sweep.chosen": str(point["chosen"]).lower()},
-    )
-
-
-def log_compress_point(stage_run_id: str, row: dict[str, Any]) -> str:
-    """One compress point (or the baseline): its recipe and levels, every measured figure,
-    and whether it is on a Pareto front and chosen; a point that failed, with its reason."""
-    params = {"compress.recipe": row["recipe"] or "none"}
-    params |= {f"compress.{k}": row[k] for k in ("sparsity", "bits") if row.get(k) is not None}
-    figures = [
-        (f"point/{k}", v, 0)
-        for k, v in row.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("sparsity", "bits")
-    ]
-    tags = {
-        "accelflow.stage": "compress-point",
-        "accelflow.point.pareto": row.get("pareto", ""),
-        "accelflow.point.chosen": str(row.get("chosen", False)).lower(),
-    }
-    if "error" in row:
-        tags["accelflow.point.error"] = row["error"]
-    return log_child_run(
-        stage_run_id, row["name"], params, figures, tags, "FAILED" if "error" in row else "FINISHED"
+        stage_run_id, child.name, child.params, child.metrics, child.tags, child.status
     )
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from conf.schema import TrainConfig
+from conf.schema import PipelineConfig, TrainConfig, needs_images
 from tasks.errors import ConfigError
+from tasks.spec import Hooks, Inputs, StageSpec
 from tasks.store import Manifest, StageDir
 from tasks.training.launch import EpochHook, launch, resolve_world_size
 
-# the code whose output this stage stores: its digest is part of the cache key
 OPTIM_KEYS = (
     "optimizer",
     "momentum",
@@ -42,10 +42,10 @@ def split_files(features: Manifest, split: str) -> list[str]:
 
 
 def model_arch(features: Manifest, cfg: TrainConfig) -> dict[str, Any]:
-    if cfg.model == "cnn" and not features.get("image_shape"):
+    if needs_images(cfg.model) and not features.get("image_shape"):
         raise ConfigError(
-            "train.model: 'cnn' needs image data (an IDX folder or 3-D .npz X) with reduce.method: none; "
-            "use train.model: mlp for tables or PCA features"
+            f"train.model: '{cfg.model}' needs image data (an IDX folder or 3-D .npz X) with "
+            "reduce.method: none; use train.model: mlp for tables or PCA features"
         )
     return {
         "model": cfg.model,
@@ -201,3 +201,36 @@ def train_model(
             else ""
         ),
     }
+
+
+def tuned_config(cfg: PipelineConfig, inputs: Inputs) -> TrainConfig:
+    """train.* with the search's best values laid over it (unchanged when tuning is off)."""
+    best = inputs["tune"].get("best_params") or {}
+    return TrainConfig.model_validate({**cfg.train.model_dump(), **best}) if best else cfg.train
+
+
+def train_key(cfg: PipelineConfig, inputs: Inputs) -> dict[str, Any]:
+    """The training settings that shape the model; how often a dead worker may restart
+    does not, so changing it reuses what was trained."""
+    return tuned_config(cfg, inputs).model_dump(mode="json", exclude={"max_restarts"})
+
+
+def build_training(cfg: PipelineConfig, inputs: Inputs, out: StageDir, hooks: Hooks) -> dict:
+    body = train_model(inputs["reduce"], tuned_config(cfg, inputs), out, hooks.on_epoch)
+    # which values came from the search, not from the config
+    return {
+        **body,
+        "tags": {f"accelflow.tuned.{k}": "search" for k in inputs["tune"]["best_params"]},
+    }
+
+
+SPEC = StageSpec(
+    name="train",
+    section="train",
+    inputs=("reduce", "tune"),
+    key=train_key,
+    build=build_training,
+    figure=lambda m: f"val acc {m['metrics']['train/val_accuracy']:.4f}",
+    params=tuned_config,
+    resumable=True,
+)

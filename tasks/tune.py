@@ -8,7 +8,7 @@ epoch to the pruner. The study lives in Optuna's journal file in the stage's res
 folder (or in the database at `tune.storage`) under a name made from the stage key, so a
 run killed mid-search resumes with its finished trials and runs only the rest.
 
-Pure stage logic: MLflow and Prefect see the trials through the `on_trial` callback.
+Pure stage logic: MLflow sees each finished trial as a nested run through `Hooks.on_child`.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conf.schema import SearchDimension, TrainConfig, TuneConfig, mask_text
+from conf.schema import PipelineConfig, SearchDimension, TrainConfig, TuneConfig, mask_text
 from tasks import train
+from tasks.cluster import dask_client
 from tasks.errors import TrainingError
+from tasks.progress import Progress
+from tasks.spec import ChildRun, Hooks, Inputs, StageSpec
 from tasks.store import Manifest, StageDir
 
-# the code whose output this stage stores: trials run the trainer, so its sources count too
 # keys that only some optimizers read: suggested only for those (define-by-run)
 CONDITIONAL = {"momentum": ("sgd", "rmsprop"), "nesterov": ("sgd",)}
 INTERRUPTED = "interrupted: the run stopped while this trial ran"
@@ -84,12 +86,6 @@ def trial_config(cfg: TrainConfig, params: dict[str, Any], tune: TuneConfig) -> 
     return TrainConfig.model_validate(
         {**cfg.model_dump(), **params, "epochs": tune.epochs, "warmup_epochs": warmup}
     )
-
-
-def tuned_train_config(cfg: TrainConfig, tuned: Manifest) -> TrainConfig:
-    """train.* with the search's best values laid over it (unchanged when tuning is off)."""
-    best = tuned.get("best_params") or {}
-    return TrainConfig.model_validate({**cfg.model_dump(), **best}) if best else cfg
 
 
 # ---------------------------------------------------------------- Optuna objects
@@ -496,3 +492,83 @@ def plot_importance(importance: dict[str, float], path: Path) -> str:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return str(path)
+
+
+def trial_run(trial: dict[str, Any], metric: str) -> ChildRun:
+    """One finished trial as a nested run: its train.* values, per-epoch validation curve,
+    state (complete / pruned / failed, with the reason) and seconds."""
+    curve = [
+        (f"val/{k.removeprefix('val_')}", row[k], int(row["epoch"]))
+        for row in trial["curve"]
+        for k in ("val_accuracy", "val_loss")
+    ]
+    figures = [
+        (f"trial/{k}", trial.get(k), 0) for k in dict.fromkeys((metric, "val_accuracy", "seconds"))
+    ]
+    tags = {
+        "accelflow.stage": "tune-trial",
+        "accelflow.trial.state": trial["state"],
+        "accelflow.trial.default": str(trial["default"]).lower(),
+    }
+    if trial["reason"]:
+        tags["accelflow.trial.reason"] = trial["reason"]
+    return ChildRun(
+        f"trial-{trial['trial']:03d}" + (" (default)" if trial["default"] else ""),
+        {f"train.{k}": v for k, v in trial["params"].items()},
+        curve + figures,
+        tags,
+        {"complete": "FINISHED", "pruned": "KILLED"}.get(trial["state"], "FAILED"),
+    )
+
+
+def tune_key(cfg: PipelineConfig, inputs: Inputs) -> dict[str, Any]:
+    if not cfg.tune.enabled:
+        return {"enabled": False}
+    return {  # trials start from train.* (their length is tune.epochs)
+        **cfg.tune.model_dump(mode="json"),
+        "storage": mask_text(cfg.tune.storage or ""),
+        "train": cfg.train.model_dump(mode="json", exclude={"max_restarts", "epochs"}),
+    }
+
+
+def build_tuning(cfg: PipelineConfig, inputs: Inputs, out: StageDir, hooks: Hooks) -> dict:
+    if not cfg.tune.enabled:
+        return skip_tuning()
+    progress = Progress("tune", "trials", cfg.tune.trials)
+
+    def on_trial(trial: dict[str, Any], finished: int, budget: int) -> None:
+        if hooks.on_child:
+            hooks.on_child(trial_run(trial, cfg.tune.metric))
+        value = trial[cfg.tune.metric]
+        shown = f"{cfg.tune.metric} {value:.4f}" if value is not None else trial["reason"]
+        progress.step(finished, f"trial {trial['trial']} {trial['state']}, {shown}")
+
+    with dask_client(cfg.dask) as client, progress:
+        return search(inputs["reduce"], cfg.tune, cfg.train, out, client, on_trial)
+
+
+def tuned_figure(m: Manifest) -> str:
+    if "tune/default_val_accuracy" in m["metrics"]:
+        return (
+            f"val acc {m['metrics']['tune/default_val_accuracy']:.4f} → "
+            f"{m['metrics']['tune/best_val_accuracy']:.4f} ({len(m['leaderboard'])} trials)"
+        )
+    return f"{len(m['leaderboard'])} trials" if m["leaderboard"] else "off"
+
+
+SPEC = StageSpec(
+    name="tune",
+    section="tune",
+    inputs=("reduce",),
+    key=tune_key,
+    build=build_tuning,
+    figure=tuned_figure,
+    headline={
+        "tune/default_val_accuracy": "higher",
+        "tune/best_val_accuracy": "higher",
+        "tune/gain": "higher",
+    },
+    tables={"leaderboard": "leaderboard"},
+    resumable=True,
+    uses_dask=True,
+)

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import raw_test_rows
 
+from tasks.stages import NAMES as STAGES
+
 CLI = [sys.executable, "-m", "flows.cli"]
 
 
@@ -139,7 +141,7 @@ def test_two_runs_at_once_on_one_workdir_and_store_both_finish(digits_csv, tmp_p
     outputs = [r.communicate(timeout=600) for r in runs]
     for run, (_, err) in zip(runs, outputs, strict=True):
         assert run.returncode == 0, err[-3000:]
-    for stage in ("ingest", "partition", "reduce", "tune", "train", "compress", "evaluate"):
+    for stage in STAGES:
         ran = [
             len(re.findall(rf"^ {stage}\s+\| ran\s+\|", out, re.MULTILINE)) for out, _ in outputs
         ]
@@ -349,7 +351,7 @@ def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
     ]
     out = accelflow("run", *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    for stage in ("ingest", "partition", "reduce", "tune", "train", "compress", "evaluate"):
+    for stage in STAGES:
         assert re.search(rf"^ {stage}\s+\| ran\s+\|", out.stdout, re.MULTILINE), stage
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlflow.db'}" in out.stdout
     assert "as 'champion'" in out.stdout

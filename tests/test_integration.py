@@ -29,10 +29,11 @@ from conftest import stage_runs
 from mlflow import MlflowClient
 
 from flows import serve
+from tasks.stages import NAMES
 
 pytestmark = pytest.mark.integration
 ARTIFACTS = Path(__file__).parent / "artifacts"
-STAGES = {"ingest", "partition", "reduce", "tune", "train", "compress", "evaluate"}
+STAGES = set(NAMES)
 POSTGRES = os.environ.get(
     "ACCELFLOW_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
 )

@@ -17,9 +17,9 @@ from mlflow import MlflowClient
 from conf.schema import config_digest
 from flows.pipeline import pipeline
 from tasks.readers import read_idx, source_fingerprint
+from tasks.stages import NAMES as STAGES
 from tasks.store import files_digest
 
-STAGES = ["ingest", "partition", "reduce", "tune", "train", "compress", "evaluate"]
 pytestmark = pytest.mark.slow
 
 

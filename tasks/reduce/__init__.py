@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from conf.schema import ReduceConfig
+from conf.schema import PipelineConfig, ReduceConfig, reads_images
+from tasks.cluster import dask_client
 from tasks.progress import Progress, gather
 from tasks.reduce.pca import (
     apply_reduction,
@@ -31,6 +32,7 @@ from tasks.reduce.pca import (
     variance_table,
 )
 from tasks.reduce.sweep import NONE, run_sweep
+from tasks.spec import ChildRun, Hooks, Inputs, StageSpec
 from tasks.store import Manifest, StageDir
 
 __all__ = ["apply_reduction", "load_reduction", "read_features"]  # what other rooms use
@@ -168,3 +170,59 @@ def skip_reduction(partitions: Manifest, why: str) -> dict[str, Any]:
         },
         "summary": f"no reduction: {n} raw features ({why})",
     }
+
+
+def image_model(cfg: PipelineConfig, partitions: Manifest) -> bool:
+    """Whether the model reads images whole: the cnn always, rnn and transformer an image's
+    rows / patches when there is one. Then auto passes pixels through untouched."""
+    return reads_images(cfg.train.model, partitions.get("image_shape"))
+
+
+def reduce_key(cfg: PipelineConfig, inputs: Inputs) -> dict[str, Any]:
+    # auto passes images through for an image model: the model is part of the decision
+    return {
+        **cfg.reduce.model_dump(mode="json"),
+        "image_model": image_model(cfg, inputs["partition"]),
+    }
+
+
+def build_reduction(cfg: PipelineConfig, inputs: Inputs, out: StageDir, hooks: Hooks) -> dict:
+    partitions = inputs["partition"]
+    skip = passes_through(cfg.reduce, partitions, image_model(cfg, partitions))
+    if skip:
+        return skip_reduction(partitions, skip)
+    with dask_client(cfg.dask) as client:
+        return fit_reduction(partitions, cfg.reduce, out, client)
+
+
+def sweep_runs(manifest: Manifest) -> list[ChildRun]:
+    """Each reduce-sweep point as a nested run: its target, features, proxy accuracy, seconds."""
+    return [
+        ChildRun(
+            f"sweep-{point['target']}",
+            {"reduce.variance_target": point["target"]},
+            [
+                ("sweep/features", point["features"], 0),
+                ("sweep/val_accuracy", point["val_accuracy"], 0),
+                ("sweep/seconds", point["seconds"], 0),
+            ],
+            {
+                "accelflow.stage": "reduce-sweep",
+                "accelflow.sweep.chosen": str(point["chosen"]).lower(),
+            },
+        )
+        for point in (manifest.get("sweep") or {}).get("points", [])
+    ]
+
+
+SPEC = StageSpec(
+    name="reduce",
+    section="reduce",
+    inputs=("partition",),
+    key=reduce_key,
+    build=build_reduction,
+    figure=lambda m: f"{m['metrics']['reduce/components']} features",
+    tables={"sweep": "sweep.points", "explained-variance": "variance_table"},
+    children=sweep_runs,
+    uses_dask=True,
+)
