@@ -14,8 +14,6 @@ Prints a table and writes JSON.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import subprocess
@@ -25,8 +23,10 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import ROOT, benchmark_args, write_json  # noqa: E402  (sets the path)
+
+from tasks.stages import NAMES
+
 BIN = Path(sys.executable).parent
 STAMP = re.compile(r"^(\d\d:\d\d:\d\d\.\d{3}) \| \w+\s+\| (.*)$")
 
@@ -91,20 +91,13 @@ def server_boot_seconds() -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "cached_run.json"))
+    parser = benchmark_args(__doc__, "cached_run")
     args = parser.parse_args()
-    os.environ.update(
-        {
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "DO_NOT_TRACK": "true",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        }
-    )
     with tempfile.TemporaryDirectory(prefix="accelflow-bench-") as tmp:
         cold = timed_run(Path(tmp) / "work", Path(tmp) / "mlflow.db")
         cached = timed_run(Path(tmp) / "work", Path(tmp) / "mlflow.db")
-    assert cached["stdout"].count("| cached |") == 7, "the second run was not fully cached"
+    stages = len(NAMES)
+    assert cached["stdout"].count("| cached |") == stages, "the second run was not fully cached"
     parts = phases(cached)
     alone = {
         "importing the flow's stack (overlapped)": import_seconds(),
@@ -126,9 +119,7 @@ def main() -> None:
         "alone": alone,
         "cpus": os.cpu_count(),
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ and writes benchmarks/results/compress.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -22,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from common import ROOT, benchmark_args, write_json  # noqa: E402  (sets the path)
 
 # magnitude ramps to its sparsity in 3 rounds of 4 epochs (one-shot 90% collapses an MLP);
 # every other point gets the same 4 fine-tune epochs per phase
@@ -168,7 +167,7 @@ def print_table(model: str, rows: list[dict], manifest: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchmark_args(__doc__, "compress")
     parser.add_argument("--skip-cnn", action="store_true")
     args = parser.parse_args()
     results: dict[str, dict] = {}
@@ -190,10 +189,7 @@ def main() -> None:
         if found and "error" not in found[0]:
             print(f"  {model} {point}: {what}: {'met' if test(found[0]) else 'NOT met'}")
             found[0]["goal"] = {"what": what, "met": bool(test(found[0]))}
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compress.json").write_text(json.dumps(results, indent=2, default=str))
-    print(f"wrote {out / 'compress.json'}")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

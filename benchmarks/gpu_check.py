@@ -20,18 +20,15 @@ Without a CUDA device it says so and exits 2.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import ROOT, benchmark_args, write_json  # noqa: E402  (sets the path)
 
 
 def environment() -> dict:
@@ -189,15 +186,9 @@ def run_gpu_tests() -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchmark_args(__doc__, "gpu_check")
     parser.add_argument("--data", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     parser.add_argument("--epochs", type=int, help="default: 3 on Fashion-MNIST, 15 on digits")
-    default_json = (
-        Path(os.environ["OUT"]) / "gpu_check.json"
-        if os.environ.get("OUT")
-        else ROOT / "benchmarks" / "results" / "gpu_check.json"
-    )
-    parser.add_argument("--json", type=Path, default=default_json)
     parser.add_argument(
         "--allow-cpu",
         action="store_true",
@@ -232,9 +223,7 @@ def main() -> int:
     print(f"\npytest -m gpu: {'passed' if tests['ok'] else 'FAILED'} {tests.get('skipped', '')}")
     print(tests.get("tail", "")[-1500:])
     report = {"environment": env, "cases": cases, "gpu_tests": tests}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2, default=str))
-    print(f"wrote {args.json}")
+    write_json(args.json, report)
     return 0 if tests["ok"] and all(r["ok"] for r in cases.values()) else 1
 
 

@@ -21,9 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import benchmark_args, write_json  # noqa: E402  (sets the path)
 
 CATEGORIES = {
     "region": ["north", "south", "east", "west", "centre"],
@@ -127,7 +125,7 @@ def in_subprocess(*args: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchmark_args(__doc__, "ingest")
     parser.add_argument("--gb", type=float, default=4.0, help="CSV size to generate")
     parser.add_argument("--worker-memory", default="1GiB")
     parser.add_argument("--block-mb", type=float, default=64)
@@ -195,10 +193,7 @@ def main() -> None:
         f"| pandas.read_csv, one process | {p['seconds']:.1f} | {p['mb_s']:.0f} | {p['peak_mib']:.0f} | "
         "parse only |"
     )
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(exist_ok=True)
-    (out / "ingest.json").write_text(json.dumps(result, indent=1))
-    print(f"\nwrote {out / 'ingest.json'}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

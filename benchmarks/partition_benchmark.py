@@ -24,9 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import benchmark_args, write_json  # noqa: E402  (sets the path)
 
 COLUMNS = 64
 
@@ -200,7 +198,7 @@ def in_subprocess(variant: str, path: Path, *args: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchmark_args(__doc__, "partition")
     parser.add_argument("--gb", type=float, default=2.1)
     parser.add_argument("--level", type=int, default=3)
     parser.add_argument(
@@ -336,10 +334,7 @@ def main() -> None:
             f"| {key.replace('_', '-')} | {v['mb_s']:.0f} | {v['ratio']:.3f} | {v['speed_vs_gzip_6']:.1f}x "
             f"| {v['ratio_vs_gzip_6']:.3f} |"
         )
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "partition.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out / 'partition.json'}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -33,9 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import ROOT, benchmark_args, write_json  # noqa: E402  (sets the path)
 
 SHAPES = ((1_000_000, 128), (200_000, 784))
 COMPARED = 20  # leading components compared for agreement
@@ -191,7 +189,7 @@ def largest_angle_degrees(a: list, b: list, k: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchmark_args(__doc__, "reduce")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the rows")
     parser.add_argument("--rounds", type=int, default=2, help="runs per contender (best kept)")
     parser.add_argument("--contender", help=argparse.SUPPRESS)
@@ -262,10 +260,7 @@ def main() -> None:
             f"accelflow / sklearn: {row['time_vs_sklearn']:.2f}x the time, "
             f"{row['memory_vs_sklearn']:.2f}x the memory above idle"
         )
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "reduce.json").write_text(json.dumps({"shapes": results}, indent=2))
-    print(f"wrote {out / 'reduce.json'}")
+    write_json(args.json, {"shapes": results})
 
 
 if __name__ == "__main__":

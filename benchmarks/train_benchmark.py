@@ -17,7 +17,6 @@ Prints tables and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -26,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import ROOT, benchmark_args, write_json  # noqa: E402  (sets the path)
+
 BIN = Path(sys.executable).parent
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 # epochs per model: what reaches its accuracy goal here on 2 cores in a few minutes
@@ -201,18 +200,10 @@ def time_to_accuracy(folder: Path, only: list[str] | None = None) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "train.json"))
+    parser = benchmark_args(__doc__, "train")
     parser.add_argument("--skip-models", action="store_true", help="parts 1 and 2 only")
     parser.add_argument("--only", nargs="+", choices=list(MODELS), help="part 3, these models only")
     args = parser.parse_args()
-    os.environ.update(
-        {
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "DO_NOT_TRACK": "true",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        }
-    )
     with tempfile.TemporaryDirectory(prefix="accelflow-train-bench-") as tmp:
         tmp = Path(tmp)
         over = parallel = None
@@ -226,9 +217,7 @@ def main() -> None:
     if models:
         print_models(models)
     result = {"overhead": over, "data_parallel": parallel, "models": models, "cpus": os.cpu_count()}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.json}")
+    write_json(args.json, result)
 
 
 def print_parts_1_and_2(over: dict, parallel: dict) -> None:

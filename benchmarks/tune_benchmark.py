@@ -17,7 +17,6 @@ Prints tables and writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -26,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import ROOT, benchmark_args, write_json  # noqa: E402  (sets the path)
+
 BIN = Path(sys.executable).parent
 
 
@@ -110,17 +109,9 @@ def study(features: dict, client, root: Path, name: str, **tune_keys) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "tune.json"))
+    parser = benchmark_args(__doc__, "tune")
     parser.add_argument("--budget-s", type=float, default=40.0, help="wall budget of part 3")
     args = parser.parse_args()
-    os.environ.update(
-        {
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "DO_NOT_TRACK": "true",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        }
-    )
     from conf.schema import DaskConfig
     from tasks.cluster import dask_client
 
@@ -185,9 +176,7 @@ def main() -> None:
         "pruner_trials_ratio": more,
         "cpus": os.cpu_count(),
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {args.json}")
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

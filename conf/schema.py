@@ -70,22 +70,44 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: str = "/usr/share/datasets/fashion-mnist"
-    format: Literal["auto", "idx", "csv", "parquet", "npz"] = "auto"
-    label: str = "label"
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    seed: int = 0
+    source: str = Field(
+        "/usr/share/datasets/fashion-mnist",
+        description="a path or fsspec URL: an IDX folder, a CSV (also .gz/.zst/.bz2/.xz), "
+        "Parquet (a file or a folder) or .npz with X and y",
+    )
+    format: Literal["auto", "idx", "csv", "parquet", "npz"] = Field(
+        "auto", description="the source's format; auto: guessed from the path"
+    )
+    label: str = Field("label", description="the label column (CSV, Parquet)")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="share of rows for validation")
+    test_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="share of rows for test (an IDX folder's own t10k test set is kept instead)",
+    )
+    seed: int = Field(0, description="salts each row's hash, which decides its split")
     max_rows: int | None = Field(None, ge=10, description="deterministic subsample per split")
-    missing: Literal["fill", "error"] = "fill"  # fill: training median / a <missing> category
-    on_bad_rows: Literal["error", "drop", "quarantine"] = (
-        "error"  # label missing, a stray string in a number column
+    missing: Literal["fill", "error"] = Field(
+        "fill", description="fill: the training median / a <missing> category; error: refuse"
+    )
+    on_bad_rows: Literal["error", "drop", "quarantine"] = Field(
+        "error",
+        description="rows with a missing label or a stray string in a number column: error "
+        "names them, drop skips them, quarantine keeps them with a reason in the ingest output",
     )
     max_onehot: int = Field(16, ge=1, description="categoricals with more values get integer codes")
-    # a declared schema (optional): only these feature columns, with these types; else inferred
-    columns: dict[str, Literal["numeric", "categorical"]] | None = None
-    # tables are read in blocks of about this size, each by one Dask task (output does not depend on it)
-    block_mb: float = Field(32.0, gt=0)
+    columns: dict[str, Literal["numeric", "categorical"]] | None = Field(
+        None,
+        description="a declared schema, e.g. {age: numeric, plan: categorical}: only these "
+        "feature columns, with these types; null: inferred",
+    )
+    block_mb: float = Field(
+        32.0,
+        gt=0,
+        description="tables are read in blocks of about this size, one Dask task each (made "
+        "smaller when dask.memory_limit calls for it; the output does not depend on it)",
+    )
 
     @model_validator(mode="after")
     def _room_for_training(self) -> DataConfig:
@@ -98,25 +120,32 @@ class DataConfig(Section):
 
 
 class DaskConfig(Section):
-    address: str | None = (
-        None  # None: a LocalCluster for the flow run (or the stage, outside a flow)
+    address: str | None = Field(
+        None,
+        description="a Dask scheduler (tcp://host:8786); null: a LocalCluster for the flow run",
     )
-    n_workers: int = Field(2, ge=1)
-    threads_per_worker: int = Field(1, ge=1)
-    memory_limit: str = "2GiB"
+    n_workers: int = Field(2, ge=1, description="LocalCluster: worker processes")
+    threads_per_worker: int = Field(1, ge=1, description="LocalCluster: threads per worker")
+    memory_limit: str = Field("2GiB", description="LocalCluster: memory cap per worker")
 
 
 class PartitionConfig(Section):
-    codec: Literal["auto", "zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
+    codec: Literal["auto", "zstd", "snappy", "gzip", "lz4", "none"] = Field(
+        "zstd",
+        description="Parquet codec; auto: the best ratio among codecs reading within 20% of "
+        "the fastest, by the codec report",
+    )
     compression_level: int = Field(
         3, ge=1, le=22, description="zstd 1-22, gzip 1-9; others have none"
     )
-    target_partition_mb: float = Field(32.0, gt=0)
+    target_partition_mb: float = Field(32.0, gt=0, description="size of each Parquet file")
     row_group_mb: float = Field(
         64.0, gt=0, description="capped by the file size; large groups let dictionaries pay"
     )
     sample_mb: float = Field(4.0, gt=0, description="training rows the codec report measures")
-    storage_dtype: Literal["native", "float16"] = "native"  # float16: lossy, halves float columns
+    storage_dtype: Literal["native", "float16"] = Field(
+        "native", description="float16 halves float columns (lossy; evaluate reports the cost)"
+    )
 
     @model_validator(mode="after")
     def _level_fits_codec(self) -> PartitionConfig:
@@ -130,21 +159,35 @@ class PartitionConfig(Section):
 
 
 class ReduceConfig(Section):
-    # auto: fit PCA when the input is wide enough and use it only when it keeps few components
-    method: Literal["auto", "pca", "none"] = "auto"
-    # auto: on for tables (columns in unrelated units), off for images (pixels share one scale)
-    standardize: bool | Literal["auto"] = "auto"
-    variance_target: float = Field(0.95, gt=0.0, le=1.0)
-    max_components: int | None = Field(None, ge=1)
+    method: Literal["auto", "pca", "none"] = Field(
+        "auto",
+        description="auto: fit PCA when the input is wide enough and use it only when it "
+        "keeps few components",
+    )
+    standardize: bool | Literal["auto"] = Field(
+        "auto",
+        description="auto: on for tables (columns in unrelated units), off for images "
+        "(pixels share one scale)",
+    )
+    variance_target: float = Field(
+        0.95, gt=0.0, le=1.0, description="keep the fewest components explaining this share"
+    )
+    max_components: int | None = Field(None, ge=1, description="at most this many components")
     auto_min_features: int = Field(
         32, ge=1, description="auto: inputs narrower than this are never reduced"
     )
     auto_max_kept: float = Field(
         0.5, gt=0.0, le=1.0, description="auto: reduce only when PCA keeps at most this share"
     )
-    # measure instead of assume: a proxy training per variance target ("none": raw features)
-    sweep: list[float | Literal["none"]] | None = None
-    pick: Literal["smallest_within", "best"] = "smallest_within"
+    sweep: list[float | Literal["none"]] | None = Field(
+        None,
+        description="measure instead of assume, e.g. [0.8, 0.9, 0.99, none]: a proxy "
+        "training per variance target (none: the raw features), in parallel",
+    )
+    pick: Literal["smallest_within", "best"] = Field(
+        "smallest_within",
+        description="sweep: the fewest features within reduce.tolerance of the best, or the best",
+    )
     tolerance: float = Field(
         0.005, ge=0.0, le=1.0, description="smallest_within: accuracy this close to the best"
     )
@@ -165,24 +208,34 @@ class ReduceConfig(Section):
 
 
 class TrainConfig(Section):
-    # mlp: features; cnn: images; rnn, transformer: an image's rows / patches, or a table's features
-    model: ModelName = "mlp"
-    # mlp: layer widths; cnn: the head's width; rnn, transformer: len(hidden) layers of hidden[0]
-    hidden: list[int] = Field(default_factory=lambda: [512, 256])
-    cell: Literal["gru", "lstm"] = "gru"  # rnn
+    model: ModelName = Field(
+        "mlp",
+        description="mlp: features; cnn: images; rnn, transformer: an image's rows / patches, "
+        "or a table's features (the table MODEL_FAMILIES says which reads what)",
+    )
+    hidden: list[int] = Field(
+        default_factory=lambda: [512, 256],
+        description="mlp: layer widths; cnn: the head's width; rnn, transformer: len(hidden) "
+        "layers of hidden[0]",
+    )
+    cell: Literal["gru", "lstm"] = Field("gru", description="rnn: the recurrent cell")
     heads: int = Field(4, ge=1, description="transformer: attention heads (divide hidden[0])")
     patch: int = Field(4, ge=1, description="transformer on images: patch side in pixels")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adamw"
-    lr: float = Field(3e-3, gt=0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout after each hidden layer")
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = Field(
+        "adamw", description="the optimizer, by name"
+    )
+    lr: float = Field(3e-3, gt=0, description="the (peak) learning rate")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd, rmsprop: momentum")
     nesterov: bool = Field(False, description="Nesterov momentum (sgd with momentum > 0)")
-    weight_decay: float = Field(1e-4, ge=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0, description="L2 (decoupled for adamw)")
     l1: float = Field(
         0.0, ge=0.0, description="L1 penalty on the weight matrices, added to the loss"
     )
     clip_grad_norm: float | None = Field(None, gt=0.0, description="clip the gradient norm to this")
-    scheduler: Literal["none", "step", "exponential", "cosine", "onecycle", "plateau"] = "onecycle"
+    scheduler: Literal["none", "step", "exponential", "cosine", "onecycle", "plateau"] = Field(
+        "onecycle", description="the learning-rate schedule (plateau: on the validation loss)"
+    )
     warmup_epochs: int = Field(0, ge=0, description="linear LR warm-up before the schedule")
     plateau_patience: int = Field(
         2, ge=1, description="plateau: epochs without a better val loss before the LR drops"
@@ -194,16 +247,20 @@ class TrainConfig(Section):
     gamma: float = Field(
         0.5, gt=0.0, le=1.0, description="decay factor (step, exponential, plateau)"
     )
-    label_smoothing: float = Field(0.05, ge=0.0, lt=1.0)
-    epochs: int = Field(15, ge=1)
-    batch_size: int = Field(256, ge=1)
-    # a split larger than this (GiB, as float32) is streamed from its Parquet row groups
-    # instead of loaded whole; auto: half the memory free per process (or on the GPU)
-    resident_max_gb: float | Literal["auto"] = "auto"
+    label_smoothing: float = Field(0.05, ge=0.0, lt=1.0, description="of the cross-entropy")
+    epochs: int = Field(15, ge=1, description="training epochs")
+    batch_size: int = Field(256, ge=1, description="rows per step and process")
+    resident_max_gb: float | Literal["auto"] = Field(
+        "auto",
+        description="a split larger than this (GiB, as float32) is streamed from its Parquet "
+        "row groups instead of loaded whole; auto: half the memory free per process (or GPU)",
+    )
     scale_lr: bool = Field(
         False, description="linear LR scaling: lr × processes × nodes (the global batch grows)"
     )
-    world_size: int | Literal["auto"] = "auto"  # per node; auto: one process per GPU, else 2 on CPU
+    world_size: int | Literal["auto"] = Field(
+        "auto", description="DDP processes per node; auto: one per GPU, else 2 gloo on CPU"
+    )
     nnodes: int = Field(1, ge=1, description="nodes in the torchrun rendezvous")
     rdzv_endpoint: str | None = Field(
         None, description="host:port of the c10d rendezvous (nnodes > 1)"
@@ -211,9 +268,14 @@ class TrainConfig(Section):
     max_restarts: int = Field(
         2, ge=0, description="times a dead worker group restarts from its last checkpoint"
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: bool = False
-    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto: bf16 autocast on GPUs (fp16 + GradScaler without bf16), fp32 on CPU",
+    )
+    compile: bool = Field(
+        False, description="torch.compile (falls back to eager where compilation fails)"
+    )
+    seed: int = Field(0, description="initialisation and shuffling seed")
 
     @field_validator("hidden")
     @classmethod
@@ -335,22 +397,37 @@ def default_space() -> dict[str, SearchDimension]:
 
 
 class TuneConfig(Section):
-    enabled: bool = True
+    enabled: bool = Field(
+        True, description="an Optuna search over train.* before training; false: train.* as given"
+    )
     trials: int = Field(16, ge=1, description="trials in the study, the default trial included")
     timeout_s: float | None = Field(None, gt=0, description="start no new trial after this")
-    parallel: int | Literal["auto"] = "auto"  # concurrent trials; auto: one per Dask worker
+    parallel: int | Literal["auto"] = Field(
+        "auto", description="concurrent trials; auto: one per Dask worker"
+    )
     epochs: int = Field(3, ge=1, description="training epochs per trial")
     max_rows: int | None = Field(
         10000, ge=10, description="training rows per trial (a seeded subsample)"
     )
-    sampler: Literal["tpe", "random"] = "tpe"
-    pruner: Literal["median", "asha", "none"] = "median"
-    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
-    seed: int = 0
-    # null: Optuna's journal file in the stage folder; else a database URL
-    # (postgresql+psycopg2://user:pass@host/optuna)
-    storage: str | None = None
-    space: dict[str, SearchDimension] = Field(default_factory=default_space)
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler (seeded)")
+    pruner: Literal["median", "asha", "none"] = Field(
+        "median", description="stops poor trials after an epoch"
+    )
+    metric: Literal["val_accuracy", "val_loss"] = Field(
+        "val_accuracy", description="what the search optimises, on the validation split"
+    )
+    seed: int = Field(0, description="the sampler's seed")
+    storage: str | None = Field(
+        None,
+        description="null: Optuna's journal file in the stage folder; else a database URL "
+        "(postgresql+psycopg2://user:pass@host/optuna)",
+    )
+    space: dict[str, SearchDimension] = Field(
+        default_factory=default_space,
+        description="train.* key → {type: float|int, low, high, log} or {type: categorical, "
+        "choices}; the default covers optimizer, lr, weight decay, momentum, batch size, "
+        "schedule, dropout, label smoothing and widths",
+    )
 
     @field_validator("storage")
     @classmethod
@@ -471,8 +548,8 @@ class CompressConfig(Section):
         5, ge=1, le=8, description="cluster: k-means weight sharing, 2^bits values per layer"
     )
     rounds: int = Field(1, ge=1, description="magnitude: pruning rounds, fine-tuned after each")
-    finetune_epochs: int = Field(2, ge=0)
-    finetune_lr: float = Field(1e-3, gt=0)
+    finetune_epochs: int = Field(2, ge=0, description="fine-tuning epochs after pruning")
+    finetune_lr: float = Field(1e-3, gt=0, description="fine-tuning learning rate")
     sweep: CompressSweep | None = Field(
         None, description="recipes × levels instead of one recipe, the best point chosen"
     )
@@ -510,7 +587,7 @@ class EvaluateConfig(Section):
         description="a compressed model is chosen, and a new model may replace the "
         "champion, only within this accuracy drop of the baseline",
     )
-    latency_repeats: int = Field(30, ge=3)
+    latency_repeats: int = Field(30, ge=3, description="timed calls per latency figure")
     objective: Literal["latency", "size"] = Field(
         "latency",
         description="what the compress choice and the champion gate reward: batch-256 "
@@ -527,23 +604,32 @@ class EvaluateConfig(Section):
 class AlertsConfig(Section):
     """When a run is flagged as a regression against the previous run on the same data."""
 
-    max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
+    max_accuracy_drop: float = Field(
+        0.01, ge=0.0, le=1.0, description="test accuracy lower than the last run's by more"
+    )
     max_slowdown: float = Field(
         0.5, ge=0.0, description="batch-256 latency more than this much slower (0.5 = +50%)"
     )
 
 
 class TrackingConfig(Section):
-    uri: str = "sqlite:///mlflow.db"
-    experiment: str = "accelflow"
+    uri: str = Field(
+        "sqlite:///mlflow.db",
+        description="the MLflow tracking store: sqlite:///file.db, postgresql://…, http://host:5000",
+    )
+    experiment: str = Field("accelflow", description="the MLflow experiment")
 
 
 class RegistryConfig(Section):
-    model_name: str = "accelflow-classifier"
+    model_name: str = Field(
+        "accelflow-classifier", description="the registered model (aliases champion, challenger)"
+    )
 
 
 class PipelineConfig(Section):
-    workdir: str = ".accelflow"
+    workdir: str = Field(
+        ".accelflow", description="stage outputs: <workdir>/<stage>/<key>/, written atomically"
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     dask: DaskConfig = Field(default_factory=DaskConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)

@@ -26,13 +26,12 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tasks.tracking import TELEMETRY_OFF
+
 PROJECT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 QUIET = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "true",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    **TELEMETRY_OFF,
     # lean MLflow server: no job-execution workers (15 processes and 3 GB otherwise)
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
 }

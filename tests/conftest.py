@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from conf.schema import PipelineConfig, load_config
+from tasks.tracking import quiet_environment
 
 FMNIST = Path(os.environ.get("ACCELFLOW_FMNIST", "/usr/share/datasets/fashion-mnist"))
 CLASS_NAMES = [
@@ -27,13 +28,7 @@ CLASS_NAMES = [
     "boot",
 ]
 
-for key, value in {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-}.items():
-    os.environ.setdefault(key, value)
+quiet_environment()  # offline and quiet, as the CLI runs (tasks/tracking.py holds the list)
 
 
 def tree_digest(path: Path) -> str:

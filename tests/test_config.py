@@ -1,5 +1,7 @@
 """Config schema: defaults validate, bad keys and values are errors that name the key."""
 
+from pathlib import Path
+
 import pytest
 
 from conf.schema import ConfigError, load_config
@@ -93,3 +95,17 @@ def test_an_unknown_profile_and_a_missing_environment_variable_are_named(tmp_pat
         ConfigError, match=r"'tracking.uri' needs environment variable ACCELFLOW_TEST"
     ):
         load_config(None, [], str(profile))
+
+
+def test_the_configuration_reference_is_generated_from_the_schema_and_current():
+    """docs/configuration.md is `python -m conf.reference`: a key added to the schema
+    without regenerating it (`make docs`) fails here; every key has a description."""
+    from conf.reference import render
+    from conf.schema import PipelineConfig
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    assert page.read_text() == render(), "docs/configuration.md is stale: run `make docs`"
+    for key in PipelineConfig().flat():
+        if not key.startswith(("compress.sweep.", "tune.space.")):  # inside documented keys
+            assert f"`{key}`" in page.read_text(), key
+    assert "|  |" not in render()  # no key without a description

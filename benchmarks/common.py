@@ -1,0 +1,46 @@
+"""What every benchmark script shares: the project on the import path, the offline and
+quiet environment (tasks/tracking.py's, the one list), the `--json` option, the JSON out.
+
+    from common import ROOT, benchmark_args, write_json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tasks.tracking import quiet_environment  # noqa: E402  (after the path is set)
+
+quiet_environment()
+
+
+def benchmark_args(doc: str | None, name: str) -> argparse.ArgumentParser:
+    """A parser titled by the script's docstring, with `--json` defaulting to
+    benchmarks/results/<name>.json ($OUT/<name>.json on a device machine)."""
+    default = (
+        Path(os.environ["OUT"]) / f"{name}.json"
+        if os.environ.get("OUT")
+        else RESULTS / f"{name}.json"
+    )
+    parser = argparse.ArgumentParser(description=(doc or name).strip().split("\n")[0])
+    parser.add_argument(
+        "--json", type=Path, default=default, help=f"where to write (default {default})"
+    )
+    return parser
+
+
+def write_json(path: Path | str, result: Any) -> None:
+    """The results as JSON (the folder made if missing), and a line saying where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str))
+    print(f"\nwrote {path}")
