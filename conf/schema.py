@@ -444,15 +444,37 @@ class TuneConfig(Section):
 
 # the models structured pruning knows how to narrow
 STRUCTURED_MODELS = tuple(name for name, family in MODEL_FAMILIES.items() if family.narrowable)
-CompressStep = Literal["magnitude", "structured", "cluster", "quantize"]
-PRUNING_STEPS = ("magnitude", "structured")
+
+
+@dataclass(frozen=True)
+class CompressionStep:
+    """One compression step: where it goes in a recipe, which level the sweep varies for it,
+    whether it needs fine-tuning, and which model families it applies to. One row per step;
+    validation, the sweep grid, point names and the fine-tune plan read this table."""
+
+    rank: int  # a recipe's steps in rising rank: prune (0), then share or quantize
+    level: Literal["sparsity", "bits"] | None  # the knob a sweep varies for it
+    finetunes: bool  # needs training after it (int8 is applied to the fine-tuned weights)
+    families: tuple[str, ...] = tuple(MODEL_FAMILIES)
+
+
+COMPRESSION_STEPS = {
+    "magnitude": CompressionStep(rank=0, level="sparsity", finetunes=True),
+    "structured": CompressionStep(
+        rank=0, level="sparsity", finetunes=True, families=STRUCTURED_MODELS
+    ),
+    "cluster": CompressionStep(rank=1, level="bits", finetunes=True),
+    "quantize": CompressionStep(rank=2, level=None, finetunes=False),
+}
+CompressStep = Literal[tuple(COMPRESSION_STEPS)]  # type: ignore[valid-type]
+PRUNING_STEPS = tuple(name for name, step in COMPRESSION_STEPS.items() if step.rank == 0)
 
 
 def recipe_problem(recipe: list[str], key: str, rounds: int = 1) -> str | None:
     """Why a compression recipe cannot run in that order, naming its key; None if it can.
     Order: at most one pruning step first, then k-means sharing or int8 (not both: int8
     would undo the shared values)."""
-    rank = {"magnitude": 0, "structured": 0, "cluster": 1, "quantize": 2}
+    rank = {name: step.rank for name, step in COMPRESSION_STEPS.items()}
     if len(set(recipe)) != len(recipe):
         return f"{key} {recipe} repeats a step: each step once"
     if sum(step in PRUNING_STEPS for step in recipe) > 1:
@@ -515,9 +537,10 @@ class CompressSweep(Section):
                 )
             if problem := recipe_problem(recipe, f"compress.sweep.recipes[{i}]"):
                 raise ValueError(problem)
-        if not self.sparsity and any(set(r) & set(PRUNING_STEPS) for r in self.recipes):
+        used = {COMPRESSION_STEPS[step].level for recipe in self.recipes for step in recipe}
+        if not self.sparsity and "sparsity" in used:
             raise ValueError("compress.sweep.sparsity is empty, but a recipe prunes")
-        if not self.bits and any("cluster" in r for r in self.recipes):
+        if not self.bits and "bits" in used:
             raise ValueError("compress.sweep.bits is empty, but a recipe clusters")
         return self
 
@@ -669,12 +692,13 @@ class PipelineConfig(Section):
             )
         if self.compress.recipe == "auto" and not self.compress.sweep:
             self.compress.sweep = auto_sweep(self.train.model)  # logged as the real grid
-        if self.train.model not in STRUCTURED_MODELS:
-            for key, recipe in self.compress.recipes():
-                if "structured" in recipe:
+        for key, recipe in self.compress.recipes():
+            for step in recipe:
+                families = COMPRESSION_STEPS[step].families
+                if self.train.model not in families:
                     raise ValueError(
-                        f"{key} {recipe}: structured pruning narrows the layers of "
-                        f"{' and '.join(STRUCTURED_MODELS)} models, but train.model is "
+                        f"{key} {recipe}: {step} pruning narrows the layers of "
+                        f"{' and '.join(families)} models, but train.model is "
                         f"'{self.train.model}': use magnitude instead"
                     )
         if images and self.reduce.method == "pca":

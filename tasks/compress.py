@@ -40,7 +40,7 @@ import numpy as np
 import zstandard
 
 from conf.schema import (
-    PRUNING_STEPS,
+    COMPRESSION_STEPS,
     CompressConfig,
     EvaluateConfig,
     PipelineConfig,
@@ -62,15 +62,13 @@ OBJECTIVE_KEY = {"latency": "latency_b256_p50_ms", "size": "size_zstd_bytes"}
 
 
 def point_name(recipe: list[str], sparsity: float | None, bits: int | None) -> str:
-    parts = []
-    for step in recipe:
-        if step in PRUNING_STEPS:
-            parts.append(f"{step}-{sparsity:g}")
-        elif step == "cluster":
-            parts.append(f"cluster-{bits}b")
-        else:
-            parts.append(step)
-    return "+".join(parts)
+    shown = {
+        "sparsity": lambda step: f"{step}-{sparsity:g}",
+        "bits": lambda step: f"{step}-{bits}b",
+    }
+    return "+".join(
+        shown[level](step) if (level := COMPRESSION_STEPS[step].level) else step for step in recipe
+    )
 
 
 def sweep_points(cfg: CompressConfig) -> list[dict[str, Any]]:
@@ -81,9 +79,9 @@ def sweep_points(cfg: CompressConfig) -> list[dict[str, Any]]:
         recipes, sparsities, bit_levels = [cfg.recipe], [cfg.sparsity], [cfg.bits]
     points = []
     for recipe in recipes:
-        prunes = bool(set(recipe) & set(PRUNING_STEPS))
-        for sparsity in sparsities if prunes else [None]:
-            for bits in bit_levels if "cluster" in recipe else [None]:
+        levels = {COMPRESSION_STEPS[step].level for step in recipe}
+        for sparsity in sparsities if "sparsity" in levels else [None]:
+            for bits in bit_levels if "bits" in levels else [None]:
                 points.append(
                     {
                         "name": point_name(recipe, sparsity, bits),
@@ -503,7 +501,7 @@ def compress_model(
     # structured+quantize share one; int8 alone starts from the trained weights
     trunks: dict[str, dict[str, Any]] = {}
     for point in points:
-        trunk = [step for step in point["recipe"] if step != "quantize"]
+        trunk = [step for step in point["recipe"] if COMPRESSION_STEPS[step].finetunes]
         point["trunk"] = point_name(trunk, point["sparsity"], point["bits"]) if trunk else None
         if not trunk or point["trunk"] in trunks:
             continue
