@@ -129,7 +129,8 @@ def print_summary(result: dict, tracking_uri: str, seconds: float) -> None:
     )
     regression = result.get("regression") or {}
     if regression.get("regressed"):
-        print(f"REGRESSION against run {regression['previous']}: {regression['why']}")
+        against = f"run {regression['previous']}" if regression["previous"] else "the champion"
+        print(f"REGRESSION against {against}: {regression['why']}")
     elif regression.get("previous"):
         print(f"No regression against the previous run {regression['previous']}.")
     print(f"Report: {result['report']}")

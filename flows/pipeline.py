@@ -92,8 +92,10 @@ def run_stages(config: PipelineConfig) -> dict[str, Any]:
         evaluated = outcomes["evaluate"]
         import mlflow
 
-        mlflow.log_metrics(headline)
         promotion = evaluated.manifest["promotion"]
+        if promotion.get("champion_accuracy") is not None:  # the champion on today's rows
+            headline["gate/champion_accuracy"] = promotion["champion_accuracy"]
+        mlflow.log_metrics(headline)
         mlflow.set_tags(
             {
                 "accelflow.registered_version": promotion["version"],

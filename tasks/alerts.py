@@ -109,7 +109,8 @@ def format_comparison(c: dict[str, Any]) -> str:
 
 
 def check_regression(client, run_id: str, max_accuracy_drop: float, max_slowdown: float) -> dict:
-    """This run against the experiment's previous finished run on the same test data."""
+    """This run against the champion re-scored on its own test rows (when the gate did so)
+    and, for latency, the experiment's previous finished run on the same test data."""
     run = client.get_run(run_id)
     digest = run.data.tags.get("accelflow.data_digest")
     earlier = [
@@ -119,27 +120,37 @@ def check_regression(client, run_id: str, max_accuracy_drop: float, max_slowdown
         and r.info.start_time < run.info.start_time
         and r.data.tags.get("accelflow.data_digest") == digest
     ]
-    if not earlier:
+    now, reasons = run.data.metrics, []
+    champion = now.get("gate/champion_accuracy")
+    if champion is not None:  # like with like: the champion re-scored on this run's test rows
+        drop = champion - now.get("test/accuracy", math.nan)
+        if drop > max_accuracy_drop:
+            reasons.append(
+                f"test accuracy {now['test/accuracy']:.4f} is {drop:.4f} below the champion's "
+                f"{champion:.4f} on the same test rows (alerts.max_accuracy_drop {max_accuracy_drop})"
+            )
+    if not earlier and champion is None:
         return {"regressed": False, "previous": None, "why": "no earlier finished run on this data"}
-    prev = earlier[0]
-    now, before = run.data.metrics, prev.data.metrics
-    reasons = []
-    drop = before.get("test/accuracy", math.nan) - now.get("test/accuracy", math.nan)
-    if drop > max_accuracy_drop:
-        reasons.append(
-            f"test accuracy {now['test/accuracy']:.4f} is {drop:.4f} below the previous run's "
-            f"{before['test/accuracy']:.4f} (alerts.max_accuracy_drop {max_accuracy_drop})"
-        )
+    prev = earlier[0] if earlier else None
+    before = prev.data.metrics if prev else {}
+    if champion is None:
+        drop = before.get("test/accuracy", math.nan) - now.get("test/accuracy", math.nan)
+        if drop > max_accuracy_drop:
+            reasons.append(
+                f"test accuracy {now['test/accuracy']:.4f} is {drop:.4f} below the previous run's "
+                f"{before['test/accuracy']:.4f} (alerts.max_accuracy_drop {max_accuracy_drop})"
+            )
     slower = change(before.get("test/latency_b256_ms"), now.get("test/latency_b256_ms"))
     if slower is not None and slower > max_slowdown:
         reasons.append(
             f"batch-256 latency {now['test/latency_b256_ms']:.3f} ms is {slower:.0%} above the "
             f"previous run's {before['test/latency_b256_ms']:.3f} ms (alerts.max_slowdown {max_slowdown:.0%})"
         )
+    against = f"run {prev.info.run_id}" if prev else "the champion on this run's test rows"
     return {
         "regressed": bool(reasons),
-        "previous": prev.info.run_id,
+        "previous": prev.info.run_id if prev else None,
         "accuracy_drop": drop,
         "slowdown": slower,
-        "why": "; ".join(reasons) or f"no regression against run {prev.info.run_id}",
+        "why": "; ".join(reasons) or f"no regression against {against}",
     }

@@ -1,14 +1,15 @@
 """evaluate: quality, latency and size of the uncompressed baseline and the compressed model.
 
-Both are scored on the raw test split through `served.predictor.Predictor` (reduction + network),
-exactly what the registered pyfunc does. The compress stage chose its model on the
-validation split; here it is kept only when it also stays within
-`evaluate.max_accuracy_drop` of the baseline on the test split; the registry step then
-gates the result against the current champion.
+Both are scored on the raw test split through `served.predictor.Predictor` (reduction +
+network), exactly what the registered pyfunc does. The compress stage chose its model on the
+validation split and that choice stands: the test split is scored once per model and
+reported, never used to choose (a choice made on the rows it is scored on would report an
+optimistic figure). The registry step then gates the result against the current champion.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +48,34 @@ def load_stored_test_split(partitions: Manifest) -> tuple[np.ndarray, np.ndarray
         [pq.read_table(f, columns=[partitions["label"]]).column(0).to_numpy() for f in files]
     )
     return X, y
+
+
+def raw_test_batches(partitions: Manifest, rows: int = 8192) -> Iterator[tuple[Any, np.ndarray]]:
+    """Today's test rows as a user sends them (a DataFrame of the raw columns) with their
+    label codes, a batch at a time: any registered model, the champion included, scores
+    these. Tables: the cleaned raw rows ingest kept, in row order; arrays: the split's X."""
+    import pandas as pd
+
+    y = np.load(partitions["served_test"]["y"]["path"], mmap_mode="r")
+    if partitions.get("test_rows"):
+        start = 0
+        for part in partitions["test_rows"]:
+            frame = pd.read_parquet(part["path"])
+            yield frame, np.asarray(y[start : start + len(frame)])
+            start += len(frame)
+        return
+    X = np.load(partitions["served_test"]["X"]["path"], mmap_mode="r")
+    columns = partitions.get("raw_columns", partitions["feature_names"])
+    for start in range(0, len(y), rows):
+        frame = pd.DataFrame(np.asarray(X[start : start + rows]), columns=columns)
+        yield frame, np.asarray(y[start : start + rows])
+
+
+def test_rows_digest(partitions: Manifest) -> str:
+    """The test rows' identity: a digest of their content (the rows as ingest wrote them,
+    labels included), whatever codec, level or row groups partition stored them with."""
+    served = partitions["served_test"]
+    return files_digest([served["X"], served["y"]])
 
 
 def input_example(partitions: Manifest):
@@ -262,7 +291,9 @@ def evaluate_model(
             out.path(f"confusion_{name}.png"),
         )
     drop = results["baseline"]["accuracy"] - results["compressed"]["accuracy"]
-    chosen = "compressed" if drop <= cfg.max_accuracy_drop else "baseline"
+    # validation chooses, test reports: compress picked its point on the validation split;
+    # the test split is scored once per model here and never changes that choice
+    chosen = "baseline" if compressed.get("chosen", "baseline") == "baseline" else "compressed"
     storage = storage_impact(partitions, predictors[chosen], results[chosen]["accuracy"])
     plot_tsne(predictors[chosen], X, y, out.path("tsne.png"))
     weights = (compressed if chosen == "compressed" else trained)["model"]["weights"]["digest"]
@@ -277,8 +308,9 @@ def evaluate_model(
     table = markdown_table(results, TABLE_KEYS) + "\n\n" + per_class_table(results)
     overhead = results[chosen]["served_b256_ms"] / max(results[chosen]["latency_b256_ms"], 1e-9)
     summary = (
-        f"{table}\n\nChosen: **{chosen}** (accuracy drop {drop:+.4f}, allowed "
-        f"{cfg.max_accuracy_drop}); batch-256 latency ratio baseline/compressed {speedup:.2f}×. "
+        f"{table}\n\nChosen: **{chosen}**, by compress on the validation split (the test "
+        f"split only reports: accuracy change {-drop:+.4f} on test); batch-256 latency ratio "
+        f"baseline/compressed {speedup:.2f}×. "
         f"Served (`mlflow.pyfunc` predict on raw rows, 1 thread) at batch 256: "
         f"{results[chosen]['served_b256_ms']:.2f} ms, {overhead:.1f}× the network alone"
     )
@@ -314,7 +346,7 @@ def evaluate_model(
         "bundle": out.final_path(chosen),
         "model_digest": model_digest,
         "results": results,
-        "test_digest": files_digest(partitions["splits"]["test"]["files"]),
+        "test_digest": test_rows_digest(partitions),
         "plots": [
             *(out.final_path(f"confusion_{n}.png") for n in results),
             out.final_path("tsne.png"),

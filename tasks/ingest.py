@@ -143,6 +143,9 @@ def ingest_dataset(
             "encoder": out.describe("encoder.json")[0],
             "raw_example": out.describe("raw_example.parquet")[0],
             "quarantine": out.describe("quarantine.csv")[0] if table["quarantined"] else None,
+            # the test split's cleaned raw rows (Parquet parts in row order), for scoring any
+            # model, the champion included, on exactly these rows
+            "test_rows": out.describe(*table["test_rows"]),
         }
         notes = (
             [
@@ -172,6 +175,7 @@ def ingest_dataset(
         extras = {
             "encoder": None,
             "quarantine": None,
+            "test_rows": None,  # an array's raw rows are the test split's X itself
             "raw_example": out.describe("raw_example.parquet")[0],
         }
         table = {

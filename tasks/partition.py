@@ -325,6 +325,7 @@ def partition_dataset(
         # the test rows exactly as the served model's encoder makes them from raw rows (full
         # precision): evaluate scores these, so test/accuracy is what a user of the model gets
         "served_test": ingest["splits"]["test"],
+        "test_rows": ingest.get("test_rows"),  # the same rows, raw (tables only)
         "codec": {
             "codec": chosen["codec"],
             "level": chosen["level"],

@@ -2,8 +2,9 @@
 
 Idempotent: a model whose weights were already registered (a cached rerun) reuses its
 version instead of adding a new one. Promotion uses aliases (`champion`, `challenger`),
-never the deprecated stages. The gate (`decide`): against a champion measured on the same
-test set, a new model takes `champion` only when its accuracy is not worse beyond
+never the deprecated stages. The gate (`decide`) compares like with like: the champion is
+loaded by alias as a user loads it and re-scored on today's test rows (nightly data brings
+a new test split every night), then a new model takes `champion` only when its accuracy is not worse beyond
 `evaluate.max_accuracy_drop` and it is better — on `evaluate.objective` (batch-256 latency
 or zstd size) by more than `evaluate.objective_margin`, or more accurate without being
 worse on the objective beyond that margin. Otherwise it is registered as `challenger`.
@@ -11,11 +12,17 @@ worse on the objective beyond that margin. Otherwise it is registered as `challe
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import numpy as np
 
 from conf.schema import EvaluateConfig, RegistryConfig
 from tasks.served.pyfunc import pyfunc_arguments
 from tasks.store import Manifest
+
+# today's test rows, a batch at a time: (raw rows as a DataFrame, label codes)
+TestRows = Callable[[], Iterator[tuple[Any, np.ndarray]]]
 
 
 def _existing_version(client, name: str, model_digest: str):
@@ -136,15 +143,33 @@ def model_card(
     return "\n".join(lines)
 
 
+def rescore(name: str, version: str, test_rows: TestRows, classes: list[Any]) -> float:
+    """The accuracy of registered version `version` on today's test rows, loaded and called
+    exactly as a user does (`mlflow.pyfunc`, raw rows in, labels out), a batch at a time."""
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    names = np.asarray([str(c) for c in classes])
+    right = total = 0
+    for frame, codes in test_rows():
+        predicted = np.asarray(model.predict(frame)).astype(str)
+        right += int((predicted == names[codes]).sum())
+        total += len(codes)
+    return right / max(total, 1)
+
+
 def register_and_promote(
     evaluation: Manifest,
     example,
     cfg: RegistryConfig,
     gate: EvaluateConfig,
     facts: dict[str, str] | None = None,
+    test_rows: TestRows | None = None,
+    classes: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Register (once), set the `champion` or `challenger` alias and write the version's
-    model card; return what happened, with the gate's markdown."""
+    model card; return what happened, with the gate's markdown. Like with like: the current
+    champion is re-scored on today's test rows (`test_rows`) and the decision made on them."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -164,17 +189,27 @@ def register_and_promote(
             client.set_model_version_tag(cfg.model_name, version.version, key, value)
 
     champion = _champion(client, cfg.model_name)
-    theirs = None
+    theirs, rescored = None, None
     alias, why = "champion", "no champion yet"
     if champion is not None and champion.version == version.version:
         why = "already the champion"
     elif champion is not None:
-        if champion.tags.get("accelflow.test_digest") == evaluation["test_digest"]:
-            theirs = _figures(champion.tags)
+        theirs = _figures(champion.tags)
+        same_rows = champion.tags.get("accelflow.test_digest") == evaluation["test_digest"]
+        if not same_rows and test_rows is not None:
+            try:
+                rescored = rescore(cfg.model_name, champion.version, test_rows, classes or [])
+                theirs["accuracy"] = rescored
+            except Exception as exc:  # it cannot read today's rows (columns changed): say so
+                why = (
+                    f"champion v{champion.version} could not score today's test rows "
+                    f"({type(exc).__name__}: {str(exc)[:300]}); the new model takes over"
+                )
+                theirs = None
+        if theirs is not None:
             alias, why = decide(chosen, theirs, gate)
-            why = f"against champion v{champion.version}: {why}"
-        else:
-            why = f"champion v{champion.version} was tested on other data; the newest model takes over"
+            where = "on the same test rows" if same_rows else "re-scored on today's test rows"
+            why = f"against champion v{champion.version} ({where}): {why}"
     client.set_registered_model_alias(cfg.model_name, alias, version.version)
     card = model_card(cfg.model_name, version.version, alias, why, evaluation, facts or {})
     client.update_model_version(cfg.model_name, version.version, description=card)
@@ -183,5 +218,7 @@ def register_and_promote(
         "version": int(version.version),
         "alias": alias,
         "why": why,
+        "champion_version": int(champion.version) if champion is not None else None,
+        "champion_accuracy": theirs["accuracy"] if theirs else None,
         "markdown": gate_markdown(alias, why, chosen, theirs, gate),
     }

@@ -129,6 +129,8 @@ def register_and_gate(cfg: PipelineConfig, inputs: Inputs, outcome: StageOutcome
             cfg.registry,
             cfg.evaluate,
             card_facts(cfg, inputs),
+            test_rows=lambda: evaluate.raw_test_batches(inputs["partition"]),
+            classes=inputs["partition"]["classes"],
         )
     gate = promotion.pop("markdown")
     mlflow.set_tags({f"accelflow.registry.{k}": str(v) for k, v in promotion.items()})

@@ -19,14 +19,17 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def three_runs(digits_frame, tmp_path_factory):
-    """The same config twice, then the same with a learning rate too small to learn."""
+    """The same config twice, then tomorrow's snapshot as a nightly run sees it: other test
+    rows (another split seed) and a learning rate too small to learn."""
     from prefect.testing.utilities import prefect_test_harness
 
     tmp = tmp_path_factory.mktemp("alerts")
     source = tmp / "digits.csv"
     digits_frame.to_csv(source, index=False)
     cfg = make_config(tmp, source, "data.label=digit", "compress.recipe=[]")
-    worse = make_config(tmp, source, "data.label=digit", "compress.recipe=[]", "train.lr=1e-6")
+    worse = make_config(
+        tmp, source, "data.label=digit", "compress.recipe=[]", "train.lr=1e-6", "data.seed=1"
+    )
     with prefect_test_harness(server_startup_timeout=120):
         runs = [pipeline(cfg), pipeline(cfg), pipeline(worse)]
         events = regression_events()
@@ -57,11 +60,16 @@ def test_a_same_config_rerun_is_not_a_regression_and_a_worse_run_is(three_runs):
     }
     assert second["regression"]["regressed"] is False
     assert second["regression"]["previous"] == first["parent_run_id"]
+    # like with like on new rows: the champion is re-scored on the worse run's own test rows
+    # (their digest differs), the gate and the alert both judge on those rows
+    assert worse["headline"]["gate/champion_accuracy"] > 0.8 > worse["headline"]["test/accuracy"]
     assert worse["regression"]["regressed"] is True
-    assert worse["regression"]["previous"] == second["parent_run_id"]
-    assert "test accuracy" in worse["regression"]["why"]
+    assert worse["regression"]["previous"] is None  # no earlier run on these rows
+    assert "below the champion's" in worse["regression"]["why"]
+    assert "on the same test rows" in worse["regression"]["why"]
     # the registry's gate keeps the deliberately worse model out of `champion`
     assert worse["promotion"]["alias"] == "challenger", worse["promotion"]
+    assert "re-scored on today's test rows" in worse["promotion"]["why"]
     assert "worse by more than evaluate.max_accuracy_drop" in worse["promotion"]["why"]
 
     client = MlflowClient(cfg.tracking.uri)
@@ -79,7 +87,7 @@ def test_compare_reports_exactly_the_changed_key(three_runs):
     cfg, (_, second, worse), _ = three_runs
     client = MlflowClient(cfg.tracking.uri)
     table = alerts.compare_runs(client, second["parent_run_id"], worse["parent_run_id"])
-    assert [row["key"] for row in table["config"]] == ["train.lr"]
+    assert [row["key"] for row in table["config"]] == ["data.seed", "train.lr"]
     assert {row["stage"] for row in table["stages"]} == set(alerts.STAGES)
     accuracy = next(r for r in table["metrics"] if r["metric"] == "test/accuracy")
     assert accuracy["b"] < accuracy["a"] and accuracy["change"] < 0

@@ -64,6 +64,19 @@ def test_partitions_hold_every_row_compressed_with_zstd(partitioned):
     )
 
 
+def test_the_test_digest_is_the_rows_content_whatever_the_codec(partitioned, client):
+    """Changing partition.codec rewrites every Parquet byte, not the test rows: the digest
+    the gate and the alerts compare stays; the files' digest (what it was before) moves."""
+    from tasks.evaluate import test_rows_digest
+    from tasks.store import files_digest
+
+    work, ingested, zstd = partitioned
+    lz4 = partition(work, ingested, PartitionConfig(codec="lz4", sample_mb=1), client).manifest
+    assert test_rows_digest(lz4) == test_rows_digest(zstd)
+    files = [files_digest(m["splits"]["test"]["files"]) for m in (lz4, zstd)]
+    assert files[0] != files[1]
+
+
 def test_pca_matches_scikit_learn_and_meets_the_variance_target(partitioned, client, tmp_path):
     from sklearn.decomposition import PCA
 

@@ -149,6 +149,14 @@ def test_champion_scores_raw_test_pixels_with_the_logged_accuracy(first_run, fmn
     assert f"accuracy {logged:.4f}" in card and "**data**" in card and "**features**" in card
 
 
+def test_validation_chooses_and_the_test_split_only_reports(first_run):
+    """Evaluate keeps what compress chose on validation, whatever the test split says."""
+    rows = {row["stage"]: row for row in first_run[1]["stages"]}
+    picked_on_validation = rows["compress"]["figure"].split(":")[0]
+    kept = "baseline" if picked_on_validation == "baseline" else "compressed"
+    assert rows["evaluate"]["figure"].endswith(f"({kept})"), rows
+
+
 def test_rerun_is_all_cache_hits_and_reuses_the_registered_version(first_run):
     cfg, result = first_run
     again = pipeline(cfg)
@@ -247,6 +255,16 @@ def test_float16_storage_reports_its_accuracy_impact(prefect_harness, tmp_path):
     model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@champion")
     served = float((np.asarray(model.predict(raw_X)) == raw_y).mean())
     assert served == pytest.approx(metrics["test/accuracy"], abs=1e-9)
+    # the rows the gate re-scores a champion on are those rows: ingest kept them, raw
+    from tasks.evaluate import raw_test_batches
+    from tasks.registry import rescore
+
+    (stored,) = (Path(cfg.workdir) / "partition").glob("*/manifest.json")
+    partitions = json.loads(stored.read_text())
+    batches = list(raw_test_batches(partitions))
+    assert sum(len(frame) for frame, _ in batches) == len(raw_y)
+    again = rescore(cfg.registry.model_name, "1", lambda: iter(batches), partitions["classes"])
+    assert again == pytest.approx(metrics["test/accuracy"], abs=1e-9)
 
 
 @pytest.mark.parametrize("failing", STAGES[1:])

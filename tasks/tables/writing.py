@@ -4,6 +4,7 @@ the plan fixed; and the whole table, passes 1 to 3."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,8 +31,10 @@ def write_block(
     counts: list[int],
     offsets: list[int],
     targets: dict[str, tuple[str, str]],
+    test_rows: str,
 ) -> list[int]:
-    """Encode one block and write its rows of each split into that split's arrays."""
+    """Encode one block and write its rows of each split into that split's arrays, and its
+    test rows, cleaned but not encoded, as a Parquet part in `test_rows`."""
     features, labels, _, _, u, split = good_rows(read_block(block), schema, cfg, block["first_row"])
     encoder = Encoder.load(encoder_path)
     lookup = {c: i for i, c in enumerate(classes)}
@@ -52,6 +55,9 @@ def write_block(
             )
             X.flush(), y.flush()
             del X, y
+            if name == "test":  # the test rows as cleaned raw values: what a champion scores
+                part = Path(test_rows) / f"part-{offsets[s]:012d}.parquet"
+                features.iloc[rows].to_parquet(part)
         written.append(len(rows))
     return written
 
@@ -107,6 +113,7 @@ def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, 
             y_path, mode="w+", dtype=np.int64, shape=(int(sizes[:, s].sum()),)
         )
         targets[name] = (str(X_path), str(y_path))
+    out.path("test_rows").mkdir()
     written = [
         checked(r)
         for r in client.gather(
@@ -122,6 +129,7 @@ def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, 
                     p.counts[i],
                     offsets[i].tolist(),
                     targets,
+                    str(out.path("test_rows")),
                     pure=False,
                 )
                 for i, b in enumerate(blocks)
@@ -133,6 +141,7 @@ def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, 
             f"ingest wrote {written} rows per block and split, the profile pass counted {sizes}"
         )
 
+    test_rows = sorted(f"test_rows/{f.name}" for f in out.path("test_rows").glob("*.parquet"))
     if p.quarantine:  # one CSV: the first part's header, every part's rows
         with open(out.path("quarantine.csv"), "wb") as sink:
             for i, part in enumerate(p.quarantine):
@@ -163,4 +172,5 @@ def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, 
         "missing_values": p.missing,
         "warnings": p.warnings,
         "blocks": len(blocks),
+        "test_rows": test_rows,  # in row order: the offsets in their names sort as the rows do
     }
