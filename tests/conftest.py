@@ -75,6 +75,17 @@ def fmnist_small(fmnist_full: Path, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test harness (a temporary API server and database) per pytest session
+    (per xdist worker): every flow run of the session's tests shares it. In-process settings
+    only: subprocesses (the CLI, `make serve`'s stack) keep their own API."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
 def cluster():
     """A Dask LocalCluster client shared by the data-stage tests (2 worker processes)."""
     from conf.schema import DaskConfig
@@ -182,7 +193,7 @@ def make_config(tmp_path: Path, source: Path | str, *overrides: str) -> Pipeline
         "compress.finetune_epochs=1",
         "compress.recipe=[magnitude]",  # one recipe (50%); the compress tests sweep
         "dask.memory_limit=1GiB",
-        "evaluate.latency_repeats=5",
+        "evaluate.latency_repeats=3",  # the fewest: no test here asserts a latency's precision
         "tune.enabled=false",  # the tune tests switch it on
     ]
     return load_config(None, [*base, *overrides])

@@ -18,11 +18,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def three_runs(digits_frame, tmp_path_factory):
+def three_runs(prefect_harness, digits_frame, tmp_path_factory):
     """The same config twice, then tomorrow's snapshot as a nightly run sees it: other test
     rows (another split seed) and a learning rate too small to learn."""
-    from prefect.testing.utilities import prefect_test_harness
-
     tmp = tmp_path_factory.mktemp("alerts")
     source = tmp / "digits.csv"
     digits_frame.to_csv(source, index=False)
@@ -30,13 +28,12 @@ def three_runs(digits_frame, tmp_path_factory):
     worse = make_config(
         tmp, source, "data.label=digit", "compress.recipe=[]", "train.lr=1e-6", "data.seed=1"
     )
-    with prefect_test_harness(server_startup_timeout=120):
-        runs = [pipeline(cfg), pipeline(cfg), pipeline(worse)]
-        events = regression_events()
-    return cfg, runs, events
+    runs = [pipeline(cfg), pipeline(cfg), pipeline(worse)]
+    return cfg, runs, regression_events({r["parent_run_id"] for r in runs})
 
 
-def regression_events() -> list:
+def regression_events(run_ids: set[str]) -> list:
+    """The regression events these runs emitted (the harness is shared by the session)."""
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter
 
@@ -45,8 +42,9 @@ def regression_events() -> list:
             page = client.read_events(
                 EventFilter(event=EventNameFilter(name=["accelflow.run.regressed"])), limit=50
             )
-            if page.events:
-                return page.events
+            mine = [e for e in page.events if e.payload.get("run_id") in run_ids]
+            if mine:
+                return mine
             time.sleep(0.5)
     return []
 

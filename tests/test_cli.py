@@ -130,6 +130,8 @@ def test_two_runs_at_once_on_one_workdir_and_store_both_finish(digits_csv, tmp_p
         f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
         "train.epochs=2",
         "tune.enabled=false",
+        "compress.recipe=[]",  # compress still builds (the trained model kept) under its lock
+        "evaluate.latency_repeats=3",
     ]
     argv = [*CLI, "run", *[a for s in sets for a in ("--set", s)]]
     runs = [
@@ -307,6 +309,7 @@ def test_errors_met_inside_the_flow_are_one_paragraph_too(tmp_path, rows, expect
         f"workdir={tmp_path / 'w'}",
         f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
         "train.epochs=1",
+        "tune.enabled=false",  # the cnn case fails in train: no search before it
     ]
     if "cnn" in expected:
         sets.append("train.model=cnn")
@@ -348,6 +351,7 @@ def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
         "train.batch_size=32",
         "compress.finetune_epochs=1",
         "tune.enabled=false",
+        "evaluate.latency_repeats=3",  # the default sweep, measured briefly
     ]
     out = accelflow("run", *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]

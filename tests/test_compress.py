@@ -210,12 +210,12 @@ print(json.dumps([str(p) for p in predictions]))
 
 
 @pytest.mark.slow
-def test_a_sweep_registers_a_slim_model_served_without_the_pruning_library(digits_frame, tmp_path):
+def test_a_sweep_registers_a_slim_model_served_without_the_pruning_library(
+    prefect_harness, digits_frame, tmp_path
+):
     """The uncompressed model first (the champion), then a sweep over the same training:
     one nested run per point and a Pareto table; the smallest point (structured + int8)
     is chosen under `evaluate.objective: size` and takes `champion`."""
-    from prefect.testing.utilities import prefect_test_harness
-
     from flows.pipeline import pipeline
 
     source = tmp_path / "digits.csv"
@@ -238,9 +238,8 @@ def test_a_sweep_registers_a_slim_model_served_without_the_pruning_library(digit
         " sparsity: [0.5]}",
         "compress.finetune_epochs=2",
     )
-    with prefect_test_harness(server_startup_timeout=120):
-        champion = pipeline(unpruned)
-        result = pipeline(cfg)
+    champion = pipeline(unpruned)
+    result = pipeline(cfg)
     assert champion["promotion"]["alias"] == "champion"
     assert result["promotion"]["alias"] == "champion", result["promotion"]
     assert "better zstd size" in result["promotion"]["why"]

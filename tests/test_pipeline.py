@@ -24,14 +24,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def first_run(prefect_harness, fmnist_small, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     # 3 epochs on 3,000 images: the 50% prune's one fine-tune epoch may not win back the

@@ -85,14 +85,6 @@ TUNED = [
 
 
 @pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def tuned_run(prefect_harness, digits_frame, tmp_path_factory):
     from flows.pipeline import pipeline
 
@@ -219,7 +211,7 @@ def test_a_search_killed_midway_resumes_with_its_finished_trials(digits_frame, t
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "tune.trials=5",
         "tune.parallel=2",
-        "tune.epochs=3",
+        "tune.epochs=2",
         "tune.max_rows=null",
         "tune.pruner=none",
         "tune.space={lr: {type: float, low: 0.0001, high: 0.01, log: true}, "
