@@ -16,17 +16,6 @@ Manifest = dict[str, Any]
 Inputs = dict[str, Manifest]  # upstream stage name → its manifest
 
 
-@dataclass
-class Hooks:
-    """What the orchestration floor hands a build so its work is seen live: the stage's
-    MLflow run id (for nested runs), a sink for rank 0's epoch rows, one for finished
-    children (tuning trials) as they come."""
-
-    run_id: str | None = None
-    on_epoch: Callable[[dict[str, Any]], None] | None = None
-    on_child: Callable[[dict[str, Any], int, int], None] | None = None
-
-
 @dataclass(frozen=True)
 class ChildRun:
     """A nested run under the stage's run (a trial, a sweep point), as plain data."""
@@ -36,6 +25,17 @@ class ChildRun:
     metrics: list[tuple[str, float, int]]  # (key, value, step)
     tags: dict[str, str]
     status: str = "FINISHED"
+
+
+@dataclass
+class Hooks:
+    """What the orchestration floor hands a build so its work is seen live: the stage's
+    MLflow run id (for nested runs), a sink for rank 0's epoch rows, one for finished
+    children (tuning trials) as they come."""
+
+    run_id: str | None = None
+    on_epoch: Callable[[dict[str, Any]], None] | None = None
+    on_child: Callable[[ChildRun], None] | None = None
 
 
 @dataclass(frozen=True)
