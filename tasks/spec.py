@@ -29,11 +29,10 @@ class ChildRun:
 
 @dataclass
 class Hooks:
-    """What the orchestration floor hands a build so its work is seen live: the stage's
-    MLflow run id (for nested runs), a sink for rank 0's epoch rows, one for finished
-    children (tuning trials) as they come."""
+    """What the orchestration floor hands a build so its work is seen live: a sink for
+    rank 0's epoch rows, one for finished children (tuning trials) as they come. A stage
+    never knows where they go (MLflow, in the Prefect wrapper)."""
 
-    run_id: str | None = None
     on_epoch: Callable[[dict[str, Any]], None] | None = None
     on_child: Callable[[ChildRun], None] | None = None
 

@@ -51,7 +51,7 @@ def run_step(stage: str, cfg: PipelineConfig, parent: str, inputs: Inputs) -> St
     """Run one stage (cache hit or build) inside its nested MLflow run and publish it."""
     spec = SPECS[stage]
     with stage_run(parent, stage, spec.section, spec.logged_config(cfg, inputs)) as run_id:
-        hooks = Hooks(run_id, epoch_logger(run_id), lambda child: log_child(run_id, child))
+        hooks = Hooks(epoch_logger(run_id), lambda child: log_child(run_id, child))
         outcome = run_stage(
             cfg.workdir,
             stage,
