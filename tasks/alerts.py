@@ -120,26 +120,26 @@ def check_regression(client, run_id: str, max_accuracy_drop: float, max_slowdown
         and r.info.start_time < run.info.start_time
         and r.data.tags.get("accelflow.data_digest") == digest
     ]
-    now, reasons = run.data.metrics, []
-    champion = now.get("gate/champion_accuracy")
-    if champion is not None:  # like with like: the champion re-scored on this run's test rows
-        drop = champion - now.get("test/accuracy", math.nan)
-        if drop > max_accuracy_drop:
-            reasons.append(
-                f"test accuracy {now['test/accuracy']:.4f} is {drop:.4f} below the champion's "
-                f"{champion:.4f} on the same test rows (alerts.max_accuracy_drop {max_accuracy_drop})"
-            )
-    if not earlier and champion is None:
-        return {"regressed": False, "previous": None, "why": "no earlier finished run on this data"}
+    now = run.data.metrics
     prev = earlier[0] if earlier else None
     before = prev.data.metrics if prev else {}
-    if champion is None:
-        drop = before.get("test/accuracy", math.nan) - now.get("test/accuracy", math.nan)
-        if drop > max_accuracy_drop:
-            reasons.append(
-                f"test accuracy {now['test/accuracy']:.4f} is {drop:.4f} below the previous run's "
-                f"{before['test/accuracy']:.4f} (alerts.max_accuracy_drop {max_accuracy_drop})"
-            )
+    champion = now.get("gate/champion_accuracy")
+    if prev is None and champion is None:
+        return {"regressed": False, "previous": None, "why": "no earlier finished run on this data"}
+    # like with like: the champion re-scored on this run's test rows when the gate did so,
+    # else the previous run on the same test data
+    reference, whose = (
+        (champion, "the champion's")
+        if champion is not None
+        else (before.get("test/accuracy", math.nan), "the previous run's")
+    )
+    reasons = []
+    drop = reference - now.get("test/accuracy", math.nan)
+    if drop > max_accuracy_drop:
+        reasons.append(
+            f"test accuracy {now['test/accuracy']:.4f} is {drop:.4f} below {whose} "
+            f"{reference:.4f} on the same test rows (alerts.max_accuracy_drop {max_accuracy_drop})"
+        )
     slower = change(before.get("test/latency_b256_ms"), now.get("test/latency_b256_ms"))
     if slower is not None and slower > max_slowdown:
         reasons.append(
