@@ -10,7 +10,7 @@ FMNIST ?= /usr/share/datasets/fashion-mnist
 ARGS ?=
 
 # Offline and quiet by default: the CLI, make serve, the tests and the benchmarks set the
-# same variables from tasks/tracking.py (TELEMETRY_OFF); values already set win.
+# same variables from conf/telemetry.env (tasks/tracking.py); values already set win.
 
 .PHONY: run test test-fast lint format docs data setup test-tools serve stop status clean help
 

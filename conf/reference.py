@@ -18,7 +18,7 @@ from conf.schema import PipelineConfig, Section
 
 HEADER = """# Configuration reference
 
-Generated from `conf/schema.py` by `python -m conf.reference` (`make docs`); a test fails
+Generated from `conf/schema/` by `python -m conf.reference` (`make docs`); a test fails
 when this page is stale. Every key is set in YAML (`conf/pipeline.yaml`, a profile in
 `conf/profiles/`) or on the command line (`accelflow run --set section.key=value`), validated
 before any work starts (an unknown key or a bad value is an error naming it), and logged to

@@ -1,7 +1,7 @@
 """The stages in DAG order: the one list the flow, the Prefect wrappers, the CLI's stage
 table, run-over-run comparison, the report and the tests read (each stage's `SPEC` sits at
 the end of its module). Adding a stage: its module with a `SPEC`, its config section in
-conf/schema.py, and one line here (docs/extending.md walks through it)."""
+conf/schema/pipeline.py, and one line here (docs/extending.md walks through it)."""
 
 from __future__ import annotations
 

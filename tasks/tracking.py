@@ -19,17 +19,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from conf.schema import PipelineConfig, config_digest, flatten, mask_secrets, mask_text
+from conf.schema import (
+    DEFAULT_CONFIG,
+    PipelineConfig,
+    config_digest,
+    flatten,
+    mask_secrets,
+    mask_text,
+)
 from tasks.errors import ConfigError, user_error_in
 from tasks.spec import ChildRun
 from tasks.store import Manifest, StageOutcome, file_lock, files_digest
 
-TELEMETRY_OFF = {
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-}
+
+def _env_file(path: Path) -> dict[str, str]:
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+# one file, also handed to every container by docker/compose.yaml
+TELEMETRY_OFF = _env_file(DEFAULT_CONFIG.with_name("telemetry.env"))
 
 
 def quiet_environment() -> None:

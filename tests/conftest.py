@@ -28,7 +28,7 @@ CLASS_NAMES = [
     "boot",
 ]
 
-quiet_environment()  # offline and quiet, as the CLI runs (tasks/tracking.py holds the list)
+quiet_environment()  # offline and quiet, as the CLI runs (conf/telemetry.env holds the list)
 
 
 def tree_digest(path: Path) -> str:

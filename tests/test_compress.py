@@ -18,7 +18,7 @@ from conftest import make_config, raw_test_rows, stage_runs
 from mlflow import MlflowClient
 
 from conf.schema import ConfigError, load_config
-from tasks.compress import slim_model
+from tasks.compress.points import slim_model
 from tasks.training.models import build_model
 
 
@@ -61,7 +61,7 @@ def test_structured_pruning_leaves_a_smaller_dense_model_rebuilt_from_json(
 
 
 def test_int8_quantization_keeps_the_outputs_and_loads_from_a_weights_only_file(tmp_path):
-    from tasks.compress import quantize_saved
+    from tasks.compress.points import quantize_saved
     from tasks.training.models import load_model, weight_counts
 
     arch = {"model": "mlp", "n_features": 64, "n_classes": 10, "hidden": [64, 32], "dropout": 0.1}
@@ -116,7 +116,7 @@ def test_bad_compress_config_fails_at_validation_naming_the_key(overrides, named
 
 
 def test_a_sweep_is_every_recipe_at_every_level_it_uses():
-    from tasks.compress import sweep_points
+    from tasks.compress.points import sweep_points
 
     cfg = load_config(
         None,
@@ -166,7 +166,7 @@ def row(name, accuracy, latency, size):
 
 def test_the_choice_is_the_best_objective_within_the_tolerance_and_says_why():
     from conf.schema import EvaluateConfig
-    from tasks.compress import choose, pareto
+    from tasks.compress.choice import choose, pareto
 
     rows = [
         row("baseline", 0.90, 10.0, 1000),

@@ -25,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import stage_runs
 from mlflow import MlflowClient
 
@@ -303,10 +304,22 @@ def test_compose_file_is_valid_and_needs_the_secret():
         "prefect-worker-gpu",
     }
     resolved = subprocess.run(
-        [binary, "-f", str(compose), "config"], capture_output=True, text=True, env=env
+        [binary, "-f", str(compose), "--profile", "gpu", "config"],
+        capture_output=True,
+        text=True,
+        env=env,
     ).stdout
     assert "postgresql+psycopg2://accelflow:test-only@postgres:5432/mlflow" in resolved
     assert "driver: nvidia" in resolved
+    # telemetry off in every container that runs Prefect, MLflow or the pipeline: the same
+    # file the CLI reads
+    from tasks.tracking import TELEMETRY_OFF
+
+    spec = yaml.safe_load(resolved)["services"]
+    for name, service in spec.items():
+        if name != "postgres":
+            for key, value in TELEMETRY_OFF.items():
+                assert str(service["environment"].get(key)) == value, (name, key)
     env.pop("POSTGRES_PASSWORD")
     missing = subprocess.run(
         [binary, "-f", str(compose), "config", "-q"], capture_output=True, text=True, env=env

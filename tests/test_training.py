@@ -9,7 +9,7 @@ import torch
 from conftest import make_spec
 
 from conf.schema import TrainConfig
-from tasks.compress import sparsity_schedule
+from tasks.compress.points import sparsity_schedule
 from tasks.training.launch import TrainingError, launch
 from tasks.training.models import build_model
 from tasks.training.sparsity import apply_masks, global_magnitude_masks, sparsity_report

@@ -1,0 +1,93 @@
+"""The two tables every stage reads: model families (what a `train.model` reads, whether
+structured pruning can narrow it) and compression steps (rank in a recipe, the level a sweep
+varies, whether it fine-tunes, which families it applies to)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What a `train.model` reads and what compression can do to it: one row per family;
+    validation, reduce's pass-through, the auto sweep and the builders read this table."""
+
+    reads: Literal["features", "images", "images or features"]
+    narrowable: bool  # structured pruning removes whole neurons / channels (a real speed-up)
+
+
+MODEL_FAMILIES = {
+    "mlp": ModelFamily(reads="features", narrowable=True),
+    "cnn": ModelFamily(reads="images", narrowable=True),
+    # an image's rows (rnn) or patches (transformer), or a table's features as a sequence
+    "rnn": ModelFamily(reads="images or features", narrowable=False),
+    "transformer": ModelFamily(reads="images or features", narrowable=False),
+}
+ModelName = Literal[tuple(MODEL_FAMILIES)]  # type: ignore[valid-type]
+
+
+def reads_images(model: str, image_shape: Any) -> bool:
+    """Whether `model` takes the pixels whole: always for an images-only family, and for
+    one that reads either when the data are images."""
+    reads = MODEL_FAMILIES[model].reads
+    return reads == "images" or (reads == "images or features" and bool(image_shape))
+
+
+def needs_images(model: str) -> bool:
+    return MODEL_FAMILIES[model].reads == "images"
+
+
+# the models structured pruning knows how to narrow
+STRUCTURED_MODELS = tuple(name for name, family in MODEL_FAMILIES.items() if family.narrowable)
+
+
+@dataclass(frozen=True)
+class CompressionStep:
+    """One compression step: where it goes in a recipe, which level the sweep varies for it,
+    whether it needs fine-tuning, and which model families it applies to. One row per step;
+    validation, the sweep grid, point names and the fine-tune plan read this table."""
+
+    rank: int  # a recipe's steps in rising rank: prune (0), then share or quantize
+    level: Literal["sparsity", "bits"] | None  # the knob a sweep varies for it
+    finetunes: bool  # needs training after it (int8 is applied to the fine-tuned weights)
+    families: tuple[str, ...] = tuple(MODEL_FAMILIES)
+
+
+COMPRESSION_STEPS = {
+    "magnitude": CompressionStep(rank=0, level="sparsity", finetunes=True),
+    "structured": CompressionStep(
+        rank=0, level="sparsity", finetunes=True, families=STRUCTURED_MODELS
+    ),
+    "cluster": CompressionStep(rank=1, level="bits", finetunes=True),
+    "quantize": CompressionStep(rank=2, level=None, finetunes=False),
+}
+CompressStep = Literal[tuple(COMPRESSION_STEPS)]  # type: ignore[valid-type]
+PRUNING_STEPS = tuple(name for name, step in COMPRESSION_STEPS.items() if step.rank == 0)
+
+
+def recipe_problem(recipe: list[str], key: str, rounds: int = 1) -> str | None:
+    """Why a compression recipe cannot run in that order, naming its key; None if it can.
+    Order: at most one pruning step first, then k-means sharing or int8 (not both: int8
+    would undo the shared values)."""
+    rank = {name: step.rank for name, step in COMPRESSION_STEPS.items()}
+    if len(set(recipe)) != len(recipe):
+        return f"{key} {recipe} repeats a step: each step once"
+    if sum(step in PRUNING_STEPS for step in recipe) > 1:
+        return f"{key} {recipe}: choose one pruning step, magnitude or structured"
+    if [rank[s] for s in recipe] != sorted(rank[s] for s in recipe):
+        return (
+            f"{key} {recipe} is out of order: pruning (magnitude | structured) first, then "
+            "cluster or quantize"
+        )
+    if "cluster" in recipe and "quantize" in recipe:
+        return (
+            f"{key} {recipe}: cluster and quantize both re-encode the weights (int8 would undo "
+            "the shared values); choose one"
+        )
+    if "structured" in recipe and rounds != 1:
+        return (
+            f"compress.rounds is {rounds}, but structured pruning ({key}) is one-shot: set "
+            "compress.rounds to 1 (rounds ramp magnitude pruning)"
+        )
+    return None

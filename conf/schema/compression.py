@@ -1,0 +1,119 @@
+"""The compress section: one recipe or a sweep of recipes × levels."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import (
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from conf.schema.base import Section
+from conf.schema.catalog import COMPRESSION_STEPS, STRUCTURED_MODELS, CompressStep, recipe_problem
+
+
+class CompressSweep(Section):
+    """Recipes × levels: every recipe at every level it uses (sparsity for a pruning step,
+    bits for cluster), each point fine-tuned and measured, in parallel on the Dask cluster."""
+
+    recipes: list[list[CompressStep]] = Field(
+        default_factory=lambda: [["magnitude"], ["structured"], ["quantize"]]
+    )
+    sparsity: list[float] = Field(
+        default_factory=lambda: [0.5],
+        description="magnitude: share of weights zeroed; structured: share of each hidden "
+        "layer's neurons/channels removed",
+    )
+    bits: list[int] = Field(default_factory=lambda: [5], description="cluster: 2^bits values")
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity_levels(cls, v: list[float]) -> list[float]:
+        if any(not 0 <= s < 1 for s in v):
+            raise ValueError(f"every sparsity must be in [0, 1), got {v}")
+        return v
+
+    @field_validator("bits")
+    @classmethod
+    def _bit_levels(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= b <= 8 for b in v):
+            raise ValueError(f"every bits level must be 1-8, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _a_sweep_with_points(self) -> CompressSweep:
+        if not self.recipes:
+            raise ValueError("compress.sweep.recipes is empty: list at least one recipe")
+        for i, recipe in enumerate(self.recipes):
+            if not recipe:
+                raise ValueError(
+                    f"compress.sweep.recipes[{i}] is empty: the uncompressed baseline is "
+                    "always measured; remove it"
+                )
+            if problem := recipe_problem(recipe, f"compress.sweep.recipes[{i}]"):
+                raise ValueError(problem)
+        used = {COMPRESSION_STEPS[step].level for recipe in self.recipes for step in recipe}
+        if not self.sparsity and "sparsity" in used:
+            raise ValueError("compress.sweep.sparsity is empty, but a recipe prunes")
+        if not self.bits and "bits" in used:
+            raise ValueError("compress.sweep.bits is empty, but a recipe clusters")
+        return self
+
+
+def auto_sweep(model: str) -> CompressSweep:
+    """`compress.recipe: auto`: the recipes that can make this model faster on a CPU at
+    sparsity 0.5: narrower layers (mlp, cnn), int8 Linear layers, and both; magnitude zeros
+    where layers cannot be narrowed (rnn, transformer: then the gain is the file size)."""
+    if model in STRUCTURED_MODELS:
+        return CompressSweep(recipes=[["structured"], ["quantize"], ["structured", "quantize"]])
+    return CompressSweep(recipes=[["magnitude"], ["quantize"], ["magnitude", "quantize"]])
+
+
+class CompressConfig(Section):
+    recipe: list[CompressStep] | Literal["auto"] = Field(
+        "auto",
+        description="steps in order: magnitude | structured, then cluster | quantize; [] keeps "
+        "the trained model; auto: sweep the recipes that make train.model faster (auto_sweep)",
+    )
+    sparsity: float = Field(
+        0.5,
+        ge=0.0,
+        lt=1.0,
+        description="magnitude: share of weights zeroed; structured: share of each hidden "
+        "layer's neurons/channels removed",
+    )
+    bits: int = Field(
+        5, ge=1, le=8, description="cluster: k-means weight sharing, 2^bits values per layer"
+    )
+    rounds: int = Field(1, ge=1, description="magnitude: pruning rounds, fine-tuned after each")
+    finetune_epochs: int = Field(2, ge=0, description="fine-tuning epochs after pruning")
+    finetune_lr: float = Field(1e-3, gt=0, description="fine-tuning learning rate")
+    sweep: CompressSweep | None = Field(
+        None, description="recipes × levels instead of one recipe, the best point chosen"
+    )
+
+    @model_validator(mode="after")
+    def _a_recipe_that_composes(self) -> CompressConfig:
+        if self.recipe != "auto" and self.sweep:
+            raise ValueError(
+                "compress.recipe and compress.sweep are both set: set compress.recipe to auto "
+                "to sweep, or compress.sweep to null to run the one recipe"
+            )
+        if self.recipe != "auto" and (
+            problem := recipe_problem(self.recipe, "compress.recipe", self.rounds)
+        ):
+            raise ValueError(problem)
+        if self.sweep:
+            # (in a sweep, compress.rounds ramps the magnitude points; structured is one-shot)
+            for i, recipe in enumerate(self.sweep.recipes):
+                if problem := recipe_problem(recipe, f"compress.sweep.recipes[{i}]"):
+                    raise ValueError(problem)
+        return self
+
+    def recipes(self) -> list[tuple[str, list[str]]]:
+        """(key, recipe) for every recipe this config runs (after `auto` is resolved)."""
+        if self.sweep:
+            return [(f"compress.sweep.recipes[{i}]", r) for i, r in enumerate(self.sweep.recipes)]
+        return [("compress.recipe", self.recipe)]

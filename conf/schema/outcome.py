@@ -1,0 +1,59 @@
+"""What happens to a trained model: evaluate's choice and gate, alerts, where MLflow
+tracks runs, the registered model's name."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import (
+    Field,
+)
+
+from conf.schema.base import Section
+
+
+class EvaluateConfig(Section):
+    max_accuracy_drop: float = Field(
+        0.005,
+        ge=0.0,
+        le=1.0,
+        description="a compressed model is chosen, and a new model may replace the "
+        "champion, only within this accuracy drop of the baseline",
+    )
+    latency_repeats: int = Field(30, ge=3, description="timed calls per latency figure")
+    objective: Literal["latency", "size"] = Field(
+        "latency",
+        description="what the compress choice and the champion gate reward: batch-256 "
+        "latency or zstd size",
+    )
+    objective_margin: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="an objective counts as better only beyond this share (latency is noisy)",
+    )
+
+
+class AlertsConfig(Section):
+    """When a run is flagged as a regression against the previous run on the same data."""
+
+    max_accuracy_drop: float = Field(
+        0.01, ge=0.0, le=1.0, description="test accuracy lower than the last run's by more"
+    )
+    max_slowdown: float = Field(
+        0.5, ge=0.0, description="batch-256 latency more than this much slower (0.5 = +50%)"
+    )
+
+
+class TrackingConfig(Section):
+    uri: str = Field(
+        "sqlite:///mlflow.db",
+        description="the MLflow tracking store: sqlite:///file.db, postgresql://…, http://host:5000",
+    )
+    experiment: str = Field("accelflow", description="the MLflow experiment")
+
+
+class RegistryConfig(Section):
+    model_name: str = Field(
+        "accelflow-classifier", description="the registered model (aliases champion, challenger)"
+    )

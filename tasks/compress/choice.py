@@ -1,0 +1,152 @@
+"""The choice among measured points (validation only), the Pareto fronts, the table and plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from conf.schema import EvaluateConfig
+
+BASELINE = "baseline"
+# what `evaluate.objective` minimises, per point (1 thread: a typical serving replica)
+OBJECTIVE_KEY = {"latency": "latency_b256_p50_ms", "size": "size_zstd_bytes"}
+
+
+def choose(rows: list[dict[str, Any]], cfg: EvaluateConfig) -> tuple[dict[str, Any] | None, str]:
+    """The best point on the objective within the accuracy tolerance of the baseline (the
+    first row); None (keep the baseline) when no point is. Returns the point and why."""
+    baseline, points = rows[0], [r for r in rows[1:] if "error" not in r]
+    failed = f" ({len(rows) - 1 - len(points)} failed)" if len(points) < len(rows) - 1 else ""
+    key = OBJECTIVE_KEY[cfg.objective]
+    floor = baseline["val_accuracy"] - cfg.max_accuracy_drop
+    within = [p for p in points if p["val_accuracy"] >= floor]
+    if not within:
+        return None, (
+            f"no point is within evaluate.max_accuracy_drop {cfg.max_accuracy_drop} of the "
+            f"baseline's validation accuracy {baseline['val_accuracy']:.4f}: the trained model "
+            "is kept"
+        )
+    best = min(within, key=lambda p: (p[key], -p["val_accuracy"]))
+    shown = "{:.3f} ms" if cfg.objective == "latency" else "{:,.0f} bytes"
+    return best, (
+        f"**{best['name']}**: the lowest {key} ({shown.format(best[key])}, baseline "
+        f"{shown.format(baseline[key])}: {baseline[key] / max(best[key], 1e-12):.2f}×) of the "
+        f"{len(within)} of {len(points)} measured points{failed} whose validation accuracy is within "
+        f"evaluate.max_accuracy_drop {cfg.max_accuracy_drop} of the baseline's "
+        f"{baseline['val_accuracy']:.4f} (this point: {best['val_accuracy']:.4f})"
+    )
+
+
+def pareto(rows: list[dict[str, Any]], cost: str) -> set[str]:
+    """Names of the rows no other row beats on both validation accuracy and `cost`."""
+    ok = [r for r in rows if "error" not in r]
+    return {
+        r["name"]
+        for r in ok
+        if not any(
+            o["val_accuracy"] >= r["val_accuracy"]
+            and o[cost] <= r[cost]
+            and (o["val_accuracy"] > r["val_accuracy"] or o[cost] < r[cost])
+            for o in ok
+        )
+    }
+
+
+TABLE_COLUMNS = [
+    "name",
+    "val_accuracy",
+    "val_macro_f1",
+    "latency_b1_p50_ms",
+    "latency_b256_p50_ms",
+    "served_b1_ms",
+    "served_b256_ms",
+    "parameters",
+    "nonzero_parameters",
+    "macs",
+    "size_zstd_bytes",
+    "size_encoded_bytes",
+    "pareto",
+    "chosen",
+]
+
+
+def pareto_markdown(rows: list[dict[str, Any]], why: str) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}" if v < 10 else f"{v:,.1f}"
+        return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|---" * len(TABLE_COLUMNS) + "|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error']} |")
+        else:
+            lines.append("| " + " | ".join(cell(r.get(c, "")) for c in TABLE_COLUMNS) + " |")
+    return (
+        "\n".join(lines)
+        + "\n\nChosen: "
+        + why
+        + "\n\nValidation split; latencies are medians of one-thread calls (p95 and all-core "
+        "figures in the JSON table). pareto: L = on the accuracy/batch-1 latency front, "
+        "S = on the accuracy/encoded size front.\n"
+    )
+
+
+def plot_pareto(rows: list[dict[str, Any]], path: Path, floor: float) -> None:
+    """Accuracy against three costs, fronts dashed, baseline ★, chosen circled and the
+    accuracy floor (baseline − evaluate.max_accuracy_drop) dotted unless far below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if "error" not in r]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
+    for ax, cost, label in (
+        (axes[0], "latency_b1_p50_ms", "batch-1 latency p50, ms (1 thread)"),
+        # the latency objective's own axis, so the choice can be read off a picture
+        (axes[1], "latency_b256_p50_ms", "batch-256 latency p50, ms (1 thread)"),
+        (axes[2], "size_encoded_bytes", "encoded size, bytes"),
+    ):
+        front = pareto(rows, cost)
+        on_front = sorted((r for r in ok if r["name"] in front), key=lambda r: r[cost])
+        ax.plot(
+            [r[cost] for r in on_front],
+            [r["val_accuracy"] for r in on_front],
+            color="tab:gray",
+            linestyle="--",
+            label="Pareto front",
+        )
+        for r in ok:
+            marker, color = ("*", "black") if r["name"] == BASELINE else ("o", "tab:blue")
+            ax.scatter([r[cost]], [r["val_accuracy"]], marker=marker, s=90, color=color)
+            ax.annotate(
+                r["name"],
+                (r[cost], r["val_accuracy"]),
+                fontsize=7,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+            if r["chosen"]:
+                ax.scatter(
+                    [r[cost]],
+                    [r["val_accuracy"]],
+                    s=220,
+                    facecolors="none",
+                    edgecolors="tab:red",
+                    label="chosen",
+                )
+        low, high = ax.get_ylim()
+        if floor >= low - (high - low) / 2:  # in view, or near enough to widen the view
+            ax.axhline(floor, color="tab:red", linestyle=":", label="accuracy floor")
+            ax.set_ylim(min(low, floor - (high - low) / 20), high)
+        ax.set(
+            xscale="log",
+            xlabel=label,
+            ylabel="validation accuracy",
+            title=f"Accuracy vs {label.split(',')[0]} (★ baseline)",
+        )
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,170 @@
+"""The sweep's points: names, levels, fine-tuning phases, and each step's own work on the
+saved weights (structured slimming before the fine-tune, encoding or int8 after it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from conf.schema import COMPRESSION_STEPS, CompressConfig, TrainConfig
+from tasks.store import Manifest
+from tasks.train import train_spec
+
+
+def point_name(recipe: list[str], sparsity: float | None, bits: int | None) -> str:
+    shown = {
+        "sparsity": lambda step: f"{step}-{sparsity:g}",
+        "bits": lambda step: f"{step}-{bits}b",
+    }
+    return "+".join(
+        shown[level](step) if (level := COMPRESSION_STEPS[step].level) else step for step in recipe
+    )
+
+
+def sweep_points(cfg: CompressConfig) -> list[dict[str, Any]]:
+    """Every recipe at every level it uses: sparsity for a pruning step, bits for cluster."""
+    if cfg.sweep:
+        recipes, sparsities, bit_levels = cfg.sweep.recipes, cfg.sweep.sparsity, cfg.sweep.bits
+    else:
+        recipes, sparsities, bit_levels = [cfg.recipe], [cfg.sparsity], [cfg.bits]
+    points = []
+    for recipe in recipes:
+        levels = {COMPRESSION_STEPS[step].level for step in recipe}
+        for sparsity in sparsities if "sparsity" in levels else [None]:
+            for bits in bit_levels if "bits" in levels else [None]:
+                points.append(
+                    {
+                        "name": point_name(recipe, sparsity, bits),
+                        "recipe": list(recipe),
+                        "sparsity": sparsity,
+                        "bits": bits,
+                    }
+                )
+    return points
+
+
+def sparsity_schedule(target: float, rounds: int) -> list[float]:
+    """Each round removes the same fraction of what is left; the last hits `target` exactly."""
+    keep = (1.0 - target) ** (1.0 / rounds)
+    return [round(1.0 - keep ** (i + 1), 6) for i in range(rounds - 1)] + [target]
+
+
+def phases(point: dict[str, Any], cfg: CompressConfig) -> list[dict[str, Any]]:
+    """The fine-tuning phases the worker runs for this point (none for int8 alone)."""
+    tune = {"epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr}
+    recipe, out = point["recipe"], []
+    if "magnitude" in recipe:
+        out += [{"sparsity": s, **tune} for s in sparsity_schedule(point["sparsity"], cfg.rounds)]
+    if "structured" in recipe:
+        out.append({"sparsity": None, **tune})
+    if "cluster" in recipe:  # share the surviving weights, the zeros kept by the last mask
+        last = out[-1]["sparsity"] if out else None
+        out.append({"sparsity": last, "cluster_bits": point["bits"], **tune})
+    return out
+
+
+def slim_model(arch: dict[str, Any], weights: str, ratio: float, dest: Path) -> dict[str, Any]:
+    """Structured pruning: remove `ratio` of each hidden layer's width; save the slim weights
+    to `dest` and return the slim spec (rebuilt from JSON and checked against the pruned
+    module, so what is saved is exactly what serving will build)."""
+    import torch
+    import torch_pruning as tp
+
+    from tasks.training.models import build_model, classifier, widths
+
+    model = build_model(arch)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.eval()
+    example = torch.zeros(2, arch["n_features"])
+    tp.pruner.BasePruner(
+        model,
+        example,
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        ignored_layers=[classifier(model)],  # the classes keep their outputs
+    ).step()
+    slim = {**arch, **widths(model)}
+    rebuilt = build_model(slim)
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.eval()
+    probe = torch.randn(4, arch["n_features"])
+    with torch.inference_mode():
+        if not torch.allclose(rebuilt(probe), model(probe), atol=1e-5):
+            raise RuntimeError(
+                "structured pruning: the slim spec does not rebuild the pruned model"
+            )
+    torch.save(rebuilt.state_dict(), dest)
+    return slim
+
+
+def finetune_spec(
+    features: Manifest,
+    arch: dict[str, Any],
+    init_from: str,
+    point_phases: list[dict[str, Any]],
+    train_cfg: TrainConfig,
+    folder: Path,
+) -> dict[str, Any]:
+    return {
+        **train_spec(features, train_cfg, str(folder), str(folder / "checkpoints")),
+        "arch": arch,
+        "phases": point_phases,
+        # fine-tuning restarts from a low LR; a warm-up cycle would undo the pruned model's fit
+        "scheduler": "cosine" if train_cfg.scheduler == "onecycle" else train_cfg.scheduler,
+        "warmup_epochs": 0,
+        "early_stopping_patience": None,  # every round's epochs, so the mask schedule holds
+        "init_from": init_from,
+        "metric_prefix": "compress",
+    }
+
+
+def finetune_point(spec: dict[str, Any], index: int, threads: int) -> dict[str, Any]:
+    """One sweep point's fine-tune in this (Dask worker) process, on GPU `index` modulo the
+    GPUs when there are any (as tuning trials do). Never raises: a point that fails comes
+    back with its reason and is left out of the choice."""
+    import torch
+
+    from tasks.training.worker import Rank, Trainer
+
+    torch.set_num_threads(max(1, threads))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", index % torch.cuda.device_count())
+    try:
+        return Trainer(spec, Rank(0, 1, device), on_epoch=lambda *_: None).run()
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def finish_point(point: dict[str, Any], arch: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """After fine-tuning: encode the sparse or shared weights (`encoded.npz`), or convert to
+    int8; return the arch the saved weights need."""
+    from tasks.training.clustering import encode
+    from tasks.training.models import load_model
+
+    weights = folder / "model.pt"
+    (folder / "model.json").write_text(json.dumps(arch, indent=2))
+    if "cluster" in point["recipe"]:
+        point["encoded"] = encode(
+            load_model(arch, str(weights)), point["bits"], folder / "encoded.npz"
+        )
+    elif "magnitude" in point["recipe"] and "quantize" not in point["recipe"]:
+        point["encoded"] = encode(load_model(arch, str(weights)), None, folder / "encoded.npz")
+    if "quantize" in point["recipe"]:
+        arch = quantize_saved(arch, weights, folder / "model.json")
+    return arch
+
+
+def quantize_saved(arch: dict[str, Any], weights: Path, spec: Path) -> dict[str, Any]:
+    """Replace the saved float32 weights by int8 ones (weights-only state dict) and mark the
+    spec, so `load_model` rebuilds the int8 model without pickled modules."""
+    import torch
+
+    from tasks.training.models import QUANTIZE, load_model, quantize_dynamic_int8
+
+    model = quantize_dynamic_int8(load_model(arch, str(weights)))
+    torch.save(model.state_dict(), weights)
+    quantized = {**arch, "quantize": QUANTIZE}
+    spec.write_text(json.dumps(quantized, indent=2))
+    return quantized
