@@ -6,6 +6,7 @@
     accelflow validate --set data.label=target      # config + data checks, no stages run
     accelflow compare [RUN_A RUN_B]                 # what changed between two runs (default: last two)
     accelflow report RUN_ID [-o report.html]        # a past run's HTML report, written again
+    accelflow score --source new.csv --out predictions.parquet [--model champion|3]
 
 User errors (bad config, bad data, a failed training run) print one paragraph that names
 the key, file or column and exit 2; only unexpected errors show a traceback.
@@ -32,8 +33,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         ("validate", "check config and data only"),
         ("compare", "compare two pipeline runs (default: the experiment's last two)"),
         ("report", "write a run's HTML report again"),
+        ("score", "score a table with a registered model into a Parquet file"),
     ):
         p = sub.add_parser(name, help=text)
+        if name == "score":
+            p.add_argument(
+                "--source", required=True, help="CSV or Parquet file (or folder) to score"
+            )
+            p.add_argument("--out", required=True, help="Parquet file to write")
+            p.add_argument(
+                "--model", default="champion", help="alias or version (default: champion)"
+            )
+            p.add_argument(
+                "--id-column",
+                default=None,
+                help="a column to pass through instead of the row number",
+            )
         if name == "compare":
             p.add_argument("runs", nargs="*", metavar="RUN_ID", help="two parent run ids")
         if name == "report":
@@ -133,6 +148,11 @@ def print_summary(result: dict, tracking_uri: str, seconds: float) -> None:
         print(f"REGRESSION against {against}: {regression['why']}")
     elif regression.get("previous"):
         print(f"No regression against the previous run {regression['previous']}.")
+    monitored = result.get("monitor")
+    if monitored:
+        print(("DRIFT: " if monitored["drifted"] else "") + result["drift"])
+        for finding in monitored["findings"]:
+            print(f"data contract ({finding['kind']}, {finding['action']}): {finding['line']}")
     print(f"Report: {result['report']}")
     print("Review it in the MLflow UI:")
     print(f"  mlflow ui --backend-store-uri {tracking_uri} --port 5000")
@@ -249,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             print(write_report(cfg, args.run, args.output))
             return 0
+        if args.command == "score":
+            return score(cfg, args)
         from tasks.readers import preflight
         from tasks.store import check_workdir
 
@@ -276,6 +298,29 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+
+
+def score(cfg, args: argparse.Namespace) -> int:
+    check_tracking(cfg.tracking.uri)
+    server_up = start_prefect_api()
+    from flows.score import score as score_flow
+
+    server_up.result()
+    result = score_flow(args.source, args.out, args.model, args.id_column, cfg)
+    drift = result["drift"]
+    print(
+        f"{result['rows']} rows scored with {result['model']} into {result['out']} in "
+        f"{result['seconds']:.1f} s ({result['bad_rows']} bad row(s)"
+        + (f", kept in {result['quarantine']}" if result["quarantine"] else "")
+        + ")"
+    )
+    if drift:
+        print(
+            ("DRIFT in " + ", ".join(drift["drifted"]) if drift["drifted"] else "no drift")
+            + f" against the model's training data (largest PSI {drift['max_psi']:.3f})"
+        )
+    print(f"MLflow run: {result['run_id']}")
+    return 0
 
 
 def console_main() -> None:

@@ -109,7 +109,13 @@ def run_stages(config: PipelineConfig) -> dict[str, Any]:
         regression = tracking.flag_regression(parent, config)
         if regression["regressed"]:
             logger.warning("REGRESSION: %s", regression["why"])
-        tracking.describe_run(parent, rows, headline, promotion, regression)
+        monitored = outcomes["ingest"].manifest.get("monitor")
+        drift = tracking.flag_drift(parent, config, monitored)
+        if monitored and monitored["drifted"]:
+            logger.warning("DRIFT: %s", drift)
+        for finding in (monitored or {}).get("findings", []):  # errors stopped the run already
+            logger.warning("data contract (%s): %s", finding["kind"], finding["line"])
+        tracking.describe_run(parent, rows, headline, promotion, regression, drift)
         report = tracking.publish_report(parent)
     return {
         "parent_run_id": parent,
@@ -118,6 +124,8 @@ def run_stages(config: PipelineConfig) -> dict[str, Any]:
         "headline": headline,
         "promotion": promotion,
         "regression": regression,
+        "monitor": monitored,
+        "drift": drift,
         "report": report,
     }
 

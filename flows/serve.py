@@ -242,14 +242,23 @@ def register_deployments(api_url: str) -> None:
     )
 
 
-ALERT_SPEC = PROJECT / "conf" / "automations" / "regression-alert.yaml"
+AUTOMATIONS = PROJECT / "conf" / "automations"  # one YAML file per alert
 ALERT_BLOCK = "accelflow-alerts"
 
 
-def register_alerts(api_url: str, webhook_url: str, spec_path: Path = ALERT_SPEC) -> str:
-    """Save `webhook_url` as the Webhook block `accelflow-alerts` and (re)create the
-    automation in `spec_path` with its call-webhook actions pointed at that block; returns
-    the automation's id. Rerunning replaces both, so the URL can change."""
+def register_alerts(api_url: str, webhook_url: str) -> dict[str, str]:
+    """Save `webhook_url` as the Webhook block `accelflow-alerts` and (re)create every
+    automation in conf/automations/ (a regression, drift) with its call-webhook actions
+    pointed at that block; returns each automation's name and id. Rerunning replaces them,
+    so the URL can change."""
+    return {
+        name: automation_id
+        for spec in sorted(AUTOMATIONS.glob("*.yaml"))
+        for name, automation_id in [register_alert(api_url, webhook_url, spec)]
+    }
+
+
+def register_alert(api_url: str, webhook_url: str, spec_path: Path) -> tuple[str, str]:
     import yaml
     from prefect.blocks.webhook import Webhook
     from prefect.client.orchestration import get_client
@@ -268,7 +277,7 @@ def register_alerts(api_url: str, webhook_url: str, spec_path: Path = ALERT_SPEC
         with get_client(sync_client=True) as client:
             for old in client.read_automations_by_name(automation.name):
                 client.delete_automation(old.id)
-            return str(client.create_automation(automation))
+            return automation.name, str(client.create_automation(automation))
 
 
 def alive(pid: int) -> bool:
@@ -332,8 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("alerts needs --webhook URL (or ACCELFLOW_ALERT_WEBHOOK)")
         api = args.api or os.environ.get("PREFECT_API_URL")
         api = api or f"http://127.0.0.1:{args.prefect_port}/api"
-        automation = register_alerts(api, args.alert_webhook)
-        print(f"automation accelflow-regression-alert ({automation}) posts to the webhook")
+        for name, automation in register_alerts(api, args.alert_webhook).items():
+            print(f"automation {name} ({automation}) posts to the webhook")
         return 0
     record = state / "services.json"
     running = [Running(**r) for r in json.loads(record.read_text())] if record.is_file() else []
@@ -367,7 +376,7 @@ MLflow UI    http://127.0.0.1:{args.mlflow_port}
 Deployments  accelflow/nightly (02:00 UTC), accelflow/adhoc, accelflow/cluster (pool accelflow-cpu),
              accelflow/gpu (pool accelflow-gpu, one run at a time; start a worker on a GPU node)
 
-Alerts       {"a worse run POSTs to the webhook (conf/automations/regression-alert.yaml)" if args.alert_webhook else "none: make serve ALERT_WEBHOOK=URL posts when a run regresses"}
+Alerts       {"a worse run or drifted data POSTs to the webhook (conf/automations/)" if args.alert_webhook else "none: make serve ALERT_WEBHOOK=URL posts when a run regresses or data drift"}
 
 Trigger a run and follow it:
   export PREFECT_API_URL={api}

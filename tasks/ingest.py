@@ -14,12 +14,14 @@ with feature names, classes and per-file digests. The input is only ever read.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from conf.schema import DaskConfig, DataConfig, PipelineConfig
+from tasks.monitor import build_contract
 from tasks.readers import (
     DataError,
     Table,
@@ -197,6 +199,20 @@ def ingest_dataset(
         }
     rows = {name: files[name]["rows"] for name in files}
     feature_names, classes = table["feature_names"], table["classes"]
+    # the contract of this training data: registered with the model, checked by later runs
+    written = {  # (the manifest's paths are where the files will be once the stage lands)
+        name: {
+            "rows": files[name]["rows"],
+            **{part: {"path": str(out.path(f"{name}_{part}.npy"))} for part in ("X", "y")},
+        }
+        for name in SPLITS
+    }
+    contract = build_contract(
+        {"splits": written, "classes": classes, "image_shape": image_shape},
+        str(out.path("encoder.json")) if extras["encoder"] else None,
+    )
+    out.path("contract.json").write_text(json.dumps(contract, indent=1))
+    extras["contract"] = out.describe("contract.json")[0]
     return {
         "source": cfg.source
         if "://" in cfg.source

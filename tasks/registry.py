@@ -143,6 +143,68 @@ def model_card(
     return "\n".join(lines)
 
 
+CONTRACT = "contract/contract.json"  # beside the model, in the run that registered it
+
+
+def champion_contract(cfg: RegistryConfig) -> tuple[dict[str, Any], str] | None:
+    """The current champion's data contract and its name ("accelflow-classifier v3"); None
+    when there is no champion, or it was registered before models carried one."""
+    import json
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    champion = _champion(client, cfg.model_name)
+    if champion is None:
+        return None
+    try:
+        path = client.download_artifacts(champion.run_id, CONTRACT)
+    except Exception:  # registered before contracts were logged
+        return None
+    with open(path) as fh:
+        return json.load(fh), f"{cfg.model_name} v{champion.version}"
+
+
+def fetch_model(cfg: RegistryConfig, model: str, dest: str) -> dict[str, Any]:
+    """A registered version (`model`: an alias such as champion, or a version number)
+    downloaded into `dest`: its version, the bundle folder its pyfunc wraps, and the data
+    contract of its training data (empty for a version registered before contracts)."""
+    import json
+    from pathlib import Path
+
+    import mlflow
+
+    from tasks.errors import ConfigError
+
+    client = mlflow.MlflowClient()
+    try:
+        version = (
+            client.get_model_version(cfg.model_name, model)
+            if model.isdigit()
+            else client.get_model_version_by_alias(cfg.model_name, model)
+        )
+    except Exception:
+        raise ConfigError(
+            f"--model {model}: registered model '{cfg.model_name}' has no "
+            f"{'version' if model.isdigit() else 'alias'} '{model}' in {mlflow.get_tracking_uri()}; "
+            "run the pipeline first, or pass --model with an existing alias or version"
+        ) from None
+    local = Path(mlflow.artifacts.download_artifacts(version.source, dst_path=dest))
+    (meta,) = local.rglob("meta.json")  # the bundle: meta.json, model.pt, encoder.json, ...
+    try:
+        contract = json.loads(
+            Path(client.download_artifacts(version.run_id, CONTRACT, dest)).read_text()
+        )
+    except Exception:  # registered before models carried a contract
+        contract = {"columns": {}, "labels": {}}
+    return {
+        "name": f"{cfg.model_name} v{version.version}",
+        "version": int(version.version),
+        "bundle": str(meta.parent),
+        "contract": contract,
+    }
+
+
 def rescore(name: str, version: str, test_rows: TestRows, classes: list[Any]) -> float:
     """The accuracy of registered version `version` on today's test rows, loaded and called
     exactly as a user does (`mlflow.pyfunc`, raw rows in, labels out), a batch at a time."""
@@ -166,6 +228,7 @@ def register_and_promote(
     facts: dict[str, str] | None = None,
     test_rows: TestRows | None = None,
     classes: list[Any] | None = None,
+    contract: str | None = None,
 ) -> dict[str, Any]:
     """Register (once), set the `champion` or `challenger` alias and write the version's
     model card; return what happened, with the gate's markdown. Like with like: the current
@@ -178,6 +241,8 @@ def register_and_promote(
     version = _existing_version(client, cfg.model_name, model_digest)
     if version is None:
         version = log_pyfunc(evaluation["bundle"], example, cfg.model_name)
+        if contract:  # the training data's contract travels with the version (its run)
+            mlflow.log_artifact(contract, CONTRACT.split("/")[0])
         for key, value in {
             "accelflow.model_digest": model_digest,
             "accelflow.test_digest": evaluation["test_digest"],

@@ -95,6 +95,13 @@ def build_report(client, run_id: str) -> str:
             "value": f"v{tags.get('accelflow.registered_version')} as {tags.get('accelflow.alias')}",
         },
         {"key": "regression", "value": f"{regression}: {tags.get(alerts.TAG + '.why', '')}"},
+        {
+            "key": "drift",
+            "value": f"{tags.get('accelflow.drift') or 'none'} (against "
+            f"{tags.get('accelflow.drift.champion')}'s training data; ingest: drift.png)"
+            if "accelflow.drift.champion" in tags
+            else "not measured (no champion with a data contract)",
+        },
     ]
     if changed is None:
         what_changed = "<p>The first finished run of this experiment: nothing to compare with.</p>"

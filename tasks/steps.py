@@ -9,6 +9,7 @@ not every stage has, registration and the champion gate after evaluate, is `AFTE
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import PipelineConfig, config_digest, mask_text
-from tasks import evaluate, registry
-from tasks.errors import user_error_in
+from tasks import evaluate, monitor, registry
+from tasks.errors import DataError, user_error_in
 from tasks.progress import observe
 from tasks.spec import Hooks, Inputs, StageSpec
 from tasks.stages import STAGES
@@ -131,6 +132,7 @@ def register_and_gate(cfg: PipelineConfig, inputs: Inputs, outcome: StageOutcome
             card_facts(cfg, inputs),
             test_rows=lambda: evaluate.raw_test_batches(inputs["partition"]),
             classes=inputs["partition"]["classes"],
+            contract=(inputs["partition"].get("contract") or {}).get("path"),
         )
     gate = promotion.pop("markdown")
     mlflow.set_tags({f"accelflow.registry.{k}": str(v) for k, v in promotion.items()})
@@ -138,8 +140,43 @@ def register_and_gate(cfg: PipelineConfig, inputs: Inputs, outcome: StageOutcome
     outcome.manifest["promotion"] = promotion
 
 
+def check_data(cfg: PipelineConfig, inputs: Inputs, outcome: StageOutcome) -> None:
+    """Today's ingested data against the champion's contract, before anything expensive
+    (in ingest's run): findings whose kind is `error` stop the run, one line each; the
+    drift table and plot are logged here and the result kept for the flow's summary."""
+    import mlflow
+
+    found = registry.champion_contract(cfg.registry) if cfg.monitor.enabled else None
+    if found is None or not outcome.manifest.get("contract"):
+        outcome.manifest["monitor"] = None
+        return
+    champion, name = found
+    result = monitor.compare(champion, outcome.manifest, cfg.monitor, name)
+    outcome.manifest["monitor"] = result
+    mlflow.log_metrics(
+        {"drift/max_psi": result["max_psi"], "monitor/findings": len(result["findings"])}
+    )
+    mlflow.set_tags(
+        {
+            "accelflow.monitor.findings": "; ".join(f["line"] for f in result["findings"])[:5000],
+            "accelflow.drift": ",".join(result["drifted"]),
+        }
+    )
+    publish_markdown("ingest", "drift", monitor.drift_markdown(result))
+    with tempfile.TemporaryDirectory() as tmp:
+        monitor.plot_drift(result, Path(tmp) / "drift.png")
+        mlflow.log_artifact(str(Path(tmp) / "drift.png"), "ingest")
+    if result["errors"]:
+        raise DataError(
+            f"{cfg.data.source} breaks the data contract of {name} "
+            "(monitor.on_violation says which findings stop a run):\n- "
+            + "\n- ".join(result["errors"])
+        )
+
+
 AFTER: dict[str, Callable[[PipelineConfig, Inputs, StageOutcome], None]] = {
-    "evaluate": register_and_gate
+    "ingest": check_data,
+    "evaluate": register_and_gate,
 }
 # one Prefect task per stage, named for it; Dask stages retry once after a lost worker
 TASKS = {

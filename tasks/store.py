@@ -243,11 +243,14 @@ def run_stage(
         return outcome
     root.mkdir(parents=True, exist_ok=True)
     with stage_lock(root, key) as waited:
-        if waited:  # another run built this very key while we waited: take theirs
-            outcome, damage = cached_outcome(final, key, start)
-            if outcome:
-                outcome.reason += ", built by another run while this one waited"
-                return outcome
+        # look again under the lock: another run may have built this very key while we
+        # waited, or between our first look and taking the lock (a fast stage): take theirs
+        outcome, damage = cached_outcome(final, key, start)
+        if outcome:
+            outcome.reason += ", built by another run" + (
+                " while this one waited" if waited else ""
+            )
+            return outcome
         record = {
             "version": version,
             "config": config,

@@ -460,12 +460,57 @@ def flag_regression(parent_run_id: str, cfg: PipelineConfig) -> dict[str, Any]:
     return result
 
 
+def flag_drift(parent_run_id: str, cfg: PipelineConfig, result: dict[str, Any] | None) -> str:
+    """Tag the parent run with the drifted columns (`accelflow.drift`) and, when any column
+    drifted beyond `monitor.max_psi`, emit the Prefect event `accelflow.data.drifted` (an
+    automation in conf/automations/ can act on it); returns the summary line."""
+    import mlflow
+
+    if result is None:
+        return "drift: not measured (no champion with a data contract yet)"
+    drifted = result["drifted"]
+    mlflow.set_tags(
+        {"accelflow.drift": ",".join(drifted), "accelflow.drift.champion": result["champion"]}
+    )
+    mlflow.log_metric("drift/max_psi", result["max_psi"])
+    if not drifted:
+        return (
+            f"no drift against {result['champion']}'s training data "
+            f"(largest PSI {result['max_psi']:.3f} ≤ {result['max_psi_allowed']})"
+        )
+    psi = {row["column"]: row["psi"] for row in result["drift"]}
+    line = f"drift against {result['champion']}'s training data in " + ", ".join(
+        f"{c} (PSI {psi[c]:.2f})" for c in drifted
+    )
+    try:
+        from prefect.events import emit_event
+
+        emit_event(
+            event="accelflow.data.drifted",
+            resource={
+                "prefect.resource.id": f"accelflow.experiment.{cfg.tracking.experiment}",
+                "prefect.resource.name": cfg.tracking.experiment,
+            },
+            payload={
+                "run_id": parent_run_id,
+                "champion": result["champion"],
+                "columns": drifted,
+                "psi": {c: psi[c] for c in drifted},
+                "why": line,
+            },
+        )
+    except Exception as exc:  # the tag and the summary line still say it
+        print(f"note: could not emit the Prefect event: {exc}")
+    return line
+
+
 def describe_run(
     parent_run_id: str,
     rows: list[dict[str, Any]],
     headline: dict[str, float],
     promotion: dict[str, Any],
     regression: dict[str, Any],
+    drift: str = "",
 ) -> None:
     """The parent run's description (`mlflow.note.content`, markdown on the run page): the
     headline figures, the regression check, the registered model and the stage table."""
@@ -486,6 +531,7 @@ def describe_run(
             "",
             verdict,
             "",
+            *([("⚠ " if drift.startswith("drift against") else "") + drift, ""] if drift else []),
             f"Registered **{promotion['model_name']} v{promotion['version']}** as "
             f"`{promotion['alias']}` ({promotion['why']}).",
             "",

@@ -36,7 +36,13 @@ from conf.schema.loading import (
     profile_path,
     validate_config,
 )
-from conf.schema.outcome import AlertsConfig, EvaluateConfig, RegistryConfig, TrackingConfig
+from conf.schema.outcome import (
+    AlertsConfig,
+    EvaluateConfig,
+    MonitorConfig,
+    RegistryConfig,
+    TrackingConfig,
+)
 from conf.schema.pipeline import PipelineConfig
 from conf.schema.training import UNTUNABLE, SearchDimension, TrainConfig, TuneConfig, default_space
 from tasks.errors import ConfigError
@@ -58,6 +64,7 @@ __all__ = [
     "DataConfig",
     "EvaluateConfig",
     "ModelFamily",
+    "MonitorConfig",
     "PartitionConfig",
     "PipelineConfig",
     "ReduceConfig",

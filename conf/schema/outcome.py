@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import (
-    Field,
-)
+from pydantic import Field
 
 from conf.schema.base import Section
 
@@ -42,6 +40,59 @@ class AlertsConfig(Section):
     )
     max_slowdown: float = Field(
         0.5, ge=0.0, description="batch-256 latency more than this much slower (0.5 = +50%)"
+    )
+
+
+# what the data contract checks, each `error` (stop before training) or `warn` (go on, say so)
+VIOLATIONS = (
+    "missing_column",
+    "new_column",
+    "type_change",
+    "unseen_categories",
+    "out_of_range",
+    "labels",
+)
+Violation = Literal[VIOLATIONS]  # type: ignore[valid-type]
+
+
+class MonitorConfig(Section):
+    """Today's data against the champion's data contract and training data, checked right
+    after ingest, before anything expensive runs."""
+
+    enabled: bool = Field(
+        True, description="check the contract and measure drift when a champion exists"
+    )
+    on_violation: dict[Violation, Literal["error", "warn"]] = Field(
+        default_factory=lambda: {
+            "missing_column": "error",
+            "new_column": "warn",
+            "type_change": "error",
+            "unseen_categories": "warn",
+            "out_of_range": "warn",
+            "labels": "error",
+        },
+        description="per kind of finding, error (the run stops, one line per finding) or "
+        "warn (the run goes on; the findings are logged and tagged); kinds left out warn",
+    )
+    max_unseen_share: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="a categorical column whose rows hold categories the champion never saw, "
+        "beyond this share, is a finding",
+    )
+    max_out_of_range_share: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="a numeric column with more rows outside the champion's training range "
+        "than this share is a finding",
+    )
+    max_psi: float = Field(
+        0.2,
+        gt=0.0,
+        description="population stability index above which a column (or the label) has "
+        "drifted: the run is tagged accelflow.drift and emits accelflow.data.drifted",
     )
 
 

@@ -15,7 +15,13 @@ from conf.schema.catalog import COMPRESSION_STEPS, MODEL_FAMILIES, needs_images
 from conf.schema.compression import CompressConfig, auto_sweep
 from conf.schema.data import DaskConfig, DataConfig, PartitionConfig, ReduceConfig
 from conf.schema.display import config_digest, flatten, mask_secrets
-from conf.schema.outcome import AlertsConfig, EvaluateConfig, RegistryConfig, TrackingConfig
+from conf.schema.outcome import (
+    AlertsConfig,
+    EvaluateConfig,
+    MonitorConfig,
+    RegistryConfig,
+    TrackingConfig,
+)
 from conf.schema.training import UNTUNABLE, TrainConfig, TuneConfig
 
 
@@ -32,6 +38,7 @@ class PipelineConfig(Section):
     compress: CompressConfig = Field(default_factory=CompressConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
 

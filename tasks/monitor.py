@@ -1,0 +1,429 @@
+"""The data contract and drift: what the champion was trained on, and how today's data differ.
+
+Ingest writes `contract.json` beside its splits: the raw columns and their kinds, for each
+numeric column its range, quantiles and the share of training rows in each of its decile
+bins, for each categorical column its categories with their shares, the label set with its
+shares, and the row count. Registration logs it with the model, so the champion carries
+the contract of the data it learned from.
+
+`compare` checks today's ingested data against the champion's contract: missing or new
+columns, type changes, the share of unseen categories and of numbers out of range, new or
+vanished labels (each finding one line naming the column), and measures drift as the
+population stability index (PSI) on the contract's own bins, per column and for the label.
+Everything reads the training split a chunk at a time (memory-mapped), never whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from conf.schema import MonitorConfig
+from tasks.encoding import Encoder
+from tasks.store import Manifest
+
+BINS = 10  # deciles: enough for a stable PSI on a few thousand rows
+CHUNK = 65_536  # rows per read: bounded memory whatever the split's size
+SAMPLE = 20_000  # rows, evenly spaced, that fix a numeric column's decile edges
+OTHER = "<other>"  # a category the encoder pooled or never saw
+LABEL = "<label>"  # the label's row in the drift table
+
+
+def _chunks(path: str):
+    """An .npy file's rows a chunk at a time, read (not memory-mapped: mapped pages would
+    stay in this process's resident memory until the map closes)."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read_header = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read_header(fh)
+        assert not fortran, path  # np.save writes C order
+        width = int(np.prod(shape[1:], dtype=np.int64))
+        for start in range(0, shape[0], CHUNK):
+            n = min(CHUNK, shape[0] - start)
+            yield np.fromfile(fh, dtype=dtype, count=n * width).reshape(n, *shape[1:])
+
+
+def _sample(path: str, rows: int, size: int) -> np.ndarray:
+    """`size` rows evenly spaced over the file (all when it has fewer), in one pass."""
+    wanted = np.unique(np.linspace(0, max(rows - 1, 0), min(rows, size)).astype(np.int64))
+    picked, start = [], 0
+    for block in _chunks(path):
+        inside = wanted[(wanted >= start) & (wanted < start + len(block))]
+        picked.append(block[inside - start])
+        start += len(block)
+    return np.concatenate(picked) if picked else np.empty((0,))
+
+
+def _layout(encoder: Encoder) -> dict[str, tuple[int, int]]:
+    """Each raw column's span of encoded feature columns, as `Encoder.transform` lays them out."""
+    spans, at = {}, 0
+    for column in encoder.numeric:
+        spans[column], at = (at, at + 1), at + 1
+    for column, vocab in encoder.categorical.items():
+        width = len(vocab) + 1 if column in encoder.onehot else 1
+        spans[column], at = (at, at + width), at + width
+    return spans
+
+
+def _category_codes(block: np.ndarray, column: str, encoder: Encoder) -> np.ndarray:
+    """Vocabulary index per row (len(vocab) for pooled or unseen) from the encoded span."""
+    if column in encoder.onehot:
+        return block.argmax(axis=1)
+    return block[:, 0].astype(np.int64)
+
+
+def _shares(counts: np.ndarray) -> list[float]:
+    total = counts.sum()
+    return (counts / total).tolist() if total else [0.0] * len(counts)
+
+
+def build_contract(manifest: Manifest, encoder_path: str | None) -> dict[str, Any]:
+    """The contract of an ingested training split (see the module docstring)."""
+    train = manifest["splits"]["train"]
+    rows = int(train["rows"])
+    label_counts = np.zeros(len(manifest["classes"]), dtype=np.int64)
+    for labels in _chunks(train["y"]["path"]):
+        label_counts += np.bincount(labels, minlength=len(label_counts))
+    contract: dict[str, Any] = {
+        "rows": rows,
+        "labels": {
+            str(c): s for c, s in zip(manifest["classes"], _shares(label_counts), strict=True)
+        },
+        "columns": {},
+    }
+    if encoder_path is None:  # images or arrays: the label set and the shape only
+        contract["image_shape"] = manifest.get("image_shape")
+        return contract
+    encoder = Encoder.load(Path(encoder_path))
+    spans = _layout(encoder)
+    sample = _sample(train["X"]["path"], rows, SAMPLE)
+    for column in encoder.numeric:
+        j = spans[column][0]
+        values = sample[:, j].astype(np.float64)
+        edges = np.unique(np.quantile(values, np.linspace(0, 1, BINS + 1)[1:-1])) if rows else []
+        contract["columns"][column] = {
+            "kind": "numeric",
+            "edges": [float(e) for e in edges],
+            "quantiles": {
+                f"p{q:02d}": float(np.quantile(values, q / 100)) if rows else None
+                for q in (1, 25, 50, 75, 99)
+            },
+        }
+    for column, vocab in encoder.categorical.items():
+        contract["columns"][column] = {"kind": "categorical", "vocabulary": list(vocab)}
+    counts = _bin_counts(train["X"]["path"], contract, spans, encoder)
+    for column, spec in contract["columns"].items():
+        if spec["kind"] == "numeric":
+            spec["min"], spec["max"] = counts[column]["range"]
+            spec["shares"] = _shares(counts[column]["bins"])
+        else:
+            names = [*spec.pop("vocabulary"), OTHER]
+            spec["categories"] = dict(zip(names, _shares(counts[column]["bins"]), strict=True))
+    return contract
+
+
+def _bin_counts(
+    path: str, contract: dict[str, Any], spans: dict[str, tuple[int, int]], encoder: Encoder
+) -> dict[str, dict[str, Any]]:
+    """`count_bins` over an encoded split on disk, a chunk at a time."""
+    return count_bins(_chunks(path), contract, spans, encoder)
+
+
+def count_bins(
+    blocks, contract: dict[str, Any], spans: dict[str, tuple[int, int]], encoder: Encoder
+) -> dict[str, dict[str, Any]]:
+    """One pass over encoded rows (`blocks`, arrays): per numeric column, rows per bin of
+    `contract`'s edges (with a bin below the first and above the last edge) and the range
+    seen, as well as the rows below `min` and above `max` where the contract has them; per
+    categorical column, rows per vocabulary entry of `encoder` (and the pooled slot)."""
+    out: dict[str, dict[str, Any]] = {}
+    for column in encoder.numeric:
+        spec = contract["columns"].get(column)
+        if spec is None or spec["kind"] != "numeric":
+            continue
+        out[column] = {"bins": np.zeros(len(spec["edges"]) + 1, np.int64), "outside": 0}
+        out[column]["range"] = [math.inf, -math.inf]
+    for column, vocab in encoder.categorical.items():
+        out[column] = {"bins": np.zeros(len(vocab) + 1, np.int64)}
+    for block in blocks:
+        for column, acc in out.items():
+            lo, hi = spans[column]
+            if column in encoder.categorical:
+                codes = _category_codes(block[:, lo:hi], column, encoder)
+                acc["bins"] += np.bincount(codes, minlength=len(acc["bins"]))
+                continue
+            values = block[:, lo].astype(np.float64)
+            spec = contract["columns"][column]
+            acc["bins"] += np.bincount(
+                np.searchsorted(spec["edges"], values, side="right"), minlength=len(acc["bins"])
+            )
+            if len(values):
+                acc["range"] = [
+                    min(acc["range"][0], float(values.min())),
+                    max(acc["range"][1], float(values.max())),
+                ]
+            if "min" in spec:
+                acc["outside"] += int(((values < spec["min"]) | (values > spec["max"])).sum())
+    return out
+
+
+def layout(encoder: Encoder) -> dict[str, tuple[int, int]]:
+    return _layout(encoder)
+
+
+def merge_counts(parts: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per-block `count_bins` results summed (ranges widened)."""
+    total: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for column, acc in part.items():
+            into = total.setdefault(
+                column,
+                {"bins": np.zeros_like(acc["bins"]), "outside": 0, "range": [math.inf, -math.inf]},
+            )
+            into["bins"] = into["bins"] + acc["bins"]
+            into["outside"] += acc.get("outside", 0)
+            if "range" in acc:
+                into["range"] = [
+                    min(into["range"][0], acc["range"][0]),
+                    max(into["range"][1], acc["range"][1]),
+                ]
+    return total
+
+
+def scored_drift(
+    contract: dict[str, Any],
+    counts: dict[str, dict[str, Any]],
+    predicted: np.ndarray,
+    max_psi: float,
+) -> dict[str, Any]:
+    """Drift of rows scored in batch against the training data: PSI per column on the
+    contract's bins (the model's own encoder laid them out, so its categories are the
+    contract's), the share of numbers out of range, and the predicted classes against the
+    training labels."""
+    drift, outside = [], {}
+    for column, spec in contract["columns"].items():
+        acc = counts.get(column)
+        if acc is None:
+            continue
+        shares = _shares(acc["bins"])
+        expected = (
+            spec["shares"] if spec["kind"] == "numeric" else list(spec["categories"].values())
+        )
+        drift.append({"column": column, "kind": spec["kind"], "psi": psi(expected, shares)})
+        if spec["kind"] == "numeric":
+            outside[column] = acc["outside"] / max(int(acc["bins"].sum()), 1)
+    labels = list(contract["labels"])
+    drift.append(
+        {
+            "column": "<prediction>",
+            "kind": "label",
+            "psi": psi([contract["labels"][c] for c in labels], _shares(predicted)),
+        }
+    )
+    drift.sort(key=lambda row: -row["psi"])
+    return {
+        "drift": drift,
+        "drifted": [row["column"] for row in drift if row["psi"] > max_psi],
+        "max_psi": drift[0]["psi"],
+        "out_of_range": outside,
+    }
+
+
+def check_columns(
+    contract: dict[str, Any], names: list[str], numeric: set[str], where: str
+) -> list[str]:
+    """What stops a batch from being scored: a column the model needs is missing, or holds
+    text where the model was trained on numbers. One line each, naming the column."""
+    problems = []
+    for column, spec in contract["columns"].items():
+        if column not in names:
+            problems.append(
+                f"{where}: column '{column}' ({spec['kind']}) is missing; the model needs it"
+            )
+        elif spec["kind"] == "numeric" and column not in numeric:
+            problems.append(
+                f"{where}: column '{column}' holds text, but the model was trained on numbers there"
+            )
+    return problems
+
+
+def psi(expected: list[float], actual: list[float]) -> float:
+    """Population stability index of two share vectors over the same bins (empty bins count
+    as 1e-4, the usual floor, so a bin that appears or vanishes weighs but is finite)."""
+    e = np.maximum(np.asarray(expected, dtype=np.float64), 1e-4)
+    a = np.maximum(np.asarray(actual, dtype=np.float64), 1e-4)
+    return float(((a - e) * np.log(a / e)).sum())
+
+
+def compare(
+    champion: dict[str, Any], today: Manifest, cfg: MonitorConfig, champion_name: str
+) -> dict[str, Any]:
+    """Today's ingested data (`today`, an ingest manifest with its contract) against the
+    champion's contract: findings (one line each, with the action `cfg` gives their kind)
+    and drift (PSI per column and for the label, on the champion's bins)."""
+    mine = json.loads(Path(today["contract"]["path"]).read_text())
+    findings: list[dict[str, str]] = []
+
+    def find(kind: str, column: str, line: str) -> None:
+        action = cfg.on_violation.get(kind, "warn")
+        findings.append({"kind": kind, "column": column, "action": action, "line": line})
+
+    theirs_cols, my_cols = champion["columns"], mine["columns"]
+    for column in theirs_cols.keys() - my_cols.keys():
+        find(
+            "missing_column",
+            column,
+            f"column '{column}' ({theirs_cols[column]['kind']}) is missing: {champion_name} was "
+            "trained on it and needs it to score",
+        )
+    for column in my_cols.keys() - theirs_cols.keys():
+        find(
+            "new_column",
+            column,
+            f"column '{column}' ({my_cols[column]['kind']}) is new: {champion_name} never saw it",
+        )
+    common = [c for c in theirs_cols if c in my_cols]
+    for column in common:
+        if theirs_cols[column]["kind"] != my_cols[column]["kind"]:
+            find(
+                "type_change",
+                column,
+                f"column '{column}' is {my_cols[column]['kind']} today but was "
+                f"{theirs_cols[column]['kind']} for {champion_name}",
+            )
+    theirs_labels, my_labels = set(champion["labels"]), set(mine["labels"])
+    if my_labels - theirs_labels or theirs_labels - my_labels:
+        parts = []
+        if new := sorted(my_labels - theirs_labels):
+            parts.append(f"new label(s) {new[:5]}")
+        if gone := sorted(theirs_labels - my_labels):
+            parts.append(f"label(s) {gone[:5]} vanished")
+        find("labels", LABEL, f"the label: {' and '.join(parts)} against {champion_name}")
+
+    drift = []
+    same_kind = [c for c in common if theirs_cols[c]["kind"] == my_cols[c]["kind"]]
+    numeric = [c for c in same_kind if theirs_cols[c]["kind"] == "numeric"]
+    if numeric:  # today's rows on the champion's bins: one pass over today's training split
+        encoder = Encoder.load(Path(today["encoder"]["path"]))
+        spans = _layout(encoder)
+        counts = _bin_counts(today["splits"]["train"]["X"]["path"], champion, spans, encoder)
+        rows = max(int(today["splits"]["train"]["rows"]), 1)
+        for column in numeric:
+            share = counts[column]["outside"] / rows
+            if share > cfg.max_out_of_range_share:
+                spec = theirs_cols[column]
+                find(
+                    "out_of_range",
+                    column,
+                    f"column '{column}': {share:.1%} of today's rows lie outside "
+                    f"[{spec['min']:.4g}, {spec['max']:.4g}], {champion_name}'s training "
+                    f"range (monitor.max_out_of_range_share {cfg.max_out_of_range_share})",
+                )
+            today_shares = _shares(counts[column]["bins"])
+            drift.append(
+                {
+                    "column": column,
+                    "kind": "numeric",
+                    "psi": psi(theirs_cols[column]["shares"], today_shares),
+                }
+            )
+    for column in (c for c in same_kind if theirs_cols[c]["kind"] == "categorical"):
+        known = theirs_cols[column]["categories"]
+        today_on_theirs = dict.fromkeys(known, 0.0)
+        unseen = 0.0
+        for category, share in my_cols[column]["categories"].items():
+            if category in known and category != OTHER:
+                today_on_theirs[category] += share
+            else:
+                today_on_theirs[OTHER] += share
+                unseen += share if category != OTHER else 0.0
+        if unseen > cfg.max_unseen_share:
+            find(
+                "unseen_categories",
+                column,
+                f"column '{column}': {unseen:.1%} of today's rows hold categories "
+                f"{champion_name} never saw (monitor.max_unseen_share {cfg.max_unseen_share})",
+            )
+        drift.append(
+            {
+                "column": column,
+                "kind": "categorical",
+                "psi": psi(list(known.values()), list(today_on_theirs.values())),
+            }
+        )
+    labels = list(champion["labels"])
+    drift.append(
+        {
+            "column": LABEL,
+            "kind": "label",
+            "psi": psi(
+                [champion["labels"][c] for c in labels],
+                [mine["labels"].get(c, 0.0) for c in labels],
+            ),
+        }
+    )
+    drift.sort(key=lambda row: -row["psi"])
+    drifted = [row["column"] for row in drift if row["psi"] > cfg.max_psi]
+    return {
+        "champion": champion_name,
+        "findings": findings,
+        "errors": [f["line"] for f in findings if f["action"] == "error"],
+        "drift": drift,
+        "drifted": drifted,
+        "max_psi": drift[0]["psi"] if drift else 0.0,
+        "max_psi_allowed": cfg.max_psi,
+    }
+
+
+def drift_markdown(result: dict[str, Any]) -> str:
+    """The findings and the drift table, as the markdown artifact a reviewer reads."""
+    lines = [f"## Data against {result['champion']}'s contract", ""]
+    if result["findings"]:
+        lines += [f"- **{f['action']}** ({f['kind']}): {f['line']}" for f in result["findings"]]
+    else:
+        lines.append("No findings: the columns, types, categories, ranges and labels hold.")
+    verdict = (
+        f"**drift** in {', '.join(result['drifted'])}"
+        if result["drifted"]
+        else "no column beyond the limit"
+    )
+    lines += [
+        "",
+        f"Drift (PSI on the contract's bins; limit monitor.max_psi {result['max_psi_allowed']}): {verdict}.",
+        "",
+        "| column | kind | PSI |",
+        "|---|---|---|",
+        *(
+            f"| {r['column']} | {r['kind']} | {r['psi']:.4f}{' ⚠' if r['column'] in result['drifted'] else ''} |"
+            for r in result["drift"]
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def plot_drift(result: dict[str, Any], path: Path, top: int = 20) -> None:
+    """PSI per column (the `top` largest), the limit drawn across."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["drift"][:top][::-1]
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.5))
+    colours = ["tab:red" if r["column"] in result["drifted"] else "tab:blue" for r in rows]
+    ax.barh([r["column"] for r in rows], [r["psi"] for r in rows], color=colours)
+    ax.axvline(result["max_psi_allowed"], color="black", linestyle="--", label="monitor.max_psi")
+    ax.set_xlabel("population stability index")
+    ax.set_title(f"Drift against {result['champion']}'s training data")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,125 @@
+"""The data contract: one finding per kind of violation, one line naming the column, with the
+action `monitor.on_violation` gives it; drift as PSI on the contract's own bins."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conf.schema import DataConfig, MonitorConfig
+from tasks.ingest import ingest_dataset
+from tasks.monitor import compare, psi
+from tasks.store import run_stage
+
+CHAMPION = "accelflow-classifier v1"
+
+
+@pytest.fixture(scope="module")
+def table(digits_frame):
+    """600 digits with a string categorical column: the champion's training data."""
+    frame = digits_frame.iloc[:600].copy()
+    frame["colour"] = np.array(["red", "green", "blue"])[np.arange(600) % 3]
+    return frame
+
+
+def ingested(tmp_path, cluster, frame, name):
+    path = tmp_path / f"{name}.csv"
+    frame.to_csv(path, index=False)
+    cfg = DataConfig(source=str(path), label="digit")
+    return run_stage(
+        tmp_path / name,
+        "ingest",
+        "1",
+        cfg.model_dump(mode="json"),
+        [],
+        lambda out: ingest_dataset(cfg, out, cluster),
+    ).manifest
+
+
+@pytest.fixture(scope="module")
+def contract(table, cluster, tmp_path_factory):
+    manifest = ingested(tmp_path_factory.mktemp("champion"), cluster, table, "champion")
+    with open(manifest["contract"]["path"]) as fh:
+        return json.load(fh)
+
+
+def test_the_contract_describes_the_training_data(contract, table):
+    assert contract["rows"] == pytest.approx(0.8 * len(table), rel=0.1)
+    assert set(contract["labels"]) == set(table["digit"])
+    assert sum(contract["labels"].values()) == pytest.approx(1.0)
+    colour = contract["columns"]["colour"]
+    assert colour["kind"] == "categorical"
+    assert set(colour["categories"]) >= {"red", "green", "blue"}
+    pixel = contract["columns"]["pixel_2_3"]
+    assert pixel["kind"] == "numeric" and pixel["min"] >= 0 and pixel["max"] <= 16
+    assert len(pixel["shares"]) == len(pixel["edges"]) + 1
+    assert sum(pixel["shares"]) == pytest.approx(1.0)
+
+
+def shift(frame, column, by):
+    return frame.assign(**{column: frame[column] + by})
+
+
+@pytest.mark.parametrize(
+    "change, kind, column, action, words",
+    [
+        (
+            lambda f: f.drop(columns=["pixel_0_1"]),
+            "missing_column",
+            "pixel_0_1",
+            "error",
+            "is missing",
+        ),
+        (lambda f: f.assign(extra=1.5), "new_column", "extra", "warn", "is new"),
+        (
+            lambda f: f.assign(pixel_0_2="v" + f["pixel_0_2"].astype(str)),
+            "type_change",
+            "pixel_0_2",
+            "error",
+            "is categorical today but was numeric",
+        ),
+        (
+            lambda f: f.assign(colour=np.where(np.arange(len(f)) % 2, "purple", f["colour"])),
+            "unseen_categories",
+            "colour",
+            "warn",
+            "hold categories accelflow-classifier v1 never saw",
+        ),
+        (lambda f: shift(f, "pixel_2_3", 40), "out_of_range", "pixel_2_3", "warn", "lie outside"),
+        (
+            lambda f: f.assign(digit=f["digit"].replace("d9", "d10")),
+            "labels",
+            "<label>",
+            "error",
+            "new label(s) ['d10'] and label(s) ['d9'] vanished",
+        ),
+    ],
+    ids=["missing", "new", "type", "unseen", "range", "labels"],
+)
+def test_each_violation_is_one_line_naming_its_column(
+    change, kind, column, action, words, table, contract, cluster, tmp_path
+):
+    today = ingested(tmp_path, cluster, change(table.copy()), "today")
+    result = compare(contract, today, MonitorConfig(), CHAMPION)
+    (finding,) = [f for f in result["findings"] if f["kind"] == kind]
+    assert finding["column"] == column and finding["action"] == action
+    assert words in finding["line"] and "\n" not in finding["line"]
+    if column != "<label>":
+        assert f"'{column}'" in finding["line"]
+    assert (finding["line"] in result["errors"]) == (action == "error")
+    # the action is the config's: the same finding only warns when told to
+    relaxed = compare(contract, today, MonitorConfig(on_violation={kind: "warn"}), CHAMPION)
+    assert not [f for f in relaxed["findings"] if f["kind"] == kind and f["action"] == "error"]
+
+
+def test_drift_is_psi_on_the_contract_s_bins(table, contract, cluster, tmp_path):
+    same = compare(contract, ingested(tmp_path, cluster, table, "same"), MonitorConfig(), CHAMPION)
+    assert same["findings"] == [] and same["drifted"] == [] and same["max_psi"] < 1e-6
+    moved = ingested(tmp_path, cluster, shift(table, "pixel_4_4", 3), "moved")
+    result = compare(contract, moved, MonitorConfig(), CHAMPION)
+    assert result["drifted"] == ["pixel_4_4"]  # within range mostly, but its deciles moved
+    assert result["drift"][0]["column"] == "pixel_4_4"
+    assert psi([0.5, 0.5], [0.5, 0.5]) == 0.0
+    assert psi([0.5, 0.5], [0.9, 0.1]) == pytest.approx(0.4 * np.log(1.8) - 0.4 * np.log(0.2))
