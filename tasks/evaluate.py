@@ -9,7 +9,7 @@ optimistic figure). The registry step then gates the result against the current 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,7 @@ import zstandard
 
 from conf.schema import EvaluateConfig, PipelineConfig
 from tasks.errors import DataError
+from tasks.readers import npy_chunks, npy_take
 from tasks.reduce.pca import read_features
 from tasks.served.pyfunc import served_latency, timed_ms
 from tasks.spec import Hooks, Inputs, StageSpec
@@ -29,25 +30,28 @@ if TYPE_CHECKING:  # torch loads only when a model is scored: a cached run never
     from tasks.served.predictor import Predictor
 
 
-def load_test_split(partitions: Manifest) -> tuple[np.ndarray, np.ndarray]:
-    """The test rows as the served model sees them: what its encoder makes of the raw rows
-    (pixels, or encoded table rows) at full precision, not the (maybe float16) Parquet."""
+Batches = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
+
+
+def test_batches(partitions: Manifest) -> Batches:
+    """The test rows as the served model sees them, a chunk at a time: what its encoder
+    makes of the raw rows (pixels, or encoded table rows) at full precision, not the (maybe
+    float16) Parquet. Never the whole split in memory."""
     split = partitions["served_test"]
     if not split["rows"]:
         raise DataError("evaluate: the test split is empty; set data.test_fraction > 0")
-    return np.load(split["X"]["path"]), np.load(split["y"]["path"])
+    return lambda: zip(npy_chunks(split["X"]["path"]), npy_chunks(split["y"]["path"]), strict=True)
 
 
-def load_stored_test_split(partitions: Manifest) -> tuple[np.ndarray, np.ndarray]:
-    """The test rows as partition stored them (lossy with storage_dtype: float16)."""
+def stored_test_batches(partitions: Manifest) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The test rows as partition stored them (lossy with storage_dtype: float16), a
+    Parquet part at a time."""
     import pyarrow.parquet as pq
 
-    files = [f["path"] for f in partitions["splits"]["test"]["files"]]
-    X = np.concatenate([read_features(f, partitions["feature_names"]) for f in files])
-    y = np.concatenate(
-        [pq.read_table(f, columns=[partitions["label"]]).column(0).to_numpy() for f in files]
-    )
-    return X, y
+    for part in partitions["splits"]["test"]["files"]:
+        X = read_features(part["path"], partitions["feature_names"])
+        y = pq.read_table(part["path"], columns=[partitions["label"]]).column(0).to_numpy()
+        yield X, y
 
 
 def raw_test_batches(partitions: Manifest, rows: int = 8192) -> Iterator[tuple[Any, np.ndarray]]:
@@ -93,31 +97,52 @@ def latency_ms(model: torch.nn.Module, Z: torch.Tensor, batch: int, repeats: int
         return timed_ms(lambda: model(Z[:batch]), repeats)[0]
 
 
-def score(
-    predictor: Predictor, X: np.ndarray, y: np.ndarray, cfg: EvaluateConfig
-) -> dict[str, Any]:
-    from sklearn.metrics import (
-        confusion_matrix,
-        f1_score,
-        log_loss,
-        precision_recall_fscore_support,
-    )
+def class_figures(confusion: np.ndarray) -> dict[str, Any]:
+    """Accuracy, per-class precision / recall / support and macro-F1 from a confusion
+    matrix (rows: true class, columns: predicted), as scikit-learn defines them: macro-F1
+    averages over the classes that occur in the labels or the predictions."""
+    tp = np.diag(confusion).astype(np.float64)
+    support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    both = precision + recall
+    f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(tp), where=both > 0)
+    seen = (support > 0) | (predicted > 0)
+    return {
+        "accuracy": float(tp.sum() / max(confusion.sum(), 1)),
+        "macro_f1": float(f1[seen].mean()) if seen.any() else 0.0,
+        "precision": precision,
+        "recall": recall,
+        "support": support,
+    }
 
+
+def score(predictor: Predictor, batches: Batches, cfg: EvaluateConfig) -> dict[str, Any]:
+    """Quality over the test rows, a chunk at a time (confusion and log-loss summed), and
+    the network's latency and size."""
     from tasks.training.models import weight_counts
 
-    proba = predictor.predict_proba(X)
-    codes = proba.argmax(1)
-    labels = list(range(len(predictor.classes)))
-    precision, recall, _, support = precision_recall_fscore_support(
-        y, codes, labels=labels, zero_division=0
-    )
-    Z = predictor.features(X[:256])
+    n = len(predictor.classes)
+    confusion = np.zeros((n, n), dtype=np.int64)
+    loss, first = 0.0, None
+    for X, y in batches():
+        proba = predictor.predict_proba(X)
+        codes = proba.argmax(1)
+        confusion += np.bincount(y * n + codes, minlength=n * n).reshape(n, n)
+        # log-loss as scikit-learn computes it on probabilities clipped to [1e-7, 1]
+        clipped = np.clip(proba, 1e-7, 1)
+        clipped /= clipped.sum(axis=1, keepdims=True)
+        loss -= float(np.log(clipped[np.arange(len(y)), y]).sum())
+        first = X[:256] if first is None else first
+    figures = class_figures(confusion)
+    precision, recall, support = figures["precision"], figures["recall"], figures["support"]
+    Z = predictor.features(first)
     parameters, nonzero = weight_counts(predictor.model)
     raw = (predictor.bundle / "model.pt").read_bytes()
     return {
-        "accuracy": float((codes == y).mean()),
-        "macro_f1": float(f1_score(y, codes, average="macro")),
-        "log_loss": float(log_loss(y, np.clip(proba, 1e-7, 1), labels=labels)),
+        "accuracy": figures["accuracy"],
+        "macro_f1": figures["macro_f1"],
+        "log_loss": loss / max(int(confusion.sum()), 1),
         "per_class": [
             {"class": str(c), "precision": float(p), "recall": float(r), "support": int(n)}
             for c, p, r, n in zip(predictor.classes, precision, recall, support, strict=True)
@@ -128,7 +153,7 @@ def score(
         "nonzero_parameters": nonzero,
         "size_bytes": len(raw),
         "size_zstd_bytes": len(zstandard.ZstdCompressor(level=19).compress(raw)),
-        "confusion": confusion_matrix(y, codes, labels=range(len(predictor.classes))).tolist(),
+        "confusion": confusion.tolist(),
     }
 
 
@@ -139,8 +164,11 @@ def storage_impact(
     too: the model trained on those, so the cost of the smaller files is a number."""
     if partitions["codec"]["storage_dtype"] == "native":
         return {}
-    X, y = load_stored_test_split(partitions)
-    stored = float((predictor.predict_codes(X) == y).mean())
+    right = total = 0
+    for X, y in stored_test_batches(partitions):
+        right += int((predictor.predict_codes(X) == y).sum())
+        total += len(y)
+    stored = right / max(total, 1)
     return {
         "evaluate/stored_features_accuracy": stored,
         "evaluate/storage_accuracy_delta": stored - served_accuracy,
@@ -267,7 +295,7 @@ def evaluate_model(
     """Score baseline and compressed side by side, choose one; return the manifest body."""
     from tasks.served.predictor import Predictor, write_bundle
 
-    X, y = load_test_split(partitions)
+    batches = test_batches(partitions)
     reduction = features["reduction"]["path"] if features.get("reduction") else None
     encoder = partitions["encoder"]["path"] if partitions.get("encoder") else None
     meta = {
@@ -280,7 +308,7 @@ def evaluate_model(
     for name, manifest in (("baseline", trained), ("compressed", compressed)):
         bundle = write_bundle(out.path(name), manifest["model"], reduction, meta, encoder)
         predictors[name] = Predictor(bundle)
-        results[name] = score(predictors[name], X, y, cfg)
+        results[name] = score(predictors[name], batches, cfg)
         results[name] |= served_latency(
             bundle, example, out.path(f"served_{name}"), cfg.latency_repeats
         )
@@ -295,7 +323,14 @@ def evaluate_model(
     # the test split is scored once per model here and never changes that choice
     chosen = "baseline" if compressed.get("chosen", "baseline") == "baseline" else "compressed"
     storage = storage_impact(partitions, predictors[chosen], results[chosen]["accuracy"])
-    plot_tsne(predictors[chosen], X, y, out.path("tsne.png"))
+    served = partitions["served_test"]  # t-SNE draws a sample: only those rows are read
+    pick = np.sort(np.random.default_rng(0).permutation(served["rows"])[:TSNE_SAMPLE])
+    plot_tsne(
+        predictors[chosen],
+        npy_take(served["X"]["path"], pick),
+        npy_take(served["y"]["path"], pick),
+        out.path("tsne.png"),
+    )
     weights = (compressed if chosen == "compressed" else trained)["model"]["weights"]["digest"]
     model_digest = (
         weights

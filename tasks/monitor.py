@@ -24,42 +24,13 @@ import numpy as np
 
 from conf.schema import MonitorConfig
 from tasks.encoding import Encoder
+from tasks.readers import npy_chunks, npy_sample
 from tasks.store import Manifest
 
 BINS = 10  # deciles: enough for a stable PSI on a few thousand rows
-CHUNK = 65_536  # rows per read: bounded memory whatever the split's size
 SAMPLE = 20_000  # rows, evenly spaced, that fix a numeric column's decile edges
 OTHER = "<other>"  # a category the encoder pooled or never saw
 LABEL = "<label>"  # the label's row in the drift table
-
-
-def _chunks(path: str):
-    """An .npy file's rows a chunk at a time, read (not memory-mapped: mapped pages would
-    stay in this process's resident memory until the map closes)."""
-    with open(path, "rb") as fh:
-        version = np.lib.format.read_magic(fh)
-        read_header = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
-        )
-        shape, fortran, dtype = read_header(fh)
-        assert not fortran, path  # np.save writes C order
-        width = int(np.prod(shape[1:], dtype=np.int64))
-        for start in range(0, shape[0], CHUNK):
-            n = min(CHUNK, shape[0] - start)
-            yield np.fromfile(fh, dtype=dtype, count=n * width).reshape(n, *shape[1:])
-
-
-def _sample(path: str, rows: int, size: int) -> np.ndarray:
-    """`size` rows evenly spaced over the file (all when it has fewer), in one pass."""
-    wanted = np.unique(np.linspace(0, max(rows - 1, 0), min(rows, size)).astype(np.int64))
-    picked, start = [], 0
-    for block in _chunks(path):
-        inside = wanted[(wanted >= start) & (wanted < start + len(block))]
-        picked.append(block[inside - start])
-        start += len(block)
-    return np.concatenate(picked) if picked else np.empty((0,))
 
 
 def _layout(encoder: Encoder) -> dict[str, tuple[int, int]]:
@@ -90,7 +61,7 @@ def build_contract(manifest: Manifest, encoder_path: str | None) -> dict[str, An
     train = manifest["splits"]["train"]
     rows = int(train["rows"])
     label_counts = np.zeros(len(manifest["classes"]), dtype=np.int64)
-    for labels in _chunks(train["y"]["path"]):
+    for labels in npy_chunks(train["y"]["path"]):
         label_counts += np.bincount(labels, minlength=len(label_counts))
     contract: dict[str, Any] = {
         "rows": rows,
@@ -104,7 +75,7 @@ def build_contract(manifest: Manifest, encoder_path: str | None) -> dict[str, An
         return contract
     encoder = Encoder.load(Path(encoder_path))
     spans = _layout(encoder)
-    sample = _sample(train["X"]["path"], rows, SAMPLE)
+    sample = npy_sample(train["X"]["path"], rows, SAMPLE)
     for column in encoder.numeric:
         j = spans[column][0]
         values = sample[:, j].astype(np.float64)
@@ -134,7 +105,7 @@ def _bin_counts(
     path: str, contract: dict[str, Any], spans: dict[str, tuple[int, int]], encoder: Encoder
 ) -> dict[str, dict[str, Any]]:
     """`count_bins` over an encoded split on disk, a chunk at a time."""
-    return count_bins(_chunks(path), contract, spans, encoder)
+    return count_bins(npy_chunks(path), contract, spans, encoder)
 
 
 def count_bins(

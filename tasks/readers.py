@@ -263,3 +263,53 @@ def csv_header(fs, path: str) -> list[str]:
     with open_text_stream(fs, path) as fh:
         head = pd.read_csv(fh, nrows=1, header=None, dtype=str, keep_default_na=False)
     return [str(c) for c in head.iloc[0]] if len(head) else []
+
+
+# ---------------------------------------------------------------- stage outputs, in chunks
+
+NPY_CHUNK = 65_536  # rows per read: bounded memory whatever the array's size
+
+
+def npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """An .npy file's shape, dtype and where its data begin."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, fortran, dtype = read(fh)
+        if fortran:  # np.save writes C order; a Fortran array cannot be read by rows
+            raise ValueError(f"{path}: a Fortran-ordered array")
+        return shape, dtype, fh.tell()
+
+
+def npy_chunks(path: str, rows: int = NPY_CHUNK):
+    """An .npy file's rows a chunk at a time, read (not memory-mapped: mapped pages would
+    stay in the process's resident memory until the map closes)."""
+    shape, dtype, offset = npy_header(path)
+    width = int(np.prod(shape[1:], dtype=np.int64))
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        for start in range(0, shape[0], rows):
+            n = min(rows, shape[0] - start)
+            yield np.fromfile(fh, dtype=dtype, count=n * width).reshape(n, *shape[1:])
+
+
+def npy_take(path: str, rows: np.ndarray) -> np.ndarray:
+    """The rows at sorted indices `rows`, in one chunked pass."""
+    picked, start = [], 0
+    for block in npy_chunks(path):
+        inside = rows[(rows >= start) & (rows < start + len(block))]
+        picked.append(block[inside - start])
+        start += len(block)
+    shape, dtype, _ = npy_header(path)
+    return np.concatenate(picked) if picked else np.empty((0, *shape[1:]), dtype)
+
+
+def npy_sample(path: str, rows: int, size: int) -> np.ndarray:
+    """`size` rows evenly spaced over the file (all when it has fewer)."""
+    return npy_take(
+        path, np.unique(np.linspace(0, max(rows - 1, 0), min(rows, size)).astype(np.int64))
+    )

@@ -245,12 +245,13 @@ def run_stage(
     with stage_lock(root, key) as waited:
         # look again under the lock: another run may have built this very key while we
         # waited, or between our first look and taking the lock (a fast stage): take theirs
-        outcome, damage = cached_outcome(final, key, start)
+        outcome, damaged_now = cached_outcome(final, key, start)
         if outcome:
             outcome.reason += ", built by another run" + (
                 " while this one waited" if waited else ""
             )
             return outcome
+        damage = damage or damaged_now  # (the first look already set a damaged output aside)
         record = {
             "version": version,
             "config": config,

@@ -508,3 +508,21 @@ def test_a_split_larger_than_the_memory_cap_streams_in_bounded_memory(fmnist_par
     assert results["streaming", "big"]["val_accuracy"] > 0.8  # it learns from the stream
     assert "streamed from its Parquet row groups" in bottleneck(results["streaming", "big"])
     assert "resident in memory" in bottleneck(results["resident", "big"])
+
+
+def test_a_trial_subsample_reads_only_its_rows_row_group_by_row_group(digits_parquet, tmp_path):
+    """A tuning trial's `max_train_rows`: the seeded subset, read a row group at a time
+    (never the whole split), equals those rows of the whole split."""
+    import pyarrow.parquet as pq
+
+    from tasks.training.data import ResidentSplit, load_split
+
+    paths, features = digits_parquet
+    grouped = str(tmp_path / "grouped.parquet")
+    pq.write_table(pq.read_table(paths["train"]), grouped, row_group_size=128)
+    assert pq.ParquetFile(grouped).num_row_groups > 5
+    X, y = load_split([grouped], features, "label")
+    part = ResidentSplit([grouped], features, "label", torch.device("cpu"), rows=100, seed=3)
+    keep = torch.randperm(len(X), generator=torch.Generator().manual_seed(3))[:100]
+    keep = np.sort(keep.numpy())
+    assert torch.equal(part.X, X[keep]) and torch.equal(part.y, y[keep])

@@ -44,7 +44,7 @@ from conf.schema import (
 )
 from tasks.cluster import dask_client
 from tasks.compress.choice import BASELINE, choose, pareto, pareto_markdown, plot_pareto
-from tasks.compress.measure import measure, read_split, served_context
+from tasks.compress.measure import measure, served_context, split_batches
 from tasks.compress.points import (
     finetune_point,
     finetune_spec,
@@ -243,7 +243,7 @@ def measure_points(
 ) -> list[dict[str, Any]]:
     """The baseline, then every point, measured here one after the other: side by side, on a
     machine the fine-tunes have left. Finishing a point (encoding, int8) updates `arches`."""
-    X, y = read_split(features, "val" if features["splits"]["val"]["rows"] else "train")
+    batches = split_batches(features, "val" if features["splits"]["val"]["rows"] else "train")
     repeats = evaluate_cfg.latency_repeats
     base_folder = out.path(f"points/{BASELINE}")
     base_folder.mkdir(parents=True, exist_ok=True)
@@ -253,7 +253,7 @@ def measure_points(
         {
             "name": BASELINE,
             "recipe": [],
-            **measure(trained["arch"], base_folder, X, y, repeats, served),
+            **measure(trained["arch"], base_folder, batches, repeats, served),
         }
     ]
     with Progress("compress", "points measured", len(points)) as progress:
@@ -265,7 +265,7 @@ def measure_points(
             else:
                 arches[point["name"]] = finish_point(point, arches[point["name"]], folder)
                 rows.append(
-                    {**point, **measure(arches[point["name"]], folder, X, y, repeats, served)}
+                    {**point, **measure(arches[point["name"]], folder, batches, repeats, served)}
                 )
             progress.step(i, point["name"])
     return rows

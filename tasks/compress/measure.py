@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,18 +15,22 @@ from tasks.store import Manifest
 from tasks.train import split_files
 
 
-def read_split(manifest: Manifest, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """A split's features and label codes as the stage stored them."""
-    import pyarrow.parquet as pq
+def split_batches(
+    manifest: Manifest, split: str
+) -> Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]:
+    """A split's features and label codes as the stage stored them, a Parquet part at a
+    time (never the whole split in memory)."""
 
-    from tasks.reduce.pca import read_features
+    def batches():
+        import pyarrow.parquet as pq
 
-    files = split_files(manifest, split)
-    X = np.concatenate([read_features(f, manifest["feature_names"]) for f in files])
-    y = np.concatenate(
-        [pq.read_table(f, columns=[manifest["label"]]).column(0).to_numpy() for f in files]
-    )
-    return X.astype(np.float32), y
+        from tasks.reduce.pca import read_features
+
+        for f in split_files(manifest, split):
+            X = read_features(f, manifest["feature_names"]).astype(np.float32)
+            yield X, pq.read_table(f, columns=[manifest["label"]]).column(0).to_numpy()
+
+    return batches
 
 
 def count_macs(arch: dict[str, Any]) -> int:
@@ -46,27 +51,33 @@ def count_macs(arch: dict[str, Any]) -> int:
 def measure(
     arch: dict[str, Any],
     folder: Path,
-    X: np.ndarray,
-    y: np.ndarray,
+    batches: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]],
     repeats: int,
     served: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Every figure of one model, the same way for all: validation quality, network latency
     (p50/p95, batch 1 and 256, 1 thread and all cores), served latency, size and work."""
     import torch
-    from sklearn.metrics import f1_score
 
+    from tasks.evaluate import class_figures
     from tasks.served.predictor import write_bundle
     from tasks.served.pyfunc import served_latency, timed_ms
     from tasks.training.models import load_model, weight_counts
 
     weights = folder / "model.pt"
     model = load_model(arch, str(weights))
-    Z = torch.from_numpy(X)
+    n = arch["n_classes"]
+    confusion = np.zeros((n, n), dtype=np.int64)
     row: dict[str, Any] = {}
+    Z = None  # the first rows: what the timings run on
     with torch.inference_mode():
-        codes = torch.cat([model(Z[i : i + 4096]).argmax(1) for i in range(0, len(Z), 4096)])
-        codes = codes.numpy()
+        for X, y in batches():
+            part = torch.from_numpy(X)
+            codes = torch.cat(
+                [model(part[i : i + 4096]).argmax(1) for i in range(0, len(part), 4096)]
+            )
+            confusion += np.bincount(y * n + codes.numpy(), minlength=n * n).reshape(n, n)
+            Z = part[:256] if Z is None else Z
         for threads in dict.fromkeys((1, os.cpu_count() or 1)):
             tag = "" if threads == 1 else f"_t{threads}"
             for batch in (1, 256):
@@ -93,12 +104,13 @@ def measure(
         served_ms = served_latency(bundle, served["example"], folder / "served", repeats)
         shutil.rmtree(folder / "bundle")
         shutil.rmtree(folder / "served")
+    figures = class_figures(confusion)
     parameters, nonzero = weight_counts(model)
     raw = weights.read_bytes()
     encoded = folder / "encoded.npz"
     return {
-        "val_accuracy": float((codes == y).mean()),
-        "val_macro_f1": float(f1_score(y, codes, average="macro")),
+        "val_accuracy": figures["accuracy"],
+        "val_macro_f1": figures["macro_f1"],
         **row,
         **served_ms,
         "parameters": parameters,

@@ -44,10 +44,33 @@ def load_split(files: list[str], features: list[str], label: str) -> Batch:
     return torch.from_numpy(X), torch.from_numpy(y)
 
 
+def load_rows(files: list[str], features: list[str], label: str, keep: np.ndarray) -> Batch:
+    """Only the rows at `keep` (sorted indices over the files in order), read a row group at
+    a time: a tuning trial's subsample never holds the whole split."""
+    parts, start = [], 0
+    for f in files:
+        parquet = pq.ParquetFile(f, memory_map=True)
+        for group in range(parquet.num_row_groups):
+            n = parquet.metadata.row_group(group).num_rows
+            inside = keep[(keep >= start) & (keep < start + n)] - start
+            if len(inside):
+                X, y = table_arrays(
+                    parquet.read_row_group(group, columns=[*features, label]), features, label
+                )
+                parts.append((X[inside], y[inside]))
+            start += n
+    X = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, len(features)), np.float32)
+    y = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+    return torch.from_numpy(X), torch.from_numpy(y)
+
+
+def split_rows(files: list[str]) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
 def split_bytes(files: list[str], n_features: int) -> int:
     """What the split takes in memory as float32 features and int64 labels (from metadata)."""
-    rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    return rows * (4 * n_features + 8)
+    return split_rows(files) * (4 * n_features + 8)
 
 
 def memory_budget_bytes(device: torch.device, processes_here: int) -> int:
@@ -81,10 +104,13 @@ class ResidentSplit:
     mode = "resident"
 
     def __init__(self, files, features, label, device, rows: int | None = None, seed: int = 0):
-        X, y = load_split(files, features, label)
-        if rows is not None and len(X) > rows:  # a tuning trial's budget: a seeded subset
-            keep = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))[:rows]
-            X, y = X[keep], y[keep]
+        total = split_rows(files)
+        if rows is not None and total > rows:  # a tuning trial's budget: a seeded subset,
+            # read row group by row group (in file order), never the whole split
+            keep = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:rows]
+            X, y = load_rows(files, features, label, np.sort(keep.numpy()))
+        else:
+            X, y = load_split(files, features, label)
         self.X, self.y = X.to(device), y.to(device)
 
     def __len__(self) -> int:
