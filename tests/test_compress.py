@@ -320,3 +320,29 @@ def test_a_sweep_registers_a_slim_model_served_without_the_pruning_library(
     assert float((predictions == raw_y).mean()) == pytest.approx(
         parent.metrics["test/accuracy"], abs=1e-9
     )
+
+
+def test_figures_summed_over_chunks_are_scikit_learn_s():
+    """Compress and evaluate score a split a chunk at a time and derive accuracy, precision,
+    recall and macro-F1 from the summed confusion matrix: the same as scikit-learn's on the
+    whole split, a class that is never predicted or never present included."""
+    from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+    from tasks.evaluate import class_figures
+
+    rng = np.random.default_rng(0)
+    for n in (2, 5, 7):
+        y = rng.integers(0, n, 500)
+        p = np.where(rng.random(500) < 0.6, y, rng.integers(0, n - 1, 500))  # n-1: never guessed
+        confusion = sum(
+            np.bincount(y[i : i + 64] * n + p[i : i + 64], minlength=n * n).reshape(n, n)
+            for i in range(0, 500, 64)
+        )
+        figures = class_figures(confusion)
+        assert figures["accuracy"] == pytest.approx((y == p).mean())
+        assert figures["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
+        precision, recall, _, _ = precision_recall_fscore_support(
+            y, p, labels=list(range(n)), zero_division=0
+        )
+        assert np.allclose(figures["precision"], precision)
+        assert np.allclose(figures["recall"], recall)
