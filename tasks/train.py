@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
+
 from conf.schema import PipelineConfig, TrainConfig, needs_images
 from tasks.errors import ConfigError
 from tasks.spec import Hooks, Inputs, StageSpec
@@ -84,6 +86,33 @@ def bottleneck(result: dict[str, Any]) -> str:
     )
 
 
+IMBALANCED = 10  # class_weight auto: balanced when the largest class has 10x the rarest's rows
+
+
+def class_counts(features: Manifest) -> np.ndarray:
+    """Training rows per class, from the label column of each Parquet part."""
+    import pyarrow.parquet as pq
+
+    counts = np.zeros(len(features["classes"]), dtype=np.int64)
+    for f in split_files(features, "train"):
+        labels = pq.read_table(f, columns=[features["label"]]).column(0).to_numpy()
+        counts += np.bincount(labels, minlength=len(counts))
+    return counts
+
+
+def class_weights(features: Manifest, mode: str) -> list[float] | None:
+    """The loss weight of each class (scikit-learn's balanced: n / (classes × rows of the
+    class)), or None for an unweighted loss."""
+    if mode == "none":
+        return None
+    counts = class_counts(features)
+    present = counts[counts > 0]
+    if mode == "auto" and (len(present) < 2 or present.max() < IMBALANCED * present.min()):
+        return None
+    weights = counts.sum() / (len(counts) * np.maximum(counts, 1))
+    return [float(w) for w in weights]
+
+
 def train_spec(
     features: Manifest, cfg: TrainConfig, out_dir: str | None, checkpoint_dir: str | None
 ) -> dict[str, Any]:
@@ -96,6 +125,7 @@ def train_spec(
         "arch": model_arch(features, cfg),
         "phases": [{"sparsity": None, "epochs": cfg.epochs, "lr": cfg.lr}],
         **{k: getattr(cfg, k) for k in OPTIM_KEYS},
+        "class_weights": class_weights(features, cfg.class_weight),
         "init_from": None,
         "out_dir": out_dir,
         "checkpoint_dir": checkpoint_dir,
@@ -169,6 +199,7 @@ def train_model(
             "train/global_batch": cfg.batch_size * processes,
             "train/peak_lr": lr,
             "train/streamed": float(result.get("data_mode") == "streaming"),
+            "train/class_weighted": float(spec["class_weights"] is not None),
             "train/parameters": result["parameters"],
             **{
                 f"train/{k}": result[k]
@@ -186,6 +217,12 @@ def train_model(
         f"{result['device']} process(es), global batch {cfg.batch_size * processes} "
         f"(train.batch_size × processes), peak LR {lr:g}"
         + (f" (train.lr × {processes}, train.scale_lr)" if cfg.scale_lr else "")
+        + (
+            f"; loss weighted by class (train.class_weight: {cfg.class_weight}, weights "
+            f"{min(spec['class_weights']):.2f}–{max(spec['class_weights']):.2f})"
+            if spec["class_weights"]
+            else ""
+        )
         + f": val accuracy {result['val_accuracy']:.4f} in "
         f"{result['seconds']:.1f} s"
         + (

@@ -526,3 +526,48 @@ def test_a_trial_subsample_reads_only_its_rows_row_group_by_row_group(digits_par
     keep = torch.randperm(len(X), generator=torch.Generator().manual_seed(3))[:100]
     keep = np.sort(keep.numpy())
     assert torch.equal(part.X, X[keep]) and torch.equal(part.y, y[keep])
+
+
+def test_class_weights_balance_rare_classes_and_reach_the_loss(digits_parquet, tmp_path):
+    """train.class_weight: balanced weights are n / (classes × rows); auto turns them on only
+    when the rarest class has under a tenth of the largest's rows; the worker's loss uses
+    them (the same seed trains differently)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.train import class_weights
+
+    paths, features = digits_parquet
+    table = pq.read_table(paths["train"])
+    labels = table.column("label").to_numpy()
+    rare = table.filter(pa.array((labels != 9) | (np.cumsum(labels == 9) <= 8)))
+    rare_path = str(tmp_path / "rare.parquet")
+    pq.write_table(rare, rare_path)
+
+    def manifest(path):
+        return {
+            "classes": list(range(10)),
+            "label": "label",
+            "splits": {"train": {"files": [{"path": path}]}},
+        }
+
+    assert class_weights(manifest(paths["train"]), "auto") is None  # digits are balanced
+    assert class_weights(manifest(paths["train"]), "none") is None
+    weights = class_weights(manifest(rare_path), "auto")
+    counts = np.bincount(rare.column("label").to_numpy(), minlength=10)
+    assert counts[9] == 8 and weights == pytest.approx(counts.sum() / (10 * counts))
+    assert class_weights(manifest(rare_path), "none") is None
+
+    def loss(weights):
+        spec = make_spec(
+            digits_parquet,
+            tmp_path / str(bool(weights)),
+            train_files=[rare_path],
+            phases=[{"sparsity": None, "epochs": 1, "lr": 0.01}],
+            class_weights=weights,
+        )
+        losses = []
+        Trainer(spec, Rank(0, 1, torch.device("cpu")), lambda *row: losses.append(row[1])).run()
+        return losses[-1]
+
+    assert loss(weights) != pytest.approx(loss(None), rel=1e-3)

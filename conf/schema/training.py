@@ -56,6 +56,11 @@ class TrainConfig(Section):
         0.5, gt=0.0, le=1.0, description="decay factor (step, exponential, plateau)"
     )
     label_smoothing: float = Field(0.05, ge=0.0, lt=1.0, description="of the cross-entropy")
+    class_weight: Literal["auto", "balanced", "none"] = Field(
+        "auto",
+        description="weight each class's loss by n / (classes × its rows) (balanced); auto: "
+        "balanced when the rarest training class has under a tenth of the largest's rows",
+    )
     epochs: int = Field(15, ge=1, description="training epochs")
     batch_size: int = Field(256, ge=1, description="rows per step and process")
     resident_max_gb: float | Literal["auto"] = Field(

@@ -161,6 +161,8 @@ class Trainer:
         )
         self.history: list[dict[str, float]] = []
         self.clusters = None  # weight sharing in a phase with cluster_bits (tasks.compress)
+        weights = spec.get("class_weights")  # train.class_weight: rare classes weigh more
+        self.class_weights = torch.tensor(weights, device=r.device) if weights else None
         patience = spec.get("early_stopping_patience")
         self.stopper = EarlyStopping(patience) if patience else None
 
@@ -211,7 +213,10 @@ class Trainer:
             with torch.autocast(self.r.device.type, dtype=self.amp, enabled=self.amp is not None):
                 logits = self.forward(xb)
                 loss = F.cross_entropy(
-                    logits.float(), yb, label_smoothing=self.spec["label_smoothing"]
+                    logits.float(),
+                    yb,
+                    weight=self.class_weights,
+                    label_smoothing=self.spec["label_smoothing"],
                 )
             objective = (
                 loss + self.spec["l1"] * l1_penalty(self.model) if self.spec.get("l1") else loss
