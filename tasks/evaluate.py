@@ -341,6 +341,19 @@ def evaluate_model(
         results["compressed"]["latency_b256_ms"], 1e-9
     )
     table = markdown_table(results, TABLE_KEYS) + "\n\n" + per_class_table(results)
+    reference = None
+    if cfg.reference == "gbm" or (cfg.reference == "auto" and encoder):
+        from tasks.gbm import fit_and_score
+
+        reference = fit_and_score(partitions, cfg.reference_rows, batches)
+        gap = results[chosen]["accuracy"] - reference["accuracy"]
+        table += (
+            f"\n\nGradient-boosting reference (scikit-learn's HistGradientBoostingClassifier on "
+            f"{reference['rows']:,} training rows, {reference['iterations']} iterations, "
+            f"{reference['seconds']:.1f} s): test accuracy {reference['accuracy']:.4f}, macro-F1 "
+            f"{reference['macro_f1']:.4f}; the {chosen} network is "
+            f"{abs(gap):.4f} {'ahead' if gap >= 0 else 'behind'}"
+        )
     overhead = results[chosen]["served_b256_ms"] / max(results[chosen]["latency_b256_ms"], 1e-9)
     summary = (
         f"{table}\n\nChosen: **{chosen}**, by compress on the validation split (the test "
@@ -376,11 +389,14 @@ def evaluate_model(
         "evaluate/accuracy_drop": drop,
         "evaluate/chosen_compressed": float(chosen == "compressed"),
     }
+    if reference:
+        metrics |= {f"reference/{k}": float(v) for k, v in reference.items()}
     return {
         "chosen": chosen,
         "bundle": out.final_path(chosen),
         "model_digest": model_digest,
         "results": results,
+        "reference": reference,
         "test_digest": test_rows_digest(partitions),
         "plots": [
             *(out.final_path(f"confusion_{n}.png") for n in results),
@@ -415,6 +431,7 @@ SPEC = StageSpec(
         "test/macro_f1": "higher",
         "test/log_loss": "lower",
         "baseline/accuracy": "higher",
+        "reference/accuracy": "higher",
         "test/latency_b1_ms": "lower",
         "test/latency_b256_ms": "lower",
         "test/served_latency_b1_ms": "lower",

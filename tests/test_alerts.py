@@ -28,12 +28,15 @@ def three_runs(prefect_harness, digits_frame, tmp_path_factory):
     source, shifted = tmp / "digits.csv", tmp / "digits-night3.csv"
     digits_frame.to_csv(source, index=False)
     digits_frame.assign(pixel_2_3=digits_frame["pixel_2_3"] + 9).to_csv(shifted, index=False)
-    cfg = make_config(tmp, source, "data.label=digit", "compress.recipe=[]")
+    cfg = make_config(
+        tmp, source, "data.label=digit", "compress.recipe=[]", "evaluate.reference=auto"
+    )
     worse = make_config(
         tmp,
         shifted,
         "data.label=digit",
         "compress.recipe=[]",
+        "evaluate.reference=auto",
         "train.lr=1e-6",
         "data.seed=1",
     )
@@ -72,6 +75,9 @@ def test_a_same_config_rerun_is_not_a_regression_and_a_worse_run_is(three_runs):
     assert worse["regression"]["regressed"] is True
     assert worse["regression"]["previous"] is None  # no earlier run on these rows
     assert "below the champion's" in worse["regression"]["why"]
+    # the gradient-boosting reference, fitted on the same rows, beside the network
+    assert first["headline"]["reference/accuracy"] > 0.85  # digits: boosting does well
+    assert worse["headline"]["reference/accuracy"] > 0.85 > worse["headline"]["test/accuracy"]
     assert "on the same test rows" in worse["regression"]["why"]
     # the registry's gate keeps the deliberately worse model out of `champion`
     assert worse["promotion"]["alias"] == "challenger", worse["promotion"]

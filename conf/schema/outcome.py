@@ -24,6 +24,15 @@ class EvaluateConfig(Section):
         description="what the compress choice and the champion gate reward: batch-256 "
         "latency or zstd size",
     )
+    reference: Literal["auto", "gbm", "none"] = Field(
+        "auto",
+        description="fit scikit-learn's HistGradientBoostingClassifier on the same training "
+        "rows and score it on the same test rows, beside the network; auto: for tables (on "
+        "raw pixels it is slow and weak)",
+    )
+    reference_rows: int = Field(
+        50_000, ge=100, description="training rows the reference fits on (a seeded sample)"
+    )
     objective_margin: float = Field(
         0.1,
         ge=0.0,
