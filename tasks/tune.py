@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from conf.schema import PipelineConfig, SearchDimension, TrainConfig, TuneConfig, mask_text
 from tasks import train
 from tasks.cluster import dask_client
@@ -311,7 +313,12 @@ def search(
             finished += 1
             if on_trial:
                 on_trial(trial_row(study, trial.number, cfg.metric), finished, budget)
-    return summarize(study, cfg, out, interrupted, time.monotonic() - start)
+    summary = summarize(study, cfg, out, interrupted, time.monotonic() - start)
+    if warning := no_signal(summary["leaderboard"], majority_rate(features)):
+        # in the stage's summary (MLflow, Prefect, the report) and as a tag on its run
+        summary["tags"] = {"accelflow.tune.warning": warning}
+        summary["summary"] += f"\n- warning: {warning}"
+    return summary
 
 
 # ---------------------------------------------------------------- what the stage reports
@@ -355,6 +362,30 @@ def leaderboard(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]
         flat.update({k: str(v) if isinstance(v, list) else v for k, v in row["params"].items()})
         table.append(flat)
     return table
+
+
+def majority_rate(features: Manifest) -> float:
+    """The validation accuracy of always answering the most common class."""
+    import pyarrow.parquet as pq
+
+    counts = np.zeros(len(features["classes"]), dtype=np.int64)
+    for f in train.split_files(features, "val") or train.split_files(features, "train"):
+        labels = pq.read_table(f, columns=[features["label"]]).column(0).to_numpy()
+        counts += np.bincount(labels, minlength=len(counts))
+    return float(counts.max() / max(counts.sum(), 1))
+
+
+def no_signal(leaderboard: list[dict[str, Any]], majority: float) -> str | None:
+    """A search whose every completed trial scored the majority-class rate saw no signal:
+    its budget (rows, epochs) was too small to tell settings apart. Say so."""
+    scores = [r["val_accuracy"] for r in leaderboard if r.get("val_accuracy") is not None]
+    if not scores or max(scores) > majority + 0.002:
+        return None
+    return (
+        f"every completed trial scored the majority-class rate ({majority:.4f} val accuracy): "
+        "the search saw no signal, so its choice is noise. Give trials more data or time "
+        "(tune.max_rows, tune.epochs), or turn tuning off (tune.enabled: false)"
+    )
 
 
 def summarize(study, cfg: TuneConfig, out: StageDir, interrupted: int, seconds: float) -> dict:

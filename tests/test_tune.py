@@ -249,3 +249,14 @@ def test_a_search_killed_midway_resumes_with_its_finished_trials(digits_frame, t
     assert len(after) == 5  # the budget, completed
     assert {n: after[n] for n in before} == before  # the trials finished before the kill, kept
     assert "tune: trials" in again.stdout + again.stderr
+
+
+def test_a_search_that_sees_no_signal_says_so():
+    """Every trial at the majority-class rate (too few rows or epochs to learn anything):
+    the search warns, naming the keys to change; one trial above it is signal."""
+    from tasks.tune import no_signal
+
+    flat = [{"val_accuracy": 0.7621}, {"val_accuracy": 0.7621}, {"val_accuracy": None}]
+    warning = no_signal(flat, 0.7621)
+    assert "majority-class rate (0.7621" in warning and "tune.max_rows" in warning
+    assert no_signal([*flat, {"val_accuracy": 0.80}], 0.7621) is None
