@@ -438,26 +438,36 @@ def flag_regression(parent_run_id: str, cfg: PipelineConfig) -> dict[str, Any]:
         }
     )
     if result["regressed"]:
-        try:
-            from prefect.events import emit_event
-
-            emit_event(
-                event="accelflow.run.regressed",
-                resource={
-                    "prefect.resource.id": f"accelflow.experiment.{cfg.tracking.experiment}",
-                    "prefect.resource.name": cfg.tracking.experiment,
-                },
-                payload={
-                    "run_id": parent_run_id,
-                    "previous_run_id": result["previous"],
-                    "why": result["why"],
-                    "accuracy_drop": result["accuracy_drop"],
-                    "slowdown": result["slowdown"],
-                },
-            )
-        except Exception as exc:  # the tag and the summary line still say it
-            print(f"note: could not emit the Prefect event: {exc}")
+        emit(
+            "accelflow.run.regressed",
+            cfg,
+            {
+                "run_id": parent_run_id,
+                "previous_run_id": result["previous"],
+                "why": result["why"],
+                "accuracy_drop": result["accuracy_drop"],
+                "slowdown": result["slowdown"],
+            },
+        )
     return result
+
+
+def emit(event: str, cfg: PipelineConfig, payload: dict[str, Any]) -> None:
+    """A Prefect event about this experiment, for an automation (conf/automations/) to act
+    on. Never fails the run: the tags and the summary line say the same."""
+    try:
+        from prefect.events import emit_event
+
+        emit_event(
+            event=event,
+            resource={
+                "prefect.resource.id": f"accelflow.experiment.{cfg.tracking.experiment}",
+                "prefect.resource.name": cfg.tracking.experiment,
+            },
+            payload=payload,
+        )
+    except Exception as exc:
+        print(f"note: could not emit the Prefect event {event}: {exc}")
 
 
 def flag_drift(parent_run_id: str, cfg: PipelineConfig, result: dict[str, Any] | None) -> str:
@@ -482,25 +492,17 @@ def flag_drift(parent_run_id: str, cfg: PipelineConfig, result: dict[str, Any] |
     line = f"drift against {result['champion']}'s training data in " + ", ".join(
         f"{c} (PSI {psi[c]:.2f})" for c in drifted
     )
-    try:
-        from prefect.events import emit_event
-
-        emit_event(
-            event="accelflow.data.drifted",
-            resource={
-                "prefect.resource.id": f"accelflow.experiment.{cfg.tracking.experiment}",
-                "prefect.resource.name": cfg.tracking.experiment,
-            },
-            payload={
-                "run_id": parent_run_id,
-                "champion": result["champion"],
-                "columns": drifted,
-                "psi": {c: psi[c] for c in drifted},
-                "why": line,
-            },
-        )
-    except Exception as exc:  # the tag and the summary line still say it
-        print(f"note: could not emit the Prefect event: {exc}")
+    emit(
+        "accelflow.data.drifted",
+        cfg,
+        {
+            "run_id": parent_run_id,
+            "champion": result["champion"],
+            "columns": drifted,
+            "psi": {c: psi[c] for c in drifted},
+            "why": line,
+        },
+    )
     return line
 
 
