@@ -24,13 +24,22 @@ import numpy as np
 
 from conf.schema import DataConfig
 from tasks.cluster import checked, data_task
-from tasks.errors import DataError
+from tasks.errors import ConfigError, DataError
 from tasks.monitor import check_columns, count_bins, layout, merge_counts, scored_drift
 from tasks.readers import detect_format, filesystem
-from tasks.tables.blocks import block_size, read_block, scan
+from tasks.tables.blocks import (
+    TASK_MEMORY_PER_BLOCK,
+    block_size,
+    read_block,
+    scan,
+    worker_memory_limit,
+)
 from tasks.tables.schema import to_numbers
 
 SCORED_FORMATS = ("csv", "parquet")
+# Measured here: a worker that has imported torch and loaded the bundle holds ~360 MiB
+# before its first block (pandas, Arrow and Dask alone: ~200 MiB).
+SCORING_AT_REST = 400 * 2**20
 
 
 @data_task
@@ -135,7 +144,16 @@ def score_source(
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
         scratch, parts = Path(work) / "scratch", Path(work) / "parts"
         scratch.mkdir(), parts.mkdir()
-        blocks = scan(cfg, fmt, str(scratch), client, block_size(cfg.block_mb, client))
+        limit = worker_memory_limit(client)
+        if limit and 0.6 * limit < SCORING_AT_REST + TASK_MEMORY_PER_BLOCK * 2**20:
+            raise ConfigError(
+                f"dask.memory_limit ({limit / 2**20:.0f} MiB per worker) leaves no room to score: "
+                f"each worker loads torch and the model (~{SCORING_AT_REST // 2**20} MiB) before its "
+                "first block; set dask.memory_limit to 1GiB or more"
+            )
+        blocks = scan(
+            cfg, fmt, str(scratch), client, block_size(cfg.block_mb, client, SCORING_AT_REST)
+        )
         names = blocks[0]["names"]
         if id_column and id_column not in names:
             raise DataError(

@@ -214,14 +214,20 @@ def scan(cfg: DataConfig, fmt: str, scratch: str, client, block_bytes: int) -> l
     return blocks
 
 
-def block_size(block_mb: float, client) -> int:
-    """`data.block_mb`, made smaller where the workers' memory limit calls for it: a task
-    should stay under 60% of the limit (Dask pauses a worker at 80%)."""
+def worker_memory_limit(client) -> int:
+    """The smallest memory limit of the cluster's workers in bytes; 0 when none is set."""
     limits = [w.get("memory_limit") or 0 for w in client.scheduler_info()["workers"].values()]
-    wanted = int(block_mb * 2**20)
-    if not limits or min(limits) == 0:  # no limit set
+    return min(limits) if limits and min(limits) else 0
+
+
+def block_size(block_mb: float, client, at_rest: int = WORKER_AT_REST) -> int:
+    """`data.block_mb`, made smaller where the workers' memory limit calls for it: a task
+    should stay under 60% of the limit (Dask pauses a worker at 80%), on top of what a
+    worker holds at rest (`at_rest`: more when its tasks load torch and a model)."""
+    limit, wanted = worker_memory_limit(client), int(block_mb * 2**20)
+    if not limit:
         return wanted
-    fits = int((0.6 * min(limits) - WORKER_AT_REST) / TASK_MEMORY_PER_BLOCK)
+    fits = int((0.6 * limit - at_rest) / TASK_MEMORY_PER_BLOCK)
     return min(wanted, max(2**20, fits))
 
 
