@@ -128,7 +128,7 @@ def main() -> None:
             f"tracking.uri=sqlite:///{work / 'mlflow.db'}",
             "dask.n_workers=2",
             f"dask.memory_limit={args.worker_memory}",
-            "train.resident_max_gb=0.01",  # streamed from its row groups, whatever its size
+            "train.resident_max_gb=0.001",  # streamed from its row groups, whatever its size
             "train.epochs=1",
             "tune.enabled=false",
             "compress.recipe=[magnitude]",

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def test_the_whole_flow_and_batch_scoring_stay_under_the_workers_cap(tmp_path):
     script = Path(__file__).parent.parent / "benchmarks" / "scale_benchmark.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--gb", "0.02", "--worker-memory", "1GiB"]
+        [sys.executable, str(script), "--gb", "0.01", "--worker-memory", "1GiB"]
         + ["--work", str(tmp_path), "--json", str(tmp_path / "scale.json")],
         capture_output=True,
         text=True,
