@@ -97,6 +97,11 @@ def latency_ms(model: torch.nn.Module, Z: torch.Tensor, batch: int, repeats: int
         return timed_ms(lambda: model(Z[:batch]), repeats)[0]
 
 
+def confusion_of(y: np.ndarray, codes: np.ndarray, n: int) -> np.ndarray:
+    """The confusion matrix of one chunk (rows: true class, columns: predicted); chunks add."""
+    return np.bincount(y * n + codes, minlength=n * n).reshape(n, n)
+
+
 def class_figures(confusion: np.ndarray) -> dict[str, Any]:
     """Accuracy, per-class precision / recall / support and macro-F1 from a confusion
     matrix (rows: true class, columns: predicted), as scikit-learn defines them: macro-F1
@@ -128,7 +133,7 @@ def score(predictor: Predictor, batches: Batches, cfg: EvaluateConfig) -> dict[s
     for X, y in batches():
         proba = predictor.predict_proba(X)
         codes = proba.argmax(1)
-        confusion += np.bincount(y * n + codes, minlength=n * n).reshape(n, n)
+        confusion += confusion_of(y, codes, n)
         # log-loss as scikit-learn computes it on probabilities clipped to [1e-7, 1]
         clipped = np.clip(proba, 1e-7, 1)
         clipped /= clipped.sum(axis=1, keepdims=True)

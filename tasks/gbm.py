@@ -25,7 +25,7 @@ def fit_and_score(
 ) -> dict[str, Any]:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    from tasks.evaluate import class_figures
+    from tasks.evaluate import class_figures, confusion_of
     from tasks.training.data import load_rows, split_rows
 
     files = [f["path"] for f in partitions["splits"]["train"]["files"]]
@@ -39,7 +39,7 @@ def fit_and_score(
     confusion = np.zeros((n, n), dtype=np.int64)
     for Xb, yb in test_batches():
         codes = model.predict(Xb).astype(np.int64)
-        confusion += np.bincount(yb * n + codes, minlength=n * n).reshape(n, n)
+        confusion += confusion_of(yb, codes, n)
     figures = class_figures(confusion)
     return {
         "accuracy": figures["accuracy"],

@@ -35,6 +35,7 @@ from tasks.tables.blocks import (
     worker_memory_limit,
 )
 from tasks.tables.schema import to_numbers
+from tasks.tables.writing import join_csv_parts
 
 SCORED_FORMATS = ("csv", "parquet")
 # Measured here: a worker that has imported torch and loaded the bundle holds ~360 MiB
@@ -181,13 +182,7 @@ def score_source(
                 writer.write_table(pq.read_table(result["part"]))
         rejected = [r["rejected"] for r in done if r["rejected"]]
         if rejected:
-            quarantine = out.with_suffix(".rejected.csv")
-            with open(quarantine, "wb") as sink:
-                for i, part in enumerate(rejected):
-                    with open(part, "rb") as src:
-                        if i:
-                            src.readline()
-                        sink.write(src.read())
+            join_csv_parts(rejected, out.with_suffix(".rejected.csv"))
         os.replace(tmp, out)
     predicted = np.sum([r["predicted"] for r in done], axis=0)
     drift = (

@@ -89,12 +89,12 @@ def bottleneck(result: dict[str, Any]) -> str:
 IMBALANCED = 10  # class_weight auto: balanced when the largest class has 10x the rarest's rows
 
 
-def class_counts(features: Manifest) -> np.ndarray:
-    """Training rows per class, from the label column of each Parquet part."""
+def class_counts(features: Manifest, split: str = "train") -> np.ndarray:
+    """A split's rows per class, from the label column of each Parquet part."""
     import pyarrow.parquet as pq
 
     counts = np.zeros(len(features["classes"]), dtype=np.int64)
-    for f in split_files(features, "train"):
+    for f in split_files(features, split):
         labels = pq.read_table(f, columns=[features["label"]]).column(0).to_numpy()
         counts += np.bincount(labels, minlength=len(counts))
     return counts

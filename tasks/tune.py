@@ -20,8 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from conf.schema import PipelineConfig, SearchDimension, TrainConfig, TuneConfig, mask_text
 from tasks import train
 from tasks.cluster import dask_client
@@ -366,12 +364,7 @@ def leaderboard(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]
 
 def majority_rate(features: Manifest) -> float:
     """The validation accuracy of always answering the most common class."""
-    import pyarrow.parquet as pq
-
-    counts = np.zeros(len(features["classes"]), dtype=np.int64)
-    for f in train.split_files(features, "val") or train.split_files(features, "train"):
-        labels = pq.read_table(f, columns=[features["label"]]).column(0).to_numpy()
-        counts += np.bincount(labels, minlength=len(counts))
+    counts = train.class_counts(features, "val" if features["splits"]["val"]["rows"] else "train")
     return float(counts.max() / max(counts.sum(), 1))
 
 

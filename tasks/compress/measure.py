@@ -59,7 +59,7 @@ def measure(
     (p50/p95, batch 1 and 256, 1 thread and all cores), served latency, size and work."""
     import torch
 
-    from tasks.evaluate import class_figures
+    from tasks.evaluate import class_figures, confusion_of
     from tasks.served.predictor import write_bundle
     from tasks.served.pyfunc import served_latency, timed_ms
     from tasks.training.models import load_model, weight_counts
@@ -76,7 +76,7 @@ def measure(
             codes = torch.cat(
                 [model(part[i : i + 4096]).argmax(1) for i in range(0, len(part), 4096)]
             )
-            confusion += np.bincount(y * n + codes.numpy(), minlength=n * n).reshape(n, n)
+            confusion += confusion_of(y, codes.numpy(), n)
             Z = part[:256] if Z is None else Z
         for threads in dict.fromkeys((1, os.cpu_count() or 1)):
             tag = "" if threads == 1 else f"_t{threads}"

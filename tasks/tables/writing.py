@@ -62,6 +62,17 @@ def write_block(
     return written
 
 
+def join_csv_parts(parts: list[str], dest: Path) -> None:
+    """CSV parts with the same header into one CSV: the first part's header, every part's
+    rows, in order (bad rows set aside by ingest's or batch scoring's tasks)."""
+    with open(dest, "wb") as sink:
+        for i, part in enumerate(parts):
+            with open(part, "rb") as src:
+                if i:
+                    src.readline()
+                shutil.copyfileobj(src, sink)
+
+
 # ---------------------------------------------------------------- the whole table
 
 
@@ -142,13 +153,8 @@ def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, 
         )
 
     test_rows = sorted(f"test_rows/{f.name}" for f in out.path("test_rows").glob("*.parquet"))
-    if p.quarantine:  # one CSV: the first part's header, every part's rows
-        with open(out.path("quarantine.csv"), "wb") as sink:
-            for i, part in enumerate(p.quarantine):
-                with open(part, "rb") as src:
-                    if i:
-                        src.readline()
-                    shutil.copyfileobj(src, sink)
+    if p.quarantine:
+        join_csv_parts(p.quarantine, out.path("quarantine.csv"))
     # the served model's input example and signature: integer columns stay integers
     example = pd.DataFrame(p.example, columns=schema.columns)
     example = example.astype({c: "int64" for c in schema.integers if example[c].notna().all()})
