@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from conf.schema import DaskConfig
-from tasks.errors import DataError
+from tasks.errors import ConfigError, DataError
 
 # LocalClusters shared by the stages of one flow run (see `one_cluster_per_run`), by config
 _shared: dict[tuple, object] | None = None
@@ -48,23 +48,42 @@ def dask_client(cfg: DaskConfig) -> Iterator:
     # Cluster start/stop is logged at INFO (with tracebacks for closed comms at shutdown);
     # under Prefect's log handler that buries the stage logs. Warnings still come through.
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    if cfg.address:
-        with Client(cfg.address, timeout="30s") as client:
-            yield client
-        return
-    with _shared_lock:
-        shared = _shared
+    with workers_that_keep_dying_named(cfg):
+        if cfg.address:
+            with Client(cfg.address, timeout="30s") as client:
+                yield client
+            return
+        with _shared_lock:
+            shared = _shared
+            if shared is not None:
+                key = (cfg.n_workers, cfg.threads_per_worker, cfg.memory_limit)
+                if key not in shared:
+                    shared[key] = local_cluster(cfg)
+                cluster = shared[key]
         if shared is not None:
-            key = (cfg.n_workers, cfg.threads_per_worker, cfg.memory_limit)
-            if key not in shared:
-                shared[key] = local_cluster(cfg)
-            cluster = shared[key]
-    if shared is not None:
-        with Client(cluster) as client:
+            with Client(cluster) as client:
+                yield client
+            return
+        with local_cluster(cfg) as cluster, Client(cluster) as client:
             yield client
-        return
-    with local_cluster(cfg) as cluster, Client(cluster) as client:
-        yield client
+
+
+@contextlib.contextmanager
+def workers_that_keep_dying_named(cfg: DaskConfig) -> Iterator[None]:
+    """Dask gives up on a task after its workers died under it a few times (KilledWorker,
+    `distributed.scheduler.allowed-failures`); say so in one message that names the likely
+    cause and the key, instead of a scheduler traceback."""
+    from distributed import KilledWorker
+
+    try:
+        yield
+    except KilledWorker as e:
+        where = f"the cluster at {cfg.address}" if cfg.address else "the LocalCluster"
+        raise ConfigError(
+            f"Dask workers keep dying while running {e.task!r} on {where}: most often a "
+            f"worker exceeds its memory cap (dask.memory_limit={cfg.memory_limit}); raise "
+            "dask.memory_limit, or use fewer dask.n_workers with more memory each"
+        ) from e
 
 
 def local_cluster(cfg: DaskConfig):
@@ -142,3 +161,11 @@ def data_task(task: Callable) -> Callable:
                 ctypes.CDLL("libc.so.6").malloc_trim(0)
 
     return run
+
+
+def map_shared(client, func: Callable, *iterables, **shared) -> list:
+    """`client.map(func, *iterables)` with `shared` passed to every call inside the function:
+    Dask turns a large keyword argument of `map` (a 3,000-column table's names) into a graph
+    task keyed by the keyword's own name, which its scheduler then fails to order (TypeError,
+    then "No valid workers found")."""
+    return client.map(functools.partial(func, **shared), *iterables, pure=False)

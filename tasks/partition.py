@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from conf.schema import PartitionConfig, PipelineConfig
-from tasks.cluster import dask_client
+from tasks.cluster import dask_client, map_shared
 from tasks.progress import Progress, gather
 from tasks.spec import Hooks, Inputs, StageSpec
 from tasks.store import Manifest, StageDir, describe_files
@@ -75,10 +75,10 @@ def write_options(
 
 def write_chunk(
     bounds: tuple[int, int],
+    dest: str,
     x_path: str,
     y_path: str,
     names: list[str],
-    dest: str,
     options: dict,
     storage_dtype: str | None,
 ) -> dict[str, Any]:
@@ -279,16 +279,16 @@ def partition_dataset(
             (0, 0)
         ]
         targets = [str(out.path(f"{name}/part-{i:05d}.parquet")) for i in range(len(bounds))]
-        writing[name] = client.map(
+        writing[name] = map_shared(
+            client,
             write_chunk,
             bounds,
-            [split["X"]["path"]] * len(bounds),
-            [split["y"]["path"]] * len(bounds),
-            [names] * len(bounds),
             targets,
+            x_path=split["X"]["path"],
+            y_path=split["y"]["path"],
+            names=names,
             options=options,
             storage_dtype=cfg.storage_dtype,
-            pure=False,
         )
     report = client.gather(measuring)
     chosen = next(r for r in report if (r["codec"], r["level"]) == (codec, level))

@@ -37,6 +37,8 @@ def test_overrides_parse_yaml_values():
         ("train.early_stopping_patience=0", "train.early_stopping_patience"),
         ("train.warmup_epochs=15", "shorter than train.epochs"),
         ("train.scheduler=linear", "train.scheduler"),
+        ("dask.memory_limit=1KiB", "dask.memory_limit"),
+        ("dask.memory_limit=lots", "dask.memory_limit"),
     ],
 )
 def test_bad_values_name_the_key(override, named):

@@ -147,6 +147,34 @@ def test_standardised_pca_keeps_the_components_a_table_needs(client, tmp_path):
     assert [r["variance_target"] for r in kept[True]["variance_table"]][-1] == 1.0
 
 
+def test_a_wide_table_runs_through_the_data_stages_and_encodes_a_row(client, tmp_path):
+    """2,000 count columns (text counts, sensors, genomics) on 60 rows: Dask used to turn the
+    column names, passed to every partition write and reduce pass, into a graph task its
+    scheduler could not order ("No valid workers found"); the served encoder took seconds
+    per row, converting column by column."""
+    import pandas as pd
+
+    from tasks.encoding import Encoder
+
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(1.0, (60, 2000))
+    frame = pd.DataFrame(counts, columns=[f"w{i}" for i in range(2000)])
+    frame["label"] = np.where(counts[:, :5].sum(1) > 5, "many", "few")
+    frame.to_csv(tmp_path / "wide.csv", index=False)
+    data = DataConfig(source=str(tmp_path / "wide.csv"), label="label")
+    ingested = run_stage(tmp_path, "ingest", "1", {}, [], lambda o: ingest_dataset(data, o, client))
+    parts = partition(tmp_path, ingested.manifest, PartitionConfig(), client).manifest
+    assert len(parts["feature_names"]) == 2000 and parts["splits"]["train"]["rows"] > 0
+    reduced = fit_reduction(parts, ReduceConfig(method="pca"), _stage_dir(tmp_path / "r"), client)
+    assert 0 < reduced["metrics"]["reduce/components"] < 2000
+    encoder = Encoder.load(ingested.manifest["encoder"]["path"])
+    row = frame.drop(columns="label").iloc[:1].astype(object)
+    row.loc[0, "w7"] = "n/a"  # text in a number column: missing, so the training median
+    encoded = encoder.transform(row)
+    assert encoded.shape == (1, 2000) and encoded[0, 8] == counts[0, 8]
+    assert encoded[0, 7] == encoder.fills["w7"]
+
+
 def test_auto_reduces_only_where_it_pays(partitioned, client, tmp_path):
     from tasks.reduce import passes_through
 
@@ -250,6 +278,24 @@ def test_float16_storage_halves_float_columns(client, tmp_path):
         np.abs(values["native"]), 1e-3
     )
     assert relative.max() < 1e-3  # lossy, but only in the fourth significant digit
+
+
+def _hold_more_than_the_cap(megabytes: int) -> int:
+    return int(np.ones(megabytes * 2**17).sum())  # float64: 8 bytes each, every page touched
+
+
+def test_workers_that_keep_dying_fail_the_stage_with_one_message():
+    """Without the message, a task too big for dask.memory_limit restarts worker after
+    worker until Dask gives up, and the user reads a scheduler traceback."""
+    import dask
+
+    from tasks.errors import ConfigError
+
+    cfg = DaskConfig(n_workers=1, memory_limit="300MiB")
+    dies = pytest.raises(ConfigError, match=r"dask\.memory_limit=300MiB\); raise dask\.memory")
+    give_up_at_once = dask.config.set({"distributed.scheduler.allowed-failures": 0})
+    with give_up_at_once, dies, dask_client(cfg) as small:
+        small.submit(_hold_more_than_the_cap, 600).result()
 
 
 KILL_SCRIPT = """

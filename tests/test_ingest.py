@@ -346,14 +346,26 @@ def test_declared_schema_selects_and_types_columns(digits_frame, tmp_path):
     )
 
 
-def test_single_class_label(digits_frame, tmp_path):
+def test_single_class_and_continuous_labels_are_named(digits_frame, tmp_path):
     frame = digits_frame.copy()
     frame["digit"] = "same"
     frame.to_csv(tmp_path / "d.csv", index=False)
     expect_error(
-        tmp_path,
+        tmp_path / "single",
         re.escape("the label has a single class ('same'); nothing to learn"),
         source=str(tmp_path / "d.csv"),
+        label="digit",
+    )
+    # a regression target: a value of its own on almost every row, not "unseen classes"
+    frame["digit"] = np.random.default_rng(0).normal(size=len(frame))
+    frame.to_csv(tmp_path / "c.csv", index=False)
+    expect_error(
+        tmp_path / "continuous",
+        re.escape(
+            f"the label column 'digit' looks continuous ({len(frame):,} distinct values in "
+            f"{len(frame):,} rows); accelflow classifies"
+        ),
+        source=str(tmp_path / "c.csv"),
         label="digit",
     )
 

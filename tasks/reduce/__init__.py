@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from conf.schema import PipelineConfig, ReduceConfig, reads_images
-from tasks.cluster import dask_client
+from tasks.cluster import dask_client, map_shared
 from tasks.progress import Progress, gather
 from tasks.reduce.pca import (
     apply_reduction,
@@ -65,7 +65,7 @@ def fit_reduction(partitions: Manifest, cfg: ReduceConfig, out: StageDir, client
     cluster. Return the manifest body, which says why it reduced or not."""
     columns, label = partitions["feature_names"], partitions["label"]
     train_files = [f["path"] for f in partitions["splits"]["train"]["files"]]
-    passing = client.map(partition_moments, train_files, columns=columns, pure=False)
+    passing = map_shared(client, partition_moments, train_files, columns=columns)
     with Progress("reduce", "PCA pass over train partitions", len(passing)) as progress:
         moments = gather(client, passing, progress, lambda m: f"{m[0]:,} rows")
     standardize = standardizes(cfg, partitions)
@@ -102,14 +102,14 @@ def fit_reduction(partitions: Manifest, cfg: ReduceConfig, out: StageDir, client
         out.path(name).mkdir()
         sources = [f["path"] for f in split["files"]]
         targets = [str(out.path(f"{name}/{Path(s).name}")) for s in sources]
-        projecting = client.map(
+        projecting = map_shared(
+            client,
             project_partition,
             sources,
             targets,
             columns=columns,
             label=label,
             reduction_path=reduction_path,
-            pure=False,
         )
         with Progress("reduce", f"{name} partitions projected", len(projecting)) as progress:
             written = gather(

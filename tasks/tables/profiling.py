@@ -83,6 +83,10 @@ def _two_values(values) -> list:
     return [first, *other.iloc[:1].tolist()]
 
 
+# Fewer distinct labels than this is a classification, however few the rows.
+CONTINUOUS_LABEL_MIN = 20
+
+
 @dataclass
 class Plan:
     """What the driver fixed after the profile pass, for the write pass."""
@@ -165,6 +169,13 @@ class TableProfile:
                 f"row {row}; fill or drop them first, or set data.missing: fill"
             )
         everything = self.labels[0] + self.labels[1] + self.labels[2]
+        rows = sum(everything.values())
+        if len(everything) > max(CONTINUOUS_LABEL_MIN, rows / 2):  # most rows, a value of their own
+            raise DataError(
+                f"{where}: the label column '{cfg.label}' looks continuous ({len(everything):,} "
+                f"distinct values in {rows:,} rows); accelflow classifies. Bin it into classes "
+                "first, or set data.label to a column of classes"
+            )
         if len(everything) < 2:
             raise DataError(
                 f"{where}: the label has a single class "
