@@ -259,6 +259,25 @@ def markdown_table(rows: dict[str, dict[str, Any]], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+WEAK_RECALL = 0.5  # a class the model finds less than half of the time
+
+
+def weak_classes(per_class: list[dict[str, Any]]) -> str:
+    """A line above the tables naming the classes the model mostly misses (rare classes
+    hide behind a high accuracy: 0.997 with two classes never predicted), or nothing."""
+    weak = [r for r in per_class if r["support"] and r["recall"] < WEAK_RECALL]
+    if not weak:
+        return ""
+    named = ", ".join(
+        f"`{r['class']}` {r['recall']:.2f} of {r['support']:,} rows"
+        for r in sorted(weak, key=lambda r: r["recall"])
+    )
+    return (
+        f"**Missed classes** (test recall under {WEAK_RECALL:.0%}): {named}. More rows of "
+        "them, or train.class_weight: balanced, usually help.\n\n"
+    )
+
+
 def per_class_table(results: dict[str, dict[str, Any]]) -> str:
     """Precision and recall of every class, for each scored model side by side."""
     names = list(results)
@@ -361,7 +380,7 @@ def evaluate_model(
         )
     overhead = results[chosen]["served_b256_ms"] / max(results[chosen]["latency_b256_ms"], 1e-9)
     summary = (
-        f"{table}\n\nChosen: **{chosen}**, by compress on the validation split (the test "
+        f"{weak_classes(results[chosen]['per_class'])}{table}\n\nChosen: **{chosen}**, by compress on the validation split (the test "
         f"split only reports: accuracy change {-drop:+.4f} on test); batch-256 latency ratio "
         f"baseline/compressed {speedup:.2f}×. "
         f"Served (`mlflow.pyfunc` predict on raw rows, 1 thread) at batch 256: "
@@ -385,6 +404,7 @@ def evaluate_model(
     metrics |= {
         "test/accuracy": results[chosen]["accuracy"],
         "test/macro_f1": results[chosen]["macro_f1"],
+        "test/min_recall": min(r["recall"] for r in results[chosen]["per_class"] if r["support"]),
         "test/log_loss": results[chosen]["log_loss"],
         "test/latency_b1_ms": results[chosen]["latency_b1_ms"],
         "test/latency_b256_ms": results[chosen]["latency_b256_ms"],
@@ -434,6 +454,7 @@ SPEC = StageSpec(
     headline={
         "test/accuracy": "higher",
         "test/macro_f1": "higher",
+        "test/min_recall": "higher",
         "test/log_loss": "lower",
         "baseline/accuracy": "higher",
         "reference/accuracy": "higher",

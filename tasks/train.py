@@ -194,6 +194,7 @@ def train_model(
         "result": result,
         "metrics": {
             "train/val_accuracy": result["val_accuracy"],
+            "train/val_macro_f1": result["val_macro_f1"],
             "train/seconds": result["seconds"],
             "train/world_size": world,
             "train/global_batch": cfg.batch_size * processes,

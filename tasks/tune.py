@@ -129,8 +129,16 @@ def make_pruner(cfg: TuneConfig):
     return optuna.pruners.NopPruner()
 
 
+VALIDATION = ("val_accuracy", "val_loss", "val_macro_f1")  # what every trial reports per epoch
+METRIC_NAMES = {
+    "val_accuracy": "val accuracy",
+    "val_loss": "val loss",
+    "val_macro_f1": "val macro-F1",
+}
+
+
 def direction(metric: str) -> str:
-    return "maximize" if metric == "val_accuracy" else "minimize"
+    return "minimize" if metric == "val_loss" else "maximize"
 
 
 # ---------------------------------------------------------------- one trial (on a Dask worker)
@@ -167,13 +175,11 @@ def run_trial(
     trial = optuna.trial.Trial(loaded, trial_id)
     curve: list[dict[str, float]] = []
 
-    def on_epoch(epoch: int, loss: float, val_loss: float, val_accuracy: float) -> None:
-        curve.append(
-            {"epoch": epoch, "loss": loss, "val_loss": val_loss, "val_accuracy": val_accuracy}
-        )
+    def on_epoch(epoch: int, loss: float, val: dict[str, float]) -> None:
+        curve.append({"epoch": epoch, "loss": loss, **val})
         if not math.isfinite(loss):
             raise Diverged(f"diverged: training loss {loss} at epoch {epoch}")
-        trial.report(val_accuracy if metric == "val_accuracy" else val_loss, epoch)
+        trial.report(val[metric], epoch)
         if trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
@@ -183,7 +189,7 @@ def run_trial(
     record: dict[str, Any] = {"state": "complete", "reason": ""}
     try:
         result = Trainer(spec, Rank(0, 1, device), on_epoch).run()
-        record.update(val_accuracy=result["val_accuracy"], val_loss=result["val_loss"])
+        record.update({k: result[k] for k in VALIDATION})
         if not math.isfinite(result[metric]):
             record.update(state="failed", reason=f"diverged: final {metric} {result[metric]}")
     except optuna.TrialPruned as exc:
@@ -217,7 +223,7 @@ def record_result(study, trial, record: dict[str, Any], metric: str) -> None:
     """Tell the study how the trial ended, keeping its figures in the storage."""
     from optuna.trial import TrialState
 
-    for key in ("reason", "seconds", "curve", "val_accuracy", "val_loss"):
+    for key in ("reason", "seconds", "curve", *VALIDATION):
         if key in record:
             trial.set_user_attr(key, record[key])
     if record["state"] == "complete":
@@ -403,6 +409,8 @@ def summarize(study, cfg: TuneConfig, out: StageDir, interrupted: int, seconds: 
         "tune/trials_failed": counts["failed"],
         "tune/seconds": seconds,
     }
+    if cfg.metric != "val_accuracy":  # what the search ranked by, beside the accuracy
+        metrics[f"tune/best_{cfg.metric}"] = best[cfg.metric]
     if default_ok:
         metrics["tune/default_val_accuracy"] = default["val_accuracy"]
         metrics["tune/gain"] = best["val_accuracy"] - default["val_accuracy"]
@@ -428,8 +436,13 @@ def summarize(study, cfg: TuneConfig, out: StageDir, interrupted: int, seconds: 
         "summary": (
             f"{len(rows)} trials ({counts['complete']} complete, {counts['pruned']} pruned, "
             f"{counts['failed']} failed) of {cfg.epochs} epochs on at most {cfg.max_rows} rows, "
-            f"{cfg.sampler} sampler, {cfg.pruner} pruner, {seconds:.1f} s. Best: {won} with val "
-            f"accuracy {best['val_accuracy']:.4f}; {compared}. Train uses: "
+            f"{cfg.sampler} sampler, {cfg.pruner} pruner, {seconds:.1f} s. Best: {won} with "
+            + (
+                f"{METRIC_NAMES[cfg.metric]} {best[cfg.metric]:.4f} and "
+                if cfg.metric != "val_accuracy"
+                else ""
+            )
+            + f"val accuracy {best['val_accuracy']:.4f}; {compared}. Train uses: "
             + ", ".join(f"{k}={v}" for k, v in sorted(best["params"].items()))
             + (
                 f". {interrupted} trial(s) interrupted by an earlier run were re-run"
@@ -524,7 +537,8 @@ def trial_run(trial: dict[str, Any], metric: str) -> ChildRun:
     curve = [
         (f"val/{k.removeprefix('val_')}", row[k], int(row["epoch"]))
         for row in trial["curve"]
-        for k in ("val_accuracy", "val_loss")
+        for k in VALIDATION
+        if k in row
     ]
     figures = [
         (f"trial/{k}", trial.get(k), 0) for k in dict.fromkeys((metric, "val_accuracy", "seconds"))

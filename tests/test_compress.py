@@ -328,7 +328,7 @@ def test_figures_summed_over_chunks_are_scikit_learn_s():
     whole split, a class that is never predicted or never present included."""
     from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-    from tasks.evaluate import class_figures, confusion_of
+    from tasks.evaluate import class_figures, confusion_of, weak_classes
 
     rng = np.random.default_rng(0)
     for n in (2, 5, 7):
@@ -343,3 +343,13 @@ def test_figures_summed_over_chunks_are_scikit_learn_s():
         )
         assert np.allclose(figures["precision"], precision)
         assert np.allclose(figures["recall"], recall)
+    # a class the model mostly misses is named above evaluate's tables; absent ones are not
+    rows = [
+        {"class": "common", "recall": 0.98, "support": 900},
+        {"class": "rare", "recall": 0.0, "support": 7},
+        {"class": "absent", "recall": 0.0, "support": 0},
+    ]
+    assert weak_classes(rows).startswith(
+        "**Missed classes** (test recall under 50%): `rare` 0.00 of 7 rows. "
+    )
+    assert weak_classes([{"class": "a", "recall": 0.9, "support": 3}]) == ""

@@ -3,6 +3,7 @@ each a nested MLflow run; the train stage trains with the best trial's settings.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -214,6 +215,7 @@ def test_a_search_killed_midway_resumes_with_its_finished_trials(digits_frame, t
         "tune.epochs=2",
         "tune.max_rows=null",
         "tune.pruner=none",
+        "tune.metric=val_macro_f1",  # rides along: the study maximises macro-F1
         "tune.space={lr: {type: float, low: 0.0001, high: 0.01, log: true}, "
         "batch_size: {type: categorical, choices: [8]}}",  # small batches: slow trials
         "train.epochs=1",
@@ -249,6 +251,12 @@ def test_a_search_killed_midway_resumes_with_its_finished_trials(digits_frame, t
     assert len(after) == 5  # the budget, completed
     assert {n: after[n] for n in before} == before  # the trials finished before the kill, kept
     assert "tune: trials" in again.stdout + again.stderr
+    manifest = json.loads(final.with_name("manifest.json").read_text())
+    best = manifest["leaderboard"][0]
+    assert (
+        best["val_macro_f1"] == max(after.values()) == manifest["metrics"]["tune/best_val_macro_f1"]
+    )
+    assert "val macro-F1" in manifest["summary"]
 
 
 def test_a_search_that_sees_no_signal_says_so():

@@ -226,8 +226,10 @@ class TuneConfig(Section):
     pruner: Literal["median", "asha", "none"] = Field(
         "median", description="stops poor trials after an epoch"
     )
-    metric: Literal["val_accuracy", "val_loss"] = Field(
-        "val_accuracy", description="what the search optimises, on the validation split"
+    metric: Literal["val_accuracy", "val_loss", "val_macro_f1"] = Field(
+        "val_accuracy",
+        description="what the search optimises, on the validation split (val_macro_f1: every "
+        "class weighs alike, for imbalanced tables)",
     )
     seed: int = Field(0, description="the sampler's seed")
     storage: str | None = Field(

@@ -121,11 +121,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 # ---------------------------------------------------------------- the loop
 
 
-EpochHook = Callable[[int, float, float, float], None]
+EpochHook = Callable[[int, float, dict[str, float]], None]  # epoch, loss, validation
 
 
 class Trainer:
-    """Trains `spec` on this rank. `on_epoch(epoch, loss, val_loss, val_accuracy)`, when
+    """Trains `spec` on this rank. `on_epoch(epoch, loss, {val_loss, val_accuracy, val_macro_f1})`, when
     given, is called after every epoch and may raise to stop (a tuning trial's pruner).
     Without `out_dir` / `checkpoint_dir` nothing is written (a trial keeps only its figures)."""
 
@@ -246,16 +246,35 @@ class Trainer:
         }
 
     @torch.no_grad()
-    def validate(self) -> tuple[float, float]:
+    def validate(self) -> dict[str, float]:
+        """Loss, accuracy and macro-F1 over the whole validation split (all ranks' shards):
+        macro-F1 weighs every class alike, so a rare class that is never predicted shows."""
         self.net.eval()
-        loss_sum, correct, count = 0.0, 0.0, 0
+        k = self.spec["arch"]["n_classes"]
+        loss_sum, count = 0.0, 0
+        per_class = torch.zeros(3, k, dtype=torch.float64, device=self.r.device)
         for xb, yb in self.val_split.batches(self.shard, 0, 4096, shuffle=False):
             logits = self.model(xb).float()
             loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
-            correct += (logits.argmax(1) == yb).sum().item()
+            predicted = logits.argmax(1)
+            per_class += torch.stack(  # per class: true positives, predicted, actual
+                [
+                    torch.bincount(yb[predicted == yb], minlength=k),
+                    torch.bincount(predicted, minlength=k),
+                    torch.bincount(yb, minlength=k),
+                ]
+            )
             count += len(yb)
-        loss_sum, correct, count = all_sum([loss_sum, correct, count], self.r)
-        return loss_sum / max(count, 1), correct / max(count, 1)
+        flat = all_sum([loss_sum, count, *per_class.flatten().tolist()], self.r)
+        loss_sum, count = flat[0], flat[1]
+        hits, predicted, actual = torch.tensor(flat[2:], dtype=torch.float64).reshape(3, k)
+        seen = actual > 0  # classes of this split (sklearn's macro-F1 over the labels present)
+        f1 = 2 * hits[seen] / (predicted[seen] + actual[seen]).clamp(min=1)
+        return {
+            "val_loss": loss_sum / max(count, 1),
+            "val_accuracy": float(hits.sum()) / max(count, 1),
+            "val_macro_f1": float(f1.mean()) if bool(seen.any()) else float("nan"),
+        }
 
     def save_checkpoint(self, opt, sched, masks, phase: int, epoch: int) -> None:
         if not self.r.is_main or self.ckpt is None:
@@ -323,11 +342,15 @@ class Trainer:
             for epoch in range(first, phase["epochs"]):
                 loss, speed = self.train_epoch(opt, sched, masks, global_epoch)
                 speed["lr"] = opt.param_groups[0]["lr"]
-                val_loss, val_acc = self.log_epoch(prefix, global_epoch, p, loss, speed, masks)
-                sched.epoch_end(val_loss)
+                val = self.log_epoch(prefix, global_epoch, p, loss, speed, masks)
+                sched.epoch_end(val["val_loss"])
                 if self.on_epoch:
-                    self.on_epoch(global_epoch, loss, val_loss, val_acc)
-                stop = stopper.update(val_acc, global_epoch, self.model) if stopper else False
+                    self.on_epoch(global_epoch, loss, val)
+                stop = (
+                    stopper.update(val["val_accuracy"], global_epoch, self.model)
+                    if stopper
+                    else False
+                )
                 self.save_checkpoint(opt, sched, masks, p, epoch)
                 global_epoch += 1
                 if stop:
@@ -336,14 +359,13 @@ class Trainer:
 
     def log_epoch(
         self, prefix: str, step: int, phase: int, loss: float, speed: dict[str, float], masks
-    ) -> tuple[float, float]:
-        """Validate, then log the epoch's row (rank 0); returns the validation loss, accuracy."""
-        val_loss, val_acc = self.validate()
+    ) -> dict[str, float]:
+        """Validate, then log the epoch's row (rank 0); returns the validation figures."""
+        val = self.validate()
         row = {
             f"{prefix}/loss": loss,
             **{f"{prefix}/{k}": v for k, v in speed.items()},
-            "val/loss": val_loss,
-            "val/accuracy": val_acc,
+            **{f"val/{k.removeprefix('val_')}": v for k, v in val.items()},
         }
         if masks:
             row[f"{prefix}/sparsity"] = sparsity_report(self.model)["sparsity"]
@@ -351,7 +373,7 @@ class Trainer:
         self.history.append({"epoch": step, "phase": phase, **row})
         if self.r.is_main and self.on_epoch is None:  # a trial reports through its hook
             print(json.dumps(self.history[-1]), flush=True)
-        return val_loss, val_acc
+        return val
 
     def bottleneck(self) -> dict[str, float]:
         """Mean step time and share of it spent waiting for data, over the epochs trained."""
@@ -372,10 +394,8 @@ class Trainer:
                 "best_epoch": self.stopper.best_epoch,
                 "stopped_epoch": self.stopper.stopped_epoch,
             }
-        val_loss, val_acc = self.validate()
         result = {
-            "val_accuracy": val_acc,
-            "val_loss": val_loss,
+            **self.validate(),
             "seconds": seconds,
             "world_size": self.r.world,
             "device": self.r.device.type,
