@@ -2,8 +2,9 @@
 
 Numeric columns keep their values (missing ones take the training median); string columns
 are categorical: one-hot up to `max_onehot` categories, else an integer code per category
-(most frequent first). Missing and unseen categories have their own slot, so scoring never
-fails on a value the training data lacked. The fitted state is plain JSON (no pickle) and
+(most frequent first), which the MLP turns into a learned embedding. Values with fewer than
+`min_frequency` training rows share the last code, `<rare>`, with values unseen in training,
+so scoring never fails on a value the training data lacked. The fitted state is plain JSON (no pickle) and
 travels with the registered model.
 """
 
@@ -24,10 +25,19 @@ class Encoder:
     fills: dict[str, float]
     categorical: dict[str, list[str]] = field(default_factory=dict)  # column → vocabulary
     onehot: list[str] = field(default_factory=list)  # categorical columns expanded one-hot
+    pooled: dict[str, int] = field(default_factory=dict)  # column → rare values in <rare>
 
     @property
     def raw_columns(self) -> list[str]:
         return [*self.numeric, *self.categorical]
+
+    def code_sizes(self) -> dict[str, int]:
+        """Each coded feature's number of codes (its vocabulary plus <rare>), for embeddings."""
+        return {
+            f"{column}#code": len(vocab) + 1
+            for column, vocab in self.categorical.items()
+            if column not in self.onehot
+        }
 
     @property
     def feature_names(self) -> list[str]:
@@ -116,13 +126,27 @@ def as_text(values):
 
 
 def fit_encoder(
-    fills: dict[str, float], counts: dict[str, dict[str, int]], max_onehot: int
+    fills: dict[str, float],
+    counts: dict[str, dict[str, int]],
+    max_onehot: int,
+    min_frequency: int = 1,
 ) -> Encoder:
     """From statistics of the training rows only (no leakage from val/test): the median of
-    each numeric column and the value counts of each categorical one."""
+    each numeric column and the value counts of each categorical one. A coded column keeps
+    the values seen at least `min_frequency` times; the rest share the <rare> code (an
+    embedding row trained on a handful of rows would be noise)."""
     # most frequent first; ties broken by the value itself, so the order is deterministic
     vocabularies = {
         column: sorted(c, key=lambda v, c=c: (-c[v], v)) for column, c in counts.items()
     }
     onehot = [c for c, vocab in vocabularies.items() if len(vocab) <= max_onehot]
-    return Encoder(numeric=list(fills), fills=fills, categorical=vocabularies, onehot=onehot)
+    pooled = {}
+    for column, vocab in vocabularies.items():
+        if column not in onehot:
+            kept = [v for v in vocab if counts[column][v] >= min_frequency]
+            if len(kept) < len(vocab):
+                pooled[column] = len(vocab) - len(kept)
+                vocabularies[column] = kept
+    return Encoder(
+        numeric=list(fills), fills=fills, categorical=vocabularies, onehot=onehot, pooled=pooled
+    )

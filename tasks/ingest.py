@@ -143,6 +143,7 @@ def ingest_dataset(
             table = ingest_table(cfg, fmt, out, c)
         extras = {
             "encoder": out.describe("encoder.json")[0],
+            "codes": table["codes"],  # coded categoricals → their number of codes (embeddings)
             "raw_example": out.describe("raw_example.parquet")[0],
             "quarantine": out.describe("quarantine.csv")[0] if table["quarantined"] else None,
             # the test split's cleaned raw rows (Parquet parts in row order), for scoring any

@@ -321,6 +321,7 @@ def partition_dataset(
         # what serving needs to score raw rows: the raw columns, the fitted encoder, an example
         "raw_columns": ingest.get("raw_columns", names),
         "encoder": ingest.get("encoder"),
+        "codes": ingest.get("codes", {}),
         "contract": ingest.get("contract"),  # the training data's contract (tasks/monitor.py)
         "raw_example": ingest.get("raw_example"),
         # the test rows exactly as the served model's encoder makes them from raw rows (full

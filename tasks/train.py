@@ -43,6 +43,18 @@ def split_files(features: Manifest, split: str) -> list[str]:
     return [f["path"] for f in features["splits"][split]["files"]]
 
 
+def embeddings(features: Manifest) -> list[list[int]]:
+    """[feature index, codes, width] per coded categorical the MLP embeds (entity embeddings,
+    Guo & Berkhahn 2016): width from the cardinality by fast.ai's rule of thumb
+    (1.6·n^0.56), capped at 32 so a CPU forward pass stays cheap."""
+    names = features["feature_names"]
+    return [
+        [names.index(name), n, min(32, round(1.6 * n**0.56))]
+        for name, n in (features.get("codes") or {}).items()
+        if name in names  # none after PCA: the projection mixed them into its components
+    ]
+
+
 def model_arch(features: Manifest, cfg: TrainConfig) -> dict[str, Any]:
     if needs_images(cfg.model) and not features.get("image_shape"):
         raise ConfigError(
@@ -56,6 +68,7 @@ def model_arch(features: Manifest, cfg: TrainConfig) -> dict[str, Any]:
         "hidden": cfg.hidden,
         "dropout": cfg.dropout,
         "image_shape": features.get("image_shape"),
+        **({"embeddings": embeddings(features)} if cfg.model == "mlp" else {}),
         **({"cell": cfg.cell} if cfg.model == "rnn" else {}),
         **({"heads": cfg.heads, "patch": cfg.patch} if cfg.model == "transformer" else {}),
     }

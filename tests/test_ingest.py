@@ -296,6 +296,7 @@ def test_categorical_columns_and_fills_are_fitted_on_train_and_reused(digits_fra
     frame = digits_frame.copy()
     frame["ink"] = np.where(frame["pixel_3_3"] > 8, "dark", "light")  # 2 categories → one-hot
     frame["writer"] = [f"w{i % 40}" for i in range(len(frame))]  # 40 categories → integer codes
+    frame.loc[:2, "writer"] = ["solo-a", "solo-b", "solo-c"]  # one row each: pooled as <rare>
     frame["const"] = "same"
     frame = frame.astype({"pixel_4_4": float})
     frame.loc[[3, 4], "pixel_4_4"] = np.nan
@@ -305,6 +306,10 @@ def test_categorical_columns_and_fills_are_fitted_on_train_and_reused(digits_fra
     encoder = Encoder.load(m["encoder"]["path"])
     assert set(encoder.categorical) == {"ink", "writer", "const"} and "writer" not in encoder.onehot
     assert "ink=dark" in m["feature_names"] and "writer#code" in m["feature_names"]
+    # values under data.min_frequency (5) share <rare>; the MLP embeds the codes
+    assert set(encoder.categorical["writer"]) == {f"w{i}" for i in range(40)}
+    assert 1 <= encoder.pooled["writer"] <= 3  # the solo values that fell in the train split
+    assert m["codes"] == {"writer#code": 41}
     assert m["metrics"]["data/missing_values_filled"] == 3
     assert any("'const' is constant" in w for w in m["warnings"])
     # the fill is the training median, not the whole file's

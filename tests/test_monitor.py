@@ -123,3 +123,11 @@ def test_drift_is_psi_on_the_contract_s_bins(table, contract, cluster, tmp_path)
     assert result["drift"][0]["column"] == "pixel_4_4"
     assert psi([0.5, 0.5], [0.5, 0.5]) == 0.0
     assert psi([0.5, 0.5], [0.9, 0.1]) == pytest.approx(0.4 * np.log(1.8) - 0.4 * np.log(0.2))
+    # 180 rows drawn from the very same 40 categories: noise, not drift, once bins expected
+    # to hold fewer than 5 of them are pooled; a real shift still shows
+    rng = np.random.default_rng(0)
+    expected = np.full(40, 1 / 40)
+    drawn = np.bincount(rng.integers(0, 40, 180), minlength=40) / 180
+    assert psi(expected, drawn) > 0.2 > 0.1 > psi(expected, drawn, rows=180)
+    shifted = np.bincount(rng.integers(0, 10, 180), minlength=40) / 180  # a quarter of them
+    assert psi(expected, shifted, rows=180) > 0.2

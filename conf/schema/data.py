@@ -41,7 +41,18 @@ class DataConfig(Section):
         description="rows with a missing label or a stray string in a number column: error "
         "names them, drop skips them, quarantine keeps them with a reason in the ingest output",
     )
-    max_onehot: int = Field(16, ge=1, description="categoricals with more values get integer codes")
+    max_onehot: int = Field(
+        16,
+        ge=1,
+        description="categoricals with more values get a learned embedding (mlp) fed by "
+        "integer codes",
+    )
+    min_frequency: int = Field(
+        5,
+        ge=1,
+        description="embedded categoricals: values with fewer training rows share one <rare> "
+        "code (with values unseen in training)",
+    )
     columns: dict[str, Literal["numeric", "categorical"]] | None = Field(
         None,
         description="a declared schema, e.g. {age: numeric, plan: categorical}: only these "

@@ -82,7 +82,8 @@ def slim_model(arch: dict[str, Any], weights: str, ratio: float, dest: Path) -> 
         example,
         importance=tp.importance.GroupMagnitudeImportance(p=2),
         pruning_ratio=ratio,
-        ignored_layers=[classifier(model)],  # the classes keep their outputs
+        # the classes keep their outputs; embedding widths are part of the spec, not pruned
+        ignored_layers=[classifier(model), *getattr(model, "embeddings", [])],
     ).step()
     slim = {**arch, **widths(model)}
     rebuilt = build_model(slim)

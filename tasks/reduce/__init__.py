@@ -45,13 +45,20 @@ def standardizes(cfg: ReduceConfig, partitions: Manifest) -> bool:
     )
 
 
-def passes_through(cfg: ReduceConfig, partitions: Manifest, image_model: bool) -> str | None:
+def passes_through(
+    cfg: ReduceConfig, partitions: Manifest, image_model: bool, embeds: bool = False
+) -> str | None:
     """Why no PCA is fitted at all (no cluster, no pass over the data), or None."""
     d = len(partitions["feature_names"])
     if cfg.method == "none":
         return "reduce.method: none"
     if cfg.method == "auto" and image_model:
         return "reduce.method auto: the image model needs the raw pixels"
+    if cfg.method == "auto" and embeds and partitions.get("codes") and not cfg.sweep:
+        return (
+            "reduce.method auto: the MLP learns an embedding for each coded categorical "
+            f"({', '.join(partitions['codes'])}); PCA would mix its codes into the numbers"
+        )
     if cfg.method == "auto" and d < cfg.auto_min_features and not cfg.sweep:
         return (
             f"reduce.method auto: {d} features is fewer than reduce.auto_min_features "
@@ -156,6 +163,7 @@ def skip_reduction(partitions: Manifest, why: str) -> dict[str, Any]:
         "label": partitions["label"],
         "classes": partitions["classes"],
         "image_shape": partitions["image_shape"],
+        "codes": partitions.get("codes", {}),  # the model embeds these columns' codes
         "reduction": None,
         "standardized": False,
         "why": why,
@@ -183,12 +191,15 @@ def reduce_key(cfg: PipelineConfig, inputs: Inputs) -> dict[str, Any]:
     return {
         **cfg.reduce.model_dump(mode="json"),
         "image_model": image_model(cfg, inputs["partition"]),
+        "embeds": cfg.train.model == "mlp",
     }
 
 
 def build_reduction(cfg: PipelineConfig, inputs: Inputs, out: StageDir, hooks: Hooks) -> dict:
     partitions = inputs["partition"]
-    skip = passes_through(cfg.reduce, partitions, image_model(cfg, partitions))
+    skip = passes_through(
+        cfg.reduce, partitions, image_model(cfg, partitions), cfg.train.model == "mlp"
+    )
     if skip:
         return skip_reduction(partitions, skip)
     with dask_client(cfg.dask) as client:

@@ -253,7 +253,7 @@ def plan(blocks: list[dict], schema: Schema, cfg: DataConfig, scratch: str | Non
         profile.add(i, result)
     classes, warnings = profile.check(cfg, schema)
     categories = {c: dict(profile.categories[c]) for c in schema.categorical}
-    encoder = fit_encoder(profile.fills(schema), categories, cfg.max_onehot)
+    encoder = fit_encoder(profile.fills(schema), categories, cfg.max_onehot, cfg.min_frequency)
     cutoffs = profile.cutoffs()
     quarantine = [b["quarantine"] for _, b in sorted(profile.per_block.items()) if b["quarantine"]]
     example = [row for _, row in profile.examples[2] or profile.examples[0]]

@@ -27,22 +27,50 @@ class Standardize(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, n_features: int, n_classes: int, hidden: list[int], dropout: float):
+    """`embeddings`: [feature index, codes, width] for each coded categorical: its integer
+    code picks a learned vector (entity embedding) instead of entering as a number whose
+    order means nothing. Code n-1 is <rare> (rare and unseen values)."""
+
+    def __init__(
+        self,
+        n_features: int,
+        n_classes: int,
+        hidden: list[int],
+        dropout: float,
+        embeddings: list[list[int]] | None = None,
+    ):
         super().__init__()
+        embeddings = embeddings or []
+        coded = [i for i, _, _ in embeddings]
+        dense = [i for i in range(n_features) if i not in set(coded)]
+        self.register_buffer("coded", torch.tensor(coded, dtype=torch.long), persistent=False)
+        self.register_buffer("dense", torch.tensor(dense, dtype=torch.long), persistent=False)
+        self.embeddings = nn.ModuleList(nn.Embedding(n, w) for _, n, w in embeddings)
         layers: list[nn.Module] = []
-        width = n_features
+        width = len(dense) + sum(w for _, _, w in embeddings)
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
             width = h
         self.standardize = Standardize(n_features)
         self.body = nn.Sequential(*layers, nn.Linear(width, n_classes))
 
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.standardize(x)
+        if not len(self.embeddings):
+            return z
+        codes = x[:, self.coded].round().long()
+        looked_up = [
+            table(codes[:, j].clamp(0, table.num_embeddings - 1))  # out of range: <rare>
+            for j, table in enumerate(self.embeddings)
+        ]
+        return torch.cat([z[:, self.dense], *looked_up], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.standardize(x))
+        return self.body(self.inputs(x))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The learned representation: the last hidden layer's activations."""
-        return self.body[:-1](self.standardize(x))
+        return self.body[:-1](self.inputs(x))
 
 
 CNN_CHANNELS = [32, 64]
@@ -217,7 +245,13 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
     """`arch` is the JSON-able description saved beside the weights (model.json)."""
     name = arch["model"]
     if name == "mlp":
-        return MLP(arch["n_features"], arch["n_classes"], arch["hidden"], arch["dropout"])
+        return MLP(
+            arch["n_features"],
+            arch["n_classes"],
+            arch["hidden"],
+            arch["dropout"],
+            arch.get("embeddings"),
+        )
     if name == "cnn":
         if not arch.get("image_shape"):
             raise ValueError(
