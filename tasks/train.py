@@ -126,6 +126,13 @@ def class_weights(features: Manifest, mode: str) -> list[float] | None:
     return [float(w) for w in weights]
 
 
+def class_draws(features: Manifest) -> list[float]:
+    """train.sampler: balanced: each training row's chance to be drawn, by its class
+    (1 / the class's rows), so every class is drawn equally often."""
+    counts = class_counts(features)
+    return [1.0 / c if c else 0.0 for c in counts.tolist()]
+
+
 def train_spec(
     features: Manifest, cfg: TrainConfig, out_dir: str | None, checkpoint_dir: str | None
 ) -> dict[str, Any]:
@@ -138,7 +145,11 @@ def train_spec(
         "arch": model_arch(features, cfg),
         "phases": [{"sparsity": None, "epochs": cfg.epochs, "lr": cfg.lr}],
         **{k: getattr(cfg, k) for k in OPTIM_KEYS},
-        "class_weights": class_weights(features, cfg.class_weight),
+        # one remedy for imbalance: a balanced sampler replaces the loss weights
+        "class_weights": class_weights(
+            features, "none" if cfg.sampler == "balanced" else cfg.class_weight
+        ),
+        "class_draws": class_draws(features) if cfg.sampler == "balanced" else None,
         "init_from": None,
         "out_dir": out_dir,
         "checkpoint_dir": checkpoint_dir,
@@ -235,6 +246,11 @@ def train_model(
             f"; loss weighted by class (train.class_weight: {cfg.class_weight}, weights "
             f"{min(spec['class_weights']):.2f}–{max(spec['class_weights']):.2f})"
             if spec["class_weights"]
+            else ""
+        )
+        + (
+            "; classes drawn equally often (train.sampler: balanced)"
+            if cfg.sampler == "balanced"
             else ""
         )
         + f": val accuracy {result['val_accuracy']:.4f} in "

@@ -571,3 +571,19 @@ def test_class_weights_balance_rare_classes_and_reach_the_loss(digits_parquet, t
         return losses[-1]
 
     assert loss(weights) != pytest.approx(loss(None), rel=1e-3)
+
+    # train.sampler: balanced draws the 8 rows of class 9 as often as any other class's
+    from tasks.train import class_draws
+    from tasks.training.data import Shard, open_split
+
+    spec = {"features": features, "label": "label", "seed": 0}
+    spec["class_draws"] = class_draws(manifest(rare_path))
+    split = open_split(spec, [rare_path], torch.device("cpu"), True, 1)
+    shard = Shard(0, 1, torch.device("cpu"), 0)
+    drawn = torch.cat([y for _, y in split.batches(shard, 0, 256)]).numpy()
+    shares = np.bincount(drawn, minlength=10) / len(drawn)
+    assert len(drawn) == len(labels := rare.column("label").to_numpy())
+    assert shares.min() > 0.07 and shares.max() < 0.13  # about a tenth each
+    assert (labels == 9).mean() < 0.01  # against 8 rows in the split
+    with pytest.raises(ValueError, match="train.sampler: balanced already draws"):
+        TrainConfig(sampler="balanced", class_weight="balanced")

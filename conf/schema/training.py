@@ -61,6 +61,11 @@ class TrainConfig(Section):
         description="weight each class's loss by n / (classes × its rows) (balanced); auto: "
         "balanced when the rarest training class has under a tenth of the largest's rows",
     )
+    sampler: Literal["shuffle", "balanced"] = Field(
+        "shuffle",
+        description="shuffle: every row once per epoch; balanced: rows drawn with replacement "
+        "so every class is drawn equally often (instead of class weights)",
+    )
     epochs: int = Field(15, ge=1, description="training epochs")
     batch_size: int = Field(256, ge=1, description="rows per step and process")
     resident_max_gb: float | Literal["auto"] = Field(
@@ -96,6 +101,15 @@ class TrainConfig(Section):
         if not v or any(w < 1 for w in v):
             raise ValueError("hidden must list at least one positive layer width")
         return v
+
+    @model_validator(mode="after")
+    def _one_imbalance_remedy(self) -> TrainConfig:
+        if self.sampler == "balanced" and self.class_weight == "balanced":
+            raise ValueError(
+                "train.sampler: balanced already draws every class equally often; with "
+                "train.class_weight: balanced the rare classes would count twice. Keep one"
+            )
+        return self
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainConfig:

@@ -102,6 +102,7 @@ class ResidentSplit:
     """The whole split as two tensors on the device."""
 
     mode = "resident"
+    class_draws: torch.Tensor | None = None  # train.sampler: balanced (open_split sets it)
 
     def __init__(self, files, features, label, device, rows: int | None = None, seed: int = 0):
         total = split_rows(files)
@@ -124,7 +125,11 @@ class ResidentSplit:
         n = len(self.X)
         if not shuffle:
             return torch.arange(n)[shard.rank :: shard.world].to(self.X.device)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(shard, epoch)))
+        g = torch.Generator().manual_seed(epoch_seed(shard, epoch))
+        if self.class_draws is not None:  # the same draw on every rank; each takes its share
+            order = drawn(self.y, self.class_draws, n + (-n) % shard.world, g)
+            return order[shard.rank :: shard.world].to(self.X.device)
+        order = torch.randperm(n, generator=g)
         if n % shard.world:
             order = torch.cat([order, order[: shard.world - n % shard.world]])
         return order[shard.rank :: shard.world].to(self.X.device)
@@ -145,6 +150,7 @@ class StreamedSplit:
     """The split read row group by row group: only this rank's share, reshuffled each epoch."""
 
     mode = "streaming"
+    class_draws: torch.Tensor | None = None
 
     def __init__(self, files, features, label, device):
         self.features, self.label, self.device = features, label, device
@@ -243,7 +249,10 @@ class StreamedSplit:
         for X, y in self.read_ahead(mine * laps, threading.Event()):
             if left_X is not None:  # the shuffle buffer: leftovers plus the new group
                 X, y = torch.cat([left_X, X]), torch.cat([left_y, y])
-            perm = torch.randperm(len(X), generator=g)
+            if self.class_draws is not None:  # balanced within each shuffle buffer
+                perm = drawn(y, self.class_draws, len(X), g)
+            else:
+                perm = torch.randperm(len(X), generator=g)
             X, y = X[perm], y[perm]
             full = len(X) // batch * batch
             for i in range(0, full, batch):
@@ -271,5 +280,15 @@ def open_split(
         memory_budget_bytes(device, processes_here) if limit in (None, "auto") else limit * 2**30
     )
     if rows is not None or split_bytes(files, len(features)) <= budget:
-        return ResidentSplit(files, features, label, device, rows, spec["seed"])
-    return StreamedSplit(files, features, label, device)
+        split = ResidentSplit(files, features, label, device, rows, spec["seed"])
+    else:
+        split = StreamedSplit(files, features, label, device)
+    draws = spec.get("class_draws") if training else None  # train.sampler: balanced
+    split.class_draws = torch.tensor(draws, dtype=torch.float64) if draws else None
+    return split
+
+
+def drawn(y: torch.Tensor, class_draws: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """`n` row positions of `y`, drawn with replacement, each row as likely as its class's
+    draw weight says (train.sampler: balanced): every class comes up equally often."""
+    return torch.multinomial(class_draws[y.cpu()], n, replacement=True, generator=g)
