@@ -34,7 +34,7 @@ class Encoder:
     def code_sizes(self) -> dict[str, int]:
         """Each coded feature's number of codes (its vocabulary plus <rare>), for embeddings."""
         return {
-            f"{column}#code": len(vocab) + 1
+            code_feature(column): len(vocab) + 1
             for column, vocab in self.categorical.items()
             if column not in self.onehot
         }
@@ -46,7 +46,7 @@ class Encoder:
             if column in self.onehot:
                 names += [f"{column}={v}" for v in vocab] + [f"{column}=<other>"]
             else:
-                names.append(f"{column}#code")
+                names.append(code_feature(column))
         return names
 
     def transform(self, frame) -> np.ndarray:
@@ -100,6 +100,11 @@ class Encoder:
     @classmethod
     def load(cls, path: Path) -> Encoder:
         return cls(**json.loads(Path(path).read_text()))
+
+
+def code_feature(column: str) -> str:
+    """The feature name of a coded categorical column (one integer code per value)."""
+    return f"{column}#code"
 
 
 def as_text(values):

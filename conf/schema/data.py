@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import (
@@ -78,16 +77,6 @@ class DataConfig(Section):
 # A Dask worker process holds ~150-250 MiB before its first task (measured: Python, pandas,
 # pyarrow); the stages that train in a worker also hold torch (~360 MiB, batch scoring).
 WORKER_FLOOR_MIB = 256
-UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20}
-UNITS |= {"g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12, "tib": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """'2GiB', '500MB', '1e9' → bytes, as Dask reads a memory limit."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
-    if not match or match[2] not in UNITS:
-        raise ValueError(f"{text!r} is not a size; write e.g. 2GiB or 500MB")
-    return int(float(match[1]) * UNITS[match[2]])
 
 
 class DaskConfig(Section):
@@ -110,7 +99,12 @@ class DaskConfig(Section):
         v = str(v)  # YAML reads 0 and 4e9 as numbers
         if v.strip().lower() == "auto":
             return v
-        size = parse_size(v)
+        from dask.utils import parse_bytes  # Dask's own reading of the limit
+
+        try:
+            size = parse_bytes(v)
+        except ValueError:
+            raise ValueError(f"{v!r} is not a size; write e.g. 2GiB or 500MB") from None
         if 0 < size < WORKER_FLOOR_MIB * 2**20:
             raise ValueError(
                 f"{v!r} is below {WORKER_FLOOR_MIB} MiB, what a Dask worker needs before any "

@@ -186,20 +186,23 @@ def image_model(cfg: PipelineConfig, partitions: Manifest) -> bool:
     return reads_images(cfg.train.model, partitions.get("image_shape"))
 
 
+def embeds_codes(cfg: PipelineConfig) -> bool:
+    """Whether the model learns embeddings from coded categoricals (then auto keeps them)."""
+    return cfg.train.model == "mlp"
+
+
 def reduce_key(cfg: PipelineConfig, inputs: Inputs) -> dict[str, Any]:
     # auto passes images through for an image model: the model is part of the decision
     return {
         **cfg.reduce.model_dump(mode="json"),
         "image_model": image_model(cfg, inputs["partition"]),
-        "embeds": cfg.train.model == "mlp",
+        "embeds": embeds_codes(cfg),
     }
 
 
 def build_reduction(cfg: PipelineConfig, inputs: Inputs, out: StageDir, hooks: Hooks) -> dict:
     partitions = inputs["partition"]
-    skip = passes_through(
-        cfg.reduce, partitions, image_model(cfg, partitions), cfg.train.model == "mlp"
-    )
+    skip = passes_through(cfg.reduce, partitions, image_model(cfg, partitions), embeds_codes(cfg))
     if skip:
         return skip_reduction(partitions, skip)
     with dask_client(cfg.dask) as client:
