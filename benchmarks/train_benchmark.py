@@ -176,8 +176,9 @@ def time_to_accuracy(folder: Path, only: list[str] | None = None) -> list[dict]:
             continue
         client = mlflow.MlflowClient(f"sqlite:///{store}")
         exp = client.get_experiment_by_name("accelflow").experiment_id
-        parent = client.search_runs([exp], order_by=["attributes.start_time DESC"], max_results=50)
-        parent = next(r for r in parent if r.info.run_name.startswith("pipeline-"))
+        parent = client.search_runs(
+            [exp], "tags.`accelflow.stage` = 'pipeline'", order_by=["attributes.start_time DESC"]
+        )[0]
         train = client.search_runs(
             [exp],
             f"tags.mlflow.parentRunId = '{parent.info.run_id}' and attributes.run_name = 'train'",

@@ -59,7 +59,7 @@ def accelflow_run(workdir: Path, sets: list[str]) -> dict:
     experiment = client.get_experiment_by_name("accelflow").experiment_id
     parent = client.search_runs(
         [experiment],
-        "tags.mlflow.runName LIKE 'pipeline-%'",
+        "tags.`accelflow.stage` = 'pipeline'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )[0]

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 from tasks.tracking import check_tracking, quiet_environment
 
@@ -154,11 +155,13 @@ def print_summary(result: dict, tracking_uri: str, seconds: float) -> None:
         for finding in monitored["findings"]:
             print(f"data contract ({finding['kind']}, {finding['action']}): {finding['line']}")
     print(f"Report: {result['report']}")
+    from conf.schema import model_link, run_link
+
     print("Review it in the MLflow UI:")
-    print(f"  mlflow ui --backend-store-uri {tracking_uri} --port 5000")
-    print(
-        f"  http://127.0.0.1:5000/#/experiments/{result['experiment_id']}/runs/{result['parent_run_id']}"
-    )
+    if not tracking_uri.startswith(("http://", "https://")):  # a store, no server: start one
+        print(f"  mlflow ui --backend-store-uri {tracking_uri} --port 5000")
+    print(f"  {run_link(tracking_uri, result['experiment_id'], result['parent_run_id'])}")
+    print(f"  {model_link(tracking_uri, p['model_name'], p['version'])}")
 
 
 def _die_with_parent() -> None:
@@ -185,10 +188,18 @@ def start_prefect_api() -> Future:
         done: Future = Future()
         done.set_result(None)
         return done
+    import fcntl
     import socket
     import subprocess
     import urllib.request
 
+    # Two runs started at once on a fresh machine would both migrate Prefect's database
+    # (alembic fails the second: "Online migration expected to match one row"): one server
+    # boots at a time, the lock held from launch until it answers.
+    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()  # Prefect's default
+    home.mkdir(parents=True, exist_ok=True)
+    boot_lock = open(home / ".accelflow-server-boot.lock", "w")  # noqa: SIM115 (closed below)
+    fcntl.flock(boot_lock, fcntl.LOCK_EX)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -232,13 +243,16 @@ def start_prefect_api() -> Future:
     )
 
     def wait_until_up(limit: float = 90.0) -> None:
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                urllib.request.urlopen(f"{api}/health", timeout=2).close()
-                return
-            except OSError:
-                time.sleep(0.1)
+        try:
+            deadline = time.monotonic() + limit
+            while time.monotonic() < deadline and server.poll() is None:
+                try:
+                    urllib.request.urlopen(f"{api}/health", timeout=2).close()
+                    return
+                except OSError:
+                    time.sleep(0.1)
+        finally:
+            boot_lock.close()  # releases the lock
         raise RuntimeError(
             f"the temporary Prefect server did not answer at {api} (exit code "
             f"{server.poll()}); start one with `prefect server start` and set "

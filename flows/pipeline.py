@@ -96,6 +96,7 @@ def run_stages(config: PipelineConfig) -> dict[str, Any]:
         if promotion.get("champion_accuracy") is not None:  # the champion on today's rows
             headline["gate/champion_accuracy"] = promotion["champion_accuracy"]
         mlflow.log_metrics(headline)
+        tracking.log_pipeline_inputs(outcomes["ingest"].manifest, outcomes["partition"].manifest)
         mlflow.set_tags(
             {
                 "accelflow.registered_version": promotion["version"],

@@ -410,6 +410,7 @@ def evaluate_model(
         "test/latency_b256_ms": results[chosen]["latency_b256_ms"],
         "test/served_latency_b1_ms": results[chosen]["served_b1_ms"],
         "test/served_latency_b256_ms": results[chosen]["served_b256_ms"],
+        "test/size_zstd_bytes": float(results[chosen]["size_zstd_bytes"]),
         "baseline/accuracy": results["baseline"]["accuracy"],
         "evaluate/accuracy_drop": drop,
         "evaluate/chosen_compressed": float(chosen == "compressed"),
@@ -462,6 +463,7 @@ SPEC = StageSpec(
         "test/latency_b256_ms": "lower",
         "test/served_latency_b1_ms": "lower",
         "test/served_latency_b256_ms": "lower",
+        "test/size_zstd_bytes": "lower",
     },
     datasets=(("partition", "test", "evaluation"),),
 )

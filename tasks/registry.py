@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from conf.schema import EvaluateConfig, RegistryConfig
+from conf.schema import EvaluateConfig, RegistryConfig, run_link
 from tasks.served.pyfunc import pyfunc_arguments
 from tasks.store import Manifest
 
@@ -276,7 +276,11 @@ def register_and_promote(
             where = "on the same test rows" if same_rows else "re-scored on today's test rows"
             why = f"against champion v{champion.version} ({where}): {why}"
     client.set_registered_model_alias(cfg.model_name, alias, version.version)
-    card = model_card(cfg.model_name, version.version, alias, why, evaluation, facts or {})
+    source = client.get_run(version.run_id).info  # the run that logged the model
+    links = {"MLflow run": run_link(mlflow.get_tracking_uri(), source.experiment_id, source.run_id)}
+    card = model_card(
+        cfg.model_name, version.version, alias, why, evaluation, {**(facts or {}), **links}
+    )
     client.update_model_version(cfg.model_name, version.version, description=card)
     return {
         "model_name": cfg.model_name,

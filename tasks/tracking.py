@@ -26,6 +26,7 @@ from conf.schema import (
     flatten,
     mask_secrets,
     mask_text,
+    run_link,
 )
 from tasks.errors import ConfigError, user_error_in
 from tasks.spec import ChildRun
@@ -155,6 +156,30 @@ def git_commit() -> str:
         return "unknown"
 
 
+def source_label(source: str) -> str:
+    """`digits` for /data/digits.csv.gz, `fashion-mnist` for an IDX folder: the last part of
+    the source's path without its extensions (a URL's query and credentials never shown)."""
+    from urllib.parse import urlsplit
+
+    path = urlsplit(source).path if "://" in source else source
+    name = Path(path.rstrip("/")).name or "data"
+    return name.split(".")[0] or name
+
+
+def readable_run_name(cfg: PipelineConfig, experiment_id: str) -> str:
+    """`digits · mlp · 1a2b3c4d`: the data, the model family and the config digest, with
+    ` #2`, ` #3`... for later runs of the same config, so each name in the runs table is unique."""
+    import mlflow
+
+    name = f"{source_label(cfg.data.source)} · {cfg.train.model} · {cfg.digest()[:8]}"
+    same = mlflow.search_runs(
+        [experiment_id],
+        f"tags.`accelflow.config_digest` = '{cfg.digest()}' AND tags.`accelflow.stage` = 'pipeline'",
+        output_format="list",
+    )
+    return f"{name} #{len(same) + 1}" if same else name
+
+
 @contextlib.contextmanager
 def pipeline_run(cfg: PipelineConfig, experiment_id: str) -> Iterator[str]:
     """The parent run: tags link it to the Prefect flow run, the code and the config."""
@@ -162,6 +187,7 @@ def pipeline_run(cfg: PipelineConfig, experiment_id: str) -> Iterator[str]:
     from prefect.runtime import deployment, flow_run
 
     tags = {
+        "accelflow.stage": "pipeline",  # what the runs table filters on to hide nested runs
         "accelflow.flow_run_id": str(flow_run.id or "none"),
         "accelflow.flow_run_name": str(flow_run.name or "none"),
         "accelflow.deployment": str(deployment.name or "none"),
@@ -170,7 +196,7 @@ def pipeline_run(cfg: PipelineConfig, experiment_id: str) -> Iterator[str]:
         "mlflow.source.name": "flows/pipeline.py",  # not Prefect's engine module
     }
     with mlflow.start_run(
-        experiment_id=experiment_id, run_name=f"pipeline-{cfg.digest()[:8]}", tags=tags
+        experiment_id=experiment_id, run_name=readable_run_name(cfg, experiment_id), tags=tags
     ) as run:
         mlflow.log_params(cfg.flat())
         mlflow.log_text(_yaml(cfg), "config/pipeline.yaml")
@@ -223,9 +249,11 @@ def publish(stage: str, outcome: StageOutcome) -> None:
     ran = "cached" if outcome.cached else "ran"
     summary = mask_text(f"### {stage}\n\n{ran}: {outcome.reason}\n\n{m.get('summary', '')}\n")
     mlflow.log_text(summary, f"{stage}/summary.md")
+    run = mlflow.active_run().info
+    link = run_link(mlflow.get_tracking_uri(), run.experiment_id, run.run_id)
     _prefect_artifact(
         "create_markdown_artifact",
-        markdown=summary,
+        markdown=f"{summary}\n[This stage's MLflow run]({link})\n",
         key=f"accelflow-{stage}",
         description=f"{stage} summary",
     )
@@ -293,6 +321,15 @@ def log_source(source: str, fingerprint: list[list]) -> None:
         return
     dataset = MetaDataset(source=located, name="source", digest=config_digest(fingerprint))
     _log_input(dataset, "source")
+
+
+def log_pipeline_inputs(ingested: Manifest, partitions: Manifest) -> None:
+    """On the parent run, the run a reviewer opens first: the source it read and the three
+    splits it made, with their digests (the stage runs carry the same)."""
+    if ingested.get("source"):
+        log_source(ingested["source"]["uri"], ingested["source"]["fingerprint"])
+    for split in ("train", "val", "test"):
+        log_dataset(partitions, split, context=split)
 
 
 def _log_input(dataset, context: str) -> None:
@@ -443,6 +480,7 @@ def flag_regression(parent_run_id: str, cfg: PipelineConfig) -> dict[str, Any]:
             cfg,
             {
                 "run_id": parent_run_id,
+                "run_url": parent_link(parent_run_id),
                 "previous_run_id": result["previous"],
                 "why": result["why"],
                 "accuracy_drop": result["accuracy_drop"],
@@ -450,6 +488,14 @@ def flag_regression(parent_run_id: str, cfg: PipelineConfig) -> dict[str, Any]:
             },
         )
     return result
+
+
+def parent_link(parent_run_id: str) -> str:
+    """The pipeline run's page in the MLflow UI (model-training view), for alert messages."""
+    import mlflow
+
+    run = mlflow.MlflowClient().get_run(parent_run_id).info
+    return run_link(mlflow.get_tracking_uri(), run.experiment_id, parent_run_id)
 
 
 def emit(event: str, cfg: PipelineConfig, payload: dict[str, Any]) -> None:
@@ -497,6 +543,7 @@ def flag_drift(parent_run_id: str, cfg: PipelineConfig, result: dict[str, Any] |
         cfg,
         {
             "run_id": parent_run_id,
+            "run_url": parent_link(parent_run_id),
             "champion": result["champion"],
             "columns": drifted,
             "psi": {c: psi[c] for c in drifted},

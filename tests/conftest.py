@@ -190,9 +190,13 @@ def make_config(tmp_path: Path, source: Path | str, *overrides: str) -> Pipeline
         f"workdir={tmp_path / 'work'}",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "train.epochs=3",
+        # one rank: each DDP rank is a process importing torch; the CLI runs, the deployed
+        # and cluster runs and test_training's DDP tests keep two
+        "train.world_size=1",
         "compress.finetune_epochs=1",
         "compress.recipe=[magnitude]",  # one recipe (50%); the compress tests sweep
         "dask.memory_limit=1GiB",
+        "dask.n_workers=1",  # small tables; each worker is a process importing the stack
         "evaluate.latency_repeats=3",  # the fewest: no test here asserts a latency's precision
         "tune.enabled=false",  # the tune tests switch it on
         "evaluate.reference=none",  # the alerts tests' runs fit the gradient-boosting reference

@@ -132,6 +132,8 @@ def test_two_runs_at_once_on_one_workdir_and_store_both_finish(digits_csv, tmp_p
         "tune.enabled=false",
         "compress.recipe=[]",  # compress still builds (the trained model kept) under its lock
         "evaluate.latency_repeats=3",
+        "dask.n_workers=1",  # two runs at once on 2 cores: one worker, one rank each
+        "train.world_size=1",
     ]
     argv = [*CLI, "run", *[a for s in sets for a in ("--set", s)]]
     runs = [
@@ -167,10 +169,27 @@ def test_two_runs_at_once_on_one_workdir_and_store_both_finish(digits_csv, tmp_p
     assert all("Registered accelflow-classifier v1 as 'champion'" in out for out, _ in outputs)
 
 
+def finished_trials(journal: Path) -> dict[int, float | None]:
+    """Trial number → value of every finished trial in a study's journal file."""
+    import optuna
+
+    from tasks.tune import INTERRUPTED, open_storage
+
+    storage = open_storage({"storage": str(journal)})
+    (name,) = optuna.get_all_study_names(storage)
+    study = optuna.load_study(study_name=name, storage=storage)
+    return {
+        t.number: t.value
+        for t in study.trials
+        if t.state.is_finished() and t.user_attrs.get("reason") != INTERRUPTED
+    }
+
+
 @pytest.mark.slow
-def test_a_run_killed_during_training_resumes_where_it_stopped(digits_csv, tmp_path):
-    """SIGKILL the whole `accelflow run` (Prefect, Dask, DDP workers) after some epochs: the
-    next run reuses the finished stages and trains only the epochs that were not done."""
+def test_a_killed_run_resumes_its_search_then_its_training(digits_csv, tmp_path):
+    """SIGKILL the whole `accelflow run` (Prefect, Dask, DDP workers) twice: mid-search, then
+    mid-training. Each next run keeps what was finished: the search its finished trials
+    (the study maximises macro-F1), the training its epochs up to the last checkpoint."""
     import json
     import os
     import signal
@@ -181,45 +200,92 @@ def test_a_run_killed_during_training_resumes_where_it_stopped(digits_csv, tmp_p
         "data.label=digit",
         f"workdir={tmp_path / 'w'}",
         f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+        "tune.enabled=true",
+        "tune.trials=5",
+        "tune.parallel=2",
+        "tune.epochs=2",
+        "tune.max_rows=null",
+        "tune.pruner=none",
+        "tune.metric=val_macro_f1",
+        "tune.space={lr: {type: float, low: 0.0001, high: 0.01, log: true}}",
         "train.epochs=12",
-        "train.batch_size=8",
+        "train.batch_size=8",  # small batches: slow trials and epochs, so each kill lands mid-way
         "train.hidden=[512, 512]",
         "compress.recipe=[]",
-        "tune.enabled=false",
+        "evaluate.latency_repeats=3",
     ]
     argv = [*CLI, "run", *[a for s in sets for a in ("--set", s)]]
-    first = subprocess.Popen(
-        argv,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=tmp_path,
-        start_new_session=True,
+    work = tmp_path / "w"
+
+    def run_until(reached, what: str) -> None:
+        """Start the run, SIGKILL its whole process group once `reached()` holds."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        run = subprocess.Popen(
+            argv,
+            env=env,
+            cwd=tmp_path,
+            start_new_session=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        deadline, hit = time.monotonic() + 300, False
+        try:
+            while time.monotonic() < deadline and run.poll() is None and not hit:
+                hit = reached()
+                time.sleep(0.1)
+        finally:
+            os.killpg(run.pid, signal.SIGKILL)  # the run, its Dask workers, its Prefect server
+            run.wait(30)
+        assert hit, f"never {what}: " + run.stdout.read().decode()[-3000:]
+
+    def journal(partial: bool) -> Path | None:
+        return next(
+            iter((work / "tune").glob(f"{'.partial-' if partial else ''}*/study.journal")), None
+        )
+
+    # 1: killed once two trials have finished
+    run_until(
+        lambda: (j := journal(True)) is not None and len(finished_trials(j)) >= 2,
+        "finished two trials",
     )
-    checkpoints, deadline = tmp_path / "w" / "train", time.time() + 300
-    while time.time() < deadline and not list(checkpoints.glob(".partial-*/checkpoints/last.pt")):
-        time.sleep(0.1)
-    time.sleep(1.5)  # a few more epochs
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(30)
+    before = finished_trials(journal(True))
+    assert 2 <= len(before) < 5
+
+    # 2: the search completes with those trials kept; killed a few epochs into training
+    def training_checkpointed() -> bool:
+        if not list((work / "train").glob(".partial-*/checkpoints/last.pt")):
+            return False
+        time.sleep(1.5)  # a few more epochs
+        return True
+
+    run_until(training_checkpointed, "checkpointed the training")
     time.sleep(1)  # the DDP workers run in sessions of their own: they must die with the run
-    survivors = [p for p in Path("/proc").glob("[0-9]*/cmdline") if _reads(p, str(tmp_path / "w"))]
+    survivors = [p for p in Path("/proc").glob("[0-9]*/cmdline") if _reads(p, str(work))]
     assert not survivors, "training workers outlived the killed run"
-    (partial,) = checkpoints.glob(".partial-*")
-    done_before = (
-        json.loads((partial / "history.json").read_text())
-        if (partial / "history.json").exists()
-        else None
+    after = finished_trials(journal(False))
+    assert len(after) == 5  # the budget, completed
+    assert {n: after[n] for n in before} == before  # the trials finished before the kill, kept
+    manifest = json.loads(journal(False).with_name("manifest.json").read_text())
+    best = manifest["leaderboard"][0]
+    assert (
+        best["val_macro_f1"] == max(after.values()) == manifest["metrics"]["tune/best_val_macro_f1"]
     )
-    assert done_before is None  # it really died mid-training
-    second = accelflow("run", *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
-    assert second.returncode == 0, second.stderr[-3000:]
-    for stage in ("ingest", "partition", "reduce"):
-        assert re.search(rf"^ {stage}\s+\| cached", second.stdout, re.MULTILINE), stage
-    assert re.search(r"^ train\s+\| ran", second.stdout, re.MULTILINE)
-    (trained,) = [p for p in checkpoints.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert "val macro-F1" in manifest["summary"]
+    (partial,) = (work / "train").glob(".partial-*")
+    assert not (partial / "history.json").exists()  # it really died mid-training
+
+    # 3: everything before train is reused; train runs only the epochs that were not done
+    third = accelflow("run", *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
+    assert third.returncode == 0, third.stderr[-3000:]
+    for stage in ("ingest", "partition", "reduce", "tune"):
+        assert re.search(rf"^ {stage}\s+\| cached", third.stdout, re.MULTILINE), stage
+    assert re.search(r"^ train\s+\| ran", third.stdout, re.MULTILINE)
+    (trained,) = [
+        p for p in (work / "train").iterdir() if p.is_dir() and not p.name.startswith(".")
+    ]
     log = (trained / "train.log").read_text()
     ran = [json.loads(line)["epoch"] for line in log.splitlines() if line.startswith('{"epoch"')]
-    assert ran and ran[0] > 0 and ran[-1] == 11  # the second run trained only what was left
+    assert ran and ran[0] > 0 and ran[-1] == 11  # the third run trained only what was left
     history = json.loads((trained / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(12))
 
@@ -323,8 +389,11 @@ def test_errors_met_inside_the_flow_are_one_paragraph_too(tmp_path, rows, expect
 @pytest.mark.slow
 def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
     """The user's path with a real-world table: string labels, a categorical column, missing
-    values and a bad row, through the CLI, local Prefect and a sqlite MLflow store. The
-    registered model then scores raw rows with the accuracy evaluate logged."""
+    values and a bad row, through the CLI, local Prefect and a sqlite MLflow store, training
+    streamed from the Parquet row groups (real DDP ranks). The registered model then scores
+    raw rows with the accuracy evaluate logged."""
+    import json
+
     import mlflow
     import numpy as np
     from mlflow import MlflowClient
@@ -347,6 +416,7 @@ def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
         "train.hidden=[128]",
         "reduce.method=pca",  # standardised PCA on the way to serving, not auto's pass-through
         "train.batch_size=32",
+        "train.resident_max_gb=0.00001",  # 10 KiB: streamed from its row groups, as a large table is
         "compress.finetune_epochs=1",
         "tune.enabled=false",
         "evaluate.latency_repeats=3",  # the default sweep, measured briefly
@@ -369,6 +439,9 @@ def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
     ):
         steps = [x for x in lines if re.search(rf" - {stage}: {what} \d+/{last} \| ", x)]
         assert steps and re.search(r"elapsed, eta 0s$", steps[-1]), (stage, lines[-60:])
+    (trained,) = (tmp_path / "work" / "train").glob("*/manifest.json")
+    metrics = json.loads(trained.read_text())["metrics"]
+    assert metrics["train/streamed"] and metrics["train/world_size"] == 2
     epoch = next(x for x in lines if " - train: epochs 5/5 | " in x)
     assert re.search(
         r"loss \d\.\d{4}, val loss \d\.\d{4}, val acc \d\.\d{4}, samples/s [\d,]+", epoch
@@ -382,7 +455,7 @@ def test_run_on_a_messy_csv_end_to_end(digits_frame, tmp_path):
     client = MlflowClient(cfg.tracking.uri)
     parent = client.search_runs(
         [client.get_experiment_by_name("accelflow").experiment_id],
-        "tags.mlflow.runName LIKE 'pipeline-%'",
+        "tags.`accelflow.stage` = 'pipeline'",
     )[0]
     assert float((predictions == raw_y).mean()) == pytest.approx(
         parent.data.metrics["test/accuracy"], abs=1e-9

@@ -112,3 +112,20 @@ def test_the_configuration_reference_is_generated_from_the_schema_and_current():
             # (entries of a documented dict key)
             assert f"`{key}`" in page.read_text(), key
     assert "|  |" not in render()  # no key without a description
+
+
+def test_links_open_the_model_training_view_without_credentials():
+    from conf.schema import model_link, run_link
+    from tasks.tracking import source_label
+
+    assert run_link("sqlite:///m.db", "1", "abc") == (
+        "http://127.0.0.1:5000/#/experiments/1/runs/abc?workflowType=machine_learning"
+    )
+    served = run_link("https://user:secret@mlflow.example.com:8443/", "2", "abc")
+    assert served.startswith("https://mlflow.example.com:8443/#/experiments/2/runs/abc?")
+    assert "secret" not in served
+    assert model_link("http://h:5000", "m", "3").endswith(
+        "/#/models/m/versions/3?workflowType=machine_learning"
+    )
+    assert source_label("/data/digits.csv.gz") == "digits"
+    assert source_label("s3://key:secret@bucket/nightly/fashion-mnist/?x=1") == "fashion-mnist"

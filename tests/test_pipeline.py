@@ -39,6 +39,16 @@ def test_parent_run_and_seven_stage_runs_with_their_metrics(first_run):
     assert parent.info.status == "FINISHED"
     tags = parent.data.tags
     assert tags["accelflow.config_digest"] == cfg.digest()
+    # a name a person can read in the runs table: the data, the model family, the config
+    assert parent.info.run_name == f"{Path(cfg.data.source).name} · mlp · {cfg.digest()[:8]}"
+    assert tags["accelflow.stage"] == "pipeline"
+    # its Datasets: what it read and the splits it made, each with its context
+    inputs = {
+        (d.dataset.name, {t.key: t.value for t in d.tags}.get("mlflow.data.context"))
+        for d in parent.inputs.dataset_inputs
+    }
+    splits = {(f"partition-{s}", s) for s in ("train", "val", "test")}
+    assert {("source", "source"), *splits} <= inputs, inputs
     from prefect import get_client
 
     with get_client(sync_client=True) as prefect:
@@ -130,6 +140,7 @@ def test_champion_scores_raw_test_pixels_with_the_logged_accuracy(first_run, fmn
         model.predict(frame.head(3).astype({"pixel_7": object}).assign(pixel_7="dark"))
     headline = result["headline"]
     assert headline["test/latency_b256_ms"] > 0 and headline["test/served_latency_b256_ms"] > 0
+    assert headline["test/size_zstd_bytes"] > 0
     # the version's model card: what it is, what it was tested on, why it holds its alias
     card = (
         MlflowClient(cfg.tracking.uri)
@@ -139,6 +150,9 @@ def test_champion_scores_raw_test_pixels_with_the_logged_accuracy(first_run, fmn
     assert card.startswith(f"### {cfg.registry.model_name} v1: `champion`")
     assert "**gate**: no champion yet" in card
     assert f"accuracy {logged:.4f}" in card and "**data**" in card and "**features**" in card
+    # and a link to the run that logged it, opening MLflow's model-training view
+    version = MlflowClient(cfg.tracking.uri).get_model_version(cfg.registry.model_name, "1")
+    assert f"/runs/{version.run_id}?workflowType=machine_learning" in card
 
 
 def test_validation_chooses_and_the_test_split_only_reports(first_run):
@@ -153,6 +167,9 @@ def test_rerun_is_all_cache_hits_and_reuses_the_registered_version(first_run):
     cfg, result = first_run
     again = pipeline(cfg)
     assert [row["status"] for row in again["stages"]] == ["cached"] * 7
+    client = MlflowClient(cfg.tracking.uri)
+    first_name = client.get_run(result["parent_run_id"]).info.run_name
+    assert client.get_run(again["parent_run_id"]).info.run_name == f"{first_name} #2"  # unique
     assert again["promotion"]["version"] == result["promotion"]["version"]
     runs = stage_runs(MlflowClient(cfg.tracking.uri), again["parent_run_id"])
     assert all(run.data.tags["accelflow.cached"] == "true" for run in runs.values())

@@ -42,6 +42,9 @@ from conf.schema.outcome import (
     MonitorConfig,
     RegistryConfig,
     TrackingConfig,
+    model_link,
+    run_link,
+    ui_base,
 )
 from conf.schema.pipeline import PipelineConfig
 from conf.schema.training import UNTUNABLE, SearchDimension, TrainConfig, TuneConfig, default_space
@@ -82,6 +85,9 @@ __all__ = [
     "load_config",
     "mask_secrets",
     "mask_text",
+    "model_link",
+    "run_link",
+    "ui_base",
     "needs_images",
     "profile_path",
     "reads_images",

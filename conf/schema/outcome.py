@@ -113,6 +113,32 @@ class TrackingConfig(Section):
     experiment: str = Field("accelflow", description="the MLflow experiment")
 
 
+# MLflow 3's UI opens a run in its GenAI view unless the link asks for the model-training one
+UI_VIEW = "workflowType=machine_learning"
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a file or sqlite store
+
+
+def ui_base(tracking_uri: str) -> str:
+    """The UI's address for a store: a tracking server's own (credentials removed), else
+    the local `mlflow ui` the CLI tells the user to start."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(tracking_uri)
+    if parts.scheme not in ("http", "https"):
+        return LOCAL_UI
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def run_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}?{UI_VIEW}"
+
+
+def model_link(tracking_uri: str, name: str, version: str) -> str:
+    return f"{ui_base(tracking_uri)}/#/models/{name}/versions/{version}?{UI_VIEW}"
+
+
 class RegistryConfig(Section):
     model_name: str = Field(
         "accelflow-classifier", description="the registered model (aliases champion, challenger)"
