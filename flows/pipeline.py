@@ -83,6 +83,9 @@ def run_stages(config: PipelineConfig) -> dict[str, Any]:
         for spec in STAGES:  # in DAG order: every stage's inputs have run before it
             inputs = {name: outcomes[name].manifest for name in spec.inputs}
             outcomes[spec.name] = steps.TASKS[spec.name](spec.name, config, parent, inputs)
+            if spec.name == "ingest" and config.train.model == "auto":  # now the data is known
+                config = config.with_model_for(outcomes["ingest"].manifest.get("image_shape"))
+                tracking.name_model(parent, config.train.model)
         headline = {
             metric: outcomes[spec.name].manifest["metrics"][metric]
             for spec in STAGES

@@ -180,6 +180,16 @@ def readable_run_name(cfg: PipelineConfig, experiment_id: str) -> str:
     return f"{name} #{len(same) + 1}" if same else name
 
 
+def name_model(parent_run_id: str, model: str) -> None:
+    """`train.model: auto` decided: the run's name and a tag say which model it trains."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    name = client.get_run(parent_run_id).info.run_name
+    client.set_tag(parent_run_id, "mlflow.runName", name.replace(" · auto · ", f" · {model} · ", 1))
+    client.set_tag(parent_run_id, "accelflow.model", model)
+
+
 @contextlib.contextmanager
 def pipeline_run(cfg: PipelineConfig, experiment_id: str) -> Iterator[str]:
     """The parent run: tags link it to the Prefect flow run, the code and the config."""
@@ -188,6 +198,7 @@ def pipeline_run(cfg: PipelineConfig, experiment_id: str) -> Iterator[str]:
 
     tags = {
         "accelflow.stage": "pipeline",  # what the runs table filters on to hide nested runs
+        "accelflow.model": cfg.train.model,  # auto: replaced by the model ingest's data decides
         "accelflow.flow_run_id": str(flow_run.id or "none"),
         "accelflow.flow_run_name": str(flow_run.name or "none"),
         "accelflow.deployment": str(deployment.name or "none"),

@@ -69,6 +69,7 @@ def model_arch(features: Manifest, cfg: TrainConfig) -> dict[str, Any]:
         "dropout": cfg.dropout,
         "image_shape": features.get("image_shape"),
         **({"embeddings": embeddings(features)} if cfg.model == "mlp" else {}),
+        **({"channels": cfg.channels} if cfg.model == "cnn" else {}),
         **({"cell": cfg.cell} if cfg.model == "rnn" else {}),
         **({"heads": cfg.heads, "patch": cfg.patch} if cfg.model == "transformer" else {}),
     }

@@ -129,3 +129,16 @@ def test_links_open_the_model_training_view_without_credentials():
     )
     assert source_label("/data/digits.csv.gz") == "digits"
     assert source_label("s3://key:secret@bucket/nightly/fashion-mnist/?x=1") == "fashion-mnist"
+
+
+def test_model_auto_is_the_cnn_for_images_and_the_mlp_for_tables_and_pca():
+    cfg = load_config(None, ["train.model=auto"])
+    assert cfg.compress.sweep is None  # derived once the model is decided, after ingest
+    images = cfg.with_model_for([1, 28, 28])
+    assert images.train.model == "cnn"
+    assert images.compress.sweep.recipes[0] == ["structured"]  # derived for the CNN now
+    assert cfg.with_model_for(None).train.model == "mlp"
+    pca = load_config(None, ["train.model=auto", "reduce.method=pca"])
+    assert pca.with_model_for([1, 28, 28]).train.model == "mlp"  # PCA features: the MLP
+    named = load_config(None, ["train.model=rnn"])
+    assert named.with_model_for([1, 28, 28]) is named

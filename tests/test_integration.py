@@ -46,6 +46,7 @@ SMALL = [
     "compress.recipe=[]",  # compression has its own tests; these are about the services
     "evaluate.latency_repeats=3",
     "tune.enabled=false",  # the cluster profile's test runs the search, on PostgreSQL
+    "train.model=auto",  # decided after ingest: the CNN for these images
 ]
 
 
@@ -160,6 +161,12 @@ def test_prefect_deployment_run_completes_and_lands_in_mlflow(stack, deployed_ru
     assert set(stages) == STAGES
     assert parent.data.metrics["test/accuracy"] > 0.5
     assert parent.data.params["data.max_rows"] == "1500"
+    # train.model auto, decided once ingest read the data: the CNN for these images
+    assert (
+        parent.data.params["train.model"] == "auto" and parent.data.tags["accelflow.model"] == "cnn"
+    )
+    assert " · cnn · " in parent.info.run_name
+    assert stages["train"].data.params["train.model"] == "cnn"
     inspect = serve.prefect_cli(["flow-run", "inspect", flow_run_id], stack["api"]).stdout
     assert re.search(r"name='accelflow-[0-9a-f]{8}'", inspect), (
         inspect
@@ -391,6 +398,7 @@ def test_cluster_profile_runs_on_separate_dask_mlflow_and_prefect_processes(
             "OPTUNA_STORAGE": postgres_databases["optuna"],
         }
         tuning = ["tune.enabled=true", "tune.trials=3", "tune.epochs=2", "tune.max_rows=600"]
+        tuning.append("train.model=mlp")  # on PCA features, so reduce's passes run on the cluster
         sets = [arg for o in [*SMALL, *tuning] for arg in ("--set", o)]
         out = subprocess.run(
             [sys.executable, "-m", "flows.cli", "run", "--profile", "cluster", *sets],

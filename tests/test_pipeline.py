@@ -41,7 +41,7 @@ def test_parent_run_and_seven_stage_runs_with_their_metrics(first_run):
     assert tags["accelflow.config_digest"] == cfg.digest()
     # a name a person can read in the runs table: the data, the model family, the config
     assert parent.info.run_name == f"{Path(cfg.data.source).name} · mlp · {cfg.digest()[:8]}"
-    assert tags["accelflow.stage"] == "pipeline"
+    assert tags["accelflow.stage"] == "pipeline" and tags["accelflow.model"] == "mlp"
     # its Datasets: what it read and the splits it made, each with its context
     inputs = {
         (d.dataset.name, {t.key: t.value for t in d.tags}.get("mlflow.data.context"))

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import (
     Field,
+    PositiveInt,
     field_validator,
     model_serializer,
     model_validator,
@@ -16,15 +17,22 @@ from conf.schema.catalog import ModelName
 
 
 class TrainConfig(Section):
-    model: ModelName = Field(
+    model: ModelName | Literal["auto"] = Field(
         "mlp",
         description="mlp: features; cnn: images; rnn, transformer: an image's rows / patches, "
-        "or a table's features (the table MODEL_FAMILIES says which reads what)",
+        "or a table's features (the table MODEL_FAMILIES says which reads what); auto: cnn "
+        "for images, mlp for tables and PCA features, decided after ingest",
     )
     hidden: list[int] = Field(
         default_factory=lambda: [512, 256],
         description="mlp: layer widths; cnn: the head's width; rnn, transformer: len(hidden) "
         "layers of hidden[0]",
+    )
+    channels: list[PositiveInt] = Field(
+        default_factory=lambda: [16, 32],
+        min_length=2,
+        max_length=2,
+        description="cnn: the two conv blocks' widths",
     )
     cell: Literal["gru", "lstm"] = Field("gru", description="rnn: the recurrent cell")
     heads: int = Field(4, ge=1, description="transformer: attention heads (divide hidden[0])")
