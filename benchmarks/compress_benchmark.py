@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -81,7 +82,7 @@ def run_sweep(workdir: Path, overrides: list[str]) -> dict:
     done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{overrides} failed:\n{done.stderr[-3000:]}")
-    parent = done.stdout.strip().splitlines()[-1].rsplit("/runs/", 1)[1]
+    parent = re.findall(r"/runs/([0-9a-f]{32})", done.stdout)[-1]  # the summary's run link
     client = mlflow.MlflowClient(tracking)
     stages = {
         run.info.run_name: run

@@ -68,11 +68,21 @@ def section_table(name: str, model: type[Section]) -> list[str]:
     if model.__doc__ and model.__doc__ != Section.__doc__:
         lines += [" ".join(model.__doc__.split()), ""]
     lines += ["| key | default | values | description |", "|---|---|---|---|"]
+    return [*lines, *rows(name, model), ""]
+
+
+def rows(prefix: str, model: type[Section]) -> list[str]:
+    """One row per key; a nested section (compress.distill) gives one row per key inside."""
+    lines = []
     for key, field in model.model_fields.items():
+        inner = field.annotation
+        if isinstance(inner, type) and issubclass(inner, Section):
+            lines += rows(f"{prefix}.{key}", inner)
+            continue
         values = " ".join(filter(None, [allowed(field.annotation), bounds(field)]))
         text = (field.description or "").replace("|", "\\|").replace("<", "&lt;")
-        lines.append(f"| `{name}.{key}` | {default(field)} | {values} | {text} |")
-    return [*lines, ""]
+        lines.append(f"| `{prefix}.{key}` | {default(field)} | {values} | {text} |")
+    return lines
 
 
 def render() -> str:

@@ -416,7 +416,7 @@ def test_two_gloo_processes_end_with_identical_parameters(digits_parquet, tmp_pa
     [
         (
             "train.model=resnet",
-            r"'train.model': Input should be 'mlp', 'cnn', 'rnn' or 'transformer'",
+            r"'train.model': Input should be 'auto', 'mlp', 'cnn', 'rnn' or 'transformer'",
         ),
         ("train.heads=3", r"train.hidden\[0\] \(512\) must be a multiple of train.heads \(3\)"),
         ("train.cell=rnn", r"'train.cell': Input should be 'gru' or 'lstm'"),
@@ -500,7 +500,7 @@ def test_a_split_larger_than_the_memory_cap_streams_in_bounded_memory(fmnist_par
                 out,
                 resident_max_gb=cap,
                 batch_size=256,
-                phases=[{"sparsity": None, "epochs": 2, "lr": 0.003}],
+                phases=[{"sparsity": None, "epochs": 1, "lr": 0.003}],
             )
             spec["arch"] = {**spec["arch"], "n_features": 784}
             result = launch(spec, world_size=2, workdir=out)
@@ -594,3 +594,38 @@ def test_class_weights_balance_rare_classes_and_reach_the_loss(digits_parquet, t
     assert (labels == 9).mean() < 0.01  # against 8 rows in the split
     with pytest.raises(ValueError, match="train.sampler: balanced already draws"):
         TrainConfig(sampler="balanced", class_weight="balanced")
+
+
+def test_distillation_teaches_the_teacher_s_answers(digits_parquet, tmp_path):
+    """compress.distill: a fine-tune learns from the trained model's outputs. With alpha 1
+    the labels weigh nothing: taught by a teacher that answers (digit + 1) mod 10, a student
+    answers that too, though every label it sees says otherwise."""
+    import pandas as pd
+
+    one = Rank(0, 1, torch.device("cpu"))
+    (teacher_dir := tmp_path / "teacher").mkdir()
+    spec = make_spec(digits_parquet, teacher_dir)
+    Trainer(spec, one).run()
+    teacher = build_model(spec["arch"])
+    teacher.load_state_dict(torch.load(teacher_dir / "model.pt", weights_only=True))
+    last = [m for m in teacher.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():  # class c's logit moves to c + 1
+        last.weight.copy_(last.weight.roll(1, dims=0))
+        last.bias.copy_(last.bias.roll(1, dims=0))
+    torch.save(teacher.state_dict(), tmp_path / "shifted.pt")
+
+    (student_dir := tmp_path / "student").mkdir()
+    taught = {"arch": spec["arch"], "weights": str(tmp_path / "shifted.pt")}
+    student_spec = make_spec(
+        digits_parquet, student_dir, teacher={**taught, "alpha": 1.0, "temperature": 2.0}
+    )
+    result = Trainer(student_spec, one).run()
+    student = build_model(spec["arch"]).eval()
+    student.load_state_dict(torch.load(student_dir / "model.pt", weights_only=True))
+    paths, features = digits_parquet
+    val = pd.read_parquet(paths["val"])
+    with torch.no_grad():
+        answers = student(torch.tensor(val[features].to_numpy(), dtype=torch.float32)).argmax(1)
+    shifted = (torch.tensor(val["label"].to_numpy()) + 1) % 10
+    assert (answers == shifted).float().mean() > 0.8  # the teacher's answers
+    assert result["val_accuracy"] < 0.2  # not the labels'

@@ -25,6 +25,8 @@ MODEL_FAMILIES = {
     "transformer": ModelFamily(reads="images or features", narrowable=False),
 }
 ModelName = Literal[tuple(MODEL_FAMILIES)]  # type: ignore[valid-type]
+# train.model: a family, or auto (decided after ingest: PipelineConfig.with_model_for)
+ModelChoice = Literal[("auto", *MODEL_FAMILIES)]  # type: ignore[valid-type]
 
 
 def reads_images(model: str, image_shape: Any) -> bool:

@@ -71,6 +71,20 @@ def auto_sweep(model: str) -> CompressSweep:
     return CompressSweep(recipes=[["magnitude"], ["quantize"], ["magnitude", "quantize"]])
 
 
+class DistillConfig(Section):
+    enabled: bool = Field(
+        True,
+        description="fine-tune with the trained model as teacher: the loss mixes the labels' "
+        "cross-entropy with the KL divergence to its softened outputs (Hinton et al. 2015)",
+    )
+    alpha: float = Field(
+        0.5, ge=0.0, le=1.0, description="the teacher's weight in the loss (1: the teacher only)"
+    )
+    temperature: float = Field(
+        4.0, gt=0, description="softens both outputs; the KL term is scaled by its square"
+    )
+
+
 class CompressConfig(Section):
     recipe: list[CompressStep] | Literal["auto"] = Field(
         "auto",
@@ -90,6 +104,9 @@ class CompressConfig(Section):
     rounds: int = Field(1, ge=1, description="magnitude: pruning rounds, fine-tuned after each")
     finetune_epochs: int = Field(2, ge=0, description="fine-tuning epochs after pruning")
     finetune_lr: float = Field(1e-3, gt=0, description="fine-tuning learning rate")
+    distill: DistillConfig = Field(
+        default_factory=DistillConfig, description="distillation from the trained model"
+    )
     sweep: CompressSweep | None = Field(
         None, description="recipes × levels instead of one recipe, the best point chosen"
     )

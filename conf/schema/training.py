@@ -13,11 +13,11 @@ from pydantic import (
 )
 
 from conf.schema.base import Section
-from conf.schema.catalog import ModelName
+from conf.schema.catalog import ModelChoice
 
 
 class TrainConfig(Section):
-    model: ModelName | Literal["auto"] = Field(
+    model: ModelChoice = Field(
         "mlp",
         description="mlp: features; cnn: images; rnn, transformer: an image's rows / patches, "
         "or a table's features (the table MODEL_FAMILIES says which reads what); auto: cnn "

@@ -53,6 +53,7 @@ from tasks.compress.points import (
     point_name,
     slim_model,
     sweep_points,
+    teacher,
 )
 from tasks.progress import Progress, gather
 from tasks.spec import ChildRun, Hooks, Inputs, StageSpec
@@ -168,7 +169,8 @@ def plan_finetunes(
             arch = slim_model(arch, slim_from, point["sparsity"], Path(init_from))
         trunks[point["trunk"]] = {
             "arch": arch,
-            "spec": finetune_spec(features, arch, init_from, phases(point, cfg), train_cfg, folder),
+            "spec": finetune_spec(features, arch, init_from, phases(point, cfg), train_cfg, folder)
+            | teacher(trained, cfg.distill),
         }
     return trunks
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from conf.schema import COMPRESSION_STEPS, CompressConfig, TrainConfig
+from conf.schema import COMPRESSION_STEPS, CompressConfig, DistillConfig, TrainConfig
 from tasks.store import Manifest
 from tasks.train import train_spec
 
@@ -97,6 +97,21 @@ def slim_model(arch: dict[str, Any], weights: str, ratio: float, dest: Path) -> 
             )
     torch.save(rebuilt.state_dict(), dest)
     return slim
+
+
+def teacher(trained: Manifest, distill: DistillConfig) -> dict[str, Any]:
+    """The worker's `teacher` entry: the trained model, which every point starts from and
+    whose outputs a fine-tune learns again (compress.distill); none when switched off."""
+    if not distill.enabled:
+        return {"teacher": None}
+    return {
+        "teacher": {
+            "arch": trained["arch"],
+            "weights": trained["model"]["weights"]["path"],
+            "alpha": distill.alpha,
+            "temperature": distill.temperature,
+        }
+    }
 
 
 def finetune_spec(

@@ -124,6 +124,18 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 EpochHook = Callable[[int, float, dict[str, float]], None]  # epoch, loss, validation
 
 
+def load_teacher(teacher: dict[str, Any] | None, device: torch.device) -> nn.Module | None:
+    """The trained model a fine-tune distils from (compress.distill), frozen, in eval mode."""
+    if not teacher:
+        return None
+    model = build_model(teacher["arch"]).to(device)
+    model.load_state_dict(torch.load(teacher["weights"], map_location=device, weights_only=True))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
 class Trainer:
     """Trains `spec` on this rank. `on_epoch(epoch, loss, {val_loss, val_accuracy, val_macro_f1})`, when
     given, is called after every epoch and may raise to stop (a tuning trial's pruner).
@@ -147,6 +159,7 @@ class Trainer:
             )
         else:
             fit_standardize(self.model, self.train_split)
+        self.teacher = load_teacher(spec.get("teacher"), r.device)
         if r.device.type == "cuda" and hasattr(self.model, "use_channels_last"):
             self.model.use_channels_last()  # NHWC: the layout cuDNN's fast conv kernels want
         self.eager = self.wrap(self.model)  # one DDP wrapper: two would reduce twice
@@ -192,6 +205,16 @@ class Trainer:
             self.net = self.eager
             return self.net(xb)
 
+    def distilled(self, label_loss: torch.Tensor, logits: torch.Tensor, xb) -> torch.Tensor:
+        """Hinton et al. (2015): (1 - alpha) of the labels' loss plus alpha of the KL
+        divergence to the teacher's outputs, both softened by T; the KL term is scaled by
+        T² so its gradients keep their size whatever T is."""
+        alpha, t = self.spec["teacher"]["alpha"], self.spec["teacher"]["temperature"]
+        with torch.no_grad():
+            soft_targets = F.softmax(self.teacher(xb).float() / t, dim=1)
+        kl = F.kl_div(F.log_softmax(logits / t, dim=1), soft_targets, reduction="batchmean")
+        return (1 - alpha) * label_loss + alpha * (t * t) * kl
+
     def steps_per_epoch(self) -> int:
         return self.train_split.steps(self.shard, self.spec["batch_size"])
 
@@ -218,6 +241,8 @@ class Trainer:
                     weight=self.class_weights,
                     label_smoothing=self.spec["label_smoothing"],
                 )
+                if self.teacher is not None:
+                    loss = self.distilled(loss, logits.float(), xb)
             objective = (
                 loss + self.spec["l1"] * l1_penalty(self.model) if self.spec.get("l1") else loss
             )
