@@ -66,9 +66,10 @@ run: setup data
 	$(BIN)/accelflow run $(ARGS)
 
 # two pytest workers, one test file each at a time (module fixtures stay per file): most
-# tests wait on processes and servers, so 2 cores do 1.25x the work (655 vs 817 s measured)
+# tests wait on processes and servers, so 2 cores do 1.25x the work (655 vs 817 s measured);
+# the 15 slowest are listed at the end, so a CI log shows where its minutes went
 test: setup data test-tools
-	$(BIN)/python -m pytest -n 2 --dist loadfile $(ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15 $(ARGS)
 
 serve: setup data
 	$(BIN)/python -m flows.serve start $(if $(ALERT_WEBHOOK),--alert-webhook '$(ALERT_WEBHOOK)')
