@@ -173,7 +173,7 @@ def test_prefect_deployment_run_completes_and_lands_in_mlflow(stack, deployed_ru
     )  # run name carries the config digest
 
 
-def test_a_worse_run_fires_the_alert_webhook_and_a_same_config_rerun_does_not(stack, deployed_run):
+def test_a_worse_run_fires_the_alert_webhook_once(stack, deployed_run):
     """After the deployed run (the first: nothing to regress against), one that cannot
     learn, from the CLI: the automation POSTs once, for that run. (A same-config rerun is
     not a regression: tests/test_alerts.py, in process.)"""
