@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,11 @@ class Encoder:
     categorical: dict[str, list[str]] = field(default_factory=dict)  # column → vocabulary
     onehot: list[str] = field(default_factory=list)  # categorical columns expanded one-hot
     pooled: dict[str, int] = field(default_factory=dict)  # column → rare values in <rare>
+
+    @cached_property
+    def indexes(self) -> dict[str, dict[str, int]]:
+        """Each categorical column's value → code, built once (not on every served call)."""
+        return {c: {v: i for i, v in enumerate(vocab)} for c, vocab in self.categorical.items()}
 
     @property
     def raw_columns(self) -> list[str]:
@@ -80,7 +86,7 @@ class Encoder:
             out[:, :width] = np.where(np.isnan(values), fills, values)
         rows = np.arange(len(frame))
         for column, vocab in self.categorical.items():
-            index = {v: i for i, v in enumerate(vocab)}
+            index = self.indexes[column]
             text = as_text(frame[column]).fillna(MISSING)
             codes = (
                 text.map(index).fillna(len(vocab)).to_numpy(dtype=np.int64)

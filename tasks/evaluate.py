@@ -25,8 +25,6 @@ from tasks.spec import Hooks, Inputs, StageSpec
 from tasks.store import Manifest, StageDir, files_digest
 
 if TYPE_CHECKING:  # torch loads only when a model is scored: a cached run never imports it
-    import torch
-
     from tasks.served.predictor import Predictor
 
 
@@ -89,12 +87,9 @@ def input_example(partitions: Manifest):
     return pd.read_parquet(partitions["raw_example"]["path"])
 
 
-def latency_ms(model: torch.nn.Module, Z: torch.Tensor, batch: int, repeats: int) -> float:
-    """The network alone: one forward pass on `batch` rows of features."""
-    import torch
-
-    with torch.inference_mode():
-        return timed_ms(lambda: model(Z[:batch]), repeats)[0]
+def latency_ms(network: Callable[[np.ndarray], np.ndarray], Z, batch: int, repeats: int) -> float:
+    """The network alone (in its runtime): one call on `batch` rows of features."""
+    return timed_ms(lambda: network(Z[:batch]), repeats)[0]
 
 
 def confusion_of(y: np.ndarray, codes: np.ndarray, n: int) -> np.ndarray:
@@ -143,7 +138,7 @@ def score(predictor: Predictor, batches: Batches, cfg: EvaluateConfig) -> dict[s
     precision, recall, support = figures["precision"], figures["recall"], figures["support"]
     Z = predictor.features(first)
     parameters, nonzero = weight_counts(predictor.model)
-    raw = (predictor.bundle / "model.pt").read_bytes()
+    raw = predictor.network_file.read_bytes()
     return {
         "accuracy": figures["accuracy"],
         "macro_f1": figures["macro_f1"],
@@ -152,8 +147,8 @@ def score(predictor: Predictor, batches: Batches, cfg: EvaluateConfig) -> dict[s
             {"class": str(c), "precision": float(p), "recall": float(r), "support": int(n)}
             for c, p, r, n in zip(predictor.classes, precision, recall, support, strict=True)
         ],
-        "latency_b1_ms": latency_ms(predictor.model, Z, 1, cfg.latency_repeats),
-        "latency_b256_ms": latency_ms(predictor.model, Z, 256, cfg.latency_repeats),
+        "latency_b1_ms": latency_ms(predictor.network, Z, 1, cfg.latency_repeats),
+        "latency_b256_ms": latency_ms(predictor.network, Z, 256, cfg.latency_repeats),
         "parameters": parameters,
         "nonzero_parameters": nonzero,
         "size_bytes": len(raw),
@@ -226,7 +221,7 @@ def plot_tsne(predictor: Predictor, X: np.ndarray, y: np.ndarray, path: Path) ->
 
     pick = np.sort(np.random.default_rng(0).permutation(len(X))[:TSNE_SAMPLE])
     with torch.inference_mode():
-        H = predictor.model.embed(predictor.features(X[pick])).numpy()
+        H = predictor.model.embed(torch.from_numpy(predictor.features(X[pick]))).numpy()
     dims = min(50, *H.shape)  # a small test split (wine: 21 rows) allows fewer than 50
     if H.shape[1] > dims:
         H = PCA(dims, random_state=0).fit_transform(H)
@@ -329,9 +324,17 @@ def evaluate_model(
     }
     example = input_example(partitions)
     results, predictors = {}, {}
+    # the baseline as torch runs it; the compressed model in the runtime compress chose
+    runtimes = {"baseline": "torch", "compressed": compressed.get("runtime", "torch")}
     for name, manifest in (("baseline", trained), ("compressed", compressed)):
-        bundle = write_bundle(out.path(name), manifest["model"], reduction, meta, encoder)
-        predictors[name] = Predictor(bundle)
+        bundle = write_bundle(
+            out.path(name),
+            manifest["model"],
+            reduction,
+            meta | {"runtime": runtimes[name]},
+            encoder,
+        )
+        predictors[name] = Predictor(bundle, threads=1)
         results[name] = score(predictors[name], batches, cfg)
         results[name] |= served_latency(
             bundle, example, out.path(f"served_{name}"), cfg.latency_repeats
@@ -345,7 +348,8 @@ def evaluate_model(
     drop = results["baseline"]["accuracy"] - results["compressed"]["accuracy"]
     # validation chooses, test reports: compress picked its point on the validation split;
     # the test split is scored once per model here and never changes that choice
-    chosen = "baseline" if compressed.get("chosen", "baseline") == "baseline" else "compressed"
+    kept = compressed.get("chosen", "baseline") == "baseline" and runtimes["compressed"] == "torch"
+    chosen = "baseline" if kept else "compressed"
     storage = storage_impact(partitions, predictors[chosen], results[chosen]["accuracy"])
     served = partitions["served_test"]  # t-SNE draws a sample: only those rows are read
     pick = np.sort(np.random.default_rng(0).permutation(served["rows"])[:TSNE_SAMPLE])
@@ -381,8 +385,9 @@ def evaluate_model(
     overhead = results[chosen]["served_b256_ms"] / max(results[chosen]["latency_b256_ms"], 1e-9)
     summary = (
         f"{weak_classes(results[chosen]['per_class'])}{table}\n\nChosen: **{chosen}**, by compress on the validation split (the test "
-        f"split only reports: accuracy change {-drop:+.4f} on test); batch-256 latency ratio "
-        f"baseline/compressed {speedup:.2f}×. "
+        f"split only reports: accuracy change {-drop:+.4f} on test), its network run by "
+        f"{runtimes[chosen]}; batch-256 latency ratio baseline (torch)/compressed "
+        f"{speedup:.2f}×. "
         f"Served (`mlflow.pyfunc` predict on raw rows, 1 thread) at batch 256: "
         f"{results[chosen]['served_b256_ms']:.2f} ms, {overhead:.1f}× the network alone"
     )

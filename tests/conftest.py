@@ -200,6 +200,9 @@ def make_config(tmp_path: Path, source: Path | str, *overrides: str) -> Pipeline
         "evaluate.latency_repeats=3",  # the fewest: no test here asserts a latency's precision
         "tune.enabled=false",  # the tune tests switch it on
         "evaluate.reference=none",  # the alerts tests' runs fit the gradient-boosting reference
+        # torch only: no ONNX export per measured model; the compress sweep, the CLI runs and
+        # tests/test_export.py serve from onnxruntime (serve.runtime auto, the default)
+        "serve.runtime=torch",
     ]
     return load_config(None, [*base, *overrides])
 

@@ -195,8 +195,8 @@ import json, sys
 
 class NoPruningLibrary:  # as on a serving box where torch-pruning was never installed
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "torch_pruning":
-            raise ImportError("torch_pruning is not installed here")
+        if name.split(".")[0] in ("torch_pruning", "onnx", "onnxscript") or name == "torch.onnx":
+            raise ImportError(name + " is not installed here")
 
 sys.meta_path.insert(0, NoPruningLibrary())
 import mlflow, pandas as pd
@@ -237,6 +237,7 @@ def test_a_sweep_registers_a_slim_model_served_without_the_pruning_library(
         "compress.sweep={recipes: [[structured, quantize], [structured], [magnitude]],"
         " sparsity: [0.5]}",
         "compress.finetune_epochs=2",
+        "serve.runtime=auto",  # each point measured in torch and onnxruntime
     )
     champion = pipeline(unpruned)
     result = pipeline(cfg)
@@ -264,6 +265,14 @@ def test_a_sweep_registers_a_slim_model_served_without_the_pruning_library(
     for name, point in by_name.items():
         for key in ("val_accuracy", "latency_b1_p95_ms", "served_b256_ms", "macs"):
             assert point.metrics[f"point/{key}"] > 0, (name, key)
+        # measured in both runtimes; served by the smaller file (the objective) within budget
+        m, runtime = point.metrics, point.tags["accelflow.point.runtime"]
+        sizes = {r: m[f"point/{r}_size_zstd_bytes"] for r in ("torch", "onnxruntime")}
+        assert runtime == min(sizes, key=sizes.get), (name, sizes)
+        assert m["point/size_zstd_bytes"] == sizes[runtime]
+        assert m["point/onnxruntime_latency_b256_p50_ms"] > 0
+        if "quantize" not in name:  # a float export answers as torch does, row for row
+            assert m["point/onnx_max_abs_diff"] < 1e-3 and m["point/onnx_differing_rows"] == 0
     # structured halves the MACs; magnitude's zeros leave them
     assert (
         by_name["structured-0.5"].metrics["point/macs"]

@@ -130,8 +130,8 @@ def test_champion_scores_raw_test_pixels_with_the_logged_accuracy(first_run, fmn
     )
     assert float((predictions == labels).mean()) == pytest.approx(logged, abs=1e-9)
     assert result["promotion"]["alias"] == "champion"
-    # 784 columns: the signature leaves the input out (MLflow's per-column check cost 46 ms a
-    # call); the model checks its own input, takes arrays too, and says what is wrong
+    # the signature leaves the input out (MLflow's per-column check cost 46 ms a call at 784
+    # columns); the model checks its own input, takes arrays too, and says what is wrong
     assert model.metadata.get_input_schema() is None
     assert (np.asarray(model.predict(pixels[:50].astype(np.float32))) == predictions[:50]).all()
     with pytest.raises(ValueError, match=r"missing feature column\(s\) \['pixel_5'\]"):

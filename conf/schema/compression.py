@@ -104,6 +104,12 @@ class CompressConfig(Section):
     rounds: int = Field(1, ge=1, description="magnitude: pruning rounds, fine-tuned after each")
     finetune_epochs: int = Field(2, ge=0, description="fine-tuning epochs after pruning")
     finetune_lr: float = Field(1e-3, gt=0, description="fine-tuning learning rate")
+    calibration_rows: int = Field(
+        512,
+        ge=0,
+        description="static int8 (a cnn in onnxruntime): training rows that calibrate the "
+        "activations' ranges",
+    )
     distill: DistillConfig = Field(
         default_factory=DistillConfig, description="distillation from the trained model"
     )

@@ -41,6 +41,18 @@ class EvaluateConfig(Section):
     )
 
 
+class ServeConfig(Section):
+    """How the registered model runs its network where a user scores with it."""
+
+    runtime: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto",
+        description="torch | onnxruntime (the network exported to ONNX, its logits checked "
+        "against torch's on every validation row; int8 quantized by onnxruntime) | auto: "
+        "per compress point, the faster of the two measured within "
+        "evaluate.max_accuracy_drop",
+    )
+
+
 class AlertsConfig(Section):
     """When a run is flagged as a regression against the previous run on the same data."""
 

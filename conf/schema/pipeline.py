@@ -20,6 +20,7 @@ from conf.schema.outcome import (
     EvaluateConfig,
     MonitorConfig,
     RegistryConfig,
+    ServeConfig,
     TrackingConfig,
 )
 from conf.schema.training import UNTUNABLE, TrainConfig, TuneConfig
@@ -37,6 +38,7 @@ class PipelineConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     compress: CompressConfig = Field(default_factory=CompressConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -80,6 +82,18 @@ class PipelineConfig(Section):
                         f"{' and '.join(families)} models, but train.model is "
                         f"'{self.train.model}': use magnitude instead"
                     )
+        quantized = any("quantize" in recipe for _, recipe in self.compress.recipes())
+        if (
+            quantized
+            and self.train.model == "cnn"
+            and self.serve.runtime != "torch"
+            and not self.compress.calibration_rows
+        ):
+            raise ValueError(
+                "compress.calibration_rows is 0, but a recipe quantizes a cnn in onnxruntime, "
+                "which calibrates its activations' int8 ranges on training rows: set "
+                "compress.calibration_rows (e.g. 512), or serve.runtime to torch"
+            )
         if images and self.reduce.method == "pca":
             readers = [m for m, f in MODEL_FAMILIES.items() if f.reads != "images"]
             raise ValueError(

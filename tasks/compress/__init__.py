@@ -14,7 +14,14 @@ A recipe is an ordered list of steps (`conf.schema.recipe_problem` says which or
 - `cluster`: k-means weight sharing (Deep Compression): 2^bits values per layer, fine-tuned
   with each value's gradient the sum of its weights' gradients; `encoded.npz` holds the
   codebooks and packed indices.
-- `quantize`: dynamic int8 Linear weights (CPU serving), no fine-tuning.
+- `quantize`: int8, no fine-tuning: in torch, dynamic int8 Linear weights; in onnxruntime,
+  its own quantization of the float export (dynamic; static and calibrated for the CNN, so
+  its convolutions run in int8 too: `export`).
+
+Every model measured (the baseline and each point) is measured in both runtimes that
+`serve.runtime` allows: torch, and its ONNX export in onnxruntime, whose float logits must
+match torch's on every validation row. Each row is then served by the runtime that is
+best on the objective within the accuracy budget (`choice.settle_runtimes`).
 
 A sweep (`compress.sweep`: recipes × levels; `recipe: auto` picks one) fine-tunes each
 distinct point as a task on the Dask cluster (the same Trainer, one process per point; int8
@@ -35,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from conf.schema import (
     COMPRESSION_STEPS,
     CompressConfig,
@@ -43,8 +52,15 @@ from conf.schema import (
     TrainConfig,
 )
 from tasks.cluster import dask_client
-from tasks.compress.choice import BASELINE, choose, pareto, pareto_markdown, plot_pareto
-from tasks.compress.measure import measure, served_context, split_batches
+from tasks.compress.choice import (
+    BASELINE,
+    choose,
+    pareto,
+    pareto_markdown,
+    plot_pareto,
+    settle_runtimes,
+)
+from tasks.compress.measure import measure, served_context, served_figures, split_batches
 from tasks.compress.points import (
     finetune_point,
     finetune_spec,
@@ -56,6 +72,7 @@ from tasks.compress.points import (
     teacher,
 )
 from tasks.progress import Progress, gather
+from tasks.served.runtime import RUNTIMES
 from tasks.spec import ChildRun, Hooks, Inputs, StageSpec
 from tasks.store import Manifest, StageDir
 from tasks.train import model_files, train_key, tuned_config
@@ -72,21 +89,49 @@ def compress_model(
     out: StageDir,
     on_epoch: EpochHook | None = None,
     client=None,
+    runtime: str = "auto",
 ) -> dict[str, Any]:
     """Fine-tune and measure every point and the baseline, choose; the manifest body.
-    `client` (a Dask client) runs a sweep's fine-tunes; a single one uses the DDP launcher."""
+    `client` (a Dask client) runs a sweep's fine-tunes; a single one uses the DDP launcher.
+    `runtime` (serve.runtime): where the points' networks may run when served."""
     if not cfg.sweep and not cfg.recipe:  # (conf.schema turned `recipe: auto` into a sweep)
-        return keep_trained(trained)
+        return keep_trained(trained, features, runtime, out)
     start = time.perf_counter()
     points = sweep_points(cfg)
     trunks = plan_finetunes(points, features, trained, cfg, train_cfg, out)
     specs = {name: trunk["spec"] for name, trunk in trunks.items()}
     results = run_finetunes(specs, train_cfg, on_epoch, client)
     arches = place_weights(points, trunks, trained, out)
-    served = served_context(partitions, features) if cfg.sweep else None
-    rows = measure_points(points, arches, results, features, trained, evaluate_cfg, served, out)
-    chosen, why = choose(rows, evaluate_cfg)
+    runtimes = RUNTIMES if runtime == "auto" else (runtime,)
+    calibration = None
+    static_int8 = trained["arch"]["model"] == "cnn" and any(
+        "quantize" in p["recipe"] for p in points
+    )
+    if "onnxruntime" in runtimes and static_int8:
+        calibration = training_rows(features, cfg.calibration_rows)
+    rows = measure_points(
+        points, arches, results, features, trained, evaluate_cfg, runtimes, calibration, out
+    )
+    settle_runtimes(rows, evaluate_cfg, runtime)
     baseline = rows[0]
+    if "error" in baseline:
+        raise RuntimeError(
+            f"serve.runtime is {runtime}, but the trained model cannot run there "
+            f"({baseline['error']}): set serve.runtime to auto or torch"
+        )
+    if cfg.sweep:  # a sweep's table shows each point's served path; with one recipe,
+        served = served_context(partitions, features)  # evaluate measures it
+        for row in rows:
+            if "error" not in row:
+                folder = out.path(f"points/{row['name']}")
+                row |= served_figures(
+                    folder / "model.json",
+                    folder,
+                    row["runtime"],
+                    served,
+                    evaluate_cfg.latency_repeats,
+                )
+    chosen, why = choose(rows, evaluate_cfg)
     pick = chosen or baseline
     recipe, encoded = list(pick["recipe"]), pick.get("encoded", {})
     fronts = {"L": pareto(rows, "latency_b1_p50_ms"), "S": pareto(rows, "size_encoded_bytes")}
@@ -99,27 +144,37 @@ def compress_model(
     plot_pareto(
         rows, out.path("pareto.png"), baseline["val_accuracy"] - evaluate_cfg.max_accuracy_drop
     )
-    body: dict[str, Any] = {"model": trained["model"], "arch": trained["arch"], "result": {}}
-    if chosen:
-        folder = out.path(f"points/{chosen['name']}")
-        for name in ("model.pt", "model.json", "encoded.npz"):
-            if (folder / name).is_file():
-                shutil.copy(folder / name, out.path(name))
-        body = {
-            "model": model_files(out),
-            "arch": arches[chosen["name"]],
-            "result": results.get(chosen["trunk"], {}),
-        }
+    # the chosen model's files, its ONNX export too when onnxruntime serves it
+    folder = out.path(f"points/{pick['name']}")
+    served_files = ["model.pt", "model.json", "encoded.npz"]
+    if pick["runtime"] == "onnxruntime":
+        served_files.append("model.onnx")
+    for name in served_files:
+        if (folder / name).is_file():
+            shutil.copy(folder / name, out.path(name))
+    body = {
+        "model": served_model(out, pick["runtime"]),
+        "arch": arches[chosen["name"]] if chosen else trained["arch"],
+        "result": results.get(chosen["trunk"], {}) if chosen else {},
+        "runtime": pick["runtime"],
+    }
     # the chosen files are copied up; the fine-tunes' checkpoints can go
     shutil.rmtree(out.path("finetune"), ignore_errors=True)
     removed = 1.0 - pick["nonzero_parameters"] / trained["result"]["parameters"]
+    # speed-ups against the trained model as torch runs it: what compressing and the
+    # runtime bought together (the table has each runtime's own figures)
+    torch_base = {
+        k: baseline.get(f"torch_{k}", baseline[k])
+        for k in ("latency_b256_p50_ms", "latency_b1_p50_ms")
+    }
     metrics = {
         "prune/sparsity": removed,
         "compress/points": float(len(points)),
         "compress/val_accuracy": pick["val_accuracy"],
         "compress/baseline_val_accuracy": baseline["val_accuracy"],
-        "compress/speedup_b256": baseline["latency_b256_p50_ms"] / pick["latency_b256_p50_ms"],
-        "compress/speedup_b1": baseline["latency_b1_p50_ms"] / pick["latency_b1_p50_ms"],
+        "compress/speedup_b256": torch_base["latency_b256_p50_ms"] / pick["latency_b256_p50_ms"],
+        "compress/speedup_b1": torch_base["latency_b1_p50_ms"] / pick["latency_b1_p50_ms"],
+        "compress/onnxruntime": float(pick["runtime"] == "onnxruntime"),
         "compress/size_ratio": baseline["size_zstd_bytes"] / pick["size_zstd_bytes"],
         "compress/encoded_ratio": baseline["size_bytes"] / pick["size_encoded_bytes"],
         "compress/parameters": float(pick["parameters"]),
@@ -136,7 +191,8 @@ def compress_model(
         "metrics": metrics,
         "plots": [out.final_path("pareto.png")],
         "report": out.final_path("pareto.md"),
-        "summary": f"{pick['name']} chosen of {len(points)} point(s): {why}; "
+        "summary": f"{pick['name']} chosen of {len(points)} point(s), served by "
+        f"{pick['runtime']}: {why}; "
         f"{metrics['compress/speedup_b256']:.2f}× batch-256 latency, "
         f"{metrics['compress/size_ratio']:.2f}× smaller (zstd), "
         f"{removed:.1%} of the weights removed or zeroed",
@@ -240,11 +296,13 @@ def measure_points(
     features: Manifest,
     trained: Manifest,
     evaluate_cfg: EvaluateConfig,
-    served: dict[str, Any] | None,
+    runtimes: tuple[str, ...],
+    calibration: np.ndarray | None,
     out: StageDir,
 ) -> list[dict[str, Any]]:
-    """The baseline, then every point, measured here one after the other: side by side, on a
-    machine the fine-tunes have left. Finishing a point (encoding, int8) updates `arches`."""
+    """The baseline, then every point, measured here one after the other in each runtime:
+    side by side, on a machine the fine-tunes have left. Finishing a point (encoding, int8)
+    updates `arches`."""
     batches = split_batches(features, "val" if features["splits"]["val"]["rows"] else "train")
     repeats = evaluate_cfg.latency_repeats
     base_folder = out.path(f"points/{BASELINE}")
@@ -255,7 +313,7 @@ def measure_points(
         {
             "name": BASELINE,
             "recipe": [],
-            **measure(trained["arch"], base_folder, batches, repeats, served),
+            **measure(trained["arch"], base_folder, batches, repeats, runtimes),
         }
     ]
     with Progress("compress", "points measured", len(points)) as progress:
@@ -265,22 +323,59 @@ def measure_points(
             if "error" in result:
                 rows.append({**point, "error": result["error"]})
             else:
-                arches[point["name"]] = finish_point(point, arches[point["name"]], folder)
-                rows.append(
-                    {**point, **measure(arches[point["name"]], folder, batches, repeats, served)}
-                )
+                arch = arches[point["name"]] = finish_point(point, arches[point["name"]], folder)
+                figures = measure(arch, folder, batches, repeats, runtimes, calibration)
+                rows.append({**point, **figures})
             progress.step(i, point["name"])
     return rows
 
 
-def keep_trained(trained: Manifest) -> dict[str, Any]:
-    """`compress.recipe: []`: the trained model, unchanged and not re-measured."""
+def training_rows(features: Manifest, n: int) -> np.ndarray:
+    """The first `n` rows of the training split (it was shuffled when split): what static
+    int8 calibrates its activation ranges on, never validation or test rows."""
+    taken, have = [], 0
+    for X, _ in split_batches(features, "train")():
+        taken.append(X[: n - have])
+        have += len(taken[-1])
+        if have >= n:
+            break
+    return np.concatenate(taken)
+
+
+def served_model(out: StageDir, runtime: str) -> dict[str, Any]:
+    """The manifest's model files (written in `out`): weights, spec and, when onnxruntime
+    serves it, the ONNX export."""
+    files = model_files(out)
+    if runtime == "onnxruntime":
+        (files["onnx"],) = out.describe("model.onnx")
+    return files
+
+
+def keep_trained(
+    trained: Manifest, features: Manifest, runtime: str, out: StageDir
+) -> dict[str, Any]:
+    """`compress.recipe: []`: the trained model, unchanged and not re-measured; exported
+    (its logits checked on the validation rows) when serve.runtime is onnxruntime."""
+    model, parity_error = trained["model"], None
+    if runtime == "onnxruntime":
+        shutil.copy(trained["model"]["weights"]["path"], out.path("model.pt"))
+        (out.path("model.json")).write_text(json.dumps(trained["arch"], indent=2))
+        split = "val" if features["splits"]["val"]["rows"] else "train"
+        row = measure(trained["arch"], out.path(""), split_batches(features, split), 3, RUNTIMES)
+        parity_error = row.get("onnx_error")
+        if parity_error:
+            raise RuntimeError(
+                f"serve.runtime is onnxruntime, but the trained model cannot run there "
+                f"({parity_error}): set serve.runtime to auto or torch"
+            )
+        model = served_model(out, runtime)
     return {
-        "model": trained["model"],
+        "model": model,
         "arch": trained["arch"],
         "result": {},
         "recipe": [],
         "chosen": BASELINE,
+        "runtime": "onnxruntime" if runtime == "onnxruntime" else "torch",
         "why": "compress.recipe is []: the trained model is kept",
         "table": [],
         "metrics": {
@@ -299,6 +394,7 @@ def compress_key(cfg: PipelineConfig, inputs: Inputs) -> dict[str, Any]:
     return {
         **cfg.compress.model_dump(mode="json"),
         "train": train_key(cfg, inputs),
+        "runtime": cfg.serve.runtime,
         "choice": cfg.evaluate.model_dump(
             mode="json", include={"max_accuracy_drop", "objective", "latency_repeats"}
         ),
@@ -319,6 +415,7 @@ def build_compression(cfg: PipelineConfig, inputs: Inputs, out: StageDir, hooks:
             out,
             hooks.on_epoch,
             client,
+            cfg.serve.runtime,
         )
 
 
@@ -341,8 +438,11 @@ def point_runs(manifest: Manifest) -> list[ChildRun]:
             "accelflow.point.pareto": row.get("pareto", ""),
             "accelflow.point.chosen": str(row.get("chosen", False)).lower(),
         }
-        if "error" in row:
-            tags["accelflow.point.error"] = row["error"]
+        if row.get("runtime"):
+            tags["accelflow.point.runtime"] = row["runtime"]
+        for key in ("error", "onnx_error"):
+            if key in row:
+                tags[f"accelflow.point.{key}"] = row[key]
         status = "FAILED" if "error" in row else "FINISHED"
         runs.append(ChildRun(row["name"], params, figures, tags, status))
     return runs

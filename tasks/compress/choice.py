@@ -6,10 +6,41 @@ from pathlib import Path
 from typing import Any
 
 from conf.schema import EvaluateConfig
+from tasks.served.runtime import RUNTIMES
 
 BASELINE = "baseline"
 # what `evaluate.objective` minimises, per point (1 thread: a typical serving replica)
 OBJECTIVE_KEY = {"latency": "latency_b256_p50_ms", "size": "size_zstd_bytes"}
+
+
+def settle_runtimes(rows: list[dict[str, Any]], cfg: EvaluateConfig, setting: str) -> None:
+    """Each row's served runtime; its figures become that runtime's (unprefixed keys).
+    `torch` / `onnxruntime`: that one; `auto`: of those measured, the best on the objective
+    whose validation accuracy is within evaluate.max_accuracy_drop of the baseline's (a
+    float export answers as torch does; int8 differs by runtime), else the more accurate.
+    A row that no allowed runtime measured (its export failed) gets an error."""
+    measured = [r for r in rows if "error" not in r]
+    base = rows[0]
+    base_accuracy = max(base.get(f"{r}_val_accuracy", 0.0) for r in RUNTIMES)
+    for row in measured:
+        candidates = [r for r in RUNTIMES if f"{r}_val_accuracy" in row]
+        if setting != "auto":
+            candidates = [r for r in candidates if r == setting]
+        if not candidates:
+            row["error"] = row.get("onnx_error") or f"not measured in {setting}"
+            continue
+        accuracy = {r: row[f"{r}_val_accuracy"] for r in candidates}
+        floor = base_accuracy - cfg.max_accuracy_drop
+        within = [r for r in candidates if accuracy[r] >= floor]
+        cost = OBJECTIVE_KEY[cfg.objective]
+        runtime = (
+            min(within, key=lambda r: row[f"{r}_{cost}"])
+            if within
+            else max(candidates, key=lambda r: accuracy[r])
+        )
+        row["runtime"] = runtime
+        prefix = f"{runtime}_"
+        row |= {k.removeprefix(prefix): v for k, v in list(row.items()) if k.startswith(prefix)}
 
 
 def choose(rows: list[dict[str, Any]], cfg: EvaluateConfig) -> tuple[dict[str, Any] | None, str]:
@@ -54,12 +85,16 @@ def pareto(rows: list[dict[str, Any]], cost: str) -> set[str]:
 
 TABLE_COLUMNS = [
     "name",
+    "runtime",
     "val_accuracy",
     "val_macro_f1",
     "latency_b1_p50_ms",
     "latency_b256_p50_ms",
     "served_b1_ms",
     "served_b256_ms",
+    "torch_latency_b256_p50_ms",
+    "onnxruntime_latency_b256_p50_ms",
+    "onnxruntime_val_accuracy",
     "parameters",
     "nonzero_parameters",
     "macs",
@@ -87,7 +122,9 @@ def pareto_markdown(rows: list[dict[str, Any]], why: str) -> str:
         + "\n\nChosen: "
         + why
         + "\n\nValidation split; latencies are medians of one-thread calls (p95 and all-core "
-        "figures in the JSON table). pareto: L = on the accuracy/batch-1 latency front, "
+        "figures in the JSON table). runtime: where the point's network runs when served "
+        "(serve.runtime), its figures in the unprefixed columns; torch_ / onnxruntime_: "
+        "each runtime measured the same way. pareto: L = on the accuracy/batch-1 latency front, "
         "S = on the accuracy/encoded size front.\n"
     )
 

@@ -11,6 +11,11 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from tasks.compress.export import PARITY_ATOL, export_point, parity
+from tasks.evaluate import class_figures, confusion_of
+from tasks.served.predictor import write_bundle
+from tasks.served.pyfunc import served_latency, timed_ms
+from tasks.served.runtime import OnnxNetwork
 from tasks.store import Manifest
 from tasks.train import split_files
 
@@ -53,73 +58,136 @@ def measure(
     folder: Path,
     batches: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]],
     repeats: int,
-    served: dict[str, Any] | None,
+    runtimes: tuple[str, ...],
+    calibration: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Every figure of one model, the same way for all: validation quality, network latency
-    (p50/p95, batch 1 and 256, 1 thread and all cores), served latency, size and work."""
+    """Every figure of one model, the same way for all, in each of `runtimes` (torch; the
+    ONNX export in onnxruntime, its float logits checked against torch's on every row):
+    validation quality, network latency (p50/p95, batch 1 and 256, 1 thread and all cores)
+    and file size, as `<runtime>_<figure>`; parameters and work once. An export that fails
+    or breaks parity leaves `onnx_error` and no onnxruntime figures."""
     import torch
 
-    from tasks.evaluate import class_figures, confusion_of
-    from tasks.served.predictor import write_bundle
-    from tasks.served.pyfunc import served_latency, timed_ms
     from tasks.training.models import load_model, weight_counts
 
     weights = folder / "model.pt"
     model = load_model(arch, str(weights))
-    n = arch["n_classes"]
-    confusion = np.zeros((n, n), dtype=np.int64)
+    networks: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+    files: dict[str, Path] = {}
     row: dict[str, Any] = {}
-    Z = None  # the first rows: what the timings run on
-    with torch.inference_mode():
-        for X, y in batches():
-            part = torch.from_numpy(X)
-            codes = torch.cat(
-                [model(part[i : i + 4096]).argmax(1) for i in range(0, len(part), 4096)]
+    if "torch" in runtimes:
+        networks["torch"], files["torch"] = torch_network(model), weights
+    quantized = False
+    if "onnxruntime" in runtimes:
+        try:
+            files["onnxruntime"], quantized = export_point(arch, folder, calibration)
+            networks["onnxruntime"] = OnnxNetwork(files["onnxruntime"], threads=1)
+        except Exception as exc:  # an unexportable model is served by torch
+            row["onnx_error"] = f"export: {type(exc).__name__}: {exc}"[:500]
+    reference = torch_network(model)  # parity: the float export against torch
+    check = "onnxruntime" in networks and not quantized
+    n = arch["n_classes"]
+    confusions = {r: np.zeros((n, n), dtype=np.int64) for r in networks}
+    worst, differ, Z = 0.0, 0, None  # Z: the first rows, what the timings run on
+    for X, y in batches():
+        outputs = {}
+        for r, network in networks.items():
+            outputs[r] = np.concatenate([network(X[i : i + 4096]) for i in range(0, len(X), 4096)])
+            confusions[r] += confusion_of(y, outputs[r].argmax(1), n)
+        if check:
+            expected = outputs["torch"] if "torch" in outputs else reference(X)
+            diff, wrong = parity(expected, outputs["onnxruntime"])
+            worst, differ = max(worst, diff), differ + wrong
+        Z = X[:256] if Z is None else Z
+    if check:
+        row["onnx_max_abs_diff"], row["onnx_differing_rows"] = worst, differ
+        if worst > PARITY_ATOL or differ:
+            row["onnx_error"] = (
+                f"parity: ONNX logits differ from torch's by up to {worst:.2g} "
+                f"(tolerance {PARITY_ATOL:g}), {differ} validation row(s) answered differently"
             )
-            confusion += confusion_of(y, codes.numpy(), n)
-            Z = part[:256] if Z is None else Z
-        for threads in dict.fromkeys((1, os.cpu_count() or 1)):
-            tag = "" if threads == 1 else f"_t{threads}"
+            del networks["onnxruntime"], confusions["onnxruntime"]
+    for r, network in networks.items():
+        figures = class_figures(confusions[r])
+        raw = files[r].read_bytes()
+        row |= {
+            f"{r}_val_accuracy": figures["accuracy"],
+            f"{r}_val_macro_f1": figures["macro_f1"],
+            **{f"{r}_{k}": v for k, v in latencies(network, r, files[r], Z, repeats).items()},
+            f"{r}_size_bytes": len(raw),
+            f"{r}_size_zstd_bytes": len(zstandard.ZstdCompressor(level=19).compress(raw)),
+        }
+    if torch.cuda.is_available() and not arch.get("quantize"):  # int8 here is CPU-only
+        # the Timer synchronises the device around each call, so these are kernel times
+        on_gpu = load_model(arch, str(weights)).cuda()
+        with torch.inference_mode():
             for batch in (1, 256):
-                p50, p95 = timed_ms(lambda b=batch: model(Z[:b]), repeats, threads)
-                row[f"latency_b{batch}_p50_ms{tag}"] = p50
-                row[f"latency_b{batch}_p95_ms{tag}"] = p95
-        if torch.cuda.is_available() and not arch.get("quantize"):  # int8 here is CPU-only
-            # the Timer synchronises the device around each call, so these are kernel times
-            on_gpu = load_model(arch, str(weights)).cuda()
-            for batch in (1, 256):
-                x = Z[:batch].cuda()
+                x = torch.from_numpy(Z[:batch]).cuda()
                 p50, p95 = timed_ms(lambda x=x: on_gpu(x), repeats)
                 row[f"latency_b{batch}_p50_ms_cuda"] = p50
                 row[f"latency_b{batch}_p95_ms_cuda"] = p95
-    served_ms = {}
-    if served:  # a sweep's table; with one recipe, evaluate measures the served path
-        bundle = write_bundle(
-            folder / "bundle",
-            {"weights": {"path": str(weights)}, "arch": {"path": str(folder / "model.json")}},
-            served["reduction"],
-            served["meta"],
-            served["encoder"],
-        )
-        served_ms = served_latency(bundle, served["example"], folder / "served", repeats)
-        shutil.rmtree(folder / "bundle")
-        shutil.rmtree(folder / "served")
-    figures = class_figures(confusion)
     parameters, nonzero = weight_counts(model)
-    raw = weights.read_bytes()
     encoded = folder / "encoded.npz"
     return {
-        "val_accuracy": figures["accuracy"],
-        "val_macro_f1": figures["macro_f1"],
         **row,
-        **served_ms,
         "parameters": parameters,
         "nonzero_parameters": nonzero,
         "macs": count_macs(arch),
-        "size_bytes": len(raw),
-        "size_zstd_bytes": len(zstandard.ZstdCompressor(level=19).compress(raw)),
-        "size_encoded_bytes": encoded.stat().st_size if encoded.is_file() else len(raw),
+        "size_encoded_bytes": encoded.stat().st_size
+        if encoded.is_file()
+        else weights.stat().st_size,
     }
+
+
+def torch_network(model) -> Callable[[np.ndarray], np.ndarray]:
+    import torch
+
+    def network(Z: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(np.ascontiguousarray(Z))).numpy()
+
+    return network
+
+
+def latencies(
+    network: Callable[[np.ndarray], np.ndarray], runtime: str, file: Path, Z, repeats: int
+) -> dict[str, float]:
+    """p50/p95 at batch 1 and 256, on 1 thread (a typical serving replica) and on every
+    core. torch's thread count is the Timer's; onnxruntime's is its session's."""
+    out = {}
+    for threads in dict.fromkeys((1, os.cpu_count() or 1)):
+        tag = "" if threads == 1 else f"_t{threads}"
+        if runtime == "onnxruntime" and threads > 1:
+            network = OnnxNetwork(file, threads=threads)
+        for batch in (1, 256):
+            p50, p95 = timed_ms(lambda b=batch, f=network: f(Z[:b]), repeats, threads)
+            out[f"latency_b{batch}_p50_ms{tag}"] = p50
+            out[f"latency_b{batch}_p95_ms{tag}"] = p95
+    return out
+
+
+def served_figures(
+    arch_file: Path, folder: Path, runtime: str, served: dict[str, Any], repeats: int
+) -> dict[str, float]:
+    """The served path of one point in its chosen runtime: `mlflow.pyfunc` predict on raw
+    rows, batch 1 and 256 (a sweep's table; with one recipe, evaluate measures it)."""
+    model = {
+        "weights": {"path": str(folder / "model.pt")},
+        "arch": {"path": str(arch_file)},
+        "onnx": {"path": str(folder / "model.onnx")} if runtime == "onnxruntime" else None,
+    }
+    bundle = write_bundle(
+        folder / "bundle",
+        model,
+        served["reduction"],
+        {**served["meta"], "runtime": runtime},
+        served["encoder"],
+    )
+    try:
+        return served_latency(bundle, served["example"], folder / "served", repeats)
+    finally:
+        shutil.rmtree(folder / "bundle")
+        shutil.rmtree(folder / "served", ignore_errors=True)
 
 
 def served_context(partitions: Manifest, features: Manifest) -> dict[str, Any]:

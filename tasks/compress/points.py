@@ -4,6 +4,7 @@ saved weights (structured slimming before the fine-tune, encoding or int8 after 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -168,6 +169,8 @@ def finish_point(point: dict[str, Any], arch: dict[str, Any], folder: Path) -> d
     elif "magnitude" in point["recipe"] and "quantize" not in point["recipe"]:
         point["encoded"] = encode(load_model(arch, str(weights)), None, folder / "encoded.npz")
     if "quantize" in point["recipe"]:
+        # the float weights stay beside the int8 ones: onnxruntime quantizes their export
+        shutil.copy(weights, folder / "model_float.pt")
         arch = quantize_saved(arch, weights, folder / "model.json")
     return arch
 

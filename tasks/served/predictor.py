@@ -3,55 +3,83 @@
 `Predictor` bundles the fitted reduction (if any), the network and the class names. The
 evaluate stage scores the test split through the very same `Predictor` that the MLflow
 pyfunc wraps, so the accuracy in MLflow is the accuracy a user of the registered model gets.
+The network runs in torch or, when the bundle says `runtime: onnxruntime`, from its ONNX
+export in onnxruntime (then torch is not imported to score).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from tasks.encoding import Encoder
 from tasks.reduce.pca import apply_reduction, load_reduction
-from tasks.training.models import load_model
 
 
 class Predictor:
-    def __init__(self, bundle: str | Path):
+    def __init__(self, bundle: str | Path, threads: int | None = None):
         self.bundle = bundle = Path(bundle)
         meta = json.loads((bundle / "meta.json").read_text())
         self.feature_names: list[str] = meta["feature_names"]
         self.raw_columns: list[str] = meta.get("raw_columns", self.feature_names)
         self.classes: list[Any] = meta["classes"]
+        self.runtime: str = meta.get("runtime", "torch")
         encoder = bundle / "encoder.json"
         self.encoder = Encoder.load(encoder) if encoder.exists() else None
         reduction = bundle / "reduction.npz"
         self.reduction = load_reduction(reduction) if reduction.exists() else None
-        self.model = load_model(
-            json.loads((bundle / "model.json").read_text()), bundle / "model.pt"
-        )
+        if self.runtime == "onnxruntime":
+            from tasks.served.runtime import OnnxNetwork
 
-    def features(self, X: np.ndarray) -> torch.Tensor:
+            self.network = OnnxNetwork(bundle / "model.onnx", threads)
+        else:
+            self.network = self.torch_network
+
+    @cached_property
+    def model(self):
+        """The torch network (weights, embeddings; torch's own runtime)."""
+        from tasks.training.models import load_model
+
+        spec = json.loads((self.bundle / "model.json").read_text())
+        return load_model(spec, self.bundle / "model.pt")
+
+    @property
+    def network_file(self) -> Path:
+        """The file the network runs from: what a replica loads."""
+        return self.bundle / ("model.onnx" if self.runtime == "onnxruntime" else "model.pt")
+
+    def torch_network(self, Z: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(Z)).numpy()
+
+    def features(self, X: np.ndarray) -> np.ndarray:
         X = np.asarray(X, dtype=np.float32)
         if self.reduction is not None:
             X = apply_reduction(X, self.reduction)
-        return torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+        return np.ascontiguousarray(X, dtype=np.float32)
 
-    @torch.inference_mode()
-    def logits(self, X: np.ndarray, batch: int = 8192) -> torch.Tensor:
+    def logits(self, X: np.ndarray, batch: int = 8192) -> np.ndarray:
         Z = self.features(X)
-        return torch.cat([self.model(Z[i : i + batch]) for i in range(0, len(Z), batch)])
+        if not len(Z):
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        return np.concatenate([self.network(Z[i : i + batch]) for i in range(0, len(Z), batch)])
 
     def predict_codes(self, X: np.ndarray, batch: int = 8192) -> np.ndarray:
-        return self.logits(X, batch).argmax(1).numpy()  # no softmax on the serving path
+        return self.logits(X, batch).argmax(1)  # no softmax on the serving path
 
     def predict_proba(self, X: np.ndarray, batch: int = 8192) -> np.ndarray:
         """Class probabilities (softmax of the logits), one row per input row."""
-        return self.logits(X, batch).softmax(1).numpy()
+        logits = self.logits(X, batch).astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        odds = np.exp(logits)
+        return (odds / odds.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return np.asarray(self.classes)[self.predict_codes(X)]
@@ -104,10 +132,16 @@ def write_bundle(
     meta: dict[str, Any],
     encoder_path: str | None = None,
 ) -> Path:
-    """Copy weights, architecture, encoder, reduction and metadata into one self-contained folder."""
+    """Copy weights, architecture, encoder, reduction and metadata into one self-contained
+    folder; the ONNX export too when the model has one (`model["onnx"]`), served by
+    onnxruntime when `meta["runtime"]` says so."""
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy(model["weights"]["path"], dest / "model.pt")
     shutil.copy(model["arch"]["path"], dest / "model.json")
+    if model.get("onnx"):
+        shutil.copy(model["onnx"]["path"], dest / "model.onnx")
+    if meta.get("runtime") == "onnxruntime" and not model.get("onnx"):
+        raise ValueError("runtime onnxruntime, but the model has no ONNX export")
     if reduction_path:
         shutil.copy(reduction_path, dest / "reduction.npz")
     if encoder_path:

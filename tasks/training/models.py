@@ -231,7 +231,8 @@ class Transformer(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         t = self.tokens(x)
-        t = torch.cat([self.cls.expand(len(t), -1, -1), t], dim=1) + self.position
+        # t.shape[0], not len(t): torch.export keeps the batch dynamic only so
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], dim=1) + self.position
         return self.norm(self.encoder(t)[:, 0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
