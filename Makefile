@@ -12,7 +12,7 @@ ARGS ?=
 # Offline and quiet by default: the CLI, make serve, the tests and the benchmarks set the
 # same variables from conf/telemetry.env (tasks/tracking.py); values already set win.
 
-.PHONY: run test test-fast lint format docs data setup test-tools serve stop status clean help
+.PHONY: run test test-fast lint format docs data setup test-tools serve serve-model stop status clean help
 
 help:
 	@echo "make run    - set up and run the pipeline on embedded defaults (ARGS='--set train.epochs=3')"
@@ -20,6 +20,8 @@ help:
 	@echo "make serve  - start Prefect server + worker and MLflow server on 127.0.0.1, register deployments"
 	@echo "              (ALERT_WEBHOOK=URL: POST there when a run regresses)"
 	@echo "make stop   - stop exactly what make serve started"
+	@echo "make serve-model - MLflow's scoring server for the registry's champion on 127.0.0.1:5001"
+	@echo "              (WORKERS=4: more uvicorn workers; MLFLOW_TRACKING_URI: the registry)"
 	@echo "make lint   - ruff and the import contracts (the three floors)"
 	@echo "make docs   - regenerate docs/configuration.md and build the docs site into .site/"
 	@echo "make clean  - remove stage outputs and the local MLflow store (keeps .venv)"
@@ -70,6 +72,13 @@ run: setup data
 # the 15 slowest are listed at the end, so a CI log shows where its minutes went
 test: setup data test-tools
 	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15 $(ARGS)
+
+# the champion behind MLflow's REST scoring server, in the foreground (tracking: the local
+# sqlite store unless MLFLOW_TRACKING_URI names another, e.g. make serve's server)
+WORKERS ?= 1
+serve-model: setup
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} \
+	  $(BIN)/python -m flows.serve model --workers $(WORKERS)
 
 serve: setup data
 	$(BIN)/python -m flows.serve start $(if $(ALERT_WEBHOOK),--alert-webhook '$(ALERT_WEBHOOK)')

@@ -173,6 +173,46 @@ def mlflow_server(state: Path, port: int, backend_uri: str | None = None) -> Run
     return start("mlflow-server", argv, state, health=f"http://127.0.0.1:{port}/health")
 
 
+def model_argv(model_uri: str, port: int, workers: int = 1) -> list[str]:
+    """MLflow's scoring server on 127.0.0.1 for one model (the registry's `champion` by
+    default), in this environment: POST /invocations, GET /ping."""
+    return [
+        str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        str(workers),
+    ]
+
+
+def model_env() -> dict[str, str]:
+    """MLflow starts `uvicorn` by name: this environment's bin first on PATH."""
+    return {**QUIET, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def model_server(
+    state: Path, port: int, model_uri: str, tracking_uri: str | None = None, workers: int = 1
+) -> Running:
+    env = model_env()
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    return start(
+        "model-server",
+        model_argv(model_uri, port, workers),
+        state,
+        env,
+        health=f"http://127.0.0.1:{port}/ping",
+    )
+
+
 def prefect_worker(
     state: Path, api_url: str, pool: str, env: dict[str, str] | None = None
 ) -> Running:
@@ -319,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flows.serve", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("command", choices=["start", "stop", "status", "alerts"])
+    parser.add_argument("command", choices=["start", "stop", "status", "alerts", "model"])
     parser.add_argument("--state-dir", default=str(PROJECT / ".accelflow" / "serve"))
     parser.add_argument(
         "--prefect-port", type=int, default=int(os.environ.get("ACCELFLOW_PREFECT_PORT", 4200))
@@ -334,8 +374,19 @@ def main(argv: list[str] | None = None) -> int:
         help="URL to POST regression alerts to (start, alerts); see conf/automations/",
     )
     parser.add_argument("--api", default=None, help="Prefect API URL for `alerts`")
+    parser.add_argument("--model", default="models:/accelflow-classifier@champion")
+    parser.add_argument("--model-port", type=int, default=5001)
+    parser.add_argument("--workers", type=int, default=1, help="model: uvicorn workers")
     args = parser.parse_args(argv)
     state = Path(args.state_dir)
+    if args.command == "model":  # in the foreground, until Ctrl-C
+        print(
+            f"scoring {args.model} at http://127.0.0.1:{args.model_port}/invocations "
+            f"({args.workers} worker(s); Ctrl-C stops)",
+            flush=True,
+        )
+        argv = model_argv(args.model, args.model_port, args.workers)
+        os.execve(argv[0], argv, {**os.environ, **model_env()})
     if args.command == "alerts":
         if not args.alert_webhook:
             parser.error("alerts needs --webhook URL (or ACCELFLOW_ALERT_WEBHOOK)")

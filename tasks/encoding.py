@@ -70,7 +70,10 @@ class Encoder:
         out = np.empty((len(frame), len(self.feature_names)), dtype=np.float32)
         width = len(self.numeric)
         if width:
-            block = frame[self.numeric]
+            # a numbers-only frame in training order (the usual served call) is used as it
+            # is: selecting columns builds a new DataFrame, most of a one-row call's time
+            exact = not self.categorical and list(frame.columns) == self.numeric
+            block = frame if exact else frame[self.numeric]
             try:  # the usual case: numbers (or numeric text) throughout, one conversion
                 values = block.to_numpy(dtype=np.float64, na_value=np.nan)
             except (TypeError, ValueError):  # some text that is not a number: it counts as missing

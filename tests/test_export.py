@@ -1,7 +1,7 @@
 """The network where users run it: every model family exports to ONNX with torch's answers,
 int8 in onnxruntime (static, calibrated, for the CNN) is served by the pyfunc in a process
-that cannot import the export tooling, and the runtime each point is served by follows
-what was measured."""
+that cannot import the export tooling and by MLflow's scoring server, and the runtime each
+point is served by follows what was measured."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
@@ -109,8 +110,18 @@ def test_the_runtime_each_point_is_served_by_follows_the_measurement():
     assert auto[1]["val_accuracy"] == 0.895
     over = rows()  # nothing within the budget: the more accurate runtime
     over[1]["torch_val_accuracy"] = 0.8
+    over.append(  # a float point over the budget: both runtimes answer alike, the faster
+        measured(
+            "float",
+            torch_val_accuracy=0.7,
+            torch_latency_b256_p50_ms=3,
+            onnxruntime_val_accuracy=0.7,
+            onnxruntime_latency_b256_p50_ms=2,
+        )
+    )
     settle_runtimes(over, cfg, "auto")
     assert over[1]["runtime"] == "onnxruntime" and over[1]["val_accuracy"] == 0.85
+    assert over[3]["runtime"] == "onnxruntime"
     named = rows()
     settle_runtimes(named, cfg, "onnxruntime")
     assert [r.get("runtime") for r in named] == ["onnxruntime", "onnxruntime", None]
@@ -221,6 +232,22 @@ def test_a_static_int8_cnn_is_served_by_its_pyfunc_without_the_export_tooling(tm
     answer = json.loads(served.stdout.strip().splitlines()[-1])
     assert answer["predictions"] == expected.tolist()
     assert answer["torch"] is False  # onnxruntime serves it: torch is not even imported
+
+    # behind MLflow's scoring server (what `make serve-model` starts): one batch, same answers
+    from flows.serve import free_port, model_server, stop
+
+    port = free_port()
+    server = model_server(tmp_path / "server", port, str(tmp_path / "pyfunc"))
+    try:
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/invocations",
+            json={"dataframe_split": rows.head(64).to_dict(orient="split")},
+            timeout=60,
+        )
+    finally:
+        stop(server)
+    assert reply.status_code == 200, reply.text[-2000:]
+    assert [int(p) for p in reply.json()["predictions"]] == expected[:64].tolist()
 
 
 @pytest.mark.parametrize(

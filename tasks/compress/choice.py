@@ -17,7 +17,8 @@ def settle_runtimes(rows: list[dict[str, Any]], cfg: EvaluateConfig, setting: st
     """Each row's served runtime; its figures become that runtime's (unprefixed keys).
     `torch` / `onnxruntime`: that one; `auto`: of those measured, the best on the objective
     whose validation accuracy is within evaluate.max_accuracy_drop of the baseline's (a
-    float export answers as torch does; int8 differs by runtime), else the more accurate.
+    float export answers as torch does; int8 differs by runtime), else the more accurate
+    (the better on the objective if they tie).
     A row that no allowed runtime measured (its export failed) gets an error."""
     measured = [r for r in rows if "error" not in r]
     base = rows[0]
@@ -36,7 +37,7 @@ def settle_runtimes(rows: list[dict[str, Any]], cfg: EvaluateConfig, setting: st
         runtime = (
             min(within, key=lambda r: row[f"{r}_{cost}"])
             if within
-            else max(candidates, key=lambda r: accuracy[r])
+            else max(candidates, key=lambda r: (accuracy[r], -row[f"{r}_{cost}"]))
         )
         row["runtime"] = runtime
         prefix = f"{runtime}_"
@@ -45,7 +46,8 @@ def settle_runtimes(rows: list[dict[str, Any]], cfg: EvaluateConfig, setting: st
 
 def choose(rows: list[dict[str, Any]], cfg: EvaluateConfig) -> tuple[dict[str, Any] | None, str]:
     """The best point on the objective within the accuracy tolerance of the baseline (the
-    first row); None (keep the baseline) when no point is. Returns the point and why."""
+    first row); None (keep the baseline) when no point is, or the best is no better than
+    the baseline on the objective. Returns the point and why."""
     baseline, points = rows[0], [r for r in rows[1:] if "error" not in r]
     failed = f" ({len(rows) - 1 - len(points)} failed)" if len(points) < len(rows) - 1 else ""
     key = OBJECTIVE_KEY[cfg.objective]
@@ -59,6 +61,12 @@ def choose(rows: list[dict[str, Any]], cfg: EvaluateConfig) -> tuple[dict[str, A
         )
     best = min(within, key=lambda p: (p[key], -p["val_accuracy"]))
     shown = "{:.3f} ms" if cfg.objective == "latency" else "{:,.0f} bytes"
+    if best[key] >= baseline[key]:  # e.g. int8 on a CPU without fast int8 kernels
+        return None, (
+            f"the best point within evaluate.max_accuracy_drop {cfg.max_accuracy_drop}, "
+            f"**{best['name']}** ({shown.format(best[key])}), is no better on {key} than the "
+            f"baseline ({shown.format(baseline[key])}): the trained model is kept"
+        )
     return best, (
         f"**{best['name']}**: the lowest {key} ({shown.format(best[key])}, baseline "
         f"{shown.format(baseline[key])}: {baseline[key] / max(best[key], 1e-12):.2f}×) of the "

@@ -18,7 +18,8 @@ class AccelflowClassifier(PythonModel):
         self.predictor = Predictor(context.artifacts["bundle"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
-        return pd.Series(self.predictor.predict_frame(model_input), name="prediction")
+        # an array, not a Series: building a Series of strings costs more than the network
+        return self.predictor.predict_frame(model_input)
 
 
 mlflow.models.set_model(AccelflowClassifier())

@@ -28,11 +28,16 @@ class Predictor:
         self.feature_names: list[str] = meta["feature_names"]
         self.raw_columns: list[str] = meta.get("raw_columns", self.feature_names)
         self.classes: list[Any] = meta["classes"]
+        self.class_array = np.asarray(self.classes)
         self.runtime: str = meta.get("runtime", "torch")
         encoder = bundle / "encoder.json"
         self.encoder = Encoder.load(encoder) if encoder.exists() else None
         reduction = bundle / "reduction.npz"
         self.reduction = load_reduction(reduction) if reduction.exists() else None
+        if self.reduction is not None and "scale" in self.reduction:
+            # standardising folded into the projection once, not on every call
+            scale = self.reduction.pop("scale")
+            self.reduction["components"] = (self.reduction["components"] / scale).astype(np.float32)
         if self.runtime == "onnxruntime":
             from tasks.served.runtime import OnnxNetwork
 
@@ -82,7 +87,7 @@ class Predictor:
         return (odds / odds.sum(axis=1, keepdims=True)).astype(np.float32)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return np.asarray(self.classes)[self.predict_codes(X)]
+        return self.class_array[self.predict_codes(X)]
 
     def encode(self, frame) -> np.ndarray:
         """Raw rows (a DataFrame; for numeric features also an array in column order) → the
@@ -97,14 +102,17 @@ class Predictor:
                     f"{len(self.feature_names)} features in training column order, or a DataFrame"
                 )
             return frame.astype(np.float32, copy=False)
-        try:
-            selected = frame[self.feature_names]
-        except KeyError:
-            missing = [c for c in self.feature_names if c not in frame.columns]
-            raise ValueError(
-                f"input is missing feature column(s) {missing[:10]}; send raw rows "
-                "with the columns the model was trained on"
-            ) from None
+        if list(frame.columns) == self.feature_names:  # the usual case: no reordering copy
+            selected = frame
+        else:
+            try:
+                selected = frame[self.feature_names]
+            except KeyError:
+                missing = [c for c in self.feature_names if c not in frame.columns]
+                raise ValueError(
+                    f"input is missing feature column(s) {missing[:10]}; send raw rows "
+                    "with the columns the model was trained on"
+                ) from None
         try:  # one vectorised conversion, not a column-by-column rebuild
             return selected.to_numpy(dtype=np.float32)
         except (TypeError, ValueError):
