@@ -29,6 +29,13 @@ class Encoder:
     pooled: dict[str, int] = field(default_factory=dict)  # column → rare values in <rare>
 
     @cached_property
+    def numeric_index(self):
+        """The numeric columns as a pandas Index: compared with an input's columns in C."""
+        import pandas as pd
+
+        return pd.Index(self.numeric)
+
+    @cached_property
     def indexes(self) -> dict[str, dict[str, int]]:
         """Each categorical column's value → code, built once (not on every served call)."""
         return {c: {v: i for i, v in enumerate(vocab)} for c, vocab in self.categorical.items()}
@@ -72,7 +79,7 @@ class Encoder:
         if width:
             # a numbers-only frame in training order (the usual served call) is used as it
             # is: selecting columns builds a new DataFrame, most of a one-row call's time
-            exact = not self.categorical and list(frame.columns) == self.numeric
+            exact = not self.categorical and frame.columns.equals(self.numeric_index)
             block = frame if exact else frame[self.numeric]
             try:  # the usual case: numbers (or numeric text) throughout, one conversion
                 values = block.to_numpy(dtype=np.float64, na_value=np.nan)

@@ -221,7 +221,7 @@ def plot_tsne(predictor: Predictor, X: np.ndarray, y: np.ndarray, path: Path) ->
 
     pick = np.sort(np.random.default_rng(0).permutation(len(X))[:TSNE_SAMPLE])
     with torch.inference_mode():
-        H = predictor.model.embed(torch.from_numpy(predictor.features(X[pick]))).numpy()
+        H = predictor.model.embed(torch.from_numpy(predictor.reduced(X[pick]))).numpy()
     dims = min(50, *H.shape)  # a small test split (wine: 21 rows) allows fewer than 50
     if H.shape[1] > dims:
         H = PCA(dims, random_state=0).fit_transform(H)
@@ -312,6 +312,7 @@ def evaluate_model(
     out: StageDir,
 ) -> dict[str, Any]:
     """Score baseline and compressed side by side, choose one; return the manifest body."""
+    from tasks.compress.export import served_network
     from tasks.served.predictor import Predictor, write_bundle
 
     batches = test_batches(partitions)
@@ -327,13 +328,10 @@ def evaluate_model(
     # the baseline as torch runs it; the compressed model in the runtime compress chose
     runtimes = {"baseline": "torch", "compressed": compressed.get("runtime", "torch")}
     for name, manifest in (("baseline", trained), ("compressed", compressed)):
-        bundle = write_bundle(
-            out.path(name),
-            manifest["model"],
-            reduction,
-            meta | {"runtime": runtimes[name]},
-            encoder,
-        )
+        scratch = out.path(f"{name}.onnx")
+        model, served = served_network(manifest["model"], runtimes[name], reduction, scratch)
+        bundle = write_bundle(out.path(name), model, reduction, meta | served, encoder)
+        scratch.unlink(missing_ok=True)
         predictors[name] = Predictor(bundle, threads=1)
         results[name] = score(predictors[name], batches, cfg)
         results[name] |= served_latency(

@@ -65,6 +65,30 @@ def test_every_family_exports_to_onnx_with_torch_s_answers(arch, tmp_path):
         assert worst < PARITY_ATOL and differ == 0, (worst, differ)
 
 
+def test_the_reduction_folds_into_the_graph(tmp_path):
+    """Standardised PCA as Sub + MatMul in front of the exported network: the ONNX file
+    alone takes encoded rows to the logits torch gives on their principal components."""
+    from tasks.compress.export import fold_reduction
+    from tasks.reduce.pca import apply_reduction
+
+    rng = np.random.default_rng(0)
+    reduction = {
+        "mean": rng.normal(5, 2, 12).astype(np.float32),
+        "scale": rng.uniform(0.5, 4, 12).astype(np.float32),
+        "components": rng.normal(0, 1, (4, 12)).astype(np.float32),
+    }
+    torch.manual_seed(0)
+    arch = {"model": "mlp", "n_features": 4, "n_classes": 3, "hidden": [8], "dropout": 0.0}
+    model = build_model(arch).eval()
+    network = export_onnx(model, 4, tmp_path / "network.onnx")
+    folded = fold_reduction(network, reduction, tmp_path / "served.onnx")
+    X = rng.normal(5, 3, (33, 12)).astype(np.float32)
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(apply_reduction(X, reduction))).numpy()
+    worst, differ = parity(expected, OnnxNetwork(folded, threads=1)(X))
+    assert worst < PARITY_ATOL and differ == 0
+
+
 def test_parity_counts_answers_that_differ_but_not_near_ties():
     torch_logits = np.array([[0.0, 5.0], [1.0, 1.0 + PARITY_ATOL / 2], [3.0, 0.0]])
     onnx_logits = np.array([[0.0, 5.0], [1.0 + PARITY_ATOL, 1.0], [0.0, 3.0]])

@@ -30,7 +30,11 @@ def first_run(prefect_harness, fmnist_small, tmp_path_factory):
     # last point, and this test is about what a compressed model logs. Zeros make no dense
     # call faster (compress keeps a model no faster than the baseline), but a smaller file
     cfg = make_config(
-        tmp, fmnist_small, "evaluate.max_accuracy_drop=0.05", "evaluate.objective=size"
+        tmp,
+        fmnist_small,
+        "evaluate.max_accuracy_drop=0.05",
+        "evaluate.objective=size",
+        "serve.runtime=onnxruntime",  # served from ONNX, the PCA folded into the graph
     )
     return cfg, pipeline(cfg)
 
@@ -133,6 +137,14 @@ def test_champion_scores_raw_test_pixels_with_the_logged_accuracy(first_run, fmn
     )
     assert float((predictions == labels).mean()) == pytest.approx(logged, abs=1e-9)
     assert result["promotion"]["alias"] == "champion"
+    # onnxruntime runs the network with the reduction folded in: the ONNX file alone takes
+    # the 784 pixels to logits, as the pyfunc does
+    predictor = model.unwrap_python_model().predictor
+    assert predictor.runtime == "onnxruntime" and predictor.reduction_in_graph
+    from tasks.served.runtime import OnnxNetwork
+
+    alone = OnnxNetwork(predictor.bundle / "model.onnx")(pixels.astype(np.float32))
+    assert (predictor.class_array[alone.argmax(1)] == predictions).all()
     # the signature leaves the input out (MLflow's per-column check cost 46 ms a call at 784
     # columns); the model checks its own input, takes arrays too, and says what is wrong
     assert model.metadata.get_input_schema() is None

@@ -140,6 +140,59 @@ def export_point(
     return dest, True
 
 
+def fold_reduction(network: Path, reduction: dict[str, np.ndarray], dest: Path) -> Path:
+    """The served graph: the reduction (centring, standardising and projection, all linear)
+    as Sub + MatMul nodes in front of `network`, so one onnxruntime call takes encoded rows
+    to logits and the ONNX file alone scores rows. `dest` written atomically."""
+    import onnx
+    from onnx import TensorProto, compose, helper, numpy_helper
+
+    net = onnx.load(str(network))
+    projection = reduction["components"]
+    if "scale" in reduction:
+        projection = projection / reduction["scale"]
+    raw, reduced = projection.shape[1], projection.shape[0]
+    pre = helper.make_graph(
+        [
+            helper.make_node("Sub", ["raw_features", "pca_mean"], ["pca_centred"]),
+            helper.make_node("MatMul", ["pca_centred", "pca_projection"], ["pca_reduced"]),
+        ],
+        "reduce",
+        [helper.make_tensor_value_info("raw_features", TensorProto.FLOAT, ["batch", raw])],
+        [helper.make_tensor_value_info("pca_reduced", TensorProto.FLOAT, ["batch", reduced])],
+        [
+            numpy_helper.from_array(reduction["mean"].astype(np.float32), "pca_mean"),
+            numpy_helper.from_array(
+                np.ascontiguousarray(projection.T, dtype=np.float32), "pca_projection"
+            ),
+        ],
+    )
+    pre_model = helper.make_model(
+        pre, opset_imports=list(net.opset_import), ir_version=net.ir_version
+    )
+    entry = net.graph.input[0].name
+    served = compose.merge_models(pre_model, net, io_map=[("pca_reduced", entry)])
+    tmp = dest.with_name(dest.name + ".tmp")
+    onnx.save(served, str(tmp))
+    os.replace(tmp, dest)
+    return dest
+
+
+def served_network(
+    model: dict[str, Any], runtime: str, reduction_path: str | None, scratch: Path
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A bundle's model files and meta for `runtime`: for onnxruntime with a reduction, the
+    ONNX export with the reduction folded in (written to `scratch`), which the bundle's
+    Predictor then feeds encoded rows directly."""
+    meta = {"runtime": runtime}
+    if runtime != "onnxruntime" or not reduction_path:
+        return model, meta
+    from tasks.reduce.pca import load_reduction
+
+    folded = fold_reduction(Path(model["onnx"]["path"]), load_reduction(reduction_path), scratch)
+    return {**model, "onnx": {"path": str(folded)}}, meta | {"reduction_in_graph": True}
+
+
 def parity(torch_logits: np.ndarray, onnx_logits: np.ndarray) -> tuple[float, int]:
     """Largest |logit difference| and how many rows' answers differ, near-ties aside (rows
     whose two best torch logits are within PARITY_ATOL may go either way in either runtime)."""

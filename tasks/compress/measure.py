@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from tasks.compress.export import PARITY_ATOL, export_point, parity
+from tasks.compress.export import PARITY_ATOL, export_point, parity, served_network
 from tasks.evaluate import class_figures, confusion_of
 from tasks.served.predictor import write_bundle
 from tasks.served.pyfunc import served_latency, timed_ms
@@ -176,18 +176,17 @@ def served_figures(
         "arch": {"path": str(arch_file)},
         "onnx": {"path": str(folder / "model.onnx")} if runtime == "onnxruntime" else None,
     }
+    scratch = folder / "served.onnx"
+    model, meta = served_network(model, runtime, served["reduction"], scratch)
     bundle = write_bundle(
-        folder / "bundle",
-        model,
-        served["reduction"],
-        {**served["meta"], "runtime": runtime},
-        served["encoder"],
+        folder / "bundle", model, served["reduction"], served["meta"] | meta, served["encoder"]
     )
     try:
         return served_latency(bundle, served["example"], folder / "served", repeats)
     finally:
         shutil.rmtree(folder / "bundle")
         shutil.rmtree(folder / "served", ignore_errors=True)
+        scratch.unlink(missing_ok=True)
 
 
 def served_context(partitions: Manifest, features: Manifest) -> dict[str, Any]:

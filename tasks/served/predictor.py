@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from tasks.encoding import Encoder
 from tasks.reduce.pca import apply_reduction, load_reduction
@@ -27,6 +28,8 @@ class Predictor:
         meta = json.loads((bundle / "meta.json").read_text())
         self.feature_names: list[str] = meta["feature_names"]
         self.raw_columns: list[str] = meta.get("raw_columns", self.feature_names)
+        # compared with each input's columns: an Index compares in C, a list in Python
+        self.feature_index = pd.Index(self.feature_names)
         self.classes: list[Any] = meta["classes"]
         self.class_array = np.asarray(self.classes)
         self.runtime: str = meta.get("runtime", "torch")
@@ -34,6 +37,8 @@ class Predictor:
         self.encoder = Encoder.load(encoder) if encoder.exists() else None
         reduction = bundle / "reduction.npz"
         self.reduction = load_reduction(reduction) if reduction.exists() else None
+        # onnxruntime bundles carry the reduction inside model.onnx: rows go in encoded
+        self.reduction_in_graph = bool(meta.get("reduction_in_graph"))
         if self.reduction is not None and "scale" in self.reduction:
             # standardising folded into the projection once, not on every call
             scale = self.reduction.pop("scale")
@@ -64,11 +69,18 @@ class Predictor:
         with torch.inference_mode():
             return self.model(torch.from_numpy(Z)).numpy()
 
-    def features(self, X: np.ndarray) -> np.ndarray:
+    def reduced(self, X: np.ndarray) -> np.ndarray:
+        """Encoded rows → what the torch network reads (the reduction applied, if any)."""
         X = np.asarray(X, dtype=np.float32)
         if self.reduction is not None:
             X = apply_reduction(X, self.reduction)
         return np.ascontiguousarray(X, dtype=np.float32)
+
+    def features(self, X: np.ndarray) -> np.ndarray:
+        """Encoded rows → what `network` takes: as they are when the graph reduces them."""
+        if self.reduction_in_graph:
+            return np.ascontiguousarray(X, dtype=np.float32)
+        return self.reduced(X)
 
     def logits(self, X: np.ndarray, batch: int = 8192) -> np.ndarray:
         Z = self.features(X)
@@ -102,7 +114,7 @@ class Predictor:
                     f"{len(self.feature_names)} features in training column order, or a DataFrame"
                 )
             return frame.astype(np.float32, copy=False)
-        if list(frame.columns) == self.feature_names:  # the usual case: no reordering copy
+        if frame.columns.equals(self.feature_index):  # the usual case: no reordering copy
             selected = frame
         else:
             try:
@@ -116,7 +128,6 @@ class Predictor:
         try:  # one vectorised conversion, not a column-by-column rebuild
             return selected.to_numpy(dtype=np.float32)
         except (TypeError, ValueError):
-            import pandas as pd
 
             def not_numbers(column) -> bool:
                 if pd.api.types.is_numeric_dtype(column):
