@@ -46,8 +46,8 @@ def settle_runtimes(rows: list[dict[str, Any]], cfg: EvaluateConfig, setting: st
 
 def choose(rows: list[dict[str, Any]], cfg: EvaluateConfig) -> tuple[dict[str, Any] | None, str]:
     """The best point on the objective within the accuracy tolerance of the baseline (the
-    first row); None (keep the baseline) when no point is, or the best is no better than
-    the baseline on the objective. Returns the point and why."""
+    first row); None (keep the baseline) when no point is, or the best is not better than
+    the baseline on the objective by evaluate.objective_margin. Returns the point and why."""
     baseline, points = rows[0], [r for r in rows[1:] if "error" not in r]
     failed = f" ({len(rows) - 1 - len(points)} failed)" if len(points) < len(rows) - 1 else ""
     key = OBJECTIVE_KEY[cfg.objective]
@@ -61,11 +61,14 @@ def choose(rows: list[dict[str, Any]], cfg: EvaluateConfig) -> tuple[dict[str, A
         )
     best = min(within, key=lambda p: (p[key], -p["val_accuracy"]))
     shown = "{:.3f} ms" if cfg.objective == "latency" else "{:,.0f} bytes"
-    if best[key] >= baseline[key]:  # e.g. int8 on a CPU without fast int8 kernels
+    if best[key] > baseline[key] * (1 - cfg.objective_margin):
+        # e.g. int8 on a CPU without fast int8 kernels, or zeros under a latency objective:
+        # within evaluate.objective_margin (latency is noisy) it is no gain for a changed model
         return None, (
             f"the best point within evaluate.max_accuracy_drop {cfg.max_accuracy_drop}, "
-            f"**{best['name']}** ({shown.format(best[key])}), is no better on {key} than the "
-            f"baseline ({shown.format(baseline[key])}): the trained model is kept"
+            f"**{best['name']}** ({shown.format(best[key])}), is not better on {key} than the "
+            f"baseline ({shown.format(baseline[key])}) by evaluate.objective_margin "
+            f"{cfg.objective_margin:.0%}: the trained model is kept"
         )
     return best, (
         f"**{best['name']}**: the lowest {key} ({shown.format(best[key])}, baseline "
