@@ -59,9 +59,17 @@ class Predictor:
         return load_model(spec, self.bundle / "model.pt")
 
     @property
-    def network_file(self) -> Path:
-        """The file the network runs from: what a replica loads."""
-        return self.bundle / ("model.onnx" if self.runtime == "onnxruntime" else "model.pt")
+    def network_files(self) -> list[Path]:
+        """What takes encoded rows to logits, as a replica loads it: model.onnx (the
+        reduction inside), or model.pt and the reduction beside it."""
+        if self.runtime == "onnxruntime":
+            return [self.bundle / "model.onnx"]
+        reduction = self.bundle / "reduction.npz"
+        return [self.bundle / "model.pt", *([reduction] if reduction.exists() else [])]
+
+    def encoded_to_logits(self, X: np.ndarray) -> np.ndarray:
+        """One call from encoded rows: the reduction (in numpy or in the graph) and the network."""
+        return self.network(self.features(X))
 
     def torch_network(self, Z: np.ndarray) -> np.ndarray:
         import torch
