@@ -148,9 +148,9 @@ def fold_reduction(network: Path, reduction: dict[str, np.ndarray], dest: Path) 
     from onnx import TensorProto, compose, helper, numpy_helper
 
     net = onnx.load(str(network))
-    projection = reduction["components"]
-    if "scale" in reduction:
-        projection = projection / reduction["scale"]
+    from tasks.reduce.pca import projection as reduction_projection
+
+    projection = reduction_projection(reduction)
     raw, reduced = projection.shape[1], projection.shape[0]
     pre = helper.make_graph(
         [

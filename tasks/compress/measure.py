@@ -15,7 +15,7 @@ from tasks.compress.export import PARITY_ATOL, export_point, parity, served_netw
 from tasks.evaluate import class_figures, confusion_of
 from tasks.served.predictor import write_bundle
 from tasks.served.pyfunc import served_latency, timed_ms
-from tasks.served.runtime import OnnxNetwork
+from tasks.served.runtime import OnnxNetwork, torch_network
 from tasks.store import Manifest
 from tasks.train import split_files
 
@@ -84,7 +84,6 @@ def measure(
             networks["onnxruntime"] = OnnxNetwork(files["onnxruntime"], threads=1)
         except Exception as exc:  # an unexportable model is served by torch
             row["onnx_error"] = f"export: {type(exc).__name__}: {exc}"[:500]
-    reference = torch_network(model)  # parity: the float export against torch
     check = "onnxruntime" in networks and not quantized
     n = arch["n_classes"]
     confusions = {r: np.zeros((n, n), dtype=np.int64) for r in networks}
@@ -95,7 +94,8 @@ def measure(
             outputs[r] = np.concatenate([network(X[i : i + 4096]) for i in range(0, len(X), 4096)])
             confusions[r] += confusion_of(y, outputs[r].argmax(1), n)
         if check:
-            expected = outputs["torch"] if "torch" in outputs else reference(X)
+            # the float export against torch (computed here when torch is not measured)
+            expected = outputs["torch"] if "torch" in outputs else torch_network(model)(X)
             diff, wrong = parity(expected, outputs["onnxruntime"])
             worst, differ = max(worst, diff), differ + wrong
         Z = X[:256] if Z is None else Z
@@ -137,16 +137,6 @@ def measure(
         if encoded.is_file()
         else weights.stat().st_size,
     }
-
-
-def torch_network(model) -> Callable[[np.ndarray], np.ndarray]:
-    import torch
-
-    def network(Z: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return model(torch.from_numpy(np.ascontiguousarray(Z))).numpy()
-
-    return network
 
 
 def latencies(

@@ -88,17 +88,26 @@ def components_for(ratio: np.ndarray, target: float) -> int:
     return min(int(np.searchsorted(np.cumsum(ratio), target - 1e-12) + 1), len(ratio))
 
 
+def projection(reduction: dict[str, np.ndarray]) -> np.ndarray:
+    """The (components × features) matrix centred rows are multiplied by: the components,
+    divided by the scale when standardised (one matmul, no scaled copy of the rows)."""
+    if "projection" in reduction:
+        return reduction["projection"]
+    components = reduction["components"]
+    return components / reduction["scale"] if "scale" in reduction else components
+
+
 def apply_reduction(X: np.ndarray, reduction: dict[str, np.ndarray]) -> np.ndarray:
     """Raw features → principal components (float32). Used by training data and serving."""
-    components = reduction["components"]
-    if "scale" in reduction:  # standardising folded into the projection: one matmul, no copy
-        components = components / reduction["scale"]
-    return (np.asarray(X, dtype=np.float32) - reduction["mean"]) @ components.T
+    return (np.asarray(X, dtype=np.float32) - reduction["mean"]) @ projection(reduction).T
 
 
 def load_reduction(path: str | Path) -> dict[str, np.ndarray]:
+    """The saved reduction, its projection folded once (not on every served call)."""
     with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+        reduction = {k: data[k] for k in data.files}
+    reduction["projection"] = projection(reduction).astype(np.float32)
+    return reduction
 
 
 def project_partition(

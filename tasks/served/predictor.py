@@ -20,6 +20,7 @@ import pandas as pd
 
 from tasks.encoding import Encoder
 from tasks.reduce.pca import apply_reduction, load_reduction
+from tasks.served.runtime import OnnxNetwork, torch_network
 
 
 class Predictor:
@@ -39,16 +40,10 @@ class Predictor:
         self.reduction = load_reduction(reduction) if reduction.exists() else None
         # onnxruntime bundles carry the reduction inside model.onnx: rows go in encoded
         self.reduction_in_graph = bool(meta.get("reduction_in_graph"))
-        if self.reduction is not None and "scale" in self.reduction:
-            # standardising folded into the projection once, not on every call
-            scale = self.reduction.pop("scale")
-            self.reduction["components"] = (self.reduction["components"] / scale).astype(np.float32)
         if self.runtime == "onnxruntime":
-            from tasks.served.runtime import OnnxNetwork
-
             self.network = OnnxNetwork(bundle / "model.onnx", threads)
         else:
-            self.network = self.torch_network
+            self.network = torch_network(self.model)
 
     @cached_property
     def model(self):
@@ -70,12 +65,6 @@ class Predictor:
     def encoded_to_logits(self, X: np.ndarray) -> np.ndarray:
         """One call from encoded rows: the reduction (in numpy or in the graph) and the network."""
         return self.network(self.features(X))
-
-    def torch_network(self, Z: np.ndarray) -> np.ndarray:
-        import torch
-
-        with torch.inference_mode():
-            return self.model(torch.from_numpy(Z)).numpy()
 
     def reduced(self, X: np.ndarray) -> np.ndarray:
         """Encoded rows → what the torch network reads (the reduction applied, if any)."""

@@ -1,12 +1,14 @@
-"""The network in onnxruntime: the served model's second runtime (`serve.runtime`).
+"""The network in either runtime (`serve.runtime`), numpy in and out: torch, or its ONNX
+export in onnxruntime.
 
-Only `onnxruntime` is imported here, never the export tooling (torch.onnx, onnx,
-onnxscript): a replica that serves an exported model needs the runtime alone.
+Each runtime is imported only when used, and never the export tooling (torch.onnx, onnx,
+onnxscript): a replica that serves an exported model needs onnxruntime alone.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,17 @@ RUNTIMES = ("torch", "onnxruntime")
 # the onnxruntime session's threads where the Predictor does not say (0: onnxruntime's
 # default, one per physical core); a replica pinned to one core sets it to 1
 THREADS_ENV = "ACCELFLOW_THREADS"
+
+
+def torch_network(model) -> Callable[[np.ndarray], np.ndarray]:
+    """Features → logits by a torch model, numpy in and out like `OnnxNetwork`."""
+    import torch
+
+    def network(Z: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(np.ascontiguousarray(Z, dtype=np.float32))).numpy()
+
+    return network
 
 
 class OnnxNetwork:
