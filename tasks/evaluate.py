@@ -205,7 +205,7 @@ def plot_confusion(matrix: list[list[int]], classes: list[Any], title: str, path
     plt.close(fig)
 
 
-TSNE_SAMPLE = 2000  # test rows on the map: enough to see the classes, ~10 s on 2 cores
+TSNE_MIN_ROWS = 10  # fewer rows make no map (t-SNE's perplexity needs neighbours)
 
 
 def plot_tsne(predictor: Predictor, X: np.ndarray, y: np.ndarray, path: Path) -> None:
@@ -220,22 +220,21 @@ def plot_tsne(predictor: Predictor, X: np.ndarray, y: np.ndarray, path: Path) ->
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
-    pick = np.sort(np.random.default_rng(0).permutation(len(X))[:TSNE_SAMPLE])
     with torch.inference_mode():
-        H = predictor.model.embed(torch.from_numpy(predictor.reduced(X[pick]))).numpy()
+        H = predictor.model.embed(torch.from_numpy(predictor.reduced(X))).numpy()
     dims = min(50, *H.shape)  # a small test split (wine: 21 rows) allows fewer than 50
     if H.shape[1] > dims:
         H = PCA(dims, random_state=0).fit_transform(H)
-    perplexity = min(30.0, (len(pick) - 1) / 3)
+    perplexity = min(30.0, (len(X) - 1) / 3)
     Z = TSNE(
         2, init="pca", learning_rate="auto", perplexity=perplexity, random_state=0
     ).fit_transform(H)
     fig, ax = plt.subplots(figsize=(7, 6))
     cmap = plt.get_cmap("tab10" if len(predictor.classes) <= 10 else "tab20")
     for code, name in enumerate(predictor.classes):
-        mask = y[pick] == code
+        mask = y == code
         ax.scatter(Z[mask, 0], Z[mask, 1], s=6, color=cmap(code % cmap.N), label=str(name))
-    ax.set_title(f"t-SNE of {len(pick)} test rows in the model's last hidden layer")
+    ax.set_title(f"t-SNE of {len(X)} test rows in the model's last hidden layer")
     ax.set_xlabel("t-SNE 1 (no unit)")
     ax.set_ylabel("t-SNE 2 (no unit)")
     ax.legend(markerscale=3, fontsize=7, loc="best", title="true class")
@@ -351,13 +350,15 @@ def evaluate_model(
     chosen = "baseline" if kept else "compressed"
     storage = storage_impact(partitions, predictors[chosen], results[chosen]["accuracy"])
     served = partitions["served_test"]  # t-SNE draws a sample: only those rows are read
-    pick = np.sort(np.random.default_rng(0).permutation(served["rows"])[:TSNE_SAMPLE])
-    plot_tsne(
-        predictors[chosen],
-        npy_take(served["X"]["path"], pick),
-        npy_take(served["y"]["path"], pick),
-        out.path("tsne.png"),
-    )
+    pick = np.sort(np.random.default_rng(0).permutation(served["rows"])[: cfg.tsne_rows])
+    mapped = len(pick) >= TSNE_MIN_ROWS
+    if mapped:
+        plot_tsne(
+            predictors[chosen],
+            npy_take(served["X"]["path"], pick),
+            npy_take(served["y"]["path"], pick),
+            out.path("tsne.png"),
+        )
     weights = (compressed if chosen == "compressed" else trained)["model"]["weights"]["digest"]
     model_digest = (
         weights
@@ -430,7 +431,7 @@ def evaluate_model(
         "test_digest": test_rows_digest(partitions),
         "plots": [
             *(out.final_path(f"confusion_{n}.png") for n in results),
-            out.final_path("tsne.png"),
+            *([out.final_path("tsne.png")] if mapped else []),
         ],
         "report": out.final_path("summary.md"),
         "metrics": metrics,

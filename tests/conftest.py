@@ -198,6 +198,7 @@ def make_config(tmp_path: Path, source: Path | str, *overrides: str) -> Pipeline
         "dask.memory_limit=1GiB",
         "dask.n_workers=1",  # small tables; each worker is a process importing the stack
         "evaluate.latency_repeats=3",  # the fewest: no test here asserts a latency's precision
+        "evaluate.tsne_rows=0",  # no map (seconds of CPU a run); test_pipeline's first run draws it
         "tune.enabled=false",  # the tune tests switch it on
         "evaluate.reference=none",  # the alerts tests' runs fit the gradient-boosting reference
         # torch only: no ONNX export per measured model; the compress sweep, the CLI runs and

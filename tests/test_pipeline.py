@@ -35,6 +35,7 @@ def first_run(prefect_harness, fmnist_small, tmp_path_factory):
         "evaluate.max_accuracy_drop=0.05",
         "evaluate.objective=size",
         "serve.runtime=onnxruntime",  # served from ONNX, the PCA folded into the graph
+        "evaluate.tsne_rows=500",
     )
     return cfg, pipeline(cfg)
 

@@ -19,6 +19,12 @@ class EvaluateConfig(Section):
         "champion, only within this accuracy drop of the baseline",
     )
     latency_repeats: int = Field(30, ge=3, description="timed calls per latency figure")
+    tsne_rows: int = Field(
+        2000,
+        ge=0,
+        description="test rows on the t-SNE map of the chosen model's last hidden layer "
+        "(evaluate/tsne.png; about 10 s at 2,000 rows on 2 cores); 0: no map",
+    )
     objective: Literal["latency", "size"] = Field(
         "latency",
         description="what the compress choice and the champion gate reward: batch-256 "
