@@ -114,7 +114,9 @@ def launch(
 
     With `nnodes > 1` this node joins a c10d rendezvous at `endpoint` and waits there for
     the other nodes, which run the command this function prints (the spec, workdir and
-    outputs must be on storage every node sees).
+    outputs must be on storage every node sees). One process on one node needs no
+    rendezvous: the worker is started directly (torchrun's own process would cost another
+    interpreter and torch import, about 2 s a launch) and restarted here, as torchrun would.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     cpus = os.cpu_count() or 1
@@ -126,9 +128,14 @@ def launch(
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": str(spec["threads_per_process"]),  # no oversubscription of cores
     }
-    command = torchrun_command(
-        spec_path, world_size, nnodes, endpoint, workdir.name.lstrip("."), max_restarts
-    )
+    single = nnodes == 1 and world_size == 1
+    if single:
+        command = [sys.executable, "-m", "tasks.training.worker", str(spec_path)]
+        env |= {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    else:
+        command = torchrun_command(
+            spec_path, world_size, nnodes, endpoint, workdir.name.lstrip("."), max_restarts
+        )
     if nnodes > 1:
         others = " ".join(["torchrun", *command[3:]])
         print(
@@ -138,27 +145,46 @@ def launch(
     stage = spec.get("metric_prefix", "train")
     total = sum(phase["epochs"] for phase in spec["phases"])
     with open(log_path, "w") as log, Progress(stage, "epochs", total) as progress:
-        proc = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=os.getcwd(),
-            text=True,
-            bufsize=1,
-        )
-        for line in proc.stdout:  # the whole log to the file; rank 0's epoch rows to progress
-            log.write(line)
-            log.flush()  # `tail -f train.log` follows a long run
-            row = epoch_row(line)
-            if row is not None:
-                progress.step(row["epoch"] + 1, epoch_figures(row, stage))
-                if on_epoch is not None:
-                    on_epoch(row)
-        proc.wait()
-    if proc.returncode != 0:
+        returncode = 0
+        for attempt in range(1 + (max_restarts if single else 0)):
+            if attempt:  # the worker resumes from its last checkpoint
+                log.write(f"worker failed (exitcode: {returncode}); restart {attempt}\n")
+            returncode = run_worker(
+                command,
+                {**env, "TORCHELASTIC_RESTART_COUNT": str(attempt)},
+                log,
+                progress,
+                on_epoch,
+            )
+            if returncode == 0:
+                break
+    if returncode != 0:
         raise TrainingError(
-            f"training workers exited with {proc.returncode}: {root_cause(log_path.read_text())} "
+            f"training workers exited with {returncode}: {root_cause(log_path.read_text())} "
             f"(full log: {log_path})"
         )
     return json.loads((Path(spec["out_dir"]) / "result.json").read_text())
+
+
+def run_worker(command: list[str], env: dict[str, str], log, progress, on_epoch) -> int:
+    """Run the launcher (or the one worker) to its end: the whole log to `log`, rank 0's
+    epoch rows to `progress` and `on_epoch`. Its exit status."""
+    stage = progress.stage
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=os.getcwd(),
+        text=True,
+        bufsize=1,
+    )
+    for line in proc.stdout:  # the whole log to the file; rank 0's epoch rows to progress
+        log.write(line)
+        log.flush()  # `tail -f train.log` follows a long run
+        row = epoch_row(line)
+        if row is not None:
+            progress.step(row["epoch"] + 1, epoch_figures(row, stage))
+            if on_epoch is not None:
+                on_epoch(row)
+    return proc.wait()
