@@ -8,7 +8,13 @@ import pytest
 import torch
 from conftest import make_spec
 
-from tasks.training.clustering import cluster_weights, encode, kmeans_1d, tie_gradients
+from tasks.training.clustering import (
+    cluster_weights,
+    decoded_state,
+    encode,
+    kmeans_1d,
+    tie_gradients,
+)
 from tasks.training.models import build_model
 from tasks.training.sparsity import global_magnitude_masks, prunable_weights
 from tasks.training.worker import Rank, Trainer
@@ -81,3 +87,12 @@ def test_fine_tuning_keeps_the_weights_shared(digits_parquet, tmp_path, optimize
     packed = np.load(tmp_path / "encoded.npz")
     assert len(packed["body.0.weight.codebook"]) <= 8
     assert stats["encoded_bytes"] < 0.4 * (out / "model.pt").stat().st_size  # the head stays fp32
+    # decoded (as the registered model loads it), the weights are the fine-tuned ones, bit
+    # for bit: the sparse 3-bit layers and the dense head alike
+    decoded = decoded_state(tmp_path / "encoded.npz")
+    assert decoded.keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert np.array_equal(decoded[name], tensor.numpy()), name
+    encode(model, None, tmp_path / "values.npz")  # magnitude pruning alone: values + map
+    for name, tensor in model.state_dict().items():
+        assert np.array_equal(decoded_state(tmp_path / "values.npz")[name], tensor.numpy())

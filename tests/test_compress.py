@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -214,12 +215,15 @@ print(json.dumps([str(p) for p in predictions]))
 
 
 @pytest.mark.slow
-def test_a_sweep_registers_a_slim_model_served_without_the_pruning_library(
+def test_a_sweep_registers_a_slim_clustered_model_served_from_its_codebooks(
     prefect_harness, digits_frame, tmp_path
 ):
     """The uncompressed model first (the champion), then a sweep over the same training:
-    one nested run per point and a Pareto table; the smallest point (structured + int8)
-    is chosen under `evaluate.objective: size` and takes `champion`."""
+    one nested run per point and a Pareto table; the smallest point (structured + 4-bit
+    k-means sharing) is chosen under `evaluate.objective: size` and takes `champion`. It is
+    registered as its codebooks and packed indices (`encoded.npz`, decoded at load, no
+    model.pt), which is the size compress reports, and served without the pruning library
+    it reproduces its test accuracy."""
     from flows.pipeline import pipeline
 
     source = tmp_path / "digits.csv"
@@ -238,8 +242,8 @@ def test_a_sweep_registers_a_slim_model_served_without_the_pruning_library(
         source,
         *common,
         "compress.recipe=auto",
-        "compress.sweep={recipes: [[structured, quantize], [structured], [magnitude]],"
-        " sparsity: [0.5]}",
+        "compress.sweep={recipes: [[structured, quantize], [structured, cluster], [magnitude]],"
+        " sparsity: [0.5], bits: [4]}",
         "compress.finetune_epochs=2",
         "serve.runtime=auto",  # each point measured in torch and onnxruntime
     )
@@ -260,11 +264,11 @@ def test_a_sweep_registers_a_slim_model_served_without_the_pruning_library(
     assert set(by_name) == {
         "baseline",
         "structured-0.5+quantize",
-        "structured-0.5",
+        "structured-0.5+cluster-4b",
         "magnitude-0.5",
     }
     assert [n for n, p in by_name.items() if p.tags["accelflow.point.chosen"] == "true"] == [
-        "structured-0.5+quantize"
+        "structured-0.5+cluster-4b"
     ]
     for name, point in by_name.items():
         for key in ("val_accuracy", "latency_b1_p95_ms", "served_b256_ms", "macs"):
@@ -279,7 +283,7 @@ def test_a_sweep_registers_a_slim_model_served_without_the_pruning_library(
             assert m["point/onnx_max_abs_diff"] < 1e-3 and m["point/onnx_differing_rows"] == 0
     # structured halves the MACs; magnitude's zeros leave them
     assert (
-        by_name["structured-0.5"].metrics["point/macs"]
+        by_name["structured-0.5+cluster-4b"].metrics["point/macs"]
         < 0.45 * by_name["baseline"].metrics["point/macs"]
     )
     assert (
@@ -293,7 +297,7 @@ def test_a_sweep_registers_a_slim_model_served_without_the_pruning_library(
         client.download_artifacts(stage.info.run_id, "compress/pareto.md", str(tmp_path))
     ).read_text()
     rows = [line for line in pareto.splitlines() if line.startswith("| ")][1:]  # not the header
-    assert len(rows) == 4 and "Chosen: **structured-0.5+quantize**" in pareto
+    assert len(rows) == 4 and "Chosen: **structured-0.5+cluster-4b**" in pareto
     for artifact in ("compress/points.json", "compress/pareto.png"):
         assert client.download_artifacts(stage.info.run_id, artifact, str(tmp_path))
     compress = stage.data
@@ -303,14 +307,27 @@ def test_a_sweep_registers_a_slim_model_served_without_the_pruning_library(
     assert Path(gate).read_text().startswith("## Gate: `champion`")
     (built,) = (tmp_path / "work" / "compress").glob("[!.]*/model.json")
     arch = json.loads(built.read_text())
-    assert arch["hidden"] == [64, 32] and arch["quantize"] == "dynamic_int8"
+    assert arch["hidden"] == [64, 32] and "quantize" not in arch
     trained = runs["train"].data.metrics["train/parameters"]
     assert compress.metrics["compress/parameters"] < 0.45 * trained
     parent = client.get_run(result["parent_run_id"]).data
     assert parent.metrics["prune/sparsity"] == pytest.approx(
         1 - compress.metrics["compress/nonzero_parameters"] / trained
     )
-    assert parent.metrics["compress/size_ratio"] > 4  # int8 of a quarter of the weights
+    # 4-bit indices for a quarter of the hidden weights: the registered file is that small
+    assert parent.metrics["compress/size_ratio"] > 4
+    chosen = by_name["structured-0.5+cluster-4b"].metrics
+    assert chosen["point/size_bytes"] == chosen["point/size_encoded_bytes"]
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    version = result["promotion"]["version"]
+    model_dir = mlflow.artifacts.download_artifacts(
+        f"models:/{cfg.registry.model_name}/{version}", dst_path=str(tmp_path / "registered")
+    )
+    (meta,) = Path(model_dir).rglob("meta.json")  # the bundle's folder
+    registered = meta.parent
+    assert {p.name for p in registered.iterdir()} >= {"encoded.npz", "model.json"}
+    assert not (registered / "model.pt").exists()
+    assert (registered / "encoded.npz").stat().st_size == chosen["point/size_bytes"]
     assert parent.metrics["test/accuracy"] > 0.8, dict(parent.metrics)
 
     raw_X, raw_y = raw_test_rows(source, cfg)

@@ -343,9 +343,12 @@ def training_rows(features: Manifest, n: int) -> np.ndarray:
 
 
 def served_model(out: StageDir, runtime: str) -> dict[str, Any]:
-    """The manifest's model files (written in `out`): weights, spec and, when onnxruntime
-    serves it, the ONNX export."""
+    """The manifest's model files (written in `out`): weights, spec, the compact encoding
+    of pruned or clustered weights (what the registered model carries) and, when
+    onnxruntime serves it, the ONNX export."""
     files = model_files(out)
+    if out.path("encoded.npz").is_file():
+        (files["encoded"],) = out.describe("encoded.npz")
     if runtime == "onnxruntime":
         (files["onnx"],) = out.describe("model.onnx")
     return files

@@ -70,13 +70,16 @@ def measure(
 
     from tasks.training.models import load_model, weight_counts
 
-    weights = folder / "model.pt"
+    weights, encoded = folder / "model.pt", folder / "encoded.npz"
     model = load_model(arch, str(weights))
     networks: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
     files: dict[str, Path] = {}
     row: dict[str, Any] = {}
     if "torch" in runtimes:
-        networks["torch"], files["torch"] = torch_network(model), weights
+        # torch serves a pruned or clustered model from its compact encoding: that file's
+        # size is what is registered (the Predictor decodes it when it loads)
+        served_weights = encoded if encoded.is_file() else weights
+        networks["torch"], files["torch"] = torch_network(model), served_weights
     quantized = False
     if "onnxruntime" in runtimes:
         try:
@@ -127,7 +130,6 @@ def measure(
                 row[f"latency_b{batch}_p50_ms_cuda"] = p50
                 row[f"latency_b{batch}_p95_ms_cuda"] = p95
     parameters, nonzero = weight_counts(model)
-    encoded = folder / "encoded.npz"
     return {
         **row,
         "parameters": parameters,
@@ -161,10 +163,12 @@ def served_figures(
 ) -> dict[str, float]:
     """The served path of one point in its chosen runtime: `mlflow.pyfunc` predict on raw
     rows, batch 1 and 256 (a sweep's table; with one recipe, evaluate measures it)."""
+    encoded = folder / "encoded.npz"
     model = {
         "weights": {"path": str(folder / "model.pt")},
         "arch": {"path": str(arch_file)},
         "onnx": {"path": str(folder / "model.onnx")} if runtime == "onnxruntime" else None,
+        "encoded": {"path": str(encoded)} if encoded.is_file() else None,
     }
     scratch = folder / "served.onnx"
     model, meta = served_network(model, runtime, served["reduction"], scratch)

@@ -51,16 +51,23 @@ class Predictor:
         from tasks.training.models import load_model
 
         spec = json.loads((self.bundle / "model.json").read_text())
-        return load_model(spec, self.bundle / "model.pt")
+        return load_model(spec, self.weights_file)
+
+    @property
+    def weights_file(self) -> Path:
+        """The torch weights: a pruned or clustered model's compact `encoded.npz` (decoded
+        when loaded: the file registered is the small one), else the state dict."""
+        encoded = self.bundle / "encoded.npz"
+        return encoded if encoded.exists() else self.bundle / "model.pt"
 
     @property
     def network_files(self) -> list[Path]:
         """What takes encoded rows to logits, as a replica loads it: model.onnx (the
-        reduction inside), or model.pt and the reduction beside it."""
+        reduction inside), or the weights and the reduction beside them."""
         if self.runtime == "onnxruntime":
             return [self.bundle / "model.onnx"]
         reduction = self.bundle / "reduction.npz"
-        return [self.bundle / "model.pt", *([reduction] if reduction.exists() else [])]
+        return [self.weights_file, *([reduction] if reduction.exists() else [])]
 
     def encoded_to_logits(self, X: np.ndarray) -> np.ndarray:
         """One call from encoded rows: the reduction (in numpy or in the graph) and the network."""
@@ -150,9 +157,13 @@ def write_bundle(
 ) -> Path:
     """Copy weights, architecture, encoder, reduction and metadata into one self-contained
     folder; the ONNX export too when the model has one (`model["onnx"]`), served by
-    onnxruntime when `meta["runtime"]` says so."""
+    onnxruntime when `meta["runtime"]` says so. A model with a compact encoding
+    (`model["encoded"]`: pruned or clustered weights) travels as that, not as model.pt."""
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy(model["weights"]["path"], dest / "model.pt")
+    if model.get("encoded"):
+        shutil.copy(model["encoded"]["path"], dest / "encoded.npz")
+    else:
+        shutil.copy(model["weights"]["path"], dest / "model.pt")
     shutil.copy(model["arch"]["path"], dest / "model.json")
     if model.get("onnx"):
         shutil.copy(model["onnx"]["path"], dest / "model.onnx")

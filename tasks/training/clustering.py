@@ -125,6 +125,7 @@ def encode(model: nn.Module, bits: int | None, path: Path) -> dict[str, float]:
             planes = ((index[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
             arrays[f"{name}.codebook"] = codebook.astype(np.float32)
             arrays[f"{name}.indices"] = np.packbits(planes.ravel())
+            arrays[f"{name}.bits"] = np.asarray(bits)
             layer_bits = len(index) * bits + 32 * len(codebook)
         if not nonzero.all():
             arrays[f"{name}.nonzero"] = np.packbits(nonzero)
@@ -141,3 +142,31 @@ def encode(model: nn.Module, bits: int | None, path: Path) -> dict[str, float]:
         "encoded_bytes": path.stat().st_size,
         "bits_per_weight": encoded_bits / max(prunable, 1),
     }
+
+
+def decoded_state(path: Path) -> dict[str, np.ndarray]:
+    """The state dict `encode` wrote to `path`, dense again: each shared layer's indices
+    looked up in its codebook (or its non-zero values) scattered back through the non-zero
+    map. Bit for bit the weights that were encoded, so the decoded model answers exactly
+    as the fine-tuned one did."""
+    state: dict[str, np.ndarray] = {}
+    with np.load(path) as packed:
+        arrays = {k: packed[k] for k in packed.files}
+    for key in [k for k in arrays if k.endswith(".shape")]:
+        name = key.removesuffix(".shape")
+        shape = tuple(int(d) for d in arrays.pop(key))
+        size = int(np.prod(shape))
+        mask = arrays.pop(f"{name}.nonzero", None)
+        nonzero = np.ones(size, bool) if mask is None else np.unpackbits(mask)[:size].astype(bool)
+        count = int(nonzero.sum())
+        if f"{name}.codebook" in arrays:
+            bits = int(arrays.pop(f"{name}.bits"))
+            planes = np.unpackbits(arrays.pop(f"{name}.indices"))[: count * bits]
+            index = (planes.reshape(count, bits).astype(np.int64) << np.arange(bits)).sum(1)
+            values = arrays.pop(f"{name}.codebook")[index]
+        else:
+            values = arrays.pop(f"{name}.values")
+        weight = np.zeros(size, np.float32)
+        weight[nonzero] = values
+        state[name] = weight.reshape(shape)
+    return state | arrays  # the other parameters and buffers, as they were saved

@@ -9,6 +9,7 @@ and the saved weights carry their own preprocessing to serving.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -320,17 +321,23 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
         return torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
 
 
-def load_model(arch: dict[str, Any], weights: str, map_location: str = "cpu") -> nn.Module:
+def load_model(arch: dict[str, Any], weights: str | Path, map_location: str = "cpu") -> nn.Module:
     """The model `arch` describes with its saved weights-only state dict, in eval mode; an
-    int8 model is rebuilt as float32, converted, then given its int8 weights."""
+    int8 model is rebuilt as float32, converted, then given its int8 weights. `weights` may
+    also be the compact `encoded.npz` of a pruned or clustered model (decoded here)."""
     import warnings
 
     model = build_model(arch)
     if arch.get("quantize") == QUANTIZE:
         model = quantize_dynamic_int8(model)
-    with warnings.catch_warnings():  # int8 packed weights load through torch's TypedStorage
-        warnings.filterwarnings("ignore", "TypedStorage is deprecated")
-        state = torch.load(weights, map_location=map_location, weights_only=True)
+    if str(weights).endswith(".npz"):
+        from tasks.training.clustering import decoded_state
+
+        state = {k: torch.from_numpy(v) for k, v in decoded_state(Path(weights)).items()}
+    else:
+        with warnings.catch_warnings():  # int8 packed weights load through TypedStorage
+            warnings.filterwarnings("ignore", "TypedStorage is deprecated")
+            state = torch.load(weights, map_location=map_location, weights_only=True)
     model.load_state_dict(state)
     return model.eval()
 
