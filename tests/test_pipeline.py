@@ -194,45 +194,43 @@ def test_rerun_is_all_cache_hits_and_reuses_the_registered_version(first_run):
     )  # a cached stage still reports its figures
 
 
-def test_changing_the_learning_rate_reruns_train_and_after_only(first_run):
-    cfg, _ = first_run
-    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 0.002})})
-    result = pipeline(changed)
-    status = {row["stage"]: row for row in result["stages"]}
-    assert [status[s]["status"] for s in STAGES] == ["cached"] * 4 + ["ran"] * 3
-    assert "config changed: lr" in status["train"]["reason"]
-    assert "input changed" in status["evaluate"]["reason"]
-    # the gate (its branches: test_gate.py): a new version, judged against the champion
-    promotion = result["promotion"]
-    assert promotion["version"] == first_run[1]["promotion"]["version"] + 1
-    assert promotion["why"].startswith(f"against champion v{first_run[1]['promotion']['version']}")
-    champion_accuracy = first_run[1]["headline"]["test/accuracy"]
-    if result["headline"]["test/accuracy"] < champion_accuracy - cfg.evaluate.max_accuracy_drop:
-        assert promotion["alias"] == "challenger", promotion
-
-
-def test_changed_stage_code_reruns_that_stage_and_after(first_run, tmp_path, monkeypatch):
-    """No hand-kept lists: a stage's code version digests its import closure, read from the
-    source. tasks/training/optim.py is reached only through the DDP worker, which the trainer
-    starts by name (`-m tasks.training.worker`); one byte more in it re-runs every stage that
-    trains (reduce's sweep trains too) and after, and leaves ingest and partition cached. The
-    edit goes to a copy of the source tree (tests run in parallel and read the real files)."""
+def test_changed_config_or_code_reruns_that_stage_and_after(first_run, tmp_path, monkeypatch):
+    """No hand-kept lists: a stage's key holds its own config section and its code version,
+    which digests its import closure, read from the source. One rerun with two changes: the
+    learning rate (train's config: train and after rerun, and only train's reason names it),
+    and one byte more in tasks/training/optim.py, reached only through the DDP worker, which
+    the trainer starts by name (`-m tasks.training.worker`): every stage that trains (reduce's
+    sweep and tune's trials train too) and after reruns, ingest and partition stay cached.
+    The edit goes to a copy of the source tree (tests run in parallel and read the real
+    files). The new model is a new version, judged against the champion."""
     import shutil
 
     import tasks.store
 
-    cfg, _ = first_run
+    cfg, first = first_run
     copy = tmp_path / "src"
     for package in tasks.store.project_packages(tasks.store.PROJECT_ROOT):
         shutil.copytree(tasks.store.PROJECT_ROOT / package, copy / package)
     with (copy / "tasks/training/optim.py").open("a") as fh:
         fh.write("# one more line of the optimizer's code\n")
+    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 0.002})})
     with monkeypatch.context() as patch:
         patch.setattr(tasks.store, "PROJECT_ROOT", copy)
-        changed = {row["stage"]: row for row in pipeline(cfg)["stages"]}
-    assert [changed[s]["status"] for s in STAGES] == ["cached"] * 2 + ["ran"] * 5
-    assert "stage code changed" in changed["reduce"]["reason"]
-    assert "stage code changed" in changed["train"]["reason"]
+        result = pipeline(changed)
+    status = {row["stage"]: row for row in result["stages"]}
+    assert [status[s]["status"] for s in STAGES] == ["cached"] * 2 + ["ran"] * 5
+    assert "stage code changed" in status["reduce"]["reason"]
+    assert "config changed" not in status["reduce"]["reason"]  # lr is not reduce's
+    assert "stage code changed" in status["train"]["reason"]
+    assert "config changed: lr" in status["train"]["reason"]
+    assert "input changed" in status["evaluate"]["reason"]
+    # the gate (its branches: test_gate.py): a new version, judged against the champion
+    promotion = result["promotion"]
+    assert promotion["version"] == first["promotion"]["version"] + 1
+    assert promotion["why"].startswith(f"against champion v{first['promotion']['version']}")
+    champion_accuracy = first["headline"]["test/accuracy"]
+    if result["headline"]["test/accuracy"] < champion_accuracy - cfg.evaluate.max_accuracy_drop:
+        assert promotion["alias"] == "challenger", promotion
     restored = pipeline(cfg)["stages"]
     assert [row["status"] for row in restored] == ["cached"] * 7
 

@@ -508,7 +508,7 @@ def test_a_split_larger_than_the_memory_cap_streams_in_bounded_memory(fmnist_par
             phases=[{"sparsity": None, "epochs": 1, "lr": 0.003}],
         )
         spec["arch"] = {**spec["arch"], "n_features": 784}
-        result = launch(spec, world_size=2, workdir=out)
+        result = launch(spec, world_size=1, workdir=out)
         assert result["data_mode"] == mode
         peaks[mode, size] = result["peak_rss_mib"] - result["rss_before_data_mib"]
         results[mode, size] = result
