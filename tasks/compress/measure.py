@@ -13,7 +13,7 @@ import zstandard
 
 from tasks.compress.export import PARITY_ATOL, export_point, parity, served_network
 from tasks.evaluate import class_figures, confusion_of
-from tasks.served.predictor import write_bundle
+from tasks.served.predictor import torch_weights, write_bundle
 from tasks.served.pyfunc import served_latency, timed_ms
 from tasks.served.runtime import OnnxNetwork, torch_network
 from tasks.store import Manifest
@@ -70,16 +70,14 @@ def measure(
 
     from tasks.training.models import load_model, weight_counts
 
-    weights, encoded = folder / "model.pt", folder / "encoded.npz"
+    weights = folder / "model.pt"
     model = load_model(arch, str(weights))
     networks: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
     files: dict[str, Path] = {}
     row: dict[str, Any] = {}
     if "torch" in runtimes:
-        # torch serves a pruned or clustered model from its compact encoding: that file's
-        # size is what is registered (the Predictor decodes it when it loads)
-        served_weights = encoded if encoded.is_file() else weights
-        networks["torch"], files["torch"] = torch_network(model), served_weights
+        # sized as registered: a pruned or clustered model's compact encoding
+        networks["torch"], files["torch"] = torch_network(model), torch_weights(folder)
     quantized = False
     if "onnxruntime" in runtimes:
         try:
@@ -135,9 +133,7 @@ def measure(
         "parameters": parameters,
         "nonzero_parameters": nonzero,
         "macs": count_macs(arch),
-        "size_encoded_bytes": encoded.stat().st_size
-        if encoded.is_file()
-        else weights.stat().st_size,
+        "size_encoded_bytes": torch_weights(folder).stat().st_size,
     }
 
 

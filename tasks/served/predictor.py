@@ -23,6 +23,14 @@ from tasks.reduce.pca import apply_reduction, load_reduction
 from tasks.served.runtime import OnnxNetwork, torch_network
 
 
+def torch_weights(folder: Path) -> Path:
+    """A model's torch weights in `folder`: a pruned or clustered model's compact
+    `encoded.npz` (decoded when loaded: the file registered is the small one), else the
+    state dict `model.pt`."""
+    encoded = folder / "encoded.npz"
+    return encoded if encoded.is_file() else folder / "model.pt"
+
+
 class Predictor:
     def __init__(self, bundle: str | Path, threads: int | None = None):
         self.bundle = bundle = Path(bundle)
@@ -55,10 +63,7 @@ class Predictor:
 
     @property
     def weights_file(self) -> Path:
-        """The torch weights: a pruned or clustered model's compact `encoded.npz` (decoded
-        when loaded: the file registered is the small one), else the state dict."""
-        encoded = self.bundle / "encoded.npz"
-        return encoded if encoded.exists() else self.bundle / "model.pt"
+        return torch_weights(self.bundle)
 
     @property
     def network_files(self) -> list[Path]:

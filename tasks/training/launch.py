@@ -155,6 +155,7 @@ def launch(
                 log,
                 progress,
                 on_epoch,
+                stage,
             )
             if returncode == 0:
                 break
@@ -166,10 +167,9 @@ def launch(
     return json.loads((Path(spec["out_dir"]) / "result.json").read_text())
 
 
-def run_worker(command: list[str], env: dict[str, str], log, progress, on_epoch) -> int:
+def run_worker(command: list[str], env: dict[str, str], log, progress, on_epoch, stage) -> int:
     """Run the launcher (or the one worker) to its end: the whole log to `log`, rank 0's
-    epoch rows to `progress` and `on_epoch`. Its exit status."""
-    stage = progress.stage
+    epoch rows (figures named by `stage`) to `progress` and `on_epoch`. Its exit status."""
     proc = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
