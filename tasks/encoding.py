@@ -6,6 +6,13 @@ are categorical: one-hot up to `max_onehot` categories, else an integer code per
 `min_frequency` training rows share the last code, `<rare>`, with values unseen in training,
 so scoring never fails on a value the training data lacked. The fitted state is plain JSON (no pickle) and
 travels with the registered model.
+
+`data.numeric_transform` may map numeric columns through their training quantiles to normal
+scores (quantile-normal): a heavy-tailed column (word counts, amounts of money) otherwise
+reaches the network as a few huge values and a crowd near zero, which standardising leaves
+as it is. The map is piecewise linear between the sample's percentiles, clipped at the ends,
+so an outlier at scoring time lands on the last score instead of far outside what the
+network saw.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ class Encoder:
     categorical: dict[str, list[str]] = field(default_factory=dict)  # column → vocabulary
     onehot: list[str] = field(default_factory=list)  # categorical columns expanded one-hot
     pooled: dict[str, int] = field(default_factory=dict)  # column → rare values in <rare>
+    # column → [knots, normal scores]: the quantile-normal map (data.numeric_transform)
+    quantiles: dict[str, list[list[float]]] = field(default_factory=dict)
+    unscaled: bool = False  # data.numeric_transform: none, the network must not standardise
 
     @cached_property
     def numeric_index(self):
@@ -39,6 +49,33 @@ class Encoder:
     def indexes(self) -> dict[str, dict[str, int]]:
         """Each categorical column's value → code, built once (not on every served call)."""
         return {c: {v: i for i, v in enumerate(vocab)} for c, vocab in self.categorical.items()}
+
+    @cached_property
+    def quantile_map(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The quantile-normal columns as one interpolation: column j's values, clipped to its
+        knots, are moved to [2j, 2j+1], so a single np.interp over every column's knots (each
+        moved the same way) maps them all in one C call, whatever the number of columns."""
+        where = np.array([self.numeric.index(c) for c in self.quantiles], dtype=np.int64)
+        low = np.array([k[0][0] for k in self.quantiles.values()])
+        high = np.array([k[0][-1] for k in self.quantiles.values()])
+        xp = np.concatenate(
+            [
+                2 * j + (np.array(k) - low[j]) / (high[j] - low[j])
+                for j, (k, _) in enumerate(self.quantiles.values())
+            ]
+        )
+        fp = np.concatenate([np.array(scores) for _, scores in self.quantiles.values()])
+        return where, low, high, xp, fp
+
+    def normal_scores(self, values: np.ndarray) -> np.ndarray:
+        """Rows of the numeric columns (missing filled) → the same with the quantile-normal
+        columns mapped."""
+        where, low, high, xp, fp = self.quantile_map
+        moved = 2 * np.arange(len(where)) + (np.clip(values[:, where], low, high) - low) / (
+            high - low
+        )
+        values[:, where] = np.interp(moved.ravel(), xp, fp).reshape(moved.shape)
+        return values
 
     @property
     def raw_columns(self) -> list[str]:
@@ -62,7 +99,19 @@ class Encoder:
                 names.append(code_feature(column))
         return names
 
-    def transform(self, frame) -> np.ndarray:
+    def raw_numbers(self, column: str, values: np.ndarray) -> np.ndarray:
+        """A numeric feature column back in the raw column's units: a quantile-normal
+        column's scores through its map's inverse (exact between its end knots, the sample's
+        extremes; beyond them the scores were clipped), any other column as it is. The data
+        contract and drift are about the raw numbers, whatever the network was fed."""
+        if column not in self.quantiles:
+            return values
+        knots, scores = self.quantiles[column]
+        # the splits hold float32 scores: a value on a knot (a pixel's 0, an integer code)
+        # comes back exactly only from the knot's score as float32 stored it
+        return np.interp(values, np.float32(scores).astype(np.float64), knots)
+
+    def transform(self, frame, quantile_map: bool = True) -> np.ndarray:
         """A DataFrame with the raw columns → float32 features (same order as feature_names).
         The serving hot path: the numeric columns convert in one call, and each categorical
         column writes its codes or one-hot block straight into the output (no per-row Python,
@@ -93,7 +142,9 @@ class Encoder:
                     ]
                 )
             fills = np.array([self.fills[c] for c in self.numeric], dtype=np.float64)
-            out[:, :width] = np.where(np.isnan(values), fills, values)
+            values = np.where(np.isnan(values), fills, values)
+            mapped = self.quantiles and quantile_map  # off: raw numbers, for monitoring
+            out[:, :width] = self.normal_scores(values) if mapped else values
         rows = np.arange(len(frame))
         for column, vocab in self.categorical.items():
             index = self.indexes[column]
@@ -146,16 +197,59 @@ def as_text(values):
     return values.astype(object).where(present, None).map(lambda v: v if v is None else str(v))
 
 
+QUANTILE_LEVELS = np.linspace(0, 1, 101)  # the map's knots: every percentile of the sample
+EXTREME_LEVEL = 1e-3  # the end knots map to ±3.09, not to ±inf
+HEAVY_TAIL_SKEW = 2.0  # numeric_transform auto: |skewness| from here on is quantile-mapped
+
+
+def quantile_normal(values: np.ndarray) -> list[list[float]] | None:
+    """[knots, scores]: the column's percentiles and the standard-normal quantiles of their
+    levels. Percentiles that tie (a value many rows share, such as zero) become one knot at
+    their mean level, so the knots rise strictly. None for a constant column."""
+    from scipy.special import ndtri
+
+    knots = np.quantile(values, QUANTILE_LEVELS)
+    unique, inverse = np.unique(knots, return_inverse=True)
+    if len(unique) < 2:
+        return None
+    levels = np.bincount(inverse, weights=QUANTILE_LEVELS) / np.bincount(inverse)
+    scores = ndtri(np.clip(levels, EXTREME_LEVEL, 1 - EXTREME_LEVEL))
+    return [unique.tolist(), scores.tolist()]
+
+
+def heavy_tailed(values: np.ndarray) -> bool:
+    """Skewed enough that standardising leaves most rows crowded near one value; a column of
+    one or two values is a flag, for which a map changes nothing."""
+    if len(np.unique(values[:1000])) < 3 or values.std() == 0:
+        return False
+    z = (values - values.mean()) / values.std()
+    return abs(float(np.mean(z**3))) >= HEAVY_TAIL_SKEW
+
+
+def fit_quantiles(sample: dict[str, np.ndarray], mode: str) -> dict[str, list[list[float]]]:
+    """The quantile-normal map of each column `mode` picks, from its training sample."""
+    if mode not in ("auto", "quantile"):
+        return {}
+    chosen = {
+        c: quantile_normal(v)
+        for c, v in sample.items()
+        if len(v) and (mode == "quantile" or heavy_tailed(v))
+    }
+    return {c: m for c, m in chosen.items() if m}
+
+
 def fit_encoder(
     fills: dict[str, float],
     counts: dict[str, dict[str, int]],
     max_onehot: int,
     min_frequency: int = 1,
+    numeric_transform: str = "standard",
+    sample: dict[str, np.ndarray] | None = None,
 ) -> Encoder:
     """From statistics of the training rows only (no leakage from val/test): the median of
-    each numeric column and the value counts of each categorical one. A coded column keeps
-    the values seen at least `min_frequency` times; the rest share the <rare> code (an
-    embedding row trained on a handful of rows would be noise)."""
+    each numeric column, a sample of its values and the value counts of each categorical one.
+    A coded column keeps the values seen at least `min_frequency` times; the rest share the
+    <rare> code (an embedding row trained on a handful of rows would be noise)."""
     # most frequent first; ties broken by the value itself, so the order is deterministic
     vocabularies = {
         column: sorted(c, key=lambda v, c=c: (-c[v], v)) for column, c in counts.items()
@@ -169,5 +263,11 @@ def fit_encoder(
                 pooled[column] = len(vocab) - len(kept)
                 vocabularies[column] = kept
     return Encoder(
-        numeric=list(fills), fills=fills, categorical=vocabularies, onehot=onehot, pooled=pooled
+        numeric=list(fills),
+        fills=fills,
+        categorical=vocabularies,
+        onehot=onehot,
+        pooled=pooled,
+        quantiles=fit_quantiles(sample or {}, numeric_transform),
+        unscaled=numeric_transform == "none",
     )

@@ -129,6 +129,15 @@ def encode_labels(splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> tuple[lis
 # ---------------------------------------------------------------- the stage
 
 
+def quantiled_note(cfg: DataConfig, columns: list[str]) -> str:
+    why = "heavy-tailed, |skew| ≥ 2; " if cfg.numeric_transform == "auto" else ""
+    shown = ", ".join(columns[:8]) + (f" and {len(columns) - 8} more" if len(columns) > 8 else "")
+    return (
+        f"data.numeric_transform {cfg.numeric_transform}: {len(columns)} column(s) mapped to "
+        f"normal scores through their training quantiles ({why}{shown})"
+    )
+
+
 def ingest_dataset(
     cfg: DataConfig, out: StageDir, client=None, dask: DaskConfig | None = None
 ) -> dict[str, Any]:
@@ -144,6 +153,7 @@ def ingest_dataset(
         extras = {
             "encoder": out.describe("encoder.json")[0],
             "codes": table["codes"],  # coded categoricals → their number of codes (embeddings)
+            "unscaled": table["unscaled"],  # data.numeric_transform: none
             "raw_example": out.describe("raw_example.parquet")[0],
             "quarantine": out.describe("quarantine.csv")[0] if table["quarantined"] else None,
             # the test split's cleaned raw rows (Parquet parts in row order), for scoring any
@@ -161,6 +171,8 @@ def ingest_dataset(
             notes.append(
                 f"{table['missing_values']} missing value(s) filled from the training split"
             )
+        if table["quantiled"]:
+            notes.append(quantiled_note(cfg, table["quantiled"]))
         notes.append(
             f"{len(table['numeric'])} numeric and {len(table['categorical'])} categorical column(s) "
             f"→ {len(table['feature_names'])} features; read in {table['blocks']} block(s) of "

@@ -78,7 +78,7 @@ def build_contract(manifest: Manifest, encoder_path: str | None) -> dict[str, An
     sample = npy_sample(train["X"]["path"], rows, SAMPLE)
     for column in encoder.numeric:
         j = spans[column][0]
-        values = sample[:, j].astype(np.float64)
+        values = encoder.raw_numbers(column, sample[:, j].astype(np.float64))
         edges = np.unique(np.quantile(values, np.linspace(0, 1, BINS + 1)[1:-1])) if rows else []
         contract["columns"][column] = {
             "kind": "numeric",
@@ -109,9 +109,14 @@ def _bin_counts(
 
 
 def count_bins(
-    blocks, contract: dict[str, Any], spans: dict[str, tuple[int, int]], encoder: Encoder
+    blocks,
+    contract: dict[str, Any],
+    spans: dict[str, tuple[int, int]],
+    encoder: Encoder,
+    mapped: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """One pass over encoded rows (`blocks`, arrays): per numeric column, rows per bin of
+    """One pass over encoded rows (`blocks`, arrays; `mapped`: their quantile-normal columns
+    as scores, turned back into raw numbers here): per numeric column, rows per bin of
     `contract`'s edges (with a bin below the first and above the last edge) and the range
     seen, as well as the rows below `min` and above `max` where the contract has them; per
     categorical column, rows per vocabulary entry of `encoder` (and the pooled slot)."""
@@ -132,6 +137,8 @@ def count_bins(
                 acc["bins"] += np.bincount(codes, minlength=len(acc["bins"]))
                 continue
             values = block[:, lo].astype(np.float64)
+            if mapped:
+                values = encoder.raw_numbers(column, values)
             spec = contract["columns"][column]
             acc["bins"] += np.bincount(
                 np.searchsorted(spec["edges"], values, side="right"), minlength=len(acc["bins"])

@@ -322,6 +322,7 @@ def partition_dataset(
         "raw_columns": ingest.get("raw_columns", names),
         "encoder": ingest.get("encoder"),
         "codes": ingest.get("codes", {}),
+        "unscaled": ingest.get("unscaled", []),  # numeric features the network leaves as they are
         "contract": ingest.get("contract"),  # the training data's contract (tasks/monitor.py)
         "raw_example": ingest.get("raw_example"),
         # the test rows exactly as the served model's encoder makes them from raw rows (full

@@ -105,8 +105,14 @@ def score_block(
         rejected = f"{parts}/rejected-{first:015d}.csv"
         frame[bad].assign(_row=first + np.flatnonzero(bad)).to_csv(rejected, index=False)
     encoder = predictor.encoder
-    counts = (
-        count_bins([X], contract, layout(encoder), encoder)
+    counts = (  # on the raw numbers: a mapped column's scores stop at its training range
+        count_bins(
+            [encoder.transform(good, quantile_map=False) if encoder.quantiles else X],
+            contract,
+            layout(encoder),
+            encoder,
+            mapped=False,
+        )
         if encoder and contract.get("columns")
         else {}
     )

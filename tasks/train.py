@@ -7,6 +7,7 @@ restarts from the last epoch's checkpoint instead of from scratch.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,11 @@ def embeddings(features: Manifest) -> list[list[int]]:
     ]
 
 
+def unscaled_features(features: Manifest) -> list[int]:
+    names = features["feature_names"]
+    return [names.index(f) for f in features.get("unscaled", []) if f in names]
+
+
 def model_arch(features: Manifest, cfg: TrainConfig) -> dict[str, Any]:
     if needs_images(cfg.model) and not features.get("image_shape"):
         raise ConfigError(
@@ -69,6 +75,13 @@ def model_arch(features: Manifest, cfg: TrainConfig) -> dict[str, Any]:
         "dropout": cfg.dropout,
         "image_shape": features.get("image_shape"),
         **({"embeddings": embeddings(features)} if cfg.model == "mlp" else {}),
+        **(
+            {"periodic": cfg.periodic_scale}
+            if cfg.model == "mlp" and cfg.numeric_embedding == "periodic"
+            else {}
+        ),
+        # data.numeric_transform: none: features the input layer leaves unstandardised
+        **({"unscaled": unscaled} if (unscaled := unscaled_features(features)) else {}),
         **({"channels": cfg.channels} if cfg.model == "cnn" else {}),
         **({"cell": cfg.cell} if cfg.model == "rnn" else {}),
         **({"heads": cfg.heads, "patch": cfg.patch} if cfg.model == "transformer" else {}),
@@ -192,6 +205,13 @@ def plot_curves(history: list[dict[str, Any]], path) -> str | None:
     return str(path)
 
 
+def epochs_for(cfg: TrainConfig, rows: int, processes: int) -> int:
+    """train.epochs, or more on a small split: enough for train.min_steps optimizer steps per
+    process (a step per batch_size rows of its share)."""
+    per_epoch = max(1, math.ceil(math.ceil(rows / processes) / cfg.batch_size))
+    return max(cfg.epochs, math.ceil(cfg.min_steps / per_epoch))
+
+
 def train_model(
     features: Manifest, cfg: TrainConfig, out: StageDir, on_epoch: EpochHook | None = None
 ) -> dict[str, Any]:
@@ -201,6 +221,8 @@ def train_model(
     world = resolve_world_size(cfg)
     processes = world * cfg.nnodes
     lr = spec["phases"][0]["lr"] = peak_lr(cfg, processes)
+    rows = features["splits"]["train"]["rows"]
+    epochs = spec["phases"][0]["epochs"] = epochs_for(cfg, rows, processes)
     result = launch(
         spec,
         world,
@@ -222,6 +244,7 @@ def train_model(
             "train/val_macro_f1": result["val_macro_f1"],
             "train/seconds": result["seconds"],
             "train/world_size": world,
+            "train/epochs": epochs,
             "train/global_batch": cfg.batch_size * processes,
             "train/peak_lr": lr,
             "train/streamed": float(result.get("data_mode") == "streaming"),
@@ -239,7 +262,14 @@ def train_model(
                 if result.get(k) is not None
             },
         },
-        "summary": f"{cfg.model} {cfg.optimizer}/{cfg.scheduler}, {cfg.epochs} epochs on {world} "
+        "summary": f"{cfg.model} {cfg.optimizer}/{cfg.scheduler}, {epochs} epochs"
+        + (
+            f" (train.epochs {cfg.epochs}, raised for train.min_steps {cfg.min_steps} on "
+            f"{rows:,} training rows)"
+            if epochs > cfg.epochs
+            else ""
+        )
+        + f" on {world} "
         f"{result['device']} process(es), global batch {cfg.batch_size * processes} "
         f"(train.batch_size × processes), peak LR {lr:g}"
         + (f" (train.lr × {processes}, train.scale_lr)" if cfg.scale_lr else "")

@@ -565,7 +565,7 @@ def tune_key(cfg: PipelineConfig, inputs: Inputs) -> dict[str, Any]:
     return {  # trials start from train.* (their length is tune.epochs)
         **cfg.tune.model_dump(mode="json"),
         "storage": mask_text(cfg.tune.storage or ""),
-        "train": cfg.train.model_dump(mode="json", exclude={"max_restarts", "epochs"}),
+        "train": cfg.train.model_dump(mode="json", exclude={"max_restarts", "epochs", "min_steps"}),
     }
 
 

@@ -369,6 +369,7 @@ def test_two_runs_at_once_on_a_messy_csv_build_each_stage_once_and_serve_it(digi
         f"workdir={tmp_path / 'work'}",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "train.epochs=5",
+        "train.min_steps=0",
         "train.hidden=[128]",
         "reduce.method=pca",  # standardised PCA on the way to serving, not auto's pass-through
         "train.batch_size=32",

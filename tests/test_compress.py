@@ -30,6 +30,17 @@ from tasks.training.models import build_model
             {"model": "mlp", "n_features": 64, "n_classes": 10, "hidden": [64, 32], "dropout": 0.1},
             {"hidden": [32, 16]},
         ),
+        (  # the periodic numeric embedding keeps its width; the layers after it narrow
+            {
+                "model": "mlp",
+                "n_features": 8,
+                "n_classes": 10,
+                "hidden": [256, 128],
+                "dropout": 0.1,
+                "periodic": 0.1,
+            },
+            {"hidden": [128, 64]},
+        ),
         (
             {
                 "model": "cnn",

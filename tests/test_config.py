@@ -39,6 +39,7 @@ def test_overrides_parse_yaml_values():
         ("train.scheduler=linear", "train.scheduler"),
         ("dask.memory_limit=1KiB", "dask.memory_limit"),
         ("dask.memory_limit=lots", "dask.memory_limit"),
+        ("data.numeric_transform=log", "data.numeric_transform"),
     ],
 )
 def test_bad_values_name_the_key(override, named):

@@ -185,6 +185,11 @@ def test_auto_reduces_only_where_it_pays(partitioned, client, tmp_path):
         "reduce.method auto: 9 features is fewer than reduce.auto_min_features"
     )
     assert passes_through(auto, parts, image_model=False) is None
+    table = {**parts, "encoder": {"path": "encoder.json"}}  # a table's 100 columns: kept
+    assert passes_through(auto, {**table, "feature_names": ["a"] * 100}, False).startswith(
+        "reduce.method auto: a table of 100 features, fewer than reduce.auto_min_table_features"
+    )
+    assert passes_through(auto, {**table, "feature_names": ["a"] * 300}, False) is None
     m = fit_reduction(parts, auto, _stage_dir(tmp_path / "a"), client)  # images: 784 -> ~180
     assert m["reduction"] and not m["standardized"] and "within reduce.auto_max_kept" in m["why"]
     strict = ReduceConfig(auto_max_kept=0.05)

@@ -31,6 +31,7 @@ FAMILIES = {
         "hidden": [16, 8],
         "dropout": 0.1,
         "embeddings": [[4, 7, 3], [5, 3, 2]],  # columns 4 and 5 are category codes
+        "periodic": 0.5,  # and columns 0-3 enter through sin/cos (train.numeric_embedding)
     },
     "cnn": {"model": "cnn", **IMAGE, "hidden": [16], "channels": [4, 8]},
     "gru": {"model": "rnn", **IMAGE, "hidden": [16], "cell": "gru"},

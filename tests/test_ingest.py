@@ -174,8 +174,11 @@ def test_one_split_rule_for_every_format(digits_frame, tmp_path):
     table.to_csv(tmp_path / "digits.csv", index=False)
     splits = {}
     for source in ("digits.npz", "digits.csv"):
-        m = ingest(
-            tmp_path / f"work-{source}", source=str(tmp_path / source), label="digit"
+        m = ingest(  # standard: an array's features are never quantile-mapped
+            tmp_path / f"work-{source}",
+            source=str(tmp_path / source),
+            label="digit",
+            numeric_transform="standard",
         ).manifest
         splits[source] = {
             name: sorted(
@@ -301,9 +304,15 @@ def test_categorical_columns_and_fills_are_fitted_on_train_and_reused(digits_fra
     frame = frame.astype({"pixel_4_4": float})
     frame.loc[[3, 4], "pixel_4_4"] = np.nan
     frame.loc[7, "ink"] = None
+    # a heavy-tailed amount (most rows zero, a few huge): numeric_transform auto maps it
+    amount = np.random.default_rng(0).lognormal(3, 2, len(frame)) * (np.arange(len(frame)) % 3 == 0)
+    frame["amount"] = amount
     frame.to_csv(tmp_path / "d.csv", index=False)
     m = ingest(tmp_path, source=str(tmp_path / "d.csv"), label="digit", max_onehot=16).manifest
     encoder = Encoder.load(m["encoder"]["path"])
+    assert "amount" in encoder.quantiles and "pixel_4_4" not in encoder.quantiles
+    # (and the digits' edge pixels, mostly blank: skewed too)
+    assert f"numeric_transform auto: {len(encoder.quantiles)} column(s) mapped" in m["summary"]
     assert set(encoder.categorical) == {"ink", "writer", "const"} and "writer" not in encoder.onehot
     assert "ink=dark" in m["feature_names"] and "writer#code" in m["feature_names"]
     # values under data.min_frequency (5) share <rare>; the MLP embeds the codes
@@ -314,6 +323,9 @@ def test_categorical_columns_and_fills_are_fitted_on_train_and_reused(digits_fra
     assert any("'const' is constant" in w for w in m["warnings"])
     # the fill is the training median, not the whole file's
     train_index = np.load(m["splits"]["train"]["X"]["path"])
+    # the amount reaches the network as normal scores (raw amounts run up to thousands)
+    mapped = train_index[:, m["feature_names"].index("amount")]
+    assert np.abs(mapped).max() < 3.1 and abs(np.median(mapped)) < 0.7 and amount.max() > 1000
     assert encoder.fills["pixel_4_4"] == pytest.approx(
         float(np.median(train_index[:, m["feature_names"].index("pixel_4_4")]))
     )
@@ -326,6 +338,43 @@ def test_categorical_columns_and_fills_are_fitted_on_train_and_reused(digits_fra
     assert X[0, m["feature_names"].index("writer#code")] == len(
         encoder.categorical["writer"]
     )  # the unseen slot
+    raw.loc[:2, "amount"] = [0.0, 1e12, -5.0]  # beyond the training range: the end scores
+    scores = encoder.transform(raw)[:3, m["feature_names"].index("amount")]
+    knots, ends = encoder.quantiles["amount"]
+    assert scores[1] == pytest.approx(ends[-1]) and scores[2] == pytest.approx(ends[0])
+    assert scores[0] == pytest.approx(ends[0])  # zero is the lowest amount: one knot, one score
+
+
+def test_numeric_transform_modes_pick_their_columns():
+    """quantile maps every non-constant numeric column, auto the heavy-tailed ones only (not
+    a symmetric column, nor a rare 0/1 flag), standard none; none also tells the network
+    not to standardise; the map is monotone and keeps a tie (zero) on one score."""
+    import pandas as pd
+
+    from tasks.encoding import fit_encoder
+
+    rng = np.random.default_rng(0)
+    sample = {
+        "amount": np.where(rng.random(2000) < 0.5, 0.0, rng.lognormal(0, 2, 2000)),
+        "height": rng.normal(170, 10, 2000),
+        "flag": (rng.random(2000) < 0.02).astype(float),
+        "same": np.ones(2000),
+    }
+    fills = dict.fromkeys(sample, 0.0)
+
+    def fitted(mode):
+        return fit_encoder(fills, {}, 16, 1, mode, sample)
+
+    assert list(fitted("auto").quantiles) == ["amount"]
+    assert list(fitted("quantile").quantiles) == ["amount", "height", "flag"]
+    assert not fitted("standard").quantiles and not fitted("standard").unscaled
+    assert fitted("none").unscaled and not fitted("none").quantiles
+    encoder = fitted("quantile")
+    X = encoder.transform(pd.DataFrame(sample))
+    order = np.argsort(sample["height"])
+    assert (np.diff(X[order, 1]) >= -1e-6).all() and abs(X[:, 1].std() - 1) < 0.05
+    assert len(np.unique(X[sample["amount"] == 0, 0])) == 1
+    assert (X[:, 3] == 1).all()  # a constant column is left as it is
 
 
 def test_declared_schema_selects_and_types_columns(digits_frame, tmp_path):

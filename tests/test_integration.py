@@ -41,6 +41,7 @@ POSTGRES = os.environ.get(
 SMALL = [
     "data.max_rows=1500",
     "train.epochs=3",
+    "train.min_steps=0",
     "train.batch_size=64",
     "train.hidden=[128]",
     "compress.recipe=[]",  # compression has its own tests; these are about the services

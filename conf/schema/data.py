@@ -52,6 +52,12 @@ class DataConfig(Section):
         description="embedded categoricals: values with fewer training rows share one <rare> "
         "code (with values unseen in training)",
     )
+    numeric_transform: Literal["auto", "standard", "quantile", "none"] = Field(
+        "auto",
+        description="numeric columns of a table: standard: the network standardises them; "
+        "quantile: each mapped through its training quantiles to a normal score; auto: quantile "
+        "for heavy-tailed columns (|skew| >= 2), standard for the rest; none: as they are",
+    )
     columns: dict[str, Literal["numeric", "categorical"]] | None = Field(
         None,
         description="a declared schema, e.g. {age: numeric, plan: categorical}: only these "
@@ -159,6 +165,12 @@ class ReduceConfig(Section):
     max_components: int | None = Field(None, ge=1, description="at most this many components")
     auto_min_features: int = Field(
         32, ge=1, description="auto: inputs narrower than this are never reduced"
+    )
+    auto_min_table_features: int = Field(
+        256,
+        ge=1,
+        description="auto: a table narrower than this is never reduced (its columns are few "
+        "and each may carry signal the dropped variance held)",
     )
     auto_max_kept: float = Field(
         0.5, gt=0.0, le=1.0, description="auto: reduce only when PCA keeps at most this share"

@@ -38,6 +38,14 @@ class TrainConfig(Section):
     heads: int = Field(4, ge=1, description="transformer: attention heads (divide hidden[0])")
     patch: int = Field(4, ge=1, description="transformer on images: patch side in pixels")
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout after each hidden layer")
+    numeric_embedding: Literal["none", "periodic"] = Field(
+        "none",
+        description="mlp: periodic: each numeric feature enters as a learned embedding of "
+        "sin/cos at learned frequencies (PLR, Gorishniy et al. 2022) instead of one number",
+    )
+    periodic_scale: float = Field(
+        0.1, gt=0, description="numeric_embedding periodic: the frequencies' initial spread σ"
+    )
     optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = Field(
         "adamw", description="the optimizer, by name"
     )
@@ -75,6 +83,12 @@ class TrainConfig(Section):
         "so every class is drawn equally often (instead of class weights)",
     )
     epochs: int = Field(15, ge=1, description="training epochs")
+    min_steps: int = Field(
+        500,
+        ge=0,
+        description="a small table trains more epochs, until each process has taken this "
+        "many optimizer steps (15 epochs of 700 rows are 30 steps: an MLP barely starts)",
+    )
     batch_size: int = Field(256, ge=1, description="rows per step and process")
     resident_max_gb: float | Literal["auto"] = Field(
         "auto",

@@ -69,6 +69,8 @@ def slim_model(arch: dict[str, Any], weights: str, ratio: float, dest: Path) -> 
     """Structured pruning: remove `ratio` of each hidden layer's width; save the slim weights
     to `dest` and return the slim spec (rebuilt from JSON and checked against the pruned
     module, so what is saved is exactly what serving will build)."""
+    import warnings
+
     import torch
     import torch_pruning as tp
 
@@ -78,14 +80,21 @@ def slim_model(arch: dict[str, Any], weights: str, ratio: float, dest: Path) -> 
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     model.eval()
     example = torch.zeros(2, arch["n_features"])
-    tp.pruner.BasePruner(
-        model,
-        example,
-        importance=tp.importance.GroupMagnitudeImportance(p=2),
-        pruning_ratio=ratio,
-        # the classes keep their outputs; embedding widths are part of the spec, not pruned
-        ignored_layers=[classifier(model), *getattr(model, "embeddings", [])],
-    ).step()
+    with warnings.catch_warnings():  # the periodic embedding's frequencies: ignored below
+        warnings.filterwarnings("ignore", "Unwrapped parameters detected")
+        pruner = tp.pruner.BasePruner(
+            model,
+            example,
+            importance=tp.importance.GroupMagnitudeImportance(p=2),
+            pruning_ratio=ratio,
+            # the classes keep their outputs; embedding widths are part of the spec, not pruned
+            ignored_layers=[
+                classifier(model),
+                *getattr(model, "embeddings", []),
+                *([model.periodic] if getattr(model, "periodic", None) else []),
+            ],
+        )
+    pruner.step()
     slim = {**arch, **widths(model)}
     rebuilt = build_model(slim)
     rebuilt.load_state_dict(model.state_dict())

@@ -205,6 +205,13 @@ class TableProfile:
             fills[c] = float(np.median(values)) if len(values) else 0.0
         return fills
 
+    def sample(self, schema: Schema) -> dict[str, np.ndarray]:
+        """Each numeric column's present values in the same sample (its quantiles' sketch)."""
+        if self.fill_x is None:
+            return {}
+        columns = {c: self.fill_x[:, j] for j, c in enumerate(schema.numeric)}
+        return {c: v[~np.isnan(v)] for c, v in columns.items()}
+
     def cutoffs(self) -> list[float]:
         """Per split, the highest row hash kept under data.max_rows (1.0: keep all)."""
         return [
@@ -253,7 +260,14 @@ def plan(blocks: list[dict], schema: Schema, cfg: DataConfig, scratch: str | Non
         profile.add(i, result)
     classes, warnings = profile.check(cfg, schema)
     categories = {c: dict(profile.categories[c]) for c in schema.categorical}
-    encoder = fit_encoder(profile.fills(schema), categories, cfg.max_onehot, cfg.min_frequency)
+    encoder = fit_encoder(
+        profile.fills(schema),
+        categories,
+        cfg.max_onehot,
+        cfg.min_frequency,
+        cfg.numeric_transform,
+        profile.sample(schema),
+    )
     cutoffs = profile.cutoffs()
     quarantine = [b["quarantine"] for _, b in sorted(profile.per_block.items()) if b["quarantine"]]
     example = [row for _, row in profile.examples[2] or profile.examples[0]]

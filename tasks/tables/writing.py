@@ -171,6 +171,8 @@ def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, 
         "classes": p.classes,
         "feature_names": p.encoder.feature_names,
         "codes": p.encoder.code_sizes(),
+        "quantiled": list(p.encoder.quantiles),  # data.numeric_transform mapped these
+        "unscaled": p.encoder.numeric if p.encoder.unscaled else [],
         "raw_columns": schema.columns,
         "numeric": schema.numeric,
         "categorical": schema.categorical,

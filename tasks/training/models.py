@@ -27,10 +27,35 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class Periodic(nn.Module):
+    """PLR numeric embeddings, "lite" (Gorishniy et al. 2022, "On Embeddings for Numerical
+    Features in Tabular Deep Learning"): each standardised feature x becomes
+    ReLU(W·[cos 2πcx, sin 2πcx]) with its own learned frequencies c (initial spread `scale`)
+    and one W shared by all features. An MLP on one number per feature fits smooth functions
+    of it; the frequencies let it fit the sharp, multi-modal ones trees find."""
+
+    FREQUENCIES, WIDTH = 16, 16
+
+    def __init__(self, n_features: int, scale: float):
+        super().__init__()
+        self.frequencies = nn.Parameter(
+            torch.nn.init.trunc_normal_(
+                torch.empty(n_features, self.FREQUENCIES), 0.0, scale, -3 * scale, 3 * scale
+            )
+        )
+        self.linear = nn.Linear(2 * self.FREQUENCIES, self.WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        angles = 2 * math.pi * self.frequencies * x.unsqueeze(-1)  # (batch, features, k)
+        waves = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        return torch.relu(self.linear(waves)).flatten(1)
+
+
 class MLP(nn.Module):
     """`embeddings`: [feature index, codes, width] for each coded categorical: its integer
     code picks a learned vector (entity embedding) instead of entering as a number whose
-    order means nothing. Code n-1 is <rare> (rare and unseen values)."""
+    order means nothing. Code n-1 is <rare> (rare and unseen values). `periodic`: the
+    numeric features' Periodic embedding's initial scale (train.numeric_embedding)."""
 
     def __init__(
         self,
@@ -39,6 +64,7 @@ class MLP(nn.Module):
         hidden: list[int],
         dropout: float,
         embeddings: list[list[int]] | None = None,
+        periodic: float | None = None,
     ):
         super().__init__()
         embeddings = embeddings or []
@@ -47,8 +73,10 @@ class MLP(nn.Module):
         self.register_buffer("coded", torch.tensor(coded, dtype=torch.long), persistent=False)
         self.register_buffer("dense", torch.tensor(dense, dtype=torch.long), persistent=False)
         self.embeddings = nn.ModuleList(nn.Embedding(n, w) for _, n, w in embeddings)
+        self.periodic = Periodic(len(dense), periodic) if periodic and dense else None
         layers: list[nn.Module] = []
-        width = len(dense) + sum(w for _, _, w in embeddings)
+        numeric = len(dense) * (Periodic.WIDTH if self.periodic else 1)
+        width = numeric + sum(w for _, _, w in embeddings)
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
             width = h
@@ -58,13 +86,14 @@ class MLP(nn.Module):
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         z = self.standardize(x)
         if not len(self.embeddings):
-            return z
+            return self.periodic(z) if self.periodic else z
         codes = x[:, self.coded].round().long()
         looked_up = [
             table(codes[:, j].clamp(0, table.num_embeddings - 1))  # out of range: <rare>
             for j, table in enumerate(self.embeddings)
         ]
-        return torch.cat([z[:, self.dense], *looked_up], dim=1)
+        numbers = z[:, self.dense]
+        return torch.cat([self.periodic(numbers) if self.periodic else numbers, *looked_up], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.inputs(x))
@@ -253,6 +282,7 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
             arch["hidden"],
             arch["dropout"],
             arch.get("embeddings"),
+            arch.get("periodic"),
         )
     if name == "cnn":
         if not arch.get("image_shape"):

@@ -91,8 +91,10 @@ def all_sum(values: list[float], r: Rank) -> list[float]:
 # ---------------------------------------------------------------- data, model, optimizer
 
 
-def fit_standardize(model: nn.Module, split) -> None:
+def fit_standardize(model: nn.Module, split, unscaled: list[int] | None = None) -> None:
     mean, std = split.moments()
+    if unscaled:  # data.numeric_transform: none: these features reach the network as they are
+        mean[unscaled], std[unscaled] = 0.0, 1.0
     model.standardize.mean.copy_(mean)
     model.standardize.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
@@ -158,7 +160,7 @@ class Trainer:
                 torch.load(spec["init_from"], map_location=r.device, weights_only=True)
             )
         else:
-            fit_standardize(self.model, self.train_split)
+            fit_standardize(self.model, self.train_split, spec["arch"].get("unscaled"))
         self.teacher = load_teacher(spec.get("teacher"), r.device)
         if r.device.type == "cuda" and hasattr(self.model, "use_channels_last"):
             self.model.use_channels_last()  # NHWC: the layout cuDNN's fast conv kernels want
