@@ -103,11 +103,19 @@ def run_table(name: str, source: Path, label: str, folder: Path, sets: list[str]
     # one run per workdir: one folder per stage, whose manifest holds what it measured
     partitions = json.loads(next(workdir.glob("partition/*/manifest.json")).read_text())
     metrics = json.loads(next(workdir.glob("evaluate/*/manifest.json")).read_text())["metrics"]
+    trained = json.loads(next(workdir.glob("train/*/manifest.json")).read_text())
+    tuned = json.loads(next(workdir.glob("tune/*/manifest.json")).read_text())
+    reduced = json.loads(next(workdir.glob("reduce/*/manifest.json")).read_text())
     return {
         "table": name,
         "rows": sum(s["rows"] for s in partitions["splits"].values()),
         "features": len(partitions["feature_names"]),
         "classes": len(partitions["classes"]),
+        # how the run got there: what reduce kept, what the search chose, how long it trained
+        "components": reduced["metrics"]["reduce/components"],
+        "best_params": tuned.get("best_params"),
+        "epochs": trained["metrics"].get("train/epochs"),
+        "val_accuracy": trained["metrics"]["train/val_accuracy"],
         "accelflow": {
             "accuracy": metrics["test/accuracy"],
             "macro_f1": metrics["test/macro_f1"],

@@ -626,12 +626,15 @@ def test_periodic_numeric_embeddings_learn(digits_parquet, tmp_path):
 def test_a_small_table_trains_more_epochs_for_its_minimum_steps():
     """train.min_steps: 677 rows on 2 processes of 256 are 2 steps an epoch, so 250 epochs;
     Fashion-MNIST's 54,000 take 106 steps an epoch and keep train.epochs."""
-    from tasks.train import epochs_for
+    from tasks.train import epochs_for, patience_for
 
     cfg = TrainConfig(epochs=15, batch_size=256, min_steps=500)
     assert epochs_for(cfg, 677, 2) == 250
     assert epochs_for(cfg, 54_000, 2) == 15
     assert epochs_for(TrainConfig(epochs=15, min_steps=0), 10, 1) == 15
+    # the lengthened schedule keeps its best validation epoch and never stops early
+    assert patience_for(cfg, 250) == 251 and patience_for(cfg, 15) is None
+    assert patience_for(TrainConfig(epochs=15, early_stopping_patience=3), 250) == 3
 
 
 def test_unscaled_features_reach_the_network_as_they_are(digits_parquet, tmp_path):
