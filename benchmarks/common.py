@@ -1,7 +1,7 @@
 """What every benchmark script shares: the project on the import path, the offline and
 quiet environment (tasks/tracking.py's, the one list), the `--json` option, the JSON out.
 
-    from common import ROOT, benchmark_args, write_json
+    from common import ROOT, accelflow_run, benchmark_args, write_json
 """
 
 from __future__ import annotations
@@ -36,6 +36,17 @@ def benchmark_args(doc: str | None, name: str) -> argparse.ArgumentParser:
         "--json", type=Path, default=default, help=f"where to write (default {default})"
     )
     return parser
+
+
+def accelflow_run(sets: list[str]):
+    """One `accelflow run` with these `--set` overrides, in the project root, progress bars
+    off, its output captured (a CompletedProcess; the caller checks the exit status)."""
+    import subprocess
+
+    argv = [str(ROOT / ".venv" / "bin" / "accelflow"), "run"]
+    argv += [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "ACCELFLOW_PROGRESS": "off"}
+    return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
 
 
 def write_json(path: Path | str, result: Any) -> None:

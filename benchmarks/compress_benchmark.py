@@ -15,14 +15,12 @@ and writes benchmarks/results/compress.json.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, benchmark_args, write_json  # noqa: E402  (sets the path)
+from common import accelflow_run, benchmark_args, write_json  # noqa: E402  (sets the path)
 
 # magnitude ramps to its sparsity in 3 rounds of 4 epochs (one-shot 90% collapses an MLP);
 # every other point gets the same 4 fine-tune epochs per phase
@@ -75,11 +73,7 @@ def run_sweep(workdir: Path, overrides: list[str]) -> dict:
     import mlflow
 
     tracking = f"sqlite:///{workdir / 'mlflow.db'}"
-    sets = [f"workdir={workdir / 'work'}", f"tracking.uri={tracking}", *overrides]
-    argv = [str(ROOT / ".venv" / "bin" / "accelflow"), "run"]
-    argv += [a for s in sets for a in ("--set", s)]
-    env = {**os.environ, "ACCELFLOW_PROGRESS": "off"}
-    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
+    done = accelflow_run([f"workdir={workdir / 'work'}", f"tracking.uri={tracking}", *overrides])
     if done.returncode != 0:
         raise RuntimeError(f"{overrides} failed:\n{done.stderr[-3000:]}")
     parent = re.findall(r"/runs/([0-9a-f]{32})", done.stdout)[-1]  # the summary's run link

@@ -18,14 +18,12 @@ Tables: scikit-learn's bundled classification tables and every table in ../share
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, benchmark_args, write_json  # noqa: E402  (sets the path)
+from common import ROOT, accelflow_run, benchmark_args, write_json  # noqa: E402  (sets the path)
 
 SHARED = ROOT.parent / "shared" / "data"  # beside the project, as in every checkout
 SKLEARN = ("iris", "wine", "breast_cancer", "digits")
@@ -84,18 +82,15 @@ def logistic_regression(partitions: dict) -> dict[str, float]:
 def run_table(name: str, source: Path, label: str, folder: Path, sets: list[str]) -> dict:
     workdir = folder / f"work-{name}"
     tracking = f"sqlite:///{folder / f'{name}.db'}"
-    argv = [str(ROOT / ".venv" / "bin" / "accelflow"), "run"]
-    for s in [f"data.source={source}", f"data.label={label}", f"workdir={workdir}"]:
-        argv += ["--set", s]
-    argv += ["--set", f"tracking.uri={tracking}", *[a for s in sets for a in ("--set", s)]]
     start = time.perf_counter()
-    done = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "ACCELFLOW_PROGRESS": "off"},
-        check=False,
+    done = accelflow_run(
+        [
+            f"data.source={source}",
+            f"data.label={label}",
+            f"workdir={workdir}",
+            f"tracking.uri={tracking}",
+            *sets,
+        ]
     )
     seconds = time.perf_counter() - start
     if done.returncode != 0:
