@@ -332,12 +332,17 @@ def alive(pid: int) -> bool:
 
 
 def serve(
-    state: Path, prefect_port: int, mlflow_port: int, alert_webhook: str | None = None
+    state: Path,
+    prefect_port: int,
+    mlflow_port: int,
+    alert_webhook: str | None = None,
+    prefect_database: str | None = None,
+    mlflow_backend: str | None = None,
 ) -> list[Running]:
     started: list[Running] = []
     try:
-        started.append(prefect_server(state, prefect_port))
-        started.append(mlflow_server(state, mlflow_port))
+        started.append(prefect_server(state, prefect_port, prefect_database))
+        started.append(mlflow_server(state, mlflow_port, mlflow_backend))
         api_url, tracking = (
             f"http://127.0.0.1:{prefect_port}/api",
             f"http://127.0.0.1:{mlflow_port}",
@@ -372,6 +377,18 @@ def main(argv: list[str] | None = None) -> int:
         "--webhook",
         default=os.environ.get("ACCELFLOW_ALERT_WEBHOOK") or None,
         help="URL to POST regression alerts to (start, alerts); see conf/automations/",
+    )
+    parser.add_argument(
+        "--prefect-database",
+        default=os.environ.get("ACCELFLOW_PREFECT_DATABASE") or None,
+        help="start: the Prefect server's database URL (default: sqlite in the state dir), "
+        "e.g. postgresql+asyncpg://user@host:5432/prefect",
+    )
+    parser.add_argument(
+        "--mlflow-backend",
+        default=os.environ.get("ACCELFLOW_MLFLOW_BACKEND") or None,
+        help="start: the MLflow server's backend store URI (default: sqlite in the state "
+        "dir), e.g. postgresql+psycopg2://user@host:5432/mlflow",
     )
     parser.add_argument("--api", default=None, help="Prefect API URL for `alerts`")
     parser.add_argument("--model", default="models:/accelflow-classifier@champion")
@@ -415,7 +432,14 @@ def main(argv: list[str] | None = None) -> int:
         print("already running (make stop first):", ", ".join(r.name for r in running))
         return 0
     try:
-        started = serve(state, args.prefect_port, args.mlflow_port, args.alert_webhook)
+        started = serve(
+            state,
+            args.prefect_port,
+            args.mlflow_port,
+            args.alert_webhook,
+            args.prefect_database,
+            args.mlflow_backend,
+        )
     except ServiceError as exc:
         print(f"serve: {exc}", file=sys.stderr)
         return 1

@@ -1,13 +1,13 @@
 """Integration: real servers and workers, started and stopped by the tests themselves.
 
-- a Prefect server + worker with the deployments of prefect.yaml, triggered by the CLI
-  `prefect deployment run ... --watch`, logging to a real MLflow tracking server;
-- the regression alert automation of conf/automations/ posting to a local HTTP receiver
-  for a worse run, and not for a same-config rerun;
+- `make serve`'s stack on PostgreSQL (Prefect server + worker with the deployments of
+  prefect.yaml, MLflow tracking server), a run triggered by the CLI
+  `prefect deployment run ... --watch`;
 - the MLflow UI rendered in headless Chromium (DOM dump + screenshot in tests/artifacts/);
 - docker/compose.yaml validated by docker-compose;
-- the cluster profile against separate processes: a Dask scheduler + 2 workers, an MLflow
-  server on PostgreSQL and a Prefect server on PostgreSQL.
+- the cluster profile against those servers, a separate Dask scheduler + 2 workers and
+  Optuna on PostgreSQL, with a worse model: the regression alert automation of
+  conf/automations/ posts to a local HTTP receiver once, for that run.
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ SMALL = [
     "evaluate.latency_repeats=3",
     "tune.enabled=false",  # the cluster profile's test runs the search, on PostgreSQL
     "train.model=auto",  # decided after ingest: the CNN for these images
+    "evaluate.tsne_rows=300",  # the report's map, on fewer rows than the default 2,000
 ]
+# evaluate's gradient-boosting reference and t-SNE map: only the deployed run's report shows them
+EXTRAS_OFF = ["evaluate.reference=none", "evaluate.tsne_rows=0"]
 
 
 def parent_and_stages(client: MlflowClient, flow_run_id: str):
@@ -84,10 +87,45 @@ def webhook_receiver():
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, fmnist_small, webhook_receiver):
-    """What `make serve ALERT_WEBHOOK=...` starts (same entry point, free ports): Prefect
-    server, MLflow server, deployments from prefect.yaml, the regression alert, a worker on
-    the CPU pool; `make stop`'s code stops it."""
+def postgres_databases():
+    """Fresh databases (Prefect, MLflow, Optuna) on the machine's PostgreSQL, dropped
+    afterwards; None where there is no PostgreSQL (the stack then runs on sqlite and the
+    cluster profile's test skips)."""
+    import psycopg2
+
+    try:
+        admin = psycopg2.connect(POSTGRES, connect_timeout=5)
+    except psycopg2.OperationalError as exc:
+        print(f"no PostgreSQL at {POSTGRES} ({exc}); set ACCELFLOW_TEST_POSTGRES")
+        yield None
+        return
+    admin.autocommit = True
+    names = [
+        f"accelflow_test_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("prefect", "mlflow", "optuna")
+    ]
+    with admin.cursor() as cur:
+        for name in names:
+            cur.execute(f'CREATE DATABASE "{name}"')
+    base = POSTGRES.rsplit("/", 1)[0]
+    try:
+        yield {
+            "prefect": f"{base.replace('postgresql://', 'postgresql+asyncpg://')}/{names[0]}",
+            "mlflow": f"{base.replace('postgresql://', 'postgresql+psycopg2://')}/{names[1]}",
+            "optuna": f"{base.replace('postgresql://', 'postgresql+psycopg2://')}/{names[2]}",
+        }
+    finally:
+        with admin.cursor() as cur:
+            for name in names:
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, fmnist_small, webhook_receiver, postgres_databases):
+    """What `make serve ALERT_WEBHOOK=...` starts (same entry point, free ports), with both
+    servers on PostgreSQL as the scaled-out profile has them: Prefect server, MLflow
+    server, deployments from prefect.yaml, the regression alert, a worker on the CPU pool;
+    `make stop`'s code stops it."""
     state = tmp_path_factory.mktemp("serve")
     prefect_port, mlflow_port = serve.free_port(), serve.free_port()
     args = [
@@ -99,7 +137,15 @@ def stack(tmp_path_factory, fmnist_small, webhook_receiver):
         str(mlflow_port),
     ]
     url, alerts = webhook_receiver
-    assert serve.main(["start", *args, "--alert-webhook", url]) == 0
+    databases = []
+    if postgres_databases:
+        databases = [
+            "--prefect-database",
+            postgres_databases["prefect"],
+            "--mlflow-backend",
+            postgres_databases["mlflow"],
+        ]
+    assert serve.main(["start", *args, "--alert-webhook", url, *databases]) == 0
     running = json.loads((state / "services.json").read_text())
     assert [r["name"] for r in running] == [
         "prefect-server",
@@ -172,48 +218,6 @@ def test_prefect_deployment_run_completes_and_lands_in_mlflow(stack, deployed_ru
     assert re.search(r"name='accelflow-[0-9a-f]{8}'", inspect), (
         inspect
     )  # run name carries the config digest
-
-
-def test_a_worse_run_fires_the_alert_webhook_once(stack, deployed_run):
-    """After the deployed run (the first: nothing to regress against), one that cannot
-    learn, from the CLI: the automation POSTs once, for that run. (A same-config rerun is
-    not a regression: tests/test_alerts.py, in process.)"""
-    env = {
-        **os.environ,
-        **serve.QUIET,
-        "PREFECT_API_URL": stack["api"],
-        "MLFLOW_TRACKING_URI": stack["tracking"],
-    }
-    base = [*SMALL, f"data.source={stack['data']}", f"workdir={stack['state'] / 'work'}"]
-
-    def accelflow_run(*extra: str) -> tuple[str, str]:
-        sets = [arg for key in [*base, *extra] for arg in ("--set", key)]
-        out = subprocess.run(
-            [str(serve.BIN / "accelflow"), "run", "--profile", "serve", *sets],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-            cwd=serve.PROJECT,
-        )
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        return out.stdout, re.findall(r"/runs/([0-9a-f]{32})", out.stdout)[-1]  # the summary
-
-    worse, worse_run = accelflow_run("train.lr=1e-6")
-    assert "REGRESSION against run" in worse, worse[-2000:]
-    alerts, deadline = stack["alerts"], time.monotonic() + 90
-    while not alerts and time.monotonic() < deadline:
-        time.sleep(0.5)
-    time.sleep(3)  # a late second POST (for the deployed run) would show up here
-    assert len(alerts) == 1, alerts
-    (alert,) = alerts
-    assert alert["run_id"] == worse_run and alert["event"] == "accelflow.run.regressed"
-    assert alert["accuracy_drop"] > 0.01 and "test accuracy" in alert["why"]
-    assert worse_run in alert["text"]
-    # a link that opens the run in MLflow's model-training view, on the stack's server
-    assert alert["run_url"].startswith(stack["tracking"] + "/#/experiments/")
-    assert alert["run_url"].endswith(f"/runs/{worse_run}?workflowType=machine_learning")
-    assert f"{stack['tracking']}/#/experiments/" in worse  # the CLI prints the same kind
 
 
 def chromium(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -342,47 +346,20 @@ def test_compose_file_is_valid_and_needs_the_secret():
 # ---------------------------------------------------------------- cluster profile on PostgreSQL
 
 
-@pytest.fixture(scope="module")
-def postgres_databases():
-    """Fresh databases (Prefect, MLflow, Optuna) on the machine's PostgreSQL, dropped afterwards."""
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        admin = psycopg2.connect(POSTGRES, connect_timeout=5)
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at {POSTGRES} ({exc}); set ACCELFLOW_TEST_POSTGRES")
-    admin.autocommit = True
-    names = [
-        f"accelflow_test_{kind}_{uuid.uuid4().hex[:8]}" for kind in ("prefect", "mlflow", "optuna")
-    ]
-    with admin.cursor() as cur:
-        for name in names:
-            cur.execute(f'CREATE DATABASE "{name}"')
-    base = POSTGRES.rsplit("/", 1)[0]
-    try:
-        yield {
-            "prefect": f"{base.replace('postgresql://', 'postgresql+asyncpg://')}/{names[0]}",
-            "mlflow": f"{base.replace('postgresql://', 'postgresql+psycopg2://')}/{names[1]}",
-            "optuna": f"{base.replace('postgresql://', 'postgresql+psycopg2://')}/{names[2]}",
-        }
-    finally:
-        with admin.cursor() as cur:
-            for name in names:
-                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
-
-
-def test_cluster_profile_runs_on_separate_dask_mlflow_and_prefect_processes(
-    postgres_databases, fmnist_small, tmp_path
+def test_a_worse_run_on_the_cluster_profile_fires_the_alert_webhook_once(
+    stack, deployed_run, postgres_databases, tmp_path
 ):
-    state = tmp_path / "cluster"
+    """After the deployed run (the first: nothing to regress against), `accelflow run
+    --profile cluster` from the CLI against the same servers (Prefect and MLflow on
+    PostgreSQL), a separate Dask scheduler + 2 workers and Optuna on PostgreSQL, with a
+    learning rate too small to learn: its search runs on the cluster, its PCA passes too,
+    and the automation POSTs once, for that run. (A same-config rerun is not a regression:
+    tests/test_alerts.py, in process.)"""
+    if postgres_databases is None:
+        pytest.skip(f"no PostgreSQL at {POSTGRES}; set ACCELFLOW_TEST_POSTGRES")
+    state, tracking, api = tmp_path / "cluster", stack["tracking"], stack["api"]
     started = []
     try:
-        started.append(
-            serve.prefect_server(state, serve.free_port(), postgres_databases["prefect"])
-        )
-        api = started[-1].url.removesuffix("/health")
-        started.append(serve.mlflow_server(state, serve.free_port(), postgres_databases["mlflow"]))
-        tracking = started[-1].url.removesuffix("/health")
         scheduler_port = serve.free_port()
         started.append(serve.dask_scheduler(state, scheduler_port))
         scheduler = f"tcp://127.0.0.1:{scheduler_port}"
@@ -395,12 +372,15 @@ def test_cluster_profile_runs_on_separate_dask_mlflow_and_prefect_processes(
             "MLFLOW_TRACKING_URI": tracking,
             "DASK_SCHEDULER_ADDRESS": scheduler,
             "ACCELFLOW_WORKDIR": str(tmp_path / "work"),
-            "ACCELFLOW_DATA": str(fmnist_small),
+            "ACCELFLOW_DATA": str(stack["data"]),  # the deployed run's rows
             "OPTUNA_STORAGE": postgres_databases["optuna"],
         }
         tuning = ["tune.enabled=true", "tune.trials=3", "tune.epochs=2", "tune.max_rows=600"]
+        # the search leaves the learning rate alone: every trial keeps the one that cannot learn
+        tuning.append("tune.space={batch_size: {type: categorical, choices: [32, 64]}}")
         tuning.append("train.model=mlp")  # on PCA features, so reduce's passes run on the cluster
-        sets = [arg for o in [*SMALL, *tuning] for arg in ("--set", o)]
+        worse = ["train.lr=1e-6", "train.epochs=1"]
+        sets = [arg for o in [*SMALL, *tuning, *worse, *EXTRAS_OFF] for arg in ("--set", o)]
         out = subprocess.run(
             [sys.executable, "-m", "flows.cli", "run", "--profile", "cluster", *sets],
             capture_output=True,
@@ -408,11 +388,11 @@ def test_cluster_profile_runs_on_separate_dask_mlflow_and_prefect_processes(
             env=env,
             timeout=900,
         )
-        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
         client = MlflowClient(tracking)
         experiments = [e.experiment_id for e in client.search_experiments()]
-        parent = client.search_runs(experiments, "tags.`accelflow.deployment` = 'none'")[0]
+        (parent,) = client.search_runs(experiments, "tags.`accelflow.deployment` = 'none'")
         flow_run_id = parent.data.tags["accelflow.flow_run_id"]
         parent, stages = parent_and_stages(client, flow_run_id)
         assert set(stages) == STAGES and parent.data.params["dask.address"] == scheduler
@@ -441,3 +421,20 @@ def test_cluster_profile_runs_on_separate_dask_mlflow_and_prefect_processes(
         for service in reversed(started):
             serve.stop(service)
     assert not any(serve.alive(s.pid) for s in started)
+
+    # the regression: judged against the deployed champion on today's rows, POSTed once
+    worse_run = parent.info.run_id
+    assert "REGRESSION against run" in out.stdout, out.stdout[-2000:]
+    alerts, deadline = stack["alerts"], time.monotonic() + 90
+    while not alerts and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(3)  # a late second POST (for the deployed run) would show up here
+    assert len(alerts) == 1, alerts
+    (alert,) = alerts
+    assert alert["run_id"] == worse_run and alert["event"] == "accelflow.run.regressed"
+    assert alert["accuracy_drop"] > 0.01 and "test accuracy" in alert["why"]
+    assert worse_run in alert["text"]
+    # a link that opens the run in MLflow's model-training view, on the stack's server
+    assert alert["run_url"].startswith(tracking + "/#/experiments/")
+    assert alert["run_url"].endswith(f"/runs/{worse_run}?workflowType=machine_learning")
+    assert f"{tracking}/#/experiments/" in out.stdout  # the CLI prints the same kind
