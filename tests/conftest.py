@@ -85,9 +85,11 @@ def prefect_harness():
         yield
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster():
-    """A Dask LocalCluster client shared by the data-stage tests (2 worker processes)."""
+    """A Dask LocalCluster client shared by one file's data-stage tests (2 worker processes).
+    Per file, not per session: idle, its processes still take about 3% of a core each
+    (heartbeats, memory monitor), which over a whole session cost more than a start (~1 s)."""
     from conf.schema import DaskConfig
     from tasks.cluster import dask_client
 
