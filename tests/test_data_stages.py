@@ -412,9 +412,11 @@ def test_partition_handles_data_several_times_larger_than_worker_memory(tmp_path
 
 @pytest.mark.slow
 def test_ingest_reads_a_csv_block_by_block_in_workers_too_small_to_hold_it(tmp_path):
-    """A 0.15 GiB CSV (0.23 GiB as a pandas frame) through 2 Dask workers limited to 256 MiB
+    """A 0.3 GiB CSV (0.47 GiB as a pandas frame) through 2 Dask workers limited to 400 MiB
     each: every task holds one block, the driver only small per-block summaries (Dask would
     kill a worker that held the file; the driver's peak is measured in its own process).
+    Not tighter: Dask pauses a worker at 80% of its limit, and with 256 MiB workers the
+    stage stalled on a fresh clone whose workers started 30 MiB heavier.
     The memory figures at scale are the benchmarks': benchmarks/ingest_benchmark.py takes
     4 GiB through 2 × 1 GiB workers, benchmarks/scale_benchmark.py every stage."""
     import json
@@ -431,8 +433,8 @@ def test_ingest_reads_a_csv_block_by_block_in_workers_too_small_to_hold_it(tmp_p
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    made = run("--variant", "generate", "--gb", "0.15", "--source", str(source))
-    assert made["bytes"] > 150 * 2**20
+    made = run("--variant", "generate", "--gb", "0.3", "--source", str(source))
+    assert made["bytes"] > 300 * 2**20
     result = run(
         "--variant",
         "accelflow",
@@ -441,14 +443,14 @@ def test_ingest_reads_a_csv_block_by_block_in_workers_too_small_to_hold_it(tmp_p
         "--work",
         str(tmp_path / "work"),
         "--worker-memory",
-        "256MiB",
+        "400MiB",
         "--block-mb",
-        "8",
+        "32",
     )
     assert not result["workers_restarted"]
-    assert result["worker_peak_mib"] < 256, result
-    assert result["driver_peak_mib"] < 256, result
-    assert result["blocks"] > 50  # 8 MB asked, cut to fit 256 MiB workers
+    assert result["worker_peak_mib"] < 400, result
+    assert result["driver_peak_mib"] < 400, result
+    assert result["blocks"] > 50  # 32 MB asked, cut to fit 400 MiB workers
     assert sum(result["rows"].values()) + result["rejected"] == made["rows"]
     assert 0 < result["rejected"] < 1000  # the stray strings in a number column, quarantined
     assert 0.09 < result["rows"]["test"] / made["rows"] < 0.11

@@ -162,7 +162,7 @@ def test_two_node_rendezvous(digits_parquet, tmp_path):
     assert result["world_size"] == 2 and result["val_accuracy"] > 0.85
 
 
-@pytest.mark.parametrize("world,epochs", [(2, 12), (1, 4)], ids=["two-ranks", "one-process"])
+@pytest.mark.parametrize("world,epochs", [(2, 6), (1, 4)], ids=["two-ranks", "one-process"])
 def test_a_killed_worker_restarts_from_the_last_checkpoint(digits_parquet, tmp_path, world, epochs):
     """SIGKILL a worker mid-training (one of two gloo ranks under torchrun's elastic
     launcher; or the one process, which `launch` starts and restarts itself): the group
