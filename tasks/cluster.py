@@ -98,7 +98,16 @@ def local_cluster(cfg: DaskConfig):
     # external cluster keeps its own settings).
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+    # No pausing at 80% of the limit: a paused worker waits for its memory to drop, but
+    # what a worker holds between our tasks is its own resting size (the interpreter, the
+    # imported stack), which no wait frees; with small workers the stage stalled for good.
+    # Unpaused, a worker that really outgrows its cap is restarted at 95% and the stage
+    # fails with `workers_that_keep_dying_named`'s message instead of hanging.
+    settings = {
+        "distributed.nanny.pre-spawn-environ": environ,
+        "distributed.worker.memory.pause": False,
+    }
+    with dask.config.set(settings):
         return LocalCluster(
             n_workers=cfg.n_workers,
             threads_per_worker=cfg.threads_per_worker,

@@ -354,7 +354,7 @@ def test_two_runs_at_once_on_a_messy_csv_build_each_stage_once_and_serve_it(digi
         "data.on_bad_rows=quarantine",
         f"workdir={tmp_path / 'work'}",
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "train.epochs=5",
+        "train.epochs=2",
         "train.min_steps=0",
         "train.hidden=[128]",
         "reduce.method=pca",  # standardised PCA on the way to serving, not auto's pass-through
@@ -398,7 +398,7 @@ def test_two_runs_at_once_on_a_messy_csv_build_each_stage_once_and_serve_it(digi
     for stage, what, last in (
         ("partition", r"partitions written \(\S+\)", r"\d+"),
         ("reduce", "PCA pass over train partitions", r"\d+"),
-        ("train", "epochs", "5"),
+        ("train", "epochs", "2"),
         ("compress", "epochs", "1"),
     ):
         steps = [x for x in lines if re.search(rf" - {stage}: {what} \d+/{last} \| ", x)]
@@ -406,7 +406,7 @@ def test_two_runs_at_once_on_a_messy_csv_build_each_stage_once_and_serve_it(digi
     (trained,) = (tmp_path / "work" / "train").glob("*/manifest.json")
     metrics = json.loads(trained.read_text())["metrics"]
     assert metrics["train/streamed"] and metrics["train/world_size"] == 2
-    epoch = next(x for x in lines if " - train: epochs 5/5 | " in x)
+    epoch = next(x for x in lines if " - train: epochs 2/2 | " in x)
     assert re.search(
         r"loss \d\.\d{4}, val loss \d\.\d{4}, val acc \d\.\d{4}, samples/s [\d,]+", epoch
     )

@@ -293,6 +293,7 @@ def test_workers_that_keep_dying_fail_the_stage_with_one_message():
     """Without the message, a task too big for dask.memory_limit restarts worker after
     worker until Dask gives up, and the user reads a scheduler traceback."""
     import dask
+    import distributed  # noqa: F401  (its config defaults loaded first: set's exit would drop them)
 
     from tasks.errors import ConfigError
 
@@ -301,6 +302,19 @@ def test_workers_that_keep_dying_fail_the_stage_with_one_message():
     give_up_at_once = dask.config.set({"distributed.scheduler.allowed-failures": 0})
     with give_up_at_once, dies, dask_client(cfg) as small:
         small.submit(_hold_more_than_the_cap, 600).result()
+
+
+def _pause_threshold():
+    import dask
+
+    return dask.config.get("distributed.worker.memory.pause")
+
+
+def test_local_workers_are_restarted_at_their_cap_never_paused(client):
+    """A worker paused at 80% of dask.memory_limit waits for memory that its own resting
+    size never gives back: 256 MiB workers stalled an ingest for good. The LocalCluster's
+    worker processes run with pausing off (they read it in their own process)."""
+    assert set(client.run(_pause_threshold).values()) == {False}
 
 
 KILL_SCRIPT = """
