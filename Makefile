@@ -69,7 +69,8 @@ run: setup data
 	$(BIN)/accelflow run $(ARGS)
 
 # two pytest workers, one test file each at a time (module fixtures stay per file): most
-# tests wait on processes and servers, so 2 cores do 1.25x the work (655 vs 817 s measured);
+# tests wait on processes and servers, so 2 cores do 1.25x the work (655 vs 817 s measured;
+# three workers oversubscribe them: 791 vs 680 s on a fresh clone, 2026-12-03);
 # the 15 slowest are listed at the end, so a CI log shows where its minutes went
 test: setup data test-tools
 	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=15 $(ARGS)
