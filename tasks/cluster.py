@@ -153,9 +153,10 @@ def data_task(task: Callable) -> Callable:
     memory goes back to the OS when the task ends.
 
     pandas and Arrow free a block's buffers, but glibc and Arrow's allocator keep the pages;
-    Dask counts them against the worker's memory limit, pauses a worker at 80% and restarts
-    it at 95%. Measured here: without this, two workers of 400 MiB paused for good after a
-    few 16 MB CSV blocks; with it they stay near their resting size between tasks.
+    Dask counts them against the worker's memory limit and restarts a worker at 95% (an
+    external cluster, which keeps Dask's defaults, also pauses it at 80%). Measured here:
+    without this, two workers of 400 MiB paused for good after a few 16 MB CSV blocks; with
+    it they stay near their resting size between tasks.
     """
 
     @functools.wraps(task)

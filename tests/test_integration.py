@@ -91,8 +91,7 @@ def postgres_databases():
     """Fresh databases (Prefect, MLflow, Optuna) on the machine's PostgreSQL, dropped
     afterwards; None where there is no PostgreSQL (the stack then runs on sqlite and the
     cluster profile's test skips)."""
-    import psycopg2
-
+    psycopg2 = pytest.importorskip("psycopg2")  # a dev dependency: missing, setup is broken
     try:
         admin = psycopg2.connect(POSTGRES, connect_timeout=5)
     except psycopg2.OperationalError as exc:
