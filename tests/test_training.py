@@ -331,6 +331,21 @@ def test_early_stopping_stops_and_restores_the_best_epoch(digits_parquet, tmp_pa
     assert result["val_accuracy"] == pytest.approx(history[0]["val/accuracy"])
 
 
+def test_a_tie_in_validation_accuracy_goes_to_the_lower_validation_loss():
+    """On a small validation split many epochs reach the same accuracy: the kept epoch is the
+    one of them with the lowest validation loss, not the first."""
+    from tasks.training.optim import EarlyStopping
+
+    model, stopper = torch.nn.Linear(2, 2), EarlyStopping(patience=2)
+    for epoch, (accuracy, loss) in enumerate([(0.9, 0.5), (1.0, 0.4), (1.0, 0.2), (1.0, 0.3)]):
+        torch.nn.init.constant_(model.weight, epoch)
+        assert not stopper.update(accuracy, loss, epoch, model)
+    assert (stopper.best_epoch, stopper.best, stopper.best_loss) == (2, 1.0, 0.2)
+    assert float(stopper.best_state["weight"][0, 0]) == 2.0  # epoch 2's weights are kept
+    assert stopper.update(0.95, 0.1, 4, model)  # a lower loss at a lower accuracy is not better
+    assert stopper.best_epoch == 2 and stopper.stopped_epoch == 4
+
+
 def test_the_bottleneck_report_measures_each_epoch_and_says_which_bound(digits_parquet, tmp_path):
     from tasks.train import bottleneck
 

@@ -88,19 +88,22 @@ def l1_penalty(model: nn.Module) -> torch.Tensor:
 
 
 class EarlyStopping:
-    """Stops a phase after `patience` epochs without a better validation accuracy and keeps
-    the best epoch's weights (on the CPU) to restore at the end. Every rank sees the same
-    all-reduced accuracy, so all ranks stop at the same epoch."""
+    """Stops a phase after `patience` epochs without a better validation score and keeps the
+    best epoch's weights (on the CPU) to restore at the end. Better is a higher accuracy, or
+    the same accuracy at a lower validation loss: on a small validation split many epochs tie
+    (57 rows: every one at 1.0), and the first of them is rarely the best model. Every rank
+    sees the same all-reduced figures, so all ranks stop at the same epoch."""
 
     def __init__(self, patience: int):
         self.patience = patience
-        self.best, self.best_epoch, self.stopped_epoch = -math.inf, -1, None
+        self.best, self.best_loss = -math.inf, math.inf
+        self.best_epoch, self.stopped_epoch = -1, None
         self.best_state: dict[str, torch.Tensor] | None = None
 
-    def update(self, accuracy: float, epoch: int, model: nn.Module) -> bool:
+    def update(self, accuracy: float, loss: float, epoch: int, model: nn.Module) -> bool:
         """Record an epoch; True when training should stop."""
-        if accuracy > self.best:
-            self.best, self.best_epoch = accuracy, epoch
+        if (accuracy, -loss) > (self.best, -self.best_loss):
+            self.best, self.best_loss, self.best_epoch = accuracy, loss, epoch
             self.best_state = {
                 k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
             }
@@ -111,6 +114,7 @@ class EarlyStopping:
     def state_dict(self) -> dict[str, Any]:
         return {
             "best": self.best,
+            "best_loss": self.best_loss,
             "best_epoch": self.best_epoch,
             "stopped_epoch": self.stopped_epoch,
             "best_state": self.best_state,
@@ -118,4 +122,5 @@ class EarlyStopping:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_epoch = state["best"], state["best_epoch"]
+        self.best_loss = state.get("best_loss", math.inf)  # a checkpoint from before the rule
         self.stopped_epoch, self.best_state = state["stopped_epoch"], state["best_state"]

@@ -374,7 +374,7 @@ class Trainer:
                 if self.on_epoch:
                     self.on_epoch(global_epoch, loss, val)
                 stop = (
-                    stopper.update(val["val_accuracy"], global_epoch, self.model)
+                    stopper.update(val["val_accuracy"], val["val_loss"], global_epoch, self.model)
                     if stopper
                     else False
                 )
