@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import raw_test_rows, stage_runs
+from conftest import mlflow_store, raw_test_rows, stage_runs
 
 from tasks.stages import NAMES as STAGES
 
@@ -85,7 +85,7 @@ def test_secrets_in_config_values_never_reach_mlflow(tmp_path):
     cfg = load_config(
         None,
         [
-            f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+            f"tracking.uri={mlflow_store(tmp_path / 'm.db')}",
             "dask.address=tcp://ops:hunter2@10.0.0.5:8786",
             "data.source=s3://AKIA:wJalrXUtnFEMI@bucket/churn.csv?token=abc123",
         ],
@@ -152,7 +152,7 @@ def test_a_killed_run_resumes_its_search_then_its_training(digits_csv, tmp_path)
         f"data.source={digits_csv}",
         "data.label=digit",
         f"workdir={tmp_path / 'w'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+        f"tracking.uri={mlflow_store(tmp_path / 'm.db')}",
         "tune.enabled=true",
         "tune.trials=4",
         "tune.parallel=2",
@@ -162,6 +162,8 @@ def test_a_killed_run_resumes_its_search_then_its_training(digits_csv, tmp_path)
         "tune.metric=val_macro_f1",
         "tune.space={lr: {type: float, low: 0.0001, high: 0.01, log: true}}",
         "train.epochs=6",
+        "train.world_size=1",  # one training process (started directly): the two-rank kill
+        # and restart are test_training's; here, what a killed run keeps
         "train.batch_size=8",  # small batches: slow trials and epochs, so each kill lands mid-way
         "train.hidden=[512, 512]",
         "compress.recipe=[]",
@@ -312,7 +314,7 @@ def test_an_error_met_inside_the_flow_is_one_paragraph_too(tmp_path):
     sets = [
         f"data.source={source}",
         f"workdir={tmp_path / 'w'}",
-        f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+        f"tracking.uri={mlflow_store(tmp_path / 'm.db')}",
         "train.epochs=1",
         "tune.enabled=false",  # no search before train
         "train.model=cnn",
@@ -366,6 +368,7 @@ def test_two_runs_at_once_on_a_messy_csv_build_each_stage_once_and_serve_it(digi
         "evaluate.latency_repeats=3",
         "evaluate.reference=none",  # evaluate's extras have their own tests
         "evaluate.tsne_rows=0",
+        "serve.runtime=torch",  # no ONNX export: test_pipeline and test_export serve from it
     ]
     argv = [*CLI, "run", *[a for s in sets for a in ("--set", s)]]
     runs = [
