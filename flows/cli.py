@@ -238,6 +238,7 @@ def start_prefect_api() -> Future:
     # out): Prefect sends its last logs and events while the server still listens
     atexit.register(stop)
     os.environ["PREFECT_API_URL"] = api = f"http://127.0.0.1:{port}/api"
+    os.environ["ACCELFLOW_PREFECT_TEMPORARY"] = "1"  # no UI, gone after the run: link nothing
     print(
         f"Prefect: a temporary API server for this run at {api} (set PREFECT_API_URL to use yours)"
     )

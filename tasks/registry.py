@@ -49,6 +49,15 @@ def log_pyfunc(bundle: str, example, name: str):
     return mlflow.MlflowClient().get_model_version(name, info.registered_model_version)
 
 
+def logged_model_id(version) -> str | None:
+    """The MLflow 3 logged model behind a registered version: `model_id` where the store
+    fills it, else the `models:/m-…` source it was registered from (sqlite leaves it empty)."""
+    source = version.source or ""
+    if version.model_id:
+        return version.model_id
+    return source.removeprefix("models:/") if source.startswith("models:/m-") else None
+
+
 OBJECTIVES = {  # evaluate.objective → the figure compared, lower is better
     "latency": ("latency_b256_ms", "batch-256 latency", "ms"),
     "size": ("size_zstd_bytes", "zstd size", "bytes"),
@@ -285,6 +294,7 @@ def register_and_promote(
     return {
         "model_name": cfg.model_name,
         "version": int(version.version),
+        "model_id": logged_model_id(version),
         "alias": alias,
         "why": why,
         "champion_version": int(champion.version) if champion is not None else None,

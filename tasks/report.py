@@ -1,11 +1,12 @@
 """One self-contained HTML report per pipeline run, built from the MLflow store alone, so
 `accelflow report RUN_ID` can write it again for any past run.
 
-Sections: the run (config digest, registered model, regression check), what changed since
-the previous run of the experiment, the stage table, the headline figures, and every
-picture the stages logged (codec comparison, explained variance, reduce sweep, tuning
-history and importance, training curves with the learning rate, confusion matrices, t-SNE).
-Images are embedded (base64), so the file opens anywhere.
+Sections: a headline card (test accuracy and macro-F1 against the champion on the same
+rows and the gradient-boosting reference, latency and size against the trained model, the
+drift verdict, the registered version), the run (digests, links, regression check), what
+changed since the previous run of the experiment, and the stages: their table, then one
+section per stage with its figures in units (ms per 256 rows, MB, "4.8× smaller") and its
+pictures beside them. Images are embedded (base64), so the file opens anywhere.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from typing import Any
 
 from tasks import alerts
 
-SECTIONS = ("Run", "What changed", "Stages", "Figures", "Pictures")
+SECTIONS = ("Headline", "Run", "What changed", "Stages")
+
+# ratios whose direction a bare number hides (each is "old ÷ new": above 1 is better)
+RATIOS = {
+    "compress/size_ratio": "smaller (zstd) than the trained model",
+    "compress/speedup_b256": "faster at batch 256 than the trained model",
+    "data/compression_ratio": "smaller on disk than the source",
+}
 
 
 def stage_pictures(client, run) -> list[tuple[str, bytes]]:
@@ -55,8 +63,115 @@ def fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
+def human(key: str, value: Any) -> str:
+    """A metric as a reader wants it: units, thousands, and the direction of a ratio."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return fmt(value)
+    name = key.rsplit("/", 1)[-1]
+    if key in RATIOS:
+        return f"{value:.2f}× {RATIOS[key]}"
+    if name.endswith("_ms"):
+        per = " per 256 rows" if "b256" in name else " per row" if "b1" in name else ""
+        return f"{value:.3g} ms{per}"
+    if "bytes" in name:
+        for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if abs(value) >= size:
+                return f"{value / size:.3g} {unit}"
+        return f"{value:.0f} B"
+    if name.endswith("seconds"):
+        return f"{value:.1f} s"
+    if name.endswith("_pct"):
+        return f"{value:.1f}%"
+    if float(value).is_integer():  # counts (and an exact 0 or 1)
+        return f"{int(value):,}"
+    return f"{value:.4f}" if abs(value) < 100 else f"{value:,.1f}"
+
+
+def headline_rows(
+    metrics: dict[str, float], tags: dict[str, str], gate: str = ""
+) -> list[dict[str, str]]:
+    """The card a reviewer reads first: quality against the champion (on the same rows) and
+    the gradient-boosting reference, speed and size against the trained model, drift."""
+
+    def versus(value: float, other: float, who: str) -> str:
+        return f"{who}: {other:.4f} ({value - other:+.4f})"
+
+    rows = []
+    for key, what in (("test/accuracy", "accuracy"), ("test/macro_f1", "macro-F1")):
+        if key not in metrics:
+            continue
+        against = []
+        if what == "accuracy" and "gate/champion_accuracy" in metrics:
+            champion = metrics["gate/champion_accuracy"]
+            against.append(versus(metrics[key], champion, "the champion on the same rows"))
+        reference = key.replace("test/", "reference/")
+        if reference in metrics:
+            against.append(versus(metrics[key], metrics[reference], "gradient boosting"))
+        rows.append(
+            {
+                "": f"test {what}",
+                "this run": f"{metrics[key]:.4f}",
+                "against": "; ".join(against) or "—",
+            }
+        )
+    for key, what, ratio in (
+        ("test/latency_b256_ms", "network latency", "compress/speedup_b256"),
+        ("test/served_latency_b256_ms", "served latency (raw rows)", None),
+        ("test/size_zstd_bytes", "size", "compress/size_ratio"),
+    ):
+        if key in metrics:
+            against = human(ratio, metrics[ratio]) if ratio in metrics else "—"
+            rows.append({"": what, "this run": human(key, metrics[key]), "against": against})
+    if "accelflow.drift.champion" in tags:
+        drifted = tags.get("accelflow.drift") or "no column"
+        rows.append(
+            {
+                "": "data drift",
+                "this run": drifted,
+                "against": f"{tags['accelflow.drift.champion']}'s training data",
+            }
+        )
+    if "accelflow.alias" in tags:
+        version = f"v{tags.get('accelflow.registered_version')} as {tags['accelflow.alias']}"
+        rows.append(
+            {
+                "": "registered",
+                "this run": version,
+                "against": gate,
+            }
+        )
+    return rows
+
+
+def stage_section(client, name: str, run) -> str:
+    """One stage: ran or cached and why, its figures with units, its pictures beside them."""
+    status = "cached" if run.data.tags.get("accelflow.cached") == "true" else "ran"
+    seconds = run.data.metrics.get(f"{name}/wall_seconds")
+    why = run.data.tags.get("accelflow.reason", "")
+    figures = table(
+        [
+            {"figure": k.split("/", 1)[-1].replace("_", " "), "value": human(k, v)}
+            for k, v in sorted(run.data.metrics.items())
+            if not k.endswith(("/cached", "/wall_seconds"))
+        ]
+    )
+    images = "".join(
+        f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,'
+        f'{base64.b64encode(data).decode()}"><figcaption>{html.escape(title)}</figcaption></figure>'
+        for title, data in stage_pictures(client, run)
+    )
+    took = f", {seconds:.1f} s" if seconds is not None else ""
+    return (
+        f'<section class="stage" id="stage-{name}"><h3>{name}</h3>'
+        f"<p>{status}{took}: {html.escape(why)}</p>"
+        f'<div class="side">{figures}<div>{images}</div></div></section>'
+    )
+
+
 def build_report(client, run_id: str) -> str:
     """The report of parent run `run_id` as one HTML document."""
+    from conf.schema import run_link
+
     run = client.get_run(run_id)
     tags, metrics = run.data.tags, run.data.metrics
     stages = alerts.stage_runs(client, run)
@@ -72,16 +187,12 @@ def build_report(client, run_id: str) -> str:
         {
             "stage": name,
             "status": "cached" if s.data.tags.get("accelflow.cached") == "true" else "ran",
-            "seconds": s.data.metrics.get(f"{name}/wall_seconds"),
+            "seconds": human("seconds", s.data.metrics.get(f"{name}/wall_seconds")),
             "why it ran": s.data.tags.get("accelflow.reason", ""),
         }
         for name in alerts.STAGES
         if (s := stages.get(name))
     ]
-    pictures: list[tuple[str, bytes]] = []
-    for name in alerts.STAGES:
-        if name in stages:
-            pictures += stage_pictures(client, stages[name])
     regression = tags.get(alerts.TAG)
     run_rows = [
         {"key": "run", "value": run_id},
@@ -109,28 +220,32 @@ def build_report(client, run_id: str) -> str:
         what_changed = f"<p>Against the previous run {html.escape(earlier[0].info.run_id)}:</p>" + (
             table(changed) if changed else "<p>No config key changed.</p>"
         )
-    figures = table([{"metric": k, "value": v} for k, v in sorted(metrics.items())])
-    images = "".join(
-        f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,'
-        f'{base64.b64encode(data).decode()}"><figcaption>{html.escape(title)}</figcaption></figure>'
-        for title, data in pictures
-    )
+    evaluate = stages.get("evaluate")  # the reference's macro-F1 is not a headline figure
+    evaluated = evaluate.data.metrics if evaluate else {}
+    gate_why = evaluate.data.tags.get("accelflow.registry.why", "") if evaluate else ""
+    links = [("MLflow run", run_link(client.tracking_uri, run.info.experiment_id, run_id))]
+    if tags.get("accelflow.flow_run_url", "none") != "none":
+        links.append(("Prefect flow run", tags["accelflow.flow_run_url"]))
     body = {
+        "Headline": '<div class="card">'
+        + table(headline_rows({**evaluated, **metrics}, tags, gate_why))
+        + "</div>",
         "Run": table(run_rows),
         "What changed": what_changed,
-        "Stages": table(stage_rows),
-        "Figures": figures,
-        "Pictures": images or "<p>(none)</p>",
+        "Stages": table(stage_rows)
+        + "".join(stage_section(client, n, stages[n]) for n in alerts.STAGES if n in stages),
     }
     sections = "".join(
         f'<section id="{name.lower().replace(" ", "-")}"><h2>{name}</h2>{body[name]}</section>'
         for name in SECTIONS
     )
     title = f"accelflow run {run.info.run_name}"
+    nav = " · ".join(f'<a href="{html.escape(u)}">{html.escape(t)}</a>' for t, u in links)
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>"
-        f"<body><h1>{html.escape(title)}</h1>{sections}<script>{IMAGE_CHECK}</script></body></html>"
+        f"<body><h1>{html.escape(title)}</h1><p>{nav}</p>{sections}"
+        f"<script>{IMAGE_CHECK}</script></body></html>"
     )
 
 
@@ -146,6 +261,9 @@ table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.9rem; }
 th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
 figure { display: inline-block; margin: 0 1rem 1.5rem 0; }
+.card table { font-size: 1.05rem; border: 2px solid #888; }
+.side { display: flex; gap: 1.5rem; align-items: flex-start; flex-wrap: wrap; }
+.stage { border-top: 1px solid #ddd; margin-top: 1rem; }
 img { max-width: 640px; border: 1px solid #ddd; }
 figcaption { font-size: 0.85rem; color: #555; }
 """

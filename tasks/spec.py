@@ -18,13 +18,17 @@ Inputs = dict[str, Manifest]  # upstream stage name → its manifest
 
 @dataclass(frozen=True)
 class ChildRun:
-    """A nested run under the stage's run (a trial, a sweep point), as plain data."""
+    """A nested run under the stage's run (a trial, a sweep point), as plain data. A child
+    that is a model (a compress point) names its `model_type`: it is also logged as a model
+    of its own, its metrics measured on the split `measured_on`."""
 
     name: str
     params: dict[str, Any]
     metrics: list[tuple[str, float, int]]  # (key, value, step)
     tags: dict[str, str]
     status: str = "FINISHED"
+    model_type: str | None = None
+    measured_on: str | None = None  # "train" | "val" | "test"
 
 
 @dataclass

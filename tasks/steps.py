@@ -26,6 +26,7 @@ from tasks.stages import STAGES
 from tasks.store import StageOutcome, code_version, run_stage, stage_lock
 from tasks.tracking import (
     epoch_logger,
+    link_registered_model,
     log_child,
     log_dataset,
     log_source,
@@ -90,7 +91,7 @@ def publish_extras(spec: StageSpec, outcome: StageOutcome, inputs: Inputs, run_i
         mlflow.set_tags(m["tags"])
     if spec.children and not outcome.cached:  # a cached stage's are under the run that made them
         for child in spec.children(m):
-            log_child(run_id, child)
+            log_child(run_id, child, inputs.get("partition"))
     for name, key in spec.reports.items():
         if m.get(key):
             publish_markdown(spec.name, name, Path(m[key]).read_text())
@@ -135,6 +136,9 @@ def register_and_gate(cfg: PipelineConfig, inputs: Inputs, outcome: StageOutcome
             contract=(inputs["partition"].get("contract") or {}).get("path"),
         )
     gate = promotion.pop("markdown")
+    if promotion["model_id"]:  # the registered model's own figures, on the test split
+        tested = {k: v for k, v in outcome.manifest["metrics"].items() if k.startswith("test/")}
+        link_registered_model(promotion["model_id"], tested, inputs["partition"], "test")
     mlflow.set_tags({f"accelflow.registry.{k}": str(v) for k, v in promotion.items()})
     publish_markdown("evaluate", "gate", gate)
     outcome.manifest["promotion"] = promotion

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import subprocess
 import time
 import warnings
@@ -190,6 +191,16 @@ def name_model(parent_run_id: str, model: str) -> None:
     client.set_tag(parent_run_id, "accelflow.model", model)
 
 
+def flow_run_page(flow_run_id) -> str:
+    """The flow run's page in the Prefect UI; "none" on the CLI's temporary server (no UI,
+    and gone after the run) or outside a flow run."""
+    from prefect.utilities.urls import url_for
+
+    if flow_run_id is None or os.environ.get("ACCELFLOW_PREFECT_TEMPORARY"):
+        return "none"
+    return str(url_for("flow-run", obj_id=flow_run_id) or "none")
+
+
 @contextlib.contextmanager
 def pipeline_run(cfg: PipelineConfig, experiment_id: str) -> Iterator[str]:
     """The parent run: tags link it to the Prefect flow run, the code and the config."""
@@ -201,6 +212,7 @@ def pipeline_run(cfg: PipelineConfig, experiment_id: str) -> Iterator[str]:
         "accelflow.model": cfg.train.model,  # auto: replaced by the model ingest's data decides
         "accelflow.flow_run_id": str(flow_run.id or "none"),
         "accelflow.flow_run_name": str(flow_run.name or "none"),
+        "accelflow.flow_run_url": flow_run_page(flow_run.id),
         "accelflow.deployment": str(deployment.name or "none"),
         "accelflow.config_digest": cfg.digest(),
         "mlflow.source.git.commit": git_commit(),
@@ -255,7 +267,9 @@ def publish(stage: str, outcome: StageOutcome) -> None:
         f"{stage}/cached": float(outcome.cached),
     }
     metrics.setdefault(f"{stage}/seconds", outcome.seconds)
-    mlflow.log_metrics(metrics)
+    # not again what a hook logged already (the registered model's figures, linked to it)
+    logged = mlflow.get_run(mlflow.active_run().info.run_id).data.metrics
+    mlflow.log_metrics({k: v for k, v in metrics.items() if logged.get(k) != v})
     mlflow.log_dict(mask_secrets(m), f"{stage}/manifest.json")
     ran = "cached" if outcome.cached else "ran"
     summary = mask_text(f"### {stage}\n\n{ran}: {outcome.reason}\n\n{m.get('summary', '')}\n")
@@ -299,6 +313,11 @@ def publish_markdown(stage: str, name: str, text: str) -> None:
     )
 
 
+def split_identity(manifest: Manifest, split: str) -> tuple[str, str]:
+    """(name, digest) of a stage's split as MLflow knows it: `partition-val`, its files' digest."""
+    return f"{manifest['stage']}-{split}", files_digest(manifest["splits"][split]["files"])
+
+
 def log_dataset(manifest: Manifest, split: str, context: str) -> None:
     """`mlflow.log_input` from a manifest: name, digest, source, row count — no data loaded."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -310,10 +329,8 @@ def log_dataset(manifest: Manifest, split: str, context: str) -> None:
     with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local files
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(Path(files[0]["path"]).parent.as_uri())
-    dataset = MetaDataset(
-        source=source, name=f"{manifest['stage']}-{split}", digest=files_digest(files)
-    )
-    _log_input(dataset, context)
+    name, digest = split_identity(manifest, split)
+    _log_input(MetaDataset(source=source, name=name, digest=digest), context)
 
 
 def log_source(source: str, fingerprint: list[list]) -> None:
@@ -431,23 +448,39 @@ def log_child_run(
     metrics: list[tuple[str, float, int]],
     tags: dict[str, str],
     status: str = "FINISHED",
+    model_type: str | None = None,
+    dataset: tuple[str, str] | None = None,
 ) -> str:
     """A finished run nested under a stage's run (a tuning trial, a sweep point), opened
     with the client so the stage's own active run is left alone. `metrics` are
-    (key, value, step); non-finite values are left out."""
+    (key, value, step); non-finite values are left out. With a `model_type` the child is also
+    an MLflow logged model (the Models tab lists it beside the others, and the pipeline's
+    parent run shows it among its logged models): its params, and its metrics linked to it
+    and to `dataset` (name, digest), the split they were measured on."""
     import mlflow
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag
 
     client = mlflow.MlflowClient()
     stage = client.get_run(stage_run_id)
     run = client.create_run(
         stage.info.experiment_id, run_name=name, tags={"mlflow.parentRunId": stage_run_id}
     )
+    model_id = None
+    if model_type:
+        model_id = client.create_logged_model(
+            stage.info.experiment_id,
+            name=re.sub(r"[/:.%\"']", "_", name),  # MLflow refuses these in a model's name
+            source_run_id=run.info.run_id,
+            params={k: str(v) for k, v in params.items()},
+            tags={k: v[:5000] for k, v in tags.items()},
+            model_type=model_type,
+        ).model_id
+    dataset_name, dataset_digest = dataset or (None, None)
     stamp = int(time.time() * 1000)
     client.log_batch(
         run.info.run_id,
         metrics=[
-            Metric(k, float(v), stamp, step)
+            Metric(k, float(v), stamp, step, model_id, dataset_name, dataset_digest)
             for k, v, step in metrics
             if isinstance(v, int | float) and math.isfinite(v)
         ],
@@ -456,13 +489,52 @@ def log_child_run(
         synchronous=True,
     )
     client.set_terminated(run.info.run_id, status=status)
+    if model_id:
+        client.finalize_logged_model(model_id, "READY" if status == "FINISHED" else "FAILED")
+        pipeline_run = stage.data.tags.get("mlflow.parentRunId")
+        for output_of in filter(None, (run.info.run_id, stage_run_id, pipeline_run)):
+            client.log_outputs(output_of, [LoggedModelOutput(model_id, 0)])
     return run.info.run_id
 
 
-def log_child(stage_run_id: str, child: ChildRun) -> str:
-    """A stage's nested run (a tuning trial, a sweep or compress point) from its spec."""
+def link_registered_model(
+    model_id: str, metrics: dict[str, float], partitions: Manifest, split: str
+) -> None:
+    """The registered version's logged model on the pipeline's run page (among its logged
+    models), and `metrics`, logged in the active run, linked to it and to the split they were
+    measured on: the Models tab shows them on the model."""
+    import mlflow
+    from mlflow.entities import LoggedModelOutput, Metric
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(mlflow.active_run().info.run_id)
+    if pipeline_run := run.data.tags.get("mlflow.parentRunId"):
+        client.log_outputs(pipeline_run, [LoggedModelOutput(model_id, 0)])
+    name, digest = split_identity(partitions, split)
+    stamp = int(time.time() * 1000)
+    rows = [
+        Metric(k, float(v), stamp, 0, model_id, name, digest)
+        for k, v in metrics.items()
+        if math.isfinite(v)
+    ]
+    client.log_batch(run.info.run_id, metrics=rows, synchronous=True)
+
+
+def log_child(stage_run_id: str, child: ChildRun, partitions: Manifest | None = None) -> str:
+    """A stage's nested run (a tuning trial, a sweep or compress point) from its spec; a
+    model's metrics are linked to the split of `partitions` it was measured on."""
+    dataset = None
+    if child.model_type and child.measured_on and partitions:
+        dataset = split_identity(partitions, child.measured_on)
     return log_child_run(
-        stage_run_id, child.name, child.params, child.metrics, child.tags, child.status
+        stage_run_id,
+        child.name,
+        child.params,
+        child.metrics,
+        child.tags,
+        child.status,
+        child.model_type,
+        dataset,
     )
 
 

@@ -170,6 +170,15 @@ def test_each_run_has_one_report_with_every_section_and_real_pictures(three_runs
     for section in SECTIONS:
         assert f"<h2>{section}</h2>" in page
     assert "train.lr" in page  # what changed since the previous run
+    # the headline card: the worse run against the champion on its rows and the reference
+    card = page[page.index('<div class="card">') : page.index("</div>")]
+    accuracy = worse["headline"]["test/accuracy"]
+    assert f"<td>test accuracy</td><td>{accuracy:.4f}</td>" in card
+    champion = worse["headline"]["gate/champion_accuracy"]
+    assert f"the champion on the same rows: {champion:.4f} ({accuracy - champion:+.4f})" in card
+    assert "gradient boosting: " in card and "ms per 256 rows" in card
+    # figures in units, a ratio with its direction
+    assert "× smaller on disk than the source" in page and " kB</td>" in page
     assert "<td>drift</td><td>pixel_2_3 (against" in page  # the column that drifted
     captions = re.findall(r"<figcaption>(.*?)</figcaption>", page)
     # no reduce picture: auto passes the table through (PCA would mix the writer's codes)

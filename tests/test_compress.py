@@ -20,6 +20,8 @@ from mlflow import MlflowClient
 
 from conf.schema import ConfigError, load_config
 from tasks.compress.points import slim_model
+from tasks.registry import logged_model_id
+from tasks.tracking import split_identity
 from tasks.training.models import build_model
 
 
@@ -292,6 +294,33 @@ def test_a_sweep_registers_a_slim_clustered_model_served_from_its_codebooks(
         assert m["point/onnxruntime_latency_b256_p50_ms"] > 0
         if "quantize" not in name:  # a float export answers as torch does, row for row
             assert m["point/onnx_max_abs_diff"] < 1e-3 and m["point/onnx_differing_rows"] == 0
+    # each point is a logged model too: the Models tab compares them, their validation
+    # figures linked to them and to the split measured on; the pipeline's run lists them
+    models = client.search_logged_models([stage.info.experiment_id])
+    run_names = {p.info.run_id: p.info.run_name for p in points}
+    points_of_run = {run_names[m.source_run_id]: m for m in models if m.source_run_id in run_names}
+    assert set(points_of_run) == set(by_name)
+    assert points_of_run["structured-0.5+cluster-4b"].name == "structured-0_5+cluster-4b"
+    (partitions,) = (tmp_path / "work" / "partition").glob("[!.]*/manifest.json")
+    val = split_identity(json.loads(partitions.read_text()), "val")
+    for name, model in points_of_run.items():
+        assert model.model_type == "compress-point" and model.status == "READY"
+        linked = {m.key: m for m in model.metrics}
+        assert linked["point/val_accuracy"].value == by_name[name].metrics["point/val_accuracy"]
+        assert (
+            linked["point/val_accuracy"].dataset_name,
+            linked["point/val_accuracy"].dataset_digest,
+        ) == val
+    outputs = client.get_run(result["parent_run_id"]).outputs.model_outputs
+    registered = client.get_model_version(
+        cfg.registry.model_name, str(result["promotion"]["version"])
+    )
+    registered_model = logged_model_id(registered)
+    assert {o.model_id for o in outputs} == {m.model_id for m in points_of_run.values()} | {
+        registered_model
+    }
+    served = {m.key: m.value for m in client.get_logged_model(registered_model).metrics}
+    assert served["test/accuracy"] == result["headline"]["test/accuracy"]
     # structured halves the MACs; magnitude's zeros leave them
     assert (
         by_name["structured-0.5+cluster-4b"].metrics["point/macs"]

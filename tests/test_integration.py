@@ -286,6 +286,7 @@ def test_the_run_report_renders_in_chromium_with_every_picture(stack, deployed_r
     assert loaded[1] == loaded[2] and int(loaded[2]) >= 5  # every picture decoded
     for section in SECTIONS:
         assert f"<h2>{section}</h2>" in dom
+    assert f"/runs/flow-run/{flow_run_id}" in dom  # linked to the deployed flow run's page
     ARTIFACTS.mkdir(exist_ok=True)
     chromium(f"--screenshot={ARTIFACTS / 'report.png'}", report.as_uri())
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000

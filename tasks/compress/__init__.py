@@ -423,8 +423,9 @@ def build_compression(cfg: PipelineConfig, inputs: Inputs, out: StageDir, hooks:
 
 
 def point_runs(manifest: Manifest) -> list[ChildRun]:
-    """Each point (and the baseline) as a nested run: its recipe and levels, every measured
-    figure, whether it is on a Pareto front and chosen; a failed one with its reason."""
+    """Each point (and the baseline) as a nested run and a model of its own: its recipe and
+    levels, every measured figure, whether it is on a Pareto front and chosen; a failed one
+    with its reason."""
     runs = []
     for row in manifest["table"]:
         params = {"compress.recipe": row["recipe"] or "none"}
@@ -447,7 +448,8 @@ def point_runs(manifest: Manifest) -> list[ChildRun]:
             if key in row:
                 tags[f"accelflow.point.{key}"] = row[key]
         status = "FAILED" if "error" in row else "FINISHED"
-        runs.append(ChildRun(row["name"], params, figures, tags, status))
+        # every point is measured on the validation split (the test split chooses nothing)
+        runs.append(ChildRun(row["name"], params, figures, tags, status, "compress-point", "val"))
     return runs
 
 
