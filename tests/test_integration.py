@@ -375,11 +375,13 @@ def test_a_worse_run_on_the_cluster_profile_fires_the_alert_webhook_once(
             "ACCELFLOW_DATA": str(stack["data"]),  # the deployed run's rows
             "OPTUNA_STORAGE": postgres_databases["optuna"],
         }
-        tuning = ["tune.enabled=true", "tune.trials=3", "tune.epochs=2", "tune.max_rows=600"]
+        # two trials, one epoch each: one round on the cluster's two workers
+        tuning = ["tune.enabled=true", "tune.trials=2", "tune.epochs=1", "tune.max_rows=600"]
         # the search leaves the learning rate alone: every trial keeps the one that cannot learn
         tuning.append("tune.space={batch_size: {type: categorical, choices: [32, 64]}}")
         tuning.append("train.model=mlp")  # on PCA features, so reduce's passes run on the cluster
-        worse = ["train.lr=1e-6", "train.epochs=1"]
+        # one training process: the deployed run trains on two DDP ranks
+        worse = ["train.lr=1e-6", "train.epochs=1", "train.world_size=1"]
         sets = [arg for o in [*SMALL, *tuning, *worse, *EXTRAS_OFF] for arg in ("--set", o)]
         out = subprocess.run(
             [sys.executable, "-m", "flows.cli", "run", "--profile", "cluster", *sets],
@@ -400,11 +402,11 @@ def test_a_worse_run_on_the_cluster_profile_fires_the_alert_webhook_once(
 
         storage = optuna.storages.RDBStorage(postgres_databases["optuna"])
         (study,) = optuna.get_all_study_summaries(storage)
-        assert study.n_trials == 3
+        assert study.n_trials == 2
         trials = [
             run for run in client.search_runs(experiments, "tags.`accelflow.stage` = 'tune-trial'")
         ]
-        assert len(trials) == 3
+        assert len(trials) == 2
         inspect = serve.prefect_cli(["flow-run", "inspect", flow_run_id], api).stdout
         assert "COMPLETED" in inspect  # the flow run is recorded on the PostgreSQL-backed server
 
