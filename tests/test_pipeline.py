@@ -213,7 +213,14 @@ def test_changed_config_or_code_reruns_that_stage_and_after(first_run, tmp_path,
         shutil.copytree(tasks.store.PROJECT_ROOT / package, copy / package)
     with (copy / "tasks/training/optim.py").open("a") as fh:
         fh.write("# one more line of the optimizer's code\n")
-    changed = cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": 0.002})})
+    changed = cfg.model_copy(
+        update={
+            "train": cfg.train.model_copy(update={"lr": 0.002}),
+            # compress and evaluate rerun anyway: without the first run's ONNX and t-SNE
+            "serve": cfg.serve.model_copy(update={"runtime": "torch"}),
+            "evaluate": cfg.evaluate.model_copy(update={"tsne_rows": 0}),
+        }
+    )
     with monkeypatch.context() as patch:
         patch.setattr(tasks.store, "PROJECT_ROOT", copy)
         result = pipeline(changed)
@@ -264,6 +271,7 @@ def test_float16_storage_reports_its_accuracy_impact(prefect_harness, tmp_path):
         "train.batch_size=32",
         "train.epochs=5",
         "reduce.variance_target=0.99",
+        "compress.recipe=[]",  # what storage costs, measured on the trained model
     )
     result = pipeline(cfg)
     runs = stage_runs(MlflowClient(cfg.tracking.uri), result["parent_run_id"])
