@@ -150,7 +150,8 @@ def stage_section(client, name: str, run) -> str:
     why = run.data.tags.get("accelflow.reason", "")
     figures = table(
         [
-            {"figure": k.split("/", 1)[-1].replace("_", " "), "value": human(k, v)}
+            # the stage's own prefix goes; others stay (evaluate has test/, baseline/, reference/)
+            {"figure": k.removeprefix(f"{name}/").replace("_", " "), "value": human(k, v)}
             for k, v in sorted(run.data.metrics.items())
             if not k.endswith(("/cached", "/wall_seconds"))
         ]
