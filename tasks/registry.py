@@ -52,9 +52,9 @@ def log_pyfunc(bundle: str, example, name: str):
 def logged_model_id(version) -> str | None:
     """The MLflow 3 logged model behind a registered version: `model_id` where the store
     fills it, else the `models:/m-…` source it was registered from (sqlite leaves it empty)."""
-    source = version.source or ""
     if version.model_id:
         return version.model_id
+    source = version.source or ""
     return source.removeprefix("models:/") if source.startswith("models:/m-") else None
 
 

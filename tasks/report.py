@@ -143,9 +143,12 @@ def headline_rows(
     return rows
 
 
+def ran_or_cached(run) -> str:
+    return "cached" if run.data.tags.get("accelflow.cached") == "true" else "ran"
+
+
 def stage_section(client, name: str, run) -> str:
     """One stage: ran or cached and why, its figures with units, its pictures beside them."""
-    status = "cached" if run.data.tags.get("accelflow.cached") == "true" else "ran"
     seconds = run.data.metrics.get(f"{name}/wall_seconds")
     why = run.data.tags.get("accelflow.reason", "")
     figures = table(
@@ -164,7 +167,7 @@ def stage_section(client, name: str, run) -> str:
     took = f", {seconds:.1f} s" if seconds is not None else ""
     return (
         f'<section class="stage" id="stage-{name}"><h3>{name}</h3>'
-        f"<p>{status}{took}: {html.escape(why)}</p>"
+        f"<p>{ran_or_cached(run)}{took}: {html.escape(why)}</p>"
         f'<div class="side">{figures}<div>{images}</div></div></section>'
     )
 
@@ -187,7 +190,7 @@ def build_report(client, run_id: str) -> str:
     stage_rows = [
         {
             "stage": name,
-            "status": "cached" if s.data.tags.get("accelflow.cached") == "true" else "ran",
+            "status": ran_or_cached(s),
             "seconds": human("seconds", s.data.metrics.get(f"{name}/wall_seconds")),
             "why it ran": s.data.tags.get("accelflow.reason", ""),
         }
