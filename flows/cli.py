@@ -18,6 +18,7 @@ import argparse
 import atexit
 import contextlib
 import os
+import subprocess
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -174,41 +175,16 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def start_prefect_api() -> Future:
-    """Prefect's temporary API server for this run, unless PREFECT_API_URL names one.
-
-    Prefect would start the same server itself, but only once the flow is called, and after
-    importing its whole server package in this process (~3 s on 2 cores) just to launch it.
-    Started here as a plain `uvicorn` process, it boots while this process imports the flow
-    and opens the MLflow store: a fully cached run takes about half the time. Returns a
-    future that is done once the server answers (its result() raises if it never does):
-    wait on it before the flow starts.
-    """
-    if os.environ.get("PREFECT_API_URL"):
-        done: Future = Future()
-        done.set_result(None)
-        return done
-    import fcntl
+def launch_prefect_server(env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    """Prefect's API server (no UI) as a plain `uvicorn` process on a free local port, with
+    `env` added to this process's environment; it dies with this process. Returns the
+    process and its port; it answers at http://127.0.0.1:<port>/api/health once up."""
     import socket
-    import subprocess
-    import urllib.request
 
-    # Two runs started at once on a fresh machine would both migrate Prefect's database
-    # (alembic fails the second: "Online migration expected to match one row"): one server
-    # boots at a time, the lock held from launch until it answers.
-    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()  # Prefect's default
-    home.mkdir(parents=True, exist_ok=True)
-    boot_lock = open(home / ".accelflow-server-boot.lock", "w")  # noqa: SIM115 (closed below)
-    fcntl.flock(boot_lock, fcntl.LOCK_EX)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {
-        **os.environ,
-        "PREFECT_UI_ENABLED": "0",
-        "PREFECT__SERVER_EPHEMERAL": "1",
-        "PREFECT__SERVER_FINAL": "1",
-    }
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_FINAL": "1", **env}
     argv = [
         sys.executable,
         "-m",
@@ -224,7 +200,48 @@ def start_prefect_api() -> Future:
         "--lifespan",
         "on",
     ]
-    server = subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent)
+    return subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent), port
+
+
+def prefect_answers(api: str, server: subprocess.Popen | None = None, limit: float = 90.0) -> bool:
+    """Whether the Prefect API at `api` answers within `limit` seconds (False as soon as its
+    `server` process, if given, has exited)."""
+    import urllib.request
+
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and (server is None or server.poll() is None):
+        try:
+            urllib.request.urlopen(f"{api}/health", timeout=2).close()
+            return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def start_prefect_api() -> Future:
+    """Prefect's temporary API server for this run, unless PREFECT_API_URL names one.
+
+    Prefect would start the same server itself, but only once the flow is called, and after
+    importing its whole server package in this process (~3 s on 2 cores) just to launch it.
+    Started here as a plain `uvicorn` process, it boots while this process imports the flow
+    and opens the MLflow store: a fully cached run takes about half the time. Returns a
+    future that is done once the server answers (its result() raises if it never does):
+    wait on it before the flow starts.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        done: Future = Future()
+        done.set_result(None)
+        return done
+    import fcntl
+
+    # Two runs started at once on a fresh machine would both migrate Prefect's database
+    # (alembic fails the second: "Online migration expected to match one row"): one server
+    # boots at a time, the lock held from launch until it answers.
+    home = Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser()  # Prefect's default
+    home.mkdir(parents=True, exist_ok=True)
+    boot_lock = open(home / ".accelflow-server-boot.lock", "w")  # noqa: SIM115 (closed below)
+    fcntl.flock(boot_lock, fcntl.LOCK_EX)
+    server, port = launch_prefect_server({"PREFECT__SERVER_EPHEMERAL": "1"})
 
     def stop() -> None:
         server.terminate()
@@ -243,15 +260,10 @@ def start_prefect_api() -> Future:
         f"Prefect: a temporary API server for this run at {api} (set PREFECT_API_URL to use yours)"
     )
 
-    def wait_until_up(limit: float = 90.0) -> None:
+    def wait_until_up() -> None:
         try:
-            deadline = time.monotonic() + limit
-            while time.monotonic() < deadline and server.poll() is None:
-                try:
-                    urllib.request.urlopen(f"{api}/health", timeout=2).close()
-                    return
-                except OSError:
-                    time.sleep(0.1)
+            if prefect_answers(api, server):
+                return
         finally:
             boot_lock.close()  # releases the lock
         raise RuntimeError(

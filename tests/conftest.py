@@ -80,15 +80,47 @@ def fmnist_small(fmnist_full: Path, tmp_path_factory) -> Path:
     return out
 
 
+def pytest_configure(config):
+    """One Prefect API server (on a fresh database, as Prefect's test harness has it) for the
+    whole session, started by the process that starts the others (xdist's controller) and
+    named to them in PREFECT_API_URL: every flow run of the tests and the CLI runs share it.
+    A server boot migrates its database (~15 s of CPU on 2 cores): once per session instead
+    of once per xdist worker and per CLI run. The CLI's own temporary server is tested where
+    that is the point (tests/test_cli.py)."""
+    if hasattr(config, "workerinput") or os.environ.get("PREFECT_API_URL"):
+        return  # an xdist worker (the controller started it), or a server named by the user
+    from flows.cli import launch_prefect_server
+
+    home = Path(tempfile.mkdtemp(prefix="accelflow-test-prefect-"))
+    server, port = launch_prefect_server(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        }
+    )
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    config.stash[_PREFECT_SERVER] = (server, home)
+
+
+_PREFECT_SERVER = pytest.StashKey[tuple]()
+
+
+def pytest_unconfigure(config):
+    started = config.stash.get(_PREFECT_SERVER, None)
+    if started:
+        server, home = started
+        server.terminate()
+        server.wait(30)
+        shutil.rmtree(home, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
-    """One Prefect test harness (a temporary API server and database) per pytest session
-    (per xdist worker): every flow run of the session's tests shares it. In-process settings
-    only: subprocesses (the CLI, `make serve`'s stack) keep their own API."""
-    from prefect.testing.utilities import prefect_test_harness
+    """The session's Prefect API server (see pytest_configure), once it answers."""
+    from flows.cli import prefect_answers
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    api = os.environ["PREFECT_API_URL"]
+    assert prefect_answers(api, limit=180), f"no Prefect API at {api}"
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The `accelflow` command: exit codes and one-paragraph errors, no tracebacks for user errors."""
 
+import os
 import re
 import subprocess
 import sys
@@ -15,6 +16,11 @@ CLI = [sys.executable, "-m", "flows.cli"]
 
 def accelflow(*args, cwd=None):
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+# The CLI as a user runs it, with no Prefect server named: it starts its own temporary one
+# (the CLI runs that go further use the session's server: PREFECT_API_URL, tests/conftest.py)
+OWN_PREFECT = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
 
 
 def test_validate_checks_config_and_data(digits_csv):
@@ -139,7 +145,7 @@ def finished_trials(journal: Path) -> dict[int, float | None]:
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_its_search_then_its_training(digits_csv, tmp_path):
+def test_a_killed_run_resumes_its_search_then_its_training(prefect_harness, digits_csv, tmp_path):
     """SIGKILL the whole `accelflow run` (Prefect, Dask, DDP workers) twice: mid-search, then
     mid-training. Each next run keeps what was finished: the search its finished trials
     (the study maximises macro-F1), the training its epochs up to the last checkpoint."""
@@ -267,7 +273,12 @@ def test_the_temporary_prefect_server_dies_with_a_killed_cli(digits_csv, tmp_pat
         f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
     ]
     cli = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+        env=OWN_PREFECT,
     )
     line = cli.stdout.readline()
     while "temporary API server" not in line:
@@ -308,7 +319,7 @@ def _table(path, rows):
 # (a bad row named, an empty file, a single class) are checked where it raises them
 # (tests/test_ingest.py), every stage's paragraph as the flow's state in tests/test_pipeline.py.
 @pytest.mark.slow
-def test_an_error_met_inside_the_flow_is_one_paragraph_too(tmp_path):
+def test_an_error_met_inside_the_flow_is_one_paragraph_too(prefect_harness, tmp_path):
     rows = [["a", "b", "label"], *[[str(i), str(i % 7), str(i % 2)] for i in range(200)]]
     source = _table(tmp_path / "table.csv", rows)
     sets = [
@@ -328,7 +339,9 @@ def test_an_error_met_inside_the_flow_is_one_paragraph_too(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_runs_at_once_on_a_messy_csv_build_each_stage_once_and_serve_it(digits_frame, tmp_path):
+def test_two_runs_at_once_on_a_messy_csv_build_each_stage_once_and_serve_it(
+    prefect_harness, digits_frame, tmp_path
+):
     """The user's path with a real-world table: string labels, a categorical column, missing
     values and a bad row, through the CLI, local Prefect and a sqlite MLflow store, training
     streamed from the Parquet row groups (real DDP ranks). Two such runs start at once on one
@@ -373,7 +386,11 @@ def test_two_runs_at_once_on_a_messy_csv_build_each_stage_once_and_serve_it(digi
     argv = [*CLI, "run", *[a for s in sets for a in ("--set", s)]]
     runs = [
         subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
         )
         for _ in range(2)
     ]

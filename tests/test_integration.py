@@ -257,13 +257,13 @@ def test_mlflow_ui_renders_the_run_its_stages_and_the_model(stack, deployed_run)
         "runs": f"{stack['tracking']}/#/experiments/{experiment}/runs?{view}",
         "run": f"{stack['tracking']}/#/experiments/{experiment}/runs/{parent.info.run_id}?{view}",
         "model": f"{stack['tracking']}/#/models/accelflow-classifier?{view}",
+        "models": f"{stack['tracking']}/#/experiments/{experiment}/models?{view}",
     }
     dom = {}
-    for name, url in pages.items():
-        out = chromium("--dump-dom", url)
+    for name, url in pages.items():  # one browser per page: its DOM and a screenshot
+        out = chromium("--dump-dom", f"--screenshot={ARTIFACTS / f'mlflow-{name}.png'}", url)
         dom[name] = out.stdout
         (ARTIFACTS / f"mlflow-{name}.html").write_text(out.stdout)
-        chromium(f"--screenshot={ARTIFACTS / f'mlflow-{name}.png'}", url)
         assert (ARTIFACTS / f"mlflow-{name}.png").stat().st_size > 10_000, name
     assert parent.info.run_name in dom["runs"]  # the pipeline run in the runs table
     assert "test/accuracy" in dom["run"]  # its headline metric on the run page
@@ -271,6 +271,13 @@ def test_mlflow_ui_renders_the_run_its_stages_and_the_model(stack, deployed_run)
         assert f">{stage}<" in dom["run"], stage
     assert "accelflow.flow_run_id" in dom["run"] or flow_run_id in dom["run"]
     assert "champion" in dom["model"] and "Version 1" in dom["model"]
+    # the Models tab, in the model-training view: the registered version's logged model,
+    # ready, from the evaluate run, linked to its registry version
+    assert ">Models<" in dom["models"] and ">Traces<" in dom["models"]
+    for genai in (">Judges<", ">Prompts<", ">Sessions<"):  # no GenAI sidebar items
+        assert genai not in dom["models"] and genai not in dom["run"], genai
+    assert "Ready" in dom["models"] and ">evaluate<" in dom["models"]
+    assert "accelflow-classifier" in dom["models"] and "v1" in dom["models"]
 
 
 def test_the_run_report_renders_in_chromium_with_every_picture(stack, deployed_run, tmp_path):
@@ -280,15 +287,14 @@ def test_the_run_report_renders_in_chromium_with_every_picture(stack, deployed_r
     client = MlflowClient(stack["tracking"])
     parent, _ = parent_and_stages(client, flow_run_id)
     report = Path(client.download_artifacts(parent.info.run_id, "report.html", str(tmp_path)))
-    dom = chromium("--dump-dom", report.as_uri()).stdout
+    ARTIFACTS.mkdir(exist_ok=True)
+    dom = chromium("--dump-dom", f"--screenshot={ARTIFACTS / 'report.png'}", report.as_uri()).stdout
     loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
     assert loaded, dom[-2000:]
     assert loaded[1] == loaded[2] and int(loaded[2]) >= 5  # every picture decoded
     for section in SECTIONS:
         assert f"<h2>{section}</h2>" in dom
     assert f"/runs/flow-run/{flow_run_id}" in dom  # linked to the deployed flow run's page
-    ARTIFACTS.mkdir(exist_ok=True)
-    chromium(f"--screenshot={ARTIFACTS / 'report.png'}", report.as_uri())
     assert (ARTIFACTS / "report.png").stat().st_size > 10_000
 
 
