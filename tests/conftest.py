@@ -87,8 +87,9 @@ def pytest_configure(config):
     A server boot migrates its database (~15 s of CPU on 2 cores): once per session instead
     of once per xdist worker and per CLI run. The CLI's own temporary server is tested where
     that is the point (tests/test_cli.py)."""
-    if hasattr(config, "workerinput") or os.environ.get("PREFECT_API_URL"):
-        return  # an xdist worker (the controller started it), or a server named by the user
+    if hasattr(config, "workerinput"):
+        return  # an xdist worker: the controller started it
+    # a PREFECT_API_URL of the user's (their own server) is replaced: tests never run there
     from flows.cli import launch_prefect_server
 
     home = Path(tempfile.mkdtemp(prefix="accelflow-test-prefect-"))
