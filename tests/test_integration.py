@@ -219,7 +219,7 @@ def test_prefect_deployment_run_completes_and_lands_in_mlflow(stack, deployed_ru
     )  # run name carries the config digest
 
 
-def chromium(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def chromium(*args: str, width: int = 1500, timeout: int = 120) -> subprocess.CompletedProcess:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if not binary:
         pytest.skip(
@@ -236,7 +236,7 @@ def chromium(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
         "--disable-sync",
         "--disable-dev-shm-usage",
         f"--user-data-dir={profile}",
-        "--window-size=1500,1100",
+        f"--window-size={width},1100",
         "--virtual-time-budget=25000",
     ]
     try:
@@ -261,7 +261,9 @@ def test_mlflow_ui_renders_the_run_its_stages_and_the_model(stack, deployed_run)
     }
     dom = {}
     for name, url in pages.items():  # one browser per page: its DOM and a screenshot
-        out = chromium("--dump-dom", f"--screenshot={ARTIFACTS / f'mlflow-{name}.png'}", url)
+        shot = f"--screenshot={ARTIFACTS / f'mlflow-{name}.png'}"
+        # the Models table draws only the columns in view: wide enough for its metrics
+        out = chromium("--dump-dom", shot, url, width=2600 if name == "models" else 1500)
         dom[name] = out.stdout
         (ARTIFACTS / f"mlflow-{name}.html").write_text(out.stdout)
         assert (ARTIFACTS / f"mlflow-{name}.png").stat().st_size > 10_000, name
@@ -278,6 +280,8 @@ def test_mlflow_ui_renders_the_run_its_stages_and_the_model(stack, deployed_run)
         assert genai not in dom["models"] and genai not in dom["run"], genai
     assert "Ready" in dom["models"] and ">evaluate<" in dom["models"]
     assert "accelflow-classifier" in dom["models"] and "v1" in dom["models"]
+    # with the test figures measured on it, grouped by the split they were measured on
+    assert "test/accuracy" in dom["models"] and "Dataset: " in dom["models"]
 
 
 def test_the_run_report_renders_in_chromium_with_every_picture(stack, deployed_run, tmp_path):
