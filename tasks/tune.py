@@ -80,12 +80,17 @@ def suggest(trial, space: dict[str, SearchDimension], cfg: TrainConfig) -> dict[
     return params
 
 
-def trial_config(cfg: TrainConfig, params: dict[str, Any], tune: TuneConfig) -> TrainConfig:
-    """train.* with a trial's values, trained for the trial's budget."""
-    warmup = min(params.get("warmup_epochs", cfg.warmup_epochs), tune.epochs - 1)
-    return TrainConfig.model_validate(
-        {**cfg.model_dump(), **params, "epochs": tune.epochs, "warmup_epochs": warmup}
+def trial_config(
+    cfg: TrainConfig, params: dict[str, Any], tune: TuneConfig, rows: int
+) -> TrainConfig:
+    """train.* with a trial's values, trained for the trial's budget: tune.epochs, or more
+    on a small table, until the trial takes tune.min_steps steps on its `rows` (one process)."""
+    trial = TrainConfig.model_validate(
+        {**cfg.model_dump(), **params, "epochs": tune.epochs, "min_steps": tune.min_steps}
     )
+    epochs = train.epochs_for(trial, min(rows, tune.max_rows or rows), 1)
+    warmup = min(trial.warmup_epochs, epochs - 1)
+    return trial.model_copy(update={"epochs": epochs, "warmup_epochs": warmup})
 
 
 # ---------------------------------------------------------------- Optuna objects
@@ -289,7 +294,9 @@ def search(
             trial = study.ask()
             params = suggest(trial, space, train_cfg)
             trial.set_user_attr("train_params", params)
-            spec = train.train_spec(features, trial_config(train_cfg, params, cfg), None, None)
+            rows = features["splits"]["train"]["rows"]
+            trial_cfg = trial_config(train_cfg, params, cfg, rows)
+            spec = train.train_spec(features, trial_cfg, None, None)
             spec["max_train_rows"] = cfg.max_rows
             future = client.submit(
                 run_trial,
@@ -435,7 +442,8 @@ def summarize(study, cfg: TuneConfig, out: StageDir, interrupted: int, seconds: 
         "metrics": metrics,
         "summary": (
             f"{len(rows)} trials ({counts['complete']} complete, {counts['pruned']} pruned, "
-            f"{counts['failed']} failed) of {cfg.epochs} epochs on at most {cfg.max_rows} rows, "
+            f"{counts['failed']} failed) of {cfg.epochs} epochs (at least {cfg.min_steps} steps) "
+            f"on at most {cfg.max_rows} rows, "
             f"{cfg.sampler} sampler, {cfg.pruner} pruner, {seconds:.1f} s. Best: {won} with "
             + (
                 f"{METRIC_NAMES[cfg.metric]} {best[cfg.metric]:.4f} and "

@@ -253,6 +253,7 @@ def make_config(tmp_path: Path, source: Path | str, *overrides: str) -> Pipeline
         f"tracking.uri={mlflow_store(tmp_path / 'mlflow.db')}",
         "train.epochs=3",
         "train.min_steps=0",  # tiny tables: train.epochs as given (the default raises them)
+        "tune.min_steps=0",  # and tune.epochs per trial
         # one rank: each DDP rank is a process importing torch; the CLI runs, the deployed
         # and cluster runs and test_training's DDP tests keep two
         "train.world_size=1",

@@ -387,6 +387,7 @@ def test_a_worse_run_on_the_cluster_profile_fires_the_alert_webhook_once(
         }
         # two trials, one epoch each: one round on the cluster's two workers
         tuning = ["tune.enabled=true", "tune.trials=2", "tune.epochs=1", "tune.max_rows=600"]
+        tuning.append("tune.min_steps=0")  # one epoch, however few steps
         # the search leaves the learning rate alone: every trial keeps the one that cannot learn
         tuning.append("tune.space={batch_size: {type: categorical, choices: [32, 64]}}")
         tuning.append("train.model=mlp")  # on PCA features, so reduce's passes run on the cluster

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from conf.schema import TrainConfig, load_config
 from tasks.errors import ConfigError
-from tasks.tune import CONDITIONAL, suggest, with_defaults
+from tasks.tune import CONDITIONAL, suggest, trial_config, with_defaults
 
 BAD_SPACES = [
     ("tune.space.epochs={type: int, low: 1, high: 5}", r"tune.space.epochs: not a train.\* key"),
@@ -49,6 +49,19 @@ def test_momentum_and_nesterov_are_suggested_only_for_the_optimizers_that_use_th
         TrainConfig.model_validate({**cfg.train.model_dump(), **params})  # train.* accepts it
         assert isinstance(params["hidden"], list)  # list choices come back as lists
     assert seen == {"sgd", "adam", "adamw", "rmsprop"}
+
+
+def test_a_trial_on_a_small_table_trains_for_tune_min_steps():
+    """Three epochs of 455 rows at batch 128 are 12 steps; a trial gets 100 (25 epochs), a
+    trial on 10,000 rows keeps tune.epochs, and tune.max_rows caps the rows counted."""
+    cfg = load_config(None, ["tune.epochs=3", "tune.min_steps=100", "tune.max_rows=2000"])
+    small = trial_config(cfg.train, {"batch_size": 128, "warmup_epochs": 2}, cfg.tune, 455)
+    assert (small.epochs, small.warmup_epochs) == (25, 2)
+    assert trial_config(cfg.train, {"batch_size": 32}, cfg.tune, 50_000).epochs == 3  # 189 steps
+    wider = trial_config(cfg.train, {"batch_size": 512}, cfg.tune, 50_000)
+    assert wider.epochs == 25  # 2,000 rows counted: 4 steps an epoch
+    off = load_config(None, ["tune.epochs=3", "tune.min_steps=0"]).tune
+    assert trial_config(cfg.train, {"batch_size": 128}, off, 455).epochs == 3
 
 
 def test_the_configs_own_value_joins_a_categorical_axis():
