@@ -294,8 +294,7 @@ def search(
             trial = study.ask()
             params = suggest(trial, space, train_cfg)
             trial.set_user_attr("train_params", params)
-            rows = features["splits"]["train"]["rows"]
-            trial_cfg = trial_config(train_cfg, params, cfg, rows)
+            trial_cfg = trial_config(train_cfg, params, cfg, features["splits"]["train"]["rows"])
             spec = train.train_spec(features, trial_cfg, None, None)
             spec["max_train_rows"] = cfg.max_rows
             future = client.submit(

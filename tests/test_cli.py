@@ -146,7 +146,7 @@ def finished_trials(journal: Path) -> dict[int, float | None]:
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_its_search_then_its_training(prefect_harness, digits_csv, tmp_path):
-    """SIGKILL the whole `accelflow run` (Prefect, Dask, DDP workers) twice: mid-search, then
+    """SIGKILL the whole `accelflow run` (its Dask and DDP workers) twice: mid-search, then
     mid-training. Each next run keeps what was finished: the search its finished trials
     (the study maximises macro-F1), the training its epochs up to the last checkpoint."""
     import json
@@ -198,7 +198,8 @@ def test_a_killed_run_resumes_its_search_then_its_training(prefect_harness, digi
                 hit = reached()
                 time.sleep(0.1)
         finally:
-            os.killpg(run.pid, signal.SIGKILL)  # the run, its Dask workers, its Prefect server
+            # the run and its Dask workers (the Prefect server is the session's)
+            os.killpg(run.pid, signal.SIGKILL)
             run.wait(30)
         assert hit, f"never {what}: " + run.stdout.read().decode()[-3000:]
 
@@ -386,11 +387,7 @@ def test_two_runs_at_once_on_a_messy_csv_build_each_stage_once_and_serve_it(
     argv = [*CLI, "run", *[a for s in sets for a in ("--set", s)]]
     runs = [
         subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=tmp_path,
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
         )
         for _ in range(2)
     ]
