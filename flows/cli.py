@@ -203,6 +203,16 @@ def launch_prefect_server(env: dict[str, str]) -> tuple[subprocess.Popen, int]:
     return subprocess.Popen(argv, env=env, preexec_fn=_die_with_parent), port
 
 
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within 10 s."""
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
 def prefect_answers(api: str, server: subprocess.Popen | None = None, limit: float = 90.0) -> bool:
     """Whether the Prefect API at `api` answers within `limit` seconds (False as soon as its
     `server` process, if given, has exited)."""
@@ -243,17 +253,9 @@ def start_prefect_api() -> Future:
     fcntl.flock(boot_lock, fcntl.LOCK_EX)
     server, port = launch_prefect_server({"PREFECT__SERVER_EPHEMERAL": "1"})
 
-    def stop() -> None:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-
     # registered before Prefect's own exit handlers, so it runs after them (last in, first
     # out): Prefect sends its last logs and events while the server still listens
-    atexit.register(stop)
+    atexit.register(stop_server, server)
     os.environ["PREFECT_API_URL"] = api = f"http://127.0.0.1:{port}/api"
     os.environ["ACCELFLOW_PREFECT_TEMPORARY"] = "1"  # no UI, gone after the run: link nothing
     print(

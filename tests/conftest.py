@@ -109,9 +109,10 @@ _PREFECT_SERVER = pytest.StashKey[tuple]()
 def pytest_unconfigure(config):
     started = config.stash.get(_PREFECT_SERVER, None)
     if started:
+        from flows.cli import stop_server
+
         server, home = started
-        server.terminate()
-        server.wait(30)
+        stop_server(server)
         shutil.rmtree(home, ignore_errors=True)
 
 
