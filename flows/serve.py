@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -250,7 +251,8 @@ def dask_workers(state: Path, address: str, n: int = 2, memory_limit: str = "1Gi
         memory_limit,
         "--no-dashboard",
     ]
-    return start("dask-workers", argv, state)
+    # as the LocalCluster (tasks/cluster.py) and docker/compose.yaml: no pause at 80%
+    return start("dask-workers", argv, state, {"DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE": "False"})
 
 
 def prefect_cli(
@@ -274,12 +276,28 @@ def prefect_cli(
 
 def register_deployments(api_url: str) -> None:
     """Create the work pools (the GPU pool runs one flow at a time) and deploy prefect.yaml."""
-    for pool in ("accelflow-cpu", "accelflow-gpu"):
-        prefect_cli(["work-pool", "create", pool, "--type", "process", "--overwrite"], api_url)
-    prefect_cli(["work-pool", "set-concurrency-limit", "accelflow-gpu", "1"], api_url)
+    create_work_pools(api_url, {"accelflow-cpu": None, "accelflow-gpu": 1})
     prefect_cli(
         ["--no-prompt", "deploy", "--all"], api_url, {"ACCELFLOW_PROJECT_DIR": str(PROJECT)}
     )
+
+
+def create_work_pools(api_url: str, pools: dict[str, int | None]) -> None:
+    """Process-type work pools with their concurrency limits (None: unlimited), replaced when
+    they exist: what `prefect work-pool create --type process --overwrite` does, through the
+    client (each CLI call was a process importing Prefect, 3-4 s)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        for name, limit in pools.items():
+            pool = WorkPoolCreate(
+                name=name, type="process", base_job_template=template, concurrency_limit=limit
+            )
+            client.create_work_pool(pool, overwrite=True)
 
 
 AUTOMATIONS = PROJECT / "conf" / "automations"  # one YAML file per alert
@@ -341,8 +359,15 @@ def serve(
 ) -> list[Running]:
     started: list[Running] = []
     try:
-        started.append(prefect_server(state, prefect_port, prefect_database))
-        started.append(mlflow_server(state, mlflow_port, mlflow_backend))
+        # the two servers boot side by side (each migrates its database first)
+        with ThreadPoolExecutor(2) as pool:
+            booting = [
+                pool.submit(prefect_server, state, prefect_port, prefect_database),
+                pool.submit(mlflow_server, state, mlflow_port, mlflow_backend),
+            ]
+        started.extend(b.result() for b in booting if b.exception() is None)
+        for b in booting:
+            b.result()  # the first failure, once `started` holds the server that did start
         api_url, tracking = (
             f"http://127.0.0.1:{prefect_port}/api",
             f"http://127.0.0.1:{mlflow_port}",

@@ -303,6 +303,13 @@ TABLE_KEYS = [
 ]
 
 
+def same_files(a: Manifest, b: Manifest) -> bool:
+    """Whether two stages' models are the same files, by content."""
+    return {k: f["digest"] for k, f in a["model"].items()} == {
+        k: f["digest"] for k, f in b["model"].items()
+    }
+
+
 def evaluate_model(
     partitions: Manifest,
     features: Manifest,
@@ -327,16 +334,23 @@ def evaluate_model(
     results, predictors = {}, {}
     # the baseline as torch runs it; the compressed model in the runtime compress chose
     runtimes = {"baseline": "torch", "compressed": compressed.get("runtime", "torch")}
+    # validation chooses, test reports: compress picked its point on the validation split;
+    # the test split is scored once per model here and never changes that choice
+    kept = compressed.get("chosen", "baseline") == "baseline" and runtimes["compressed"] == "torch"
     for name, manifest in (("baseline", trained), ("compressed", compressed)):
-        scratch = out.path(f"{name}.onnx")
-        model, served = served_network(manifest["model"], runtimes[name], reduction, scratch)
-        bundle = write_bundle(out.path(name), model, reduction, meta | served, encoder)
-        scratch.unlink(missing_ok=True)
-        predictors[name] = Predictor(bundle, threads=1)
-        results[name] = score(predictors[name], batches, cfg)
-        results[name] |= served_latency(
-            bundle, example, out.path(f"served_{name}"), cfg.latency_repeats
-        )
+        if name == "compressed" and kept and same_files(trained, compressed):
+            # compress kept the trained network, files and all: scored (and timed) once
+            results[name], predictors[name] = results["baseline"], predictors["baseline"]
+        else:
+            scratch = out.path(f"{name}.onnx")
+            model, served = served_network(manifest["model"], runtimes[name], reduction, scratch)
+            bundle = write_bundle(out.path(name), model, reduction, meta | served, encoder)
+            scratch.unlink(missing_ok=True)
+            predictors[name] = Predictor(bundle, threads=1)
+            results[name] = score(predictors[name], batches, cfg)
+            results[name] |= served_latency(
+                bundle, example, out.path(f"served_{name}"), cfg.latency_repeats
+            )
         plot_confusion(
             results[name]["confusion"],
             partitions["classes"],
@@ -344,9 +358,6 @@ def evaluate_model(
             out.path(f"confusion_{name}.png"),
         )
     drop = results["baseline"]["accuracy"] - results["compressed"]["accuracy"]
-    # validation chooses, test reports: compress picked its point on the validation split;
-    # the test split is scored once per model here and never changes that choice
-    kept = compressed.get("chosen", "baseline") == "baseline" and runtimes["compressed"] == "torch"
     chosen = "baseline" if kept else "compressed"
     storage = storage_impact(partitions, predictors[chosen], results[chosen]["accuracy"])
     served = partitions["served_test"]  # t-SNE draws a sample: only those rows are read

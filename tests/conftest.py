@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -112,6 +113,14 @@ def pytest_unconfigure(config):
         from flows.cli import stop_server
 
         server, home = started
+        if "prefect" in sys.modules:  # flows ran in this process (no xdist workers)
+            # send the logs and events still queued while the server is up: at exit
+            # Prefect's workers would retry a stopped server for over a minute
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            for worker in (APILogWorker, EventsWorker):
+                worker.drain_all(timeout=10)
         stop_server(server)
         shutil.rmtree(home, ignore_errors=True)
 
