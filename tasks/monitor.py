@@ -384,6 +384,14 @@ def compare(
     }
 
 
+def first_few(names: list[str], limit: int = 10) -> str:
+    """The first `limit` names (the most drifted: the lists are sorted by PSI) and how many
+    more: an image's hundreds of pixel columns would overflow a tag (MLflow keeps 8,000
+    characters) and bury a summary line. The tables and the event carry every column."""
+    more = len(names) - limit
+    return ", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "")
+
+
 def drift_markdown(result: dict[str, Any]) -> str:
     """The findings and the drift table, as the markdown artifact a reviewer reads."""
     lines = [f"## Data against {result['champion']}'s contract", ""]
@@ -392,7 +400,7 @@ def drift_markdown(result: dict[str, Any]) -> str:
     else:
         lines.append("No findings: the columns, types, categories, ranges and labels hold.")
     verdict = (
-        f"**drift** in {', '.join(result['drifted'])}"
+        f"**drift** in {first_few(result['drifted'])}"
         if result["drifted"]
         else "no column beyond the limit"
     )

@@ -163,7 +163,7 @@ def check_data(cfg: PipelineConfig, inputs: Inputs, outcome: StageOutcome) -> No
     mlflow.set_tags(
         {
             "accelflow.monitor.findings": "; ".join(f["line"] for f in result["findings"])[:5000],
-            "accelflow.drift": ",".join(result["drifted"]),
+            "accelflow.drift": monitor.first_few(result["drifted"]),
         }
     )
     publish_markdown("ingest", "drift", monitor.drift_markdown(result))

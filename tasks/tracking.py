@@ -605,11 +605,13 @@ def flag_drift(parent_run_id: str, cfg: PipelineConfig, result: dict[str, Any] |
     automation in conf/automations/ can act on it); returns the summary line."""
     import mlflow
 
+    from tasks.monitor import first_few
+
     if result is None:
         return "drift: not measured (no champion with a data contract yet)"
     drifted = result["drifted"]
     mlflow.set_tags(
-        {"accelflow.drift": ",".join(drifted), "accelflow.drift.champion": result["champion"]}
+        {"accelflow.drift": first_few(drifted), "accelflow.drift.champion": result["champion"]}
     )
     mlflow.log_metric("drift/max_psi", result["max_psi"])
     if not drifted:
@@ -618,8 +620,8 @@ def flag_drift(parent_run_id: str, cfg: PipelineConfig, result: dict[str, Any] |
             f"(largest PSI {result['max_psi']:.3f} ≤ {result['max_psi_allowed']})"
         )
     psi = {row["column"]: row["psi"] for row in result["drift"]}
-    line = f"drift against {result['champion']}'s training data in " + ", ".join(
-        f"{c} (PSI {psi[c]:.2f})" for c in drifted
+    line = f"drift against {result['champion']}'s training data in " + first_few(
+        [f"{c} (PSI {psi[c]:.2f})" for c in drifted]
     )
     emit(
         "accelflow.data.drifted",

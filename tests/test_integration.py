@@ -24,12 +24,14 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
-from conftest import stage_runs
+from conftest import stage_runs, write_idx
 from mlflow import MlflowClient
 
 from flows import serve
+from tasks.readers import read_idx
 from tasks.stages import NAMES
 
 pytestmark = pytest.mark.integration
@@ -346,6 +348,9 @@ def test_compose_file_is_valid_and_needs_the_secret():
         if name != "postgres":
             for key, value in TELEMETRY_OFF.items():
                 assert str(service["environment"].get(key)) == value, (name, key)
+    # Dask workers as the LocalCluster runs them: no pause at 80% of their memory limit
+    assert spec["dask-worker"]["environment"]["DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE"] == "False"
+    assert spec["dask-worker"]["environment"]["ACCELFLOW_WORKDIR"] == "/shared/accelflow"
     env.pop("POSTGRES_PASSWORD")
     missing = subprocess.run(
         [binary, "-f", str(compose), "config", "-q"], capture_output=True, text=True, env=env
@@ -356,18 +361,30 @@ def test_compose_file_is_valid_and_needs_the_secret():
 # ---------------------------------------------------------------- cluster profile on PostgreSQL
 
 
-def test_a_worse_run_on_the_cluster_profile_fires_the_alert_webhook_once(
+def test_a_worse_run_on_drifted_data_on_the_cluster_profile_fires_both_alerts_once(
     stack, deployed_run, postgres_databases, tmp_path
 ):
     """After the deployed run (the first: nothing to regress against), `accelflow run
     --profile cluster` from the CLI against the same servers (Prefect and MLflow on
-    PostgreSQL), a separate Dask scheduler + 2 workers and Optuna on PostgreSQL, with a
-    learning rate too small to learn: its search runs on the cluster, its PCA passes too,
-    and the automation POSTs once, for that run. (A same-config rerun is not a regression:
+    PostgreSQL), a separate Dask scheduler + 2 workers and Optuna on PostgreSQL, on the
+    deployed run's images with the classes' shares changed (every image of classes 0-4,
+    a fifth of the others) and with a learning rate too small to learn: its search runs on
+    the cluster, its PCA passes too, and each automation POSTs once, for that run: the
+    regression and the label drift. (A same-config rerun is not a regression:
     tests/test_alerts.py, in process.)"""
     if postgres_databases is None:
         pytest.skip(f"no PostgreSQL at {POSTGRES}; set ACCELFLOW_TEST_POSTGRES")
     state, tracking, api = tmp_path / "cluster", stack["tracking"], stack["api"]
+    shifted = tmp_path / "shifted"
+    shifted.mkdir()
+    for prefix in ("train", "t10k"):
+        images, labels = (
+            read_idx(Path(stack["data"]) / f"{prefix}-{kind}-idx{d}-ubyte.gz")
+            for kind, d in (("images", 3), ("labels", 1))
+        )
+        keep = (labels < 5) | (np.arange(len(labels)) % 5 == 0)
+        write_idx(shifted / f"{prefix}-images-idx3-ubyte.gz", images[keep])
+        write_idx(shifted / f"{prefix}-labels-idx1-ubyte.gz", labels[keep])
     started = []
     try:
         scheduler_port = serve.free_port()
@@ -382,7 +399,7 @@ def test_a_worse_run_on_the_cluster_profile_fires_the_alert_webhook_once(
             "MLFLOW_TRACKING_URI": tracking,
             "DASK_SCHEDULER_ADDRESS": scheduler,
             "ACCELFLOW_WORKDIR": str(tmp_path / "work"),
-            "ACCELFLOW_DATA": str(stack["data"]),  # the deployed run's rows
+            "ACCELFLOW_DATA": str(shifted),
             "OPTUNA_STORAGE": postgres_databases["optuna"],
         }
         # two trials, one epoch each: one round on the cluster's two workers
@@ -435,16 +452,25 @@ def test_a_worse_run_on_the_cluster_profile_fires_the_alert_webhook_once(
             serve.stop(service)
     assert not any(serve.alive(s.pid) for s in started)
 
-    # the regression: judged against the deployed champion on today's rows, POSTed once
+    # the regression, judged against the deployed champion on today's rows, and the drift
+    # from its training data: each automation POSTs once
     worse_run = parent.info.run_id
-    assert "REGRESSION against run" in out.stdout, out.stdout[-2000:]
+    assert "REGRESSION against the champion" in out.stdout, out.stdout[-2000:]
+    assert "DRIFT: drift against accelflow-classifier v1's training data in <label>" in out.stdout
     alerts, deadline = stack["alerts"], time.monotonic() + 90
-    while not alerts and time.monotonic() < deadline:
+    while len(alerts) < 2 and time.monotonic() < deadline:
         time.sleep(0.5)
-    time.sleep(3)  # a late second POST (for the deployed run) would show up here
-    assert len(alerts) == 1, alerts
-    (alert,) = alerts
-    assert alert["run_id"] == worse_run and alert["event"] == "accelflow.run.regressed"
+    time.sleep(3)  # a late third POST (for the deployed run) would show up here
+    by_event = {a["event"]: a for a in alerts}
+    assert len(alerts) == 2 and set(by_event) == {
+        "accelflow.run.regressed",
+        "accelflow.data.drifted",
+    }, alerts
+    drifted = by_event["accelflow.data.drifted"]
+    assert drifted["run_id"] == worse_run and drifted["champion"] == "accelflow-classifier v1"
+    assert drifted["columns"] == ["<label>"]  # images: the contract holds their labels
+    alert = by_event["accelflow.run.regressed"]
+    assert alert["run_id"] == worse_run
     assert alert["accuracy_drop"] > 0.01 and "test accuracy" in alert["why"]
     assert worse_run in alert["text"]
     # a link that opens the run in MLflow's model-training view, on the stack's server

@@ -10,7 +10,7 @@ import pytest
 
 from conf.schema import DataConfig, MonitorConfig
 from tasks.ingest import ingest_dataset
-from tasks.monitor import compare, psi
+from tasks.monitor import compare, first_few, psi
 from tasks.store import run_stage
 
 CHAMPION = "accelflow-classifier v1"
@@ -131,3 +131,12 @@ def test_drift_is_psi_on_the_contract_s_bins(table, contract, cluster, tmp_path)
     assert psi(expected, drawn) > 0.2 > 0.1 > psi(expected, drawn, rows=180)
     shifted = np.bincount(rng.integers(0, 10, 180), minlength=40) / 180  # a quarter of them
     assert psi(expected, shifted, rows=180) > 0.2
+
+
+def test_a_drift_line_names_the_most_drifted_columns_and_counts_the_rest():
+    """An image drifts in hundreds of pixel columns: the tag and the summary line name the
+    first ten (the lists are sorted by PSI) and count the others."""
+    columns = [f"pixel_{i}" for i in range(700)]
+    assert first_few(columns) == ", ".join(columns[:10]) + " and 690 more"
+    assert first_few(columns[:10]) == ", ".join(columns[:10])
+    assert first_few(["pixel_2_3"]) == "pixel_2_3"
