@@ -29,6 +29,8 @@ class ChildRun:
     status: str = "FINISHED"
     model_type: str | None = None
     measured_on: str | None = None  # "train" | "val" | "test"
+    # the figures linked to the model (the Models tab's columns); all of them when empty
+    model_metrics: tuple[str, ...] = ()
 
 
 @dataclass

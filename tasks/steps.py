@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from conf.schema import PipelineConfig, config_digest, mask_text
 from tasks import evaluate, monitor, registry
+from tasks.compress import MODEL_METRICS, point_figures
 from tasks.errors import DataError, user_error_in
 from tasks.progress import observe
 from tasks.spec import Hooks, Inputs, StageSpec
@@ -117,6 +118,10 @@ def card_facts(cfg: PipelineConfig, inputs: Inputs) -> dict[str, str]:
     }
 
 
+# the registered model's test figures in the Models tab (the evaluate run keeps them all)
+TESTED_MODEL_METRICS = ("test/accuracy", "test/macro_f1", "test/latency_b256_ms")
+
+
 def register_and_gate(cfg: PipelineConfig, inputs: Inputs, outcome: StageOutcome) -> None:
     """Register the evaluated model and gate it against the champion (in evaluate's run)."""
     import mlflow
@@ -137,8 +142,14 @@ def register_and_gate(cfg: PipelineConfig, inputs: Inputs, outcome: StageOutcome
         )
     gate = promotion.pop("markdown")
     if promotion["model_id"]:  # the registered model's own figures, on the test split
-        tested = {k: v for k, v in outcome.manifest["metrics"].items() if k.startswith("test/")}
-        link_registered_model(promotion["model_id"], tested, inputs["partition"], "test")
+        metrics = outcome.manifest["metrics"]
+        figures = {"test": {k: metrics[k] for k in TESTED_MODEL_METRICS if k in metrics}}
+        # and, beside the compress points in the Models tab, the chosen point's (validation)
+        chosen = [row for row in inputs["compress"].get("table", []) if row.get("chosen")]
+        if chosen:
+            point = point_figures(chosen[0])
+            figures["val"] = {k: point[k] for k in MODEL_METRICS if k in point}
+        link_registered_model(promotion["model_id"], figures, inputs["partition"])
     mlflow.set_tags({f"accelflow.registry.{k}": str(v) for k, v in promotion.items()})
     publish_markdown("evaluate", "gate", gate)
     outcome.manifest["promotion"] = promotion

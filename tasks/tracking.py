@@ -450,13 +450,15 @@ def log_child_run(
     status: str = "FINISHED",
     model_type: str | None = None,
     dataset: tuple[str, str] | None = None,
+    model_metrics: tuple[str, ...] = (),
 ) -> str:
     """A finished run nested under a stage's run (a tuning trial, a sweep point), opened
     with the client so the stage's own active run is left alone. `metrics` are
     (key, value, step); non-finite values are left out. With a `model_type` the child is also
     an MLflow logged model (the Models tab lists it beside the others, and the pipeline's
-    parent run shows it among its logged models): its params, and its metrics linked to it
-    and to `dataset` (name, digest), the split they were measured on."""
+    parent run shows it among its logged models): its params, and its metrics (those in
+    `model_metrics`, when given) linked to it and to `dataset` (name, digest), the split
+    they were measured on."""
     import mlflow
     from mlflow.entities import LoggedModelOutput, Metric, Param, RunTag
 
@@ -481,6 +483,8 @@ def log_child_run(
         run.info.run_id,
         metrics=[
             Metric(k, float(v), stamp, step, model_id, dataset_name, dataset_digest)
+            if not model_metrics or k in model_metrics
+            else Metric(k, float(v), stamp, step)
             for k, v, step in metrics
             if isinstance(v, int | float) and math.isfinite(v)
         ],
@@ -498,11 +502,11 @@ def log_child_run(
 
 
 def link_registered_model(
-    model_id: str, metrics: dict[str, float], partitions: Manifest, split: str
+    model_id: str, figures: dict[str, dict[str, float]], partitions: Manifest
 ) -> None:
     """The registered version's logged model on the pipeline's run page (among its logged
-    models), and `metrics`, logged in the active run, linked to it and to the split they were
-    measured on: the Models tab shows them on the model."""
+    models), and `figures` (split → metrics), logged in the active run, linked to it and to
+    the split they were measured on: the Models tab shows them on the model."""
     import mlflow
     from mlflow.entities import LoggedModelOutput, Metric
 
@@ -510,10 +514,10 @@ def link_registered_model(
     run = client.get_run(mlflow.active_run().info.run_id)
     if pipeline_run := run.data.tags.get("mlflow.parentRunId"):
         client.log_outputs(pipeline_run, [LoggedModelOutput(model_id, 0)])
-    name, digest = split_identity(partitions, split)
     stamp = int(time.time() * 1000)
     rows = [
-        Metric(k, float(v), stamp, 0, model_id, name, digest)
+        Metric(k, float(v), stamp, 0, model_id, *split_identity(partitions, split))
+        for split, metrics in figures.items()
         for k, v in metrics.items()
         if math.isfinite(v)
     ]
@@ -535,6 +539,7 @@ def log_child(stage_run_id: str, child: ChildRun, partitions: Manifest | None = 
         child.status,
         child.model_type,
         dataset,
+        child.model_metrics,
     )
 
 

@@ -306,6 +306,13 @@ def test_a_sweep_registers_a_slim_clustered_model_served_from_its_codebooks(
     for name, model in points_of_run.items():
         assert model.model_type == "compress-point" and model.status == "READY"
         linked = {m.key: m for m in model.metrics}
+        # the Models tab's columns: accuracy, macro-F1, latency, size (the run keeps the rest)
+        assert set(linked) == {
+            "point/val_accuracy",
+            "point/val_macro_f1",
+            "point/latency_b256_p50_ms",
+            "point/size_zstd_bytes",
+        }
         assert linked["point/val_accuracy"].value == by_name[name].metrics["point/val_accuracy"]
         assert (
             linked["point/val_accuracy"].dataset_name,
@@ -321,6 +328,10 @@ def test_a_sweep_registers_a_slim_clustered_model_served_from_its_codebooks(
     }
     served = {m.key: m.value for m in client.get_logged_model(registered_model).metrics}
     assert served["test/accuracy"] == result["headline"]["test/accuracy"]
+    # beside the points' columns, its own validation figures: the chosen point's
+    chosen = by_name["structured-0.5+cluster-4b"].metrics
+    assert served["point/val_accuracy"] == chosen["point/val_accuracy"]
+    assert served["point/size_zstd_bytes"] == chosen["point/size_zstd_bytes"]
     # structured halves the MACs; magnitude's zeros leave them
     assert (
         by_name["structured-0.5+cluster-4b"].metrics["point/macs"]

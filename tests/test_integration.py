@@ -46,7 +46,7 @@ SMALL = [
     "train.min_steps=0",
     "train.batch_size=64",
     "train.hidden=[128]",
-    "compress.recipe=[]",  # compression has its own tests; these are about the services
+    "compress.recipe=[]",  # compression has its own tests (the deployed run measures one point)
     "evaluate.latency_repeats=3",
     "tune.enabled=false",  # the cluster profile's test runs the search, on PostgreSQL
     "train.model=auto",  # decided after ingest: the CNN for these images
@@ -171,6 +171,9 @@ def stack(tmp_path_factory, fmnist_small, webhook_receiver, postgres_databases):
 def deployed_run(stack):
     """`prefect deployment run 'accelflow/adhoc' --param overrides=[...] --watch`, as a user types it."""
     overrides = [*SMALL, f"data.source={stack['data']}", f"workdir={stack['state'] / 'work'}"]
+    # one compressed candidate beside the baseline, so the Models tab has models to compare
+    overrides += ["compress.recipe=[structured]", "compress.finetune_epochs=1"]
+    overrides.append("serve.runtime=torch")  # each candidate measured in torch only
     out = serve.prefect_cli(
         [
             "deployment",
@@ -265,7 +268,7 @@ def test_mlflow_ui_renders_the_run_its_stages_and_the_model(stack, deployed_run)
     for name, url in pages.items():  # one browser per page: its DOM and a screenshot
         shot = f"--screenshot={ARTIFACTS / f'mlflow-{name}.png'}"
         # the Models table draws only the columns in view: wide enough for its metrics
-        out = chromium("--dump-dom", shot, url, width=2600 if name == "models" else 1500)
+        out = chromium("--dump-dom", shot, url, width=3400 if name == "models" else 1500)
         dom[name] = out.stdout
         (ARTIFACTS / f"mlflow-{name}.html").write_text(out.stdout)
         assert (ARTIFACTS / f"mlflow-{name}.png").stat().st_size > 10_000, name
@@ -284,6 +287,9 @@ def test_mlflow_ui_renders_the_run_its_stages_and_the_model(stack, deployed_run)
     assert "accelflow-classifier" in dom["models"] and "v1" in dom["models"]
     # with the test figures measured on it, grouped by the split they were measured on
     assert "test/accuracy" in dom["models"] and "Dataset: " in dom["models"]
+    # beside the candidates compress measured, with their validation figures
+    for candidate in (">baseline<", ">structured-0_5<", "point/val_accuracy", "test/macro_f1"):
+        assert candidate in dom["models"], candidate
 
 
 def test_the_run_report_renders_in_chromium_with_every_picture(stack, deployed_run, tmp_path):

@@ -422,6 +422,22 @@ def build_compression(cfg: PipelineConfig, inputs: Inputs, out: StageDir, hooks:
         )
 
 
+# what the Models tab shows for each point and the registered model (one column each, the
+# figures a reviewer compares): the nested runs keep every measured figure
+MODEL_METRICS = tuple(
+    f"point/{k}" for k in ("val_accuracy", "val_macro_f1", "latency_b256_p50_ms", "size_zstd_bytes")
+)
+
+
+def point_figures(row: dict[str, Any]) -> dict[str, float]:
+    """A point's measured figures as metrics (`point/<figure>`)."""
+    return {
+        f"point/{k}": v
+        for k, v in row.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and k not in ("sparsity", "bits")
+    }
+
+
 def point_runs(manifest: Manifest) -> list[ChildRun]:
     """Each point (and the baseline) as a nested run and a model of its own: its recipe and
     levels, every measured figure, whether it is on a Pareto front and chosen; a failed one
@@ -430,13 +446,7 @@ def point_runs(manifest: Manifest) -> list[ChildRun]:
     for row in manifest["table"]:
         params = {"compress.recipe": row["recipe"] or "none"}
         params |= {f"compress.{k}": row[k] for k in ("sparsity", "bits") if row.get(k) is not None}
-        figures = [
-            (f"point/{k}", v, 0)
-            for k, v in row.items()
-            if isinstance(v, int | float)
-            and not isinstance(v, bool)
-            and k not in ("sparsity", "bits")
-        ]
+        figures = [(k, v, 0) for k, v in point_figures(row).items()]
         tags = {
             "accelflow.stage": "compress-point",
             "accelflow.point.pareto": row.get("pareto", ""),
@@ -449,7 +459,11 @@ def point_runs(manifest: Manifest) -> list[ChildRun]:
                 tags[f"accelflow.point.{key}"] = row[key]
         status = "FAILED" if "error" in row else "FINISHED"
         # every point is measured on the validation split (the test split chooses nothing)
-        runs.append(ChildRun(row["name"], params, figures, tags, status, "compress-point", "val"))
+        runs.append(
+            ChildRun(
+                row["name"], params, figures, tags, status, "compress-point", "val", MODEL_METRICS
+            )
+        )
     return runs
 
 
