@@ -240,11 +240,14 @@ def test_a_killed_run_resumes_its_search_then_its_training(prefect_harness, digi
     assert not (partial / "history.json").exists()  # it really died mid-training
 
     # 3: everything before train is reused; train runs only the epochs that were not done
-    third = accelflow("run", *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
-    assert third.returncode == 0, third.stderr[-3000:]
-    for stage in ("ingest", "partition", "reduce", "tune"):
-        assert re.search(rf"^ {stage}\s+\| cached", third.stdout, re.MULTILINE), stage
-    assert re.search(r"^ train\s+\| ran", third.stdout, re.MULTILINE)
+    # (what the killed runs left is what matters: this last run goes in process, sparing
+    # a third CLI start)
+    from conf.schema import load_config
+    from flows.pipeline import pipeline
+
+    third = {row["stage"]: row["status"] for row in pipeline(load_config(None, sets))["stages"]}
+    assert [third[s] for s in ("ingest", "partition", "reduce", "tune")] == ["cached"] * 4
+    assert third["train"] == "ran"
     (trained,) = [
         p for p in (work / "train").iterdir() if p.is_dir() and not p.name.startswith(".")
     ]
