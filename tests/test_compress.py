@@ -178,6 +178,37 @@ def row(name, accuracy, latency, size):
     }
 
 
+def test_the_budget_is_judged_with_its_noise_on_the_same_rows():
+    """The same measured drop, 1 point, on 300 and on 30,000 validation rows: within a
+    1.2-point budget as measured, but at 80% confidence only on the many rows (3 rows
+    against 300); the rows both models answer alike change nothing."""
+    from conf.schema import EvaluateConfig
+    from tasks.compress.choice import ANSWERS, choose, drop_and_bound
+
+    def answered(n: int) -> tuple[np.ndarray, np.ndarray]:
+        base = np.arange(n) >= n // 10  # both wrong on the first tenth
+        point = base.copy()
+        point[n // 10 : n // 10 + n // 100] = False  # the point loses 1% more
+        return base, point
+
+    for n, confident in ((300, False), (30_000, True)):
+        base, point = answered(n)
+        drop, bound = drop_and_bound(base, point, 0.8)
+        assert drop == pytest.approx(0.01) and bound > drop
+        assert drop_and_bound(base, point, 0.5)[1] == pytest.approx(drop, abs=1 / n)
+        rows = [
+            {**row("baseline", base.mean(), 10.0, 1000), "runtime": "torch"},
+            {**row("int8", point.mean(), 4.0, 500), "runtime": "torch"},
+        ]
+        rows[0][ANSWERS], rows[1][ANSWERS] = {"torch": base}, {"torch": point}
+        for confidence, within in ((0.8, confident), (0.5, True)):
+            cfg = EvaluateConfig(max_accuracy_drop=0.012, budget_confidence=confidence)
+            chosen, why = choose(rows, cfg)
+            assert (chosen is not None) == within, (n, confidence, bound, why)
+            assert f"at {confidence:.0%} confidence" in why
+        assert rows[1]["val_drop"] == pytest.approx(0.01)  # the table shows both figures
+
+
 def test_the_choice_is_the_best_objective_within_the_tolerance_and_says_why():
     from conf.schema import EvaluateConfig
     from tasks.compress.choice import choose, pareto

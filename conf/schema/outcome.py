@@ -18,6 +18,14 @@ class EvaluateConfig(Section):
         description="a compressed model is chosen, and a new model may replace the "
         "champion, only within this accuracy drop of the baseline",
     )
+    budget_confidence: float = Field(
+        0.8,
+        ge=0.5,
+        lt=1.0,
+        description="a compressed point is within max_accuracy_drop only when its validation "
+        "accuracy drop is at this confidence (the upper bound of a paired bootstrap of the "
+        "point against the baseline on the same validation rows); 0.5: the drop as measured",
+    )
     latency_repeats: int = Field(30, ge=3, description="timed calls per latency figure")
     tsne_rows: int = Field(
         2000,

@@ -53,6 +53,7 @@ from conf.schema import (
 )
 from tasks.cluster import dask_client
 from tasks.compress.choice import (
+    ANSWERS,
     BASELINE,
     choose,
     pareto,
@@ -132,6 +133,8 @@ def compress_model(
                     evaluate_cfg.latency_repeats,
                 )
     chosen, why = choose(rows, evaluate_cfg)
+    for row in rows:  # the per-row answers judged the budget; the table keeps the figures
+        row.pop(ANSWERS, None)
     pick = chosen or baseline
     recipe, encoded = list(pick["recipe"]), pick.get("encoded", {})
     fronts = {"L": pareto(rows, "latency_b1_p50_ms"), "S": pareto(rows, "size_encoded_bytes")}
@@ -399,7 +402,8 @@ def compress_key(cfg: PipelineConfig, inputs: Inputs) -> dict[str, Any]:
         "train": train_key(cfg, inputs),
         "runtime": cfg.serve.runtime,
         "choice": cfg.evaluate.model_dump(
-            mode="json", include={"max_accuracy_drop", "objective", "latency_repeats"}
+            mode="json",
+            include={"max_accuracy_drop", "budget_confidence", "objective", "latency_repeats"},
         ),
     }
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from conf.schema import EvaluateConfig
 from tasks.served.runtime import RUNTIMES
 
@@ -13,16 +15,62 @@ BASELINE = "baseline"
 OBJECTIVE_KEY = {"latency": "latency_b256_p50_ms", "size": "size_zstd_bytes"}
 
 
+# each measured row keeps, until the choice is made, its per-row answers on the validation
+# split (True: right), per runtime: what the paired budget judges (never written out)
+ANSWERS = "_correct"
+
+
+def drop_and_bound(base: np.ndarray, point: np.ndarray, confidence: float) -> tuple[float, float]:
+    """A point's validation accuracy drop against the baseline, answered on the same rows
+    (per-row correctness), and its one-sided upper bound at `confidence` by a paired
+    bootstrap. Only the rows one of the two got right move the difference, so each
+    resample is drawn as multinomial counts of those rows (the same distribution as
+    resampling rows, without an index array per draw); seeded."""
+    n = len(base)
+    lost, won = int(np.sum(base & ~point)), int(np.sum(~base & point))
+    drop = (lost - won) / n
+    shares = [lost / n, won / n, max(0.0, 1.0 - (lost + won) / n)]
+    counts = np.random.default_rng(0).multinomial(n, shares, size=4000)
+    return drop, float(np.quantile((counts[:, 0] - counts[:, 1]) / n, confidence))
+
+
+def within_budget(
+    point: dict[str, Any], baseline: dict[str, Any], cfg: EvaluateConfig, runtime: str = ""
+) -> bool:
+    """Whether `point` (in `runtime`, else its settled figures) loses no more than
+    evaluate.max_accuracy_drop of the baseline's validation accuracy at
+    evaluate.budget_confidence: on a few thousand rows half a point is a handful of rows,
+    so a point estimate alone passes by chance. Records `val_drop` and `val_drop_bound` on a
+    settled point. Rows measured without their answers are judged on the point estimate."""
+    prefix = f"{runtime}_" if runtime else ""
+    mine = point.get(ANSWERS, {}).get(runtime or point.get("runtime"))
+    theirs = baseline.get(ANSWERS, {}).get(baseline.get("runtime"))
+    if mine is None or theirs is None:
+        drop = baseline["val_accuracy"] - point[f"{prefix}val_accuracy"]
+        bound = drop
+    else:
+        drop, bound = drop_and_bound(theirs, mine, cfg.budget_confidence)
+    if not runtime:
+        point["val_drop"], point["val_drop_bound"] = drop, bound
+    return bound <= cfg.max_accuracy_drop + 1e-12
+
+
 def settle_runtimes(rows: list[dict[str, Any]], cfg: EvaluateConfig, setting: str) -> None:
     """Each row's served runtime; its figures become that runtime's (unprefixed keys).
     `torch` / `onnxruntime`: that one; `auto`: of those measured, the best on the objective
-    whose validation accuracy is within evaluate.max_accuracy_drop of the baseline's (a
-    float export answers as torch does; int8 differs by runtime), else the more accurate
-    (the better on the objective if they tie).
+    whose validation accuracy is within the budget (`within_budget`) of the baseline's
+    most accurate runtime (a float export answers as torch does; int8 differs by runtime),
+    else the more accurate (the better on the objective if they tie).
     A row that no allowed runtime measured (its export failed) gets an error."""
     measured = [r for r in rows if "error" not in r]
     base = rows[0]
-    base_accuracy = max(base.get(f"{r}_val_accuracy", 0.0) for r in RUNTIMES)
+    measured_base = [r for r in RUNTIMES if f"{r}_val_accuracy" in base]
+    best = max(measured_base, key=lambda r: base[f"{r}_val_accuracy"], default=None)
+    reference = {
+        "val_accuracy": base.get(f"{best}_val_accuracy", 0.0),
+        "runtime": best,
+        ANSWERS: base.get(ANSWERS, {}),
+    }
     for row in measured:
         candidates = [r for r in RUNTIMES if f"{r}_val_accuracy" in row]
         if setting != "auto":
@@ -31,8 +79,7 @@ def settle_runtimes(rows: list[dict[str, Any]], cfg: EvaluateConfig, setting: st
             row["error"] = row.get("onnx_error") or f"not measured in {setting}"
             continue
         accuracy = {r: row[f"{r}_val_accuracy"] for r in candidates}
-        floor = base_accuracy - cfg.max_accuracy_drop
-        within = [r for r in candidates if accuracy[r] >= floor]
+        within = [r for r in candidates if within_budget(row, reference, cfg, r)]
         cost = OBJECTIVE_KEY[cfg.objective]
         runtime = (
             min(within, key=lambda r: row[f"{r}_{cost}"])
@@ -51,13 +98,15 @@ def choose(rows: list[dict[str, Any]], cfg: EvaluateConfig) -> tuple[dict[str, A
     baseline, points = rows[0], [r for r in rows[1:] if "error" not in r]
     failed = f" ({len(rows) - 1 - len(points)} failed)" if len(points) < len(rows) - 1 else ""
     key = OBJECTIVE_KEY[cfg.objective]
-    floor = baseline["val_accuracy"] - cfg.max_accuracy_drop
-    within = [p for p in points if p["val_accuracy"] >= floor]
+    budget = (
+        f"evaluate.max_accuracy_drop {cfg.max_accuracy_drop} at "
+        f"{cfg.budget_confidence:.0%} confidence (paired bootstrap on the validation rows)"
+    )
+    within = [p for p in points if within_budget(p, baseline, cfg)]
     if not within:
         return None, (
-            f"no point is within evaluate.max_accuracy_drop {cfg.max_accuracy_drop} of the "
-            f"baseline's validation accuracy {baseline['val_accuracy']:.4f}: the trained model "
-            "is kept"
+            f"no point is within {budget} of the baseline's validation accuracy "
+            f"{baseline['val_accuracy']:.4f}: the trained model is kept"
         )
     best = min(within, key=lambda p: (p[key], -p["val_accuracy"]))
     shown = "{:.3f} ms" if cfg.objective == "latency" else "{:,.0f} bytes"
@@ -65,7 +114,7 @@ def choose(rows: list[dict[str, Any]], cfg: EvaluateConfig) -> tuple[dict[str, A
         # e.g. int8 on a CPU without fast int8 kernels, or zeros under a latency objective:
         # within evaluate.objective_margin (latency is noisy) it is no gain for a changed model
         return None, (
-            f"the best point within evaluate.max_accuracy_drop {cfg.max_accuracy_drop}, "
+            f"the best point within {budget}, "
             f"**{best['name']}** ({shown.format(best[key])}), is not better on {key} than the "
             f"baseline ({shown.format(baseline[key])}) by evaluate.objective_margin "
             f"{cfg.objective_margin:.0%}: the trained model is kept"
@@ -73,9 +122,10 @@ def choose(rows: list[dict[str, Any]], cfg: EvaluateConfig) -> tuple[dict[str, A
     return best, (
         f"**{best['name']}**: the lowest {key} ({shown.format(best[key])}, baseline "
         f"{shown.format(baseline[key])}: {baseline[key] / max(best[key], 1e-12):.2f}×) of the "
-        f"{len(within)} of {len(points)} measured points{failed} whose validation accuracy is within "
-        f"evaluate.max_accuracy_drop {cfg.max_accuracy_drop} of the baseline's "
-        f"{baseline['val_accuracy']:.4f} (this point: {best['val_accuracy']:.4f})"
+        f"{len(within)} of {len(points)} measured points{failed} whose validation accuracy is "
+        f"within {budget} of the baseline's {baseline['val_accuracy']:.4f} (this point: "
+        f"{best['val_accuracy']:.4f}, a drop of {best['val_drop']:+.4f}, at most "
+        f"{best['val_drop_bound']:+.4f} at that confidence)"
     )
 
 
@@ -98,6 +148,8 @@ TABLE_COLUMNS = [
     "name",
     "runtime",
     "val_accuracy",
+    "val_drop",
+    "val_drop_bound",
     "val_macro_f1",
     "latency_b1_p50_ms",
     "latency_b256_p50_ms",

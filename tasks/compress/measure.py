@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from tasks.compress.choice import ANSWERS
 from tasks.compress.export import PARITY_ATOL, export_point, parity, served_network
 from tasks.evaluate import class_figures, confusion_of
 from tasks.served.predictor import torch_weights, write_bundle
@@ -88,12 +89,15 @@ def measure(
     check = "onnxruntime" in networks and not quantized
     n = arch["n_classes"]
     confusions = {r: np.zeros((n, n), dtype=np.int64) for r in networks}
+    answers: dict[str, list[np.ndarray]] = {r: [] for r in networks}  # right or wrong, per row
     worst, differ, Z = 0.0, 0, None  # Z: the first rows, what the timings run on
     for X, y in batches():
         outputs = {}
         for r, network in networks.items():
             outputs[r] = np.concatenate([network(X[i : i + 4096]) for i in range(0, len(X), 4096)])
-            confusions[r] += confusion_of(y, outputs[r].argmax(1), n)
+            predicted = outputs[r].argmax(1)
+            confusions[r] += confusion_of(y, predicted, n)
+            answers[r].append(predicted == y)
         if check:
             # the float export against torch (computed here when torch is not measured)
             expected = outputs["torch"] if "torch" in outputs else torch_network(model)(X)
@@ -107,7 +111,7 @@ def measure(
                 f"parity: ONNX logits differ from torch's by up to {worst:.2g} "
                 f"(tolerance {PARITY_ATOL:g}), {differ} validation row(s) answered differently"
             )
-            del networks["onnxruntime"], confusions["onnxruntime"]
+            del networks["onnxruntime"], confusions["onnxruntime"], answers["onnxruntime"]
     for r, network in networks.items():
         figures = class_figures(confusions[r])
         raw = files[r].read_bytes()
@@ -130,6 +134,7 @@ def measure(
     parameters, nonzero = weight_counts(model)
     return {
         **row,
+        ANSWERS: {r: np.concatenate(a) for r, a in answers.items()},
         "parameters": parameters,
         "nonzero_parameters": nonzero,
         "macs": count_macs(arch),
