@@ -134,7 +134,7 @@ def measure(
     parameters, nonzero = weight_counts(model)
     return {
         **row,
-        ANSWERS: {r: np.concatenate(a) for r, a in answers.items()},
+        ANSWERS: {r: np.concatenate(a) for r, a in answers.items() if a},
         "parameters": parameters,
         "nonzero_parameters": nonzero,
         "macs": count_macs(arch),
