@@ -172,7 +172,7 @@ def deployed_run(stack):
     """`prefect deployment run 'accelflow/adhoc' --param overrides=[...] --watch`, as a user types it."""
     overrides = [*SMALL, f"data.source={stack['data']}", f"workdir={stack['state'] / 'work'}"]
     # one compressed candidate beside the baseline, so the Models tab has models to compare:
-    # int8, which needs no fine-tune (structured pruning's cost 25 s of this run in CI)
+    # int8, which needs no fine-tune (a structured-pruning point cost this run 25 s in CI)
     overrides += ["compress.recipe=[quantize]", "serve.runtime=torch"]
     out = serve.prefect_cli(
         [
