@@ -121,6 +121,8 @@ def headline_rows(
     ):
         if key in metrics:
             against = human(ratio, metrics[ratio]) if ratio in metrics else "—"
+            if ratio and tags.get("accelflow.kept_trained") == "true":
+                against = "the trained model itself (compress kept it)"
             rows.append({"": what, "this run": human(key, metrics[key]), "against": against})
     if "accelflow.drift.champion" in tags:
         drifted = tags.get("accelflow.drift") or "no column"

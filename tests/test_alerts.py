@@ -177,6 +177,8 @@ def test_each_run_has_one_report_with_every_section_and_real_pictures(three_runs
     champion = worse["headline"]["gate/champion_accuracy"]
     assert f"the champion on the same rows: {champion:.4f} ({accuracy - champion:+.4f})" in card
     assert "gradient boosting: " in card and "ms per 256 rows" in card
+    # compress.recipe []: the registered network is the trained one, and the card says so
+    assert card.count("the trained model itself (compress kept it)") == 2  # latency, size
     # figures in units, a ratio with its direction
     assert "× smaller on disk than the source" in page and " kB</td>" in page
     assert "<td>drift</td><td>pixel_2_3 (against" in page  # the column that drifted
