@@ -66,7 +66,7 @@ def spec(files, names, out: Path, epochs: int = 3) -> dict:
     from conf.schema import TrainConfig
     from tasks.train import OPTIM_KEYS
 
-    cfg = TrainConfig(hidden=[512, 256], epochs=epochs)
+    cfg = TrainConfig(model="mlp", hidden=[512, 256], epochs=epochs)
     return {
         "train_files": [files["train"]],
         "val_files": [files["val"]],

@@ -93,6 +93,7 @@ def study(features: dict, client, root: Path, name: str, **tune_keys) -> dict:
     from tasks.store import StageDir
 
     cfg = load_config(None, [f"tune.{k}={v}" for k, v in tune_keys.items()])
+    cfg = cfg.with_model_for(features.get("image_shape"))  # train.model auto, as the flow does
     out = StageDir(tmp=root / name, final=root / f"{name}-{time.time_ns()}")
     out.tmp.mkdir(parents=True)
     t0 = time.perf_counter()

@@ -62,6 +62,8 @@ def unscaled_features(features: Manifest) -> list[int]:
 
 
 def model_arch(features: Manifest, cfg: TrainConfig) -> dict[str, Any]:
+    if cfg.model == "auto":  # a caller outside the flow, which decides it after ingest
+        raise ValueError("train.model auto: decide it first (PipelineConfig.with_model_for)")
     if needs_images(cfg.model) and not features.get("image_shape"):
         raise ConfigError(
             f"train.model: '{cfg.model}' needs image data (an IDX folder or 3-D .npz X) with "

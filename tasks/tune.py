@@ -393,6 +393,15 @@ def no_signal(leaderboard: list[dict[str, Any]], majority: float) -> str | None:
     )
 
 
+def trials_ran(n: int, cfg: TuneConfig) -> str:
+    if n < cfg.trials and cfg.timeout_s:  # a finished search that ran fewer: the clock
+        return (
+            f"{n} of {cfg.trials} trials (tune.timeout_s {cfg.timeout_s:g} s ended the search; "
+            "null runs them all)"
+        )
+    return f"{n} trials"
+
+
 def summarize(study, cfg: TuneConfig, out: StageDir, interrupted: int, seconds: float) -> dict:
     rows = [trial_row(study, t.number, cfg.metric) for t in study.trials if counted(t)]
     complete = [r for r in rows if r["state"] == "complete"]
@@ -431,6 +440,7 @@ def summarize(study, cfg: TuneConfig, out: StageDir, interrupted: int, seconds: 
     )
     won = "the config's own settings" if best["default"] else f"trial {best['trial']}"
     return {
+        "planned": cfg.trials,
         "best_params": best["params"],
         "best_trial": best["trial"],
         "metric": cfg.metric,
@@ -440,8 +450,8 @@ def summarize(study, cfg: TuneConfig, out: StageDir, interrupted: int, seconds: 
         "plots": [out.final_path(Path(p).name) for p in plots],
         "metrics": metrics,
         "summary": (
-            f"{len(rows)} trials ({counts['complete']} complete, {counts['pruned']} pruned, "
-            f"{counts['failed']} failed) of {cfg.epochs} epochs (at least {cfg.min_steps} steps) "
+            f"{trials_ran(len(rows), cfg)}: {counts['complete']} complete, {counts['pruned']} pruned, "
+            f"{counts['failed']} failed, of {cfg.epochs} epochs (at least {cfg.min_steps} steps) "
             f"on at most {cfg.max_rows} rows, "
             f"{cfg.sampler} sampler, {cfg.pruner} pruner, {seconds:.1f} s. Best: {won} with "
             + (
@@ -593,12 +603,14 @@ def build_tuning(cfg: PipelineConfig, inputs: Inputs, out: StageDir, hooks: Hook
 
 
 def tuned_figure(m: Manifest) -> str:
+    ran = len(m["leaderboard"])
+    trials = f"{ran} of {m['planned']} trials" if ran < m.get("planned", ran) else f"{ran} trials"
     if "tune/default_val_accuracy" in m["metrics"]:
         return (
             f"val acc {m['metrics']['tune/default_val_accuracy']:.4f} → "
-            f"{m['metrics']['tune/best_val_accuracy']:.4f} ({len(m['leaderboard'])} trials)"
+            f"{m['metrics']['tune/best_val_accuracy']:.4f} ({trials})"
         )
-    return f"{len(m['leaderboard'])} trials" if m["leaderboard"] else "off"
+    return trials if m["leaderboard"] else "off"
 
 
 SPEC = StageSpec(

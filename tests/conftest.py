@@ -261,6 +261,7 @@ def make_config(tmp_path: Path, source: Path | str, *overrides: str) -> Pipeline
         f"data.source={source}",
         f"workdir={tmp_path / 'work'}",
         f"tracking.uri={mlflow_store(tmp_path / 'mlflow.db')}",
+        "train.model=mlp",  # the tests of train.model auto's CNN: test_integration's runs
         "train.epochs=3",
         "train.min_steps=0",  # tiny tables: train.epochs as given (the default raises them)
         "tune.min_steps=0",  # and tune.epochs per trial

@@ -78,9 +78,11 @@ def test_pipeline_yaml_documents_every_key_with_the_schema_default():
 
     written = flatten(yaml.safe_load(DEFAULT_CONFIG.read_text()))
     defaults = PipelineConfig().flat()
-    # `compress.recipe: auto` fills compress.sweep with its grid: the file says null
+    # `compress.recipe: auto` fills compress.sweep with its model's grid once train.model
+    # auto is decided (after ingest): the file says null
     grid = {k for k in defaults if k.startswith("compress.sweep.")}
-    assert grid and written["compress.sweep"] is None
+    assert not grid and written["compress.sweep"] is None
+    assert PipelineConfig().with_model_for([1, 28, 28]).compress.sweep
     # no key missing from (or unknown to) the file
     assert sorted(written) == sorted((set(defaults) - grid) | {"compress.sweep"})
     assert load_config().flat() == defaults
@@ -133,12 +135,16 @@ def test_links_open_the_model_training_view_without_credentials():
 
 
 def test_model_auto_is_the_cnn_for_images_and_the_mlp_for_tables_and_pca():
-    cfg = load_config(None, ["train.model=auto"])
+    cfg = load_config(None, [])  # the default
     assert cfg.compress.sweep is None  # derived once the model is decided, after ingest
+    assert cfg.train.epochs == "auto"  # so are the epochs: the family's own
     images = cfg.with_model_for([1, 28, 28])
-    assert images.train.model == "cnn"
+    assert images.train.model == "cnn" and images.train.epochs == 8
     assert images.compress.sweep.recipes[0] == ["structured"]  # derived for the CNN now
-    assert cfg.with_model_for(None).train.model == "mlp"
+    table = cfg.with_model_for(None)
+    assert table.train.model == "mlp" and table.train.epochs == 15
+    given = load_config(None, ["train.epochs=4"]).with_model_for([1, 28, 28])
+    assert given.train.epochs == 4  # a number given is kept
     pca = load_config(None, ["train.model=auto", "reduce.method=pca"])
     assert pca.with_model_for([1, 28, 28]).train.model == "mlp"  # PCA features: the MLP
     named = load_config(None, ["train.model=rnn"])

@@ -52,8 +52,15 @@ def test_cnn_trains_on_images(digits_parquet, tmp_path):
     spec = make_spec(
         digits_parquet, tmp_path, arch=arch, phases=[{"sparsity": None, "epochs": 3, "lr": 0.003}]
     )
-    result = Trainer(spec, Rank(0, 1, torch.device("cpu"))).run()
+    trainer = Trainer(spec, Rank(0, 1, torch.device("cpu")))
+    result = trainer.run()
     assert result["val_accuracy"] > 0.8
+    # NHWC on CPU too (oneDNN's fast layout), and still after its saved weights are loaded
+    from tasks.training.models import load_model
+
+    for model in (trainer.model, load_model(arch, tmp_path / "model.pt")):
+        conv = model.features[4]
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_ddp_two_gloo_processes_train_and_log_only_on_rank_0(digits_parquet, tmp_path):
@@ -625,9 +632,9 @@ def test_periodic_numeric_embeddings_learn(digits_parquet, tmp_path):
     from tasks.train import model_arch
 
     features = {"feature_names": ["a", "b"], "classes": [0, 1]}
-    cfg = TrainConfig(numeric_embedding="periodic", periodic_scale=0.3)
+    cfg = TrainConfig(model="mlp", numeric_embedding="periodic", periodic_scale=0.3)
     assert model_arch(features, cfg)["periodic"] == 0.3
-    assert "periodic" not in model_arch(features, TrainConfig())
+    assert "periodic" not in model_arch(features, TrainConfig(model="mlp"))
     spec = make_spec(
         digits_parquet, tmp_path, phases=[{"sparsity": None, "epochs": 3, "lr": 0.003}]
     )
@@ -660,8 +667,8 @@ def test_unscaled_features_reach_the_network_as_they_are(digits_parquet, tmp_pat
     from tasks.train import model_arch
 
     features = {"feature_names": ["a", "b", "c"], "classes": [0, 1], "unscaled": ["c", "a"]}
-    assert model_arch(features, TrainConfig())["unscaled"] == [2, 0]
-    assert "unscaled" not in model_arch({**features, "unscaled": []}, TrainConfig())
+    assert model_arch(features, TrainConfig(model="mlp"))["unscaled"] == [2, 0]
+    assert "unscaled" not in model_arch({**features, "unscaled": []}, TrainConfig(model="mlp"))
     spec = make_spec(digits_parquet, tmp_path)
     spec["arch"]["unscaled"] = [10, 20]
     layer = Trainer(spec, Rank(0, 1, torch.device("cpu"))).model.standardize

@@ -76,6 +76,7 @@ def test_the_configs_own_value_joins_a_categorical_axis():
 TUNED = [
     "tune.enabled=true",
     "tune.trials=6",
+    "tune.timeout_s=null",  # all six, however loaded the machine
     "tune.parallel=2",
     "dask.n_workers=2",  # the trials run two at a time, one per worker
     "tune.epochs=2",
@@ -201,3 +202,14 @@ def test_a_search_that_sees_no_signal_says_so():
     warning = no_signal(flat, 0.7621)
     assert "majority-class rate (0.7621" in warning and "tune.max_rows" in warning
     assert no_signal([*flat, {"val_accuracy": 0.80}], 0.7621) is None
+
+
+def test_a_search_ended_by_its_clock_says_so():
+    from tasks.tune import trials_ran, tuned_figure
+
+    cfg = load_config(None, ["tune.trials=16", "tune.timeout_s=60"]).tune
+    assert trials_ran(16, cfg) == "16 trials"
+    assert trials_ran(6, cfg).startswith("6 of 16 trials (tune.timeout_s 60 s ended the search")
+    board = [{"trial": i} for i in range(6)]
+    figure = tuned_figure({"planned": 16, "leaderboard": board, "metrics": {}})
+    assert figure == "6 of 16 trials"

@@ -15,11 +15,14 @@ class ModelFamily:
 
     reads: Literal["features", "images", "images or features"]
     narrowable: bool  # structured pruning removes whole neurons / channels (a real speed-up)
+    # train.epochs: auto. A CNN's epoch costs ~10x an MLP's on CPU and it converges sooner:
+    # 8 epochs reach 0.92 on Fashion-MNIST, within make run's 10-minute budget on 2 cores
+    epochs: int = 15
 
 
 MODEL_FAMILIES = {
     "mlp": ModelFamily(reads="features", narrowable=True),
-    "cnn": ModelFamily(reads="images", narrowable=True),
+    "cnn": ModelFamily(reads="images", narrowable=True, epochs=8),
     # an image's rows (rnn) or patches (transformer), or a table's features as a sequence
     "rnn": ModelFamily(reads="images or features", narrowable=False),
     "transformer": ModelFamily(reads="images or features", narrowable=False),

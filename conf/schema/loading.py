@@ -118,18 +118,31 @@ def load_config(
     return validate_config(tree, source=source)
 
 
+UNION_TAGS = {"int", "float", "str", "bool"}  # how pydantic names a union's plain members
+
+
 def validate_config(tree: dict[str, Any], source: str = "config") -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:
-        problems = []
+        problems: dict[str, str] = {}
         for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"])
+            loc = err["loc"]
+            tag = loc[-1] if loc else 0
+            if isinstance(tag, str) and (
+                not tag.isidentifier() or tag in UNION_TAGS
+            ):  # a union's member (`int | auto`):
+                loc = loc[:-1]  # 'train.epochs.constrained-int' is 'train.epochs'
+            key = ".".join(str(p) for p in loc)
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
-                problems.append(f"unknown key '{key}' (check the spelling; see conf/pipeline.yaml)")
+                problems[key] = f"unknown key '{key}' (check the spelling; see conf/pipeline.yaml)"
             elif not key or isinstance(err.get("input"), dict):  # a rule that names its keys
-                problems.append(message)
+                problems[message] = message
+            elif key in problems:  # another member of the same union
+                problems[key] = problems[key].replace(
+                    " (got", f", or {message.removeprefix('Input should be ')} (got", 1
+                )
             else:
-                problems.append(f"'{key}': {message} (got {err.get('input')!r})")
-        raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+                problems[key] = f"'{key}': {message} (got {err.get('input')!r})"
+        raise ConfigError(f"{source}: " + "; ".join(problems.values())) from None

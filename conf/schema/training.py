@@ -13,12 +13,12 @@ from pydantic import (
 )
 
 from conf.schema.base import Section
-from conf.schema.catalog import ModelChoice
+from conf.schema.catalog import MODEL_FAMILIES, ModelChoice
 
 
 class TrainConfig(Section):
     model: ModelChoice = Field(
-        "mlp",
+        "auto",
         description="mlp: features; cnn: images; rnn, transformer: an image's rows / patches, "
         "or a table's features (the table MODEL_FAMILIES says which reads what); auto: cnn "
         "for images, mlp for tables and PCA features, decided after ingest",
@@ -82,7 +82,11 @@ class TrainConfig(Section):
         description="shuffle: every row once per epoch; balanced: rows drawn with replacement "
         "so every class is drawn equally often (instead of class weights)",
     )
-    epochs: int = Field(15, ge=1, description="training epochs")
+    epochs: PositiveInt | Literal["auto"] = Field(
+        "auto",
+        description="training epochs; auto: the model family's own (15; the cnn 8: each "
+        "epoch costs ~10x an MLP's and it converges sooner)",
+    )
     min_steps: int = Field(
         500,
         ge=0,
@@ -133,12 +137,26 @@ class TrainConfig(Section):
             )
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _family_epochs(cls, data: Any) -> Any:
+        """epochs: auto becomes the family's number once the model is known (with model auto:
+        after ingest, when PipelineConfig.with_model_for validates the config again)."""
+        if isinstance(data, dict) and data.get("epochs", "auto") == "auto":
+            model = data.get("model", "auto")
+            if model in MODEL_FAMILIES:
+                data = {**data, "epochs": MODEL_FAMILIES[model].epochs}
+        return data
+
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainConfig:
-        if self.warmup_epochs >= self.epochs:
+        epochs = self.epochs
+        if epochs == "auto":  # train.model auto: the family is known after ingest (checked
+            epochs = max(f.epochs for f in MODEL_FAMILIES.values())  # again then)
+        if self.warmup_epochs >= epochs:
             raise ValueError(
                 f"train.warmup_epochs ({self.warmup_epochs}) must be shorter than train.epochs "
-                f"({self.epochs})"
+                f"({epochs})"
             )
         return self
 
@@ -250,7 +268,12 @@ class TuneConfig(Section):
         True, description="an Optuna search over train.* before training; false: train.* as given"
     )
     trials: int = Field(16, ge=1, description="trials in the study, the default trial included")
-    timeout_s: float | None = Field(None, gt=0, description="start no new trial after this")
+    timeout_s: float | None = Field(
+        60,
+        gt=0,
+        description="start no new trial after this many seconds (a cnn trial takes ~20 s on 2 "
+        "cores: make run stays within its 10 minutes); null: every one of tune.trials",
+    )
     parallel: int | Literal["auto"] = Field(
         "auto", description="concurrent trials; auto: one per Dask worker"
     )

@@ -89,7 +89,7 @@ def run_sweep(
     files["val"] = files["val"] or files["train"]
     X, y = sample_rows(files["train"], columns, label, cfg.sweep_rows)
     Xv, yv = sample_rows(files["val"], columns, label, cfg.sweep_rows)
-    proxy = TrainConfig(hidden=[256], epochs=cfg.sweep_epochs, dropout=0.1)
+    proxy = TrainConfig(model="mlp", hidden=[256], epochs=cfg.sweep_epochs, dropout=0.1)
     points, specs = [], []
     for target in cfg.sweep:
         if target == NONE:

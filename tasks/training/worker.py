@@ -162,8 +162,6 @@ class Trainer:
         else:
             fit_standardize(self.model, self.train_split, spec["arch"].get("unscaled"))
         self.teacher = load_teacher(spec.get("teacher"), r.device)
-        if r.device.type == "cuda" and hasattr(self.model, "use_channels_last"):
-            self.model.use_channels_last()  # NHWC: the layout cuDNN's fast conv kernels want
         self.eager = self.wrap(self.model)  # one DDP wrapper: two would reduce twice
         self.net = self.eager
         # compiled lazily: a failure shows at the first step, where `forward` falls back
