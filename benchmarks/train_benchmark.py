@@ -12,6 +12,10 @@ for each model on full Fashion-MNIST; side by side in one run.
 3. Time to accuracy: `accelflow run` per model (`mlp` on PCA features, `cnn`, `rnn`,
    `transformer` on the images; tune and compression off), test accuracy on the 10,000 test
    images and the train stage's seconds.
+4. The CNN's memory layout (`--layout`): the default CNN (channels 16, 32; head 512) in
+   NCHW and in channels-last (NHWC, what it uses), batch 256, one thread and all cores:
+   training steps (AdamW) in samples/s and scoring (inference mode) in ms per batch,
+   alternated round by round so both see the same machine.
 Prints tables and writes JSON.
 """
 
@@ -200,11 +204,99 @@ def time_to_accuracy(folder: Path, only: list[str] | None = None) -> list[dict]:
     return rows
 
 
+def cnn_layouts(rounds: int = 3, steps: int = 20) -> list[dict]:
+    """Part 4: the same CNN in NCHW and in NHWC, timed in alternating rounds; best round."""
+    import torch
+    import torch.nn.functional as F
+
+    from tasks.training.models import build_model
+
+    arch = {"model": "cnn", "n_features": 784, "n_classes": 10, "hidden": [512]}
+    arch |= {"dropout": 0.1, "image_shape": [1, 28, 28], "channels": [16, 32]}
+    x, y = torch.randn(256, 784), torch.randint(0, 10, (256,))
+
+    def model_in(layout: str):
+        torch.manual_seed(0)
+        model = build_model(arch)  # channels-last, as the trainer and the served model run it
+        if layout == "NCHW":
+            model.features.to(memory_format=torch.contiguous_format)
+            model.images = lambda v: model.standardize(v).view(-1, 1, 28, 28)
+        return model
+
+    def timed(layout: str) -> tuple[float, float]:
+        model = model_in(layout).train()
+        opt = torch.optim.AdamW(model.parameters(), 1e-3)
+        for i in range(steps + 3):  # 3 warm-up steps
+            if i == 3:
+                start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        train = steps * len(x) / (time.perf_counter() - start)
+        model.eval()
+        with torch.inference_mode():
+            for _ in range(3):
+                model(x)
+            start = time.perf_counter()
+            for _ in range(steps):
+                model(x)
+        return train, (time.perf_counter() - start) / steps * 1000
+
+    rows = []
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        best: dict[str, list[float]] = {"NCHW": [0.0, float("inf")], "NHWC": [0.0, float("inf")]}
+        for _ in range(rounds):
+            for layout in best:
+                train, score = timed(layout)
+                best[layout] = [max(best[layout][0], train), min(best[layout][1], score)]
+        for layout, (train, score) in best.items():
+            rows.append(
+                {
+                    "layout": layout,
+                    "threads": threads,
+                    "train_samples_per_s": train,
+                    "score_b256_ms": score,
+                }
+            )
+    return rows
+
+
+def print_layouts(rows: list[dict]) -> None:
+    print(f"\n{'CNN layout, batch 256':<24} {'threads':>8} {'train samples/s':>16} {'score ms':>9}")
+    print("-" * 60)
+    for r in rows:
+        print(
+            f"{r['layout']:<24} {r['threads']:>8} {r['train_samples_per_s']:>16.0f} "
+            f"{r['score_b256_ms']:>9.2f}"
+        )
+    for threads in sorted({r["threads"] for r in rows}):
+        a, b = (
+            next(r for r in rows if r["threads"] == threads and r["layout"] == k)
+            for k in ("NCHW", "NHWC")
+        )
+        print(
+            f"{'NHWC / NCHW':<24} {threads:>8} {b['train_samples_per_s'] / a['train_samples_per_s']:>15.2f}x "
+            f"{a['score_b256_ms'] / b['score_b256_ms']:>8.2f}x"
+        )
+
+
 def main() -> None:
     parser = benchmark_args(__doc__, "train")
     parser.add_argument("--skip-models", action="store_true", help="parts 1 and 2 only")
     parser.add_argument("--only", nargs="+", choices=list(MODELS), help="part 3, these models only")
+    parser.add_argument("--layout", action="store_true", help="part 4 only")
     args = parser.parse_args()
+    if args.layout:
+        rows = cnn_layouts()
+        print_layouts(rows)
+        path = (
+            args.json.with_name("train_layout.json")
+            if args.json.name == "train.json"
+            else args.json
+        )
+        write_json(path, {"cnn_layouts": rows, "cpus": os.cpu_count()})  # parts 1-3 are kept
+        return
     with tempfile.TemporaryDirectory(prefix="accelflow-train-bench-") as tmp:
         tmp = Path(tmp)
         over = parallel = None

@@ -456,3 +456,6 @@ def test_two_runs_at_once_on_a_messy_csv_build_each_stage_once_and_serve_it(
     compress = stage_runs(client, parent.info.run_id)["compress"].data
     served_by = "onnxruntime" if compress.metrics["compress/onnxruntime"] else "torch"
     assert model.unwrap_python_model().predictor.runtime == served_by
+    # and the run's table says what was registered, compress's point and its runtime
+    figure = rf"^ evaluate\s+\| ran\s+\|\s+[\d.]+ \| test acc [\d.]+ \((\S+) by {served_by}\)$"
+    assert any(re.search(figure, out, re.MULTILINE) for out, _ in outputs), outputs[0][0][-1500:]
