@@ -10,6 +10,13 @@ network latency p50/p95 at batch 1 and 256 on one thread and all cores, served l
 through `mlflow.pyfunc` on raw rows, weights, non-zeros, MACs, raw / zstd / encoded size).
 Ratios are baseline ÷ point within that one run. Prints the tables, checks the issue's goals
 and writes benchmarks/results/compress.json.
+
+    .venv/bin/python benchmarks/compress_benchmark.py --narrowing  # ~1 min
+
+Structured pruning where Torch-Pruning does not reach: the GRU, LSTM and transformer of
+`benchmarks/train_benchmark.py`'s time-to-accuracy runs, narrowed by half (hidden units; the
+feed-forward width), batch-256 latency on one thread before and after, alternating rounds,
+best of 3 (the weights' values do not change the time; accuracy needs the sweep above).
 """
 
 from __future__ import annotations
@@ -161,10 +168,91 @@ def print_table(model: str, rows: list[dict], manifest: dict) -> None:
     )
 
 
+NARROWED = {  # Fashion-MNIST's shapes, the train benchmark's settings
+    "gru": {"model": "rnn", "hidden": [128]},
+    "lstm": {"model": "rnn", "cell": "lstm", "hidden": [128]},
+    "transformer": {"model": "transformer", "hidden": [64, 64], "heads": 4, "patch": 4},
+}
+
+
+def narrowing(rounds: int = 3, calls: int = 15) -> list[dict]:
+    import time
+
+    import torch
+
+    from tasks.compress.points import slim_model
+    from tasks.training.models import build_model, load_model
+
+    torch.set_num_threads(1)
+    x = torch.randn(256, 784)
+
+    def latency_ms(model) -> float:
+        with torch.inference_mode():
+            for _ in range(3):
+                model(x)
+            times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2] * 1000
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, shape in NARROWED.items():
+            arch = {"n_features": 784, "n_classes": 10, "dropout": 0.0, "image_shape": [1, 28, 28]}
+            arch |= shape
+            torch.manual_seed(0)
+            torch.save(build_model(arch).state_dict(), Path(tmp) / "model.pt")
+            slim = slim_model(arch, str(Path(tmp) / "model.pt"), 0.5, Path(tmp) / "slim.pt")
+            models = {
+                "before": load_model(arch, Path(tmp) / "model.pt"),
+                "after": load_model(slim, Path(tmp) / "slim.pt"),
+            }
+            best = {k: float("inf") for k in models}
+            for _ in range(rounds):  # alternating: both see the same machine
+                for k, m in models.items():
+                    best[k] = min(best[k], latency_ms(m))
+            params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+            rows.append(
+                {
+                    "model": name,
+                    "narrowed": {
+                        k: slim[k] for k in ("hidden", "ff") if slim.get(k) != arch.get(k)
+                    },
+                    "b256_ms_before": best["before"],
+                    "b256_ms_after": best["after"],
+                    "speedup_b256": best["before"] / best["after"],
+                    "parameters_before": params["before"],
+                    "parameters_after": params["after"],
+                }
+            )
+    print(
+        f"\n{'narrowed by half':<14} {'to':<22} {'b256 ms':>16} {'speed-up':>9} {'parameters':>20}"
+    )
+    print("-" * 86)
+    for r in rows:
+        print(
+            f"{r['model']:<14} {json.dumps(r['narrowed']):<22} "
+            f"{r['b256_ms_before']:>7.2f} → {r['b256_ms_after']:>6.2f} {r['speedup_b256']:>8.2f}× "
+            f"{r['parameters_before']:>9,} → {r['parameters_after']:>8,}"
+        )
+    return rows
+
+
 def main() -> None:
     parser = benchmark_args(__doc__, "compress")
     parser.add_argument("--skip-cnn", action="store_true")
+    parser.add_argument("--narrowing", action="store_true", help="the narrowing speeds only")
     args = parser.parse_args()
+    if args.narrowing:
+        path = (
+            args.json.with_name("compress_narrowing.json")
+            if args.json.name == "compress.json"
+            else args.json
+        )
+        write_json(path, {"narrowing": narrowing()})  # the sweep's results are kept
+        return
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="accelflow-compress-bench-") as tmp:
         for model, overrides in (("mlp", MLP), ("cnn", CNN)):

@@ -269,6 +269,7 @@ def make_config(tmp_path: Path, source: Path | str, *overrides: str) -> Pipeline
         # and cluster runs and test_training's DDP tests keep two
         "train.world_size=1",
         "compress.finetune_epochs=1",
+        "compress.min_steps=0",  # as given, however small the table
         "compress.recipe=[magnitude]",  # one recipe (50%); the compress tests sweep
         "dask.memory_limit=1GiB",
         "dask.n_workers=1",  # small tables; each worker is a process importing the stack

@@ -386,6 +386,7 @@ def test_two_runs_at_once_on_a_messy_csv_build_each_stage_once_and_serve_it(
         "train.resident_max_gb=0.00001",  # 10 KiB: streamed from its row groups, as a large table is
         "compress.recipe=[structured]",  # one point, fine-tuned (the sweeps: test_compress)
         "compress.finetune_epochs=1",
+        "compress.min_steps=0",  # one epoch, as given
         "tune.enabled=false",
         "evaluate.latency_repeats=3",
         "evaluate.reference=none",  # evaluate's extras have their own tests

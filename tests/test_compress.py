@@ -74,6 +74,88 @@ def test_structured_pruning_leaves_a_smaller_dense_model_rebuilt_from_json(
     assert model.eval()(torch.randn(3, arch["n_features"])).shape == (3, 10)
 
 
+@pytest.mark.parametrize(
+    "arch, dead",
+    [
+        (  # two stacked GRU layers over a table's features in chunks
+            {"model": "rnn", "n_features": 64, "n_classes": 10, "hidden": [32, 32], "dropout": 0.0},
+            "rnn",
+        ),
+        (  # an LSTM over an image's pixel rows
+            {
+                "model": "rnn",
+                "cell": "lstm",
+                "n_features": 64,
+                "n_classes": 10,
+                "hidden": [32],
+                "dropout": 0.0,
+                "image_shape": [1, 8, 8],
+            },
+            "rnn",
+        ),
+        (  # a transformer's feed-forward blocks, one token per feature
+            {
+                "model": "transformer",
+                "n_features": 12,
+                "n_classes": 3,
+                "hidden": [16, 16],
+                "heads": 2,
+                "dropout": 0.0,
+            },
+            "transformer",
+        ),
+    ],
+)
+def test_recurrent_and_feedforward_narrowing_keeps_the_units_that_matter(arch, dead, tmp_path):
+    """Structured pruning of the families Torch-Pruning does not cover, checked where the
+    answer is known: half of every layer's units are made dead (all their weights zero), so
+    narrowing by half must remove exactly those and leave the same outputs. The slim model
+    loads as the served model does (spec from JSON, weights-only file) and scores rows."""
+    from tasks.training.models import load_model
+
+    torch.manual_seed(0)
+    model = build_model(arch).eval()
+    state = model.state_dict()
+    with torch.no_grad():
+        if dead == "rnn":
+            gates, width = (4 if arch.get("cell") == "lstm" else 3), arch["hidden"][0]
+            for layer in range(len(arch["hidden"])):
+                units = torch.randperm(width)[: width // 2]  # a different half per layer
+                rows = (torch.arange(gates).unsqueeze(1) * width + units).flatten()
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    state[f"rnn.{name}_l{layer}"][rows] = 0
+                state[f"rnn.weight_hh_l{layer}"][:, units] = 0
+                after = f"rnn.weight_ih_l{layer + 1}" if layer + 1 < len(arch["hidden"]) else None
+                state[after or "head.1.weight"][:, units] = 0
+        else:
+            for layer in range(len(arch["hidden"])):
+                units = torch.randperm(2 * arch["hidden"][0])[: arch["hidden"][0]]
+                for name in ("linear1.weight", "linear1.bias"):
+                    state[f"encoder.layers.{layer}.{name}"][units] = 0
+                state[f"encoder.layers.{layer}.linear2.weight"][:, units] = 0
+    model.load_state_dict(state)
+    torch.save(state, tmp_path / "trained.pt")
+    slim = slim_model(arch, str(tmp_path / "trained.pt"), 0.5, tmp_path / "slim.pt")
+    narrowed = {"hidden": [16] * len(arch["hidden"])} if dead == "rnn" else {"ff": 16}
+    assert slim == {**arch, **narrowed}
+    loaded = load_model(json.loads(json.dumps(slim)), tmp_path / "slim.pt")
+    x = torch.randn(5, arch["n_features"])
+    with torch.inference_mode():
+        assert torch.allclose(loaded(x), model(x), atol=1e-5)
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_a_small_table_fine_tunes_for_compress_min_steps():
+    from tasks.compress.points import phases, stretched
+
+    cfg = load_config(None, ["compress.rounds=2", "compress.finetune_epochs=2"]).compress
+    point = {"recipe": ["magnitude", "cluster"], "sparsity": 0.5, "bits": 5}
+    # 6 steps an epoch (1,400 rows, batch 256): 17 epochs make 100 steps, each phase
+    assert [p["epochs"] for p in stretched(phases(point, cfg), 100, 6)] == [17, 17, 17]
+    assert [p["epochs"] for p in stretched(phases(point, cfg), 100, 211)] == [2, 2, 2]
+    assert stretched([{"epochs": 0, "lr": 0.001}], 100, 6)[0]["epochs"] == 0  # none asked
+
+
 def test_int8_quantization_keeps_the_outputs_and_loads_from_a_weights_only_file(tmp_path):
     from tasks.compress.points import quantize_saved
     from tasks.training.models import load_model, weight_counts
@@ -100,7 +182,6 @@ def test_int8_quantization_keeps_the_outputs_and_loads_from_a_weights_only_file(
 @pytest.mark.parametrize(
     "overrides, named",
     [
-        (["compress.recipe=[structured]", "train.model=rnn"], "compress.recipe"),
         (["compress.recipe=[structured]", "compress.rounds=2"], "compress.rounds"),
         (["compress.recipe=[structural]"], "compress.recipe"),
         (["compress.sparsity=1.0"], "compress.sparsity"),
@@ -113,10 +194,6 @@ def test_int8_quantization_keeps_the_outputs_and_loads_from_a_weights_only_file(
         (["compress.sweep={recipes: [[magnitude], []]}"], r"compress.sweep.recipes[1] is empty"),
         (["compress.sweep={recipes: [[magnitude]], sparsity: []}"], "compress.sweep.sparsity"),
         (["compress.sweep={recipes: [[cluster]], bits: [9]}"], "compress.sweep.bits"),
-        (
-            ["compress.sweep={recipes: [[structured]]}", "train.model=transformer"],
-            "compress.sweep.recipes[0]",
-        ),
         (["compress.sweep={recipes: [[magnitude]], sparsity: [1.0]}"], "compress.sweep.sparsity"),
         (["prune.method=structured"], "the prune section is now compress"),
         (["compress.recipe=[magnitude]", "compress.sweep={recipes: [[quantize]]}"], "both set"),
@@ -158,8 +235,8 @@ def test_recipe_auto_sweeps_what_makes_the_model_faster():
         ["quantize"],
         ["structured", "quantize"],
     ]
-    rnn = load_config(None, ["train.model=rnn"]).compress  # layers it cannot narrow
-    assert rnn.sweep.recipes == [["magnitude"], ["quantize"], ["magnitude", "quantize"]]
+    for family in ("rnn", "transformer"):  # narrowed too: hidden units, feed-forward width
+        assert load_config(None, [f"train.model={family}"]).compress.sweep == mlp.sweep
     one = load_config(None, ["compress.recipe=[structured, quantize]"]).compress
     assert one.sweep is None and one.recipe == ["structured", "quantize"]
     assert load_config(None, ["compress.recipe=[]"]).compress.sweep is None

@@ -24,8 +24,9 @@ MODEL_FAMILIES = {
     "mlp": ModelFamily(reads="features", narrowable=True),
     "cnn": ModelFamily(reads="images", narrowable=True, epochs=8),
     # an image's rows (rnn) or patches (transformer), or a table's features as a sequence
-    "rnn": ModelFamily(reads="images or features", narrowable=False),
-    "transformer": ModelFamily(reads="images or features", narrowable=False),
+    # (narrowed: a GRU / LSTM's hidden units, a transformer's feed-forward width)
+    "rnn": ModelFamily(reads="images or features", narrowable=True),
+    "transformer": ModelFamily(reads="images or features", narrowable=True),
 }
 ModelName = Literal[tuple(MODEL_FAMILIES)]  # type: ignore[valid-type]
 # train.model: a family, or auto (decided after ingest: PipelineConfig.with_model_for)

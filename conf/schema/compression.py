@@ -64,8 +64,8 @@ class CompressSweep(Section):
 
 def auto_sweep(model: str) -> CompressSweep:
     """`compress.recipe: auto`: the recipes that can make this model faster on a CPU at
-    sparsity 0.5: narrower layers (mlp, cnn), int8 Linear layers, and both; magnitude zeros
-    where layers cannot be narrowed (rnn, transformer: then the gain is the file size)."""
+    sparsity 0.5: narrower layers, int8, and both; magnitude zeros for a family whose layers
+    cannot be narrowed (MODEL_FAMILIES: every family today can)."""
     if model in STRUCTURED_MODELS:
         return CompressSweep(recipes=[["structured"], ["quantize"], ["structured", "quantize"]])
     return CompressSweep(recipes=[["magnitude"], ["quantize"], ["magnitude", "quantize"]])
@@ -104,6 +104,13 @@ class CompressConfig(Section):
     rounds: int = Field(1, ge=1, description="magnitude: pruning rounds, fine-tuned after each")
     finetune_epochs: int = Field(2, ge=0, description="fine-tuning epochs after pruning")
     finetune_lr: float = Field(1e-3, gt=0, description="fine-tuning learning rate")
+    min_steps: int = Field(
+        100,
+        ge=0,
+        description="a small table fine-tunes more epochs, until each phase takes this many "
+        "optimizer steps per process (2 epochs of 1,400 rows are 6 steps: a narrowed GRU "
+        "won back 0.50 → 0.89 val accuracy only with 45)",
+    )
     calibration_rows: int = Field(
         512,
         ge=0,

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -69,6 +70,7 @@ from tasks.compress.points import (
     phases,
     point_name,
     slim_model,
+    stretched,
     sweep_points,
     teacher,
 )
@@ -214,6 +216,10 @@ def plan_finetunes(
     structured and structured+quantize share one; int8 alone starts from the trained weights.
     Sets each point's `trunk`; returns each trunk's arch and worker spec."""
     trunks: dict[str, dict[str, Any]] = {}
+    # optimizer steps per epoch and process (DDP's when one fine-tune gets every core)
+    processes = resolve_world_size(train_cfg) * train_cfg.nnodes
+    share = math.ceil(features["splits"]["train"]["rows"] / processes)
+    per_epoch = math.ceil(share / train_cfg.batch_size)
     for point in points:
         trunk = [step for step in point["recipe"] if COMPRESSION_STEPS[step].finetunes]
         point["trunk"] = point_name(trunk, point["sparsity"], point["bits"]) if trunk else None
@@ -228,7 +234,14 @@ def plan_finetunes(
             arch = slim_model(arch, slim_from, point["sparsity"], Path(init_from))
         trunks[point["trunk"]] = {
             "arch": arch,
-            "spec": finetune_spec(features, arch, init_from, phases(point, cfg), train_cfg, folder)
+            "spec": finetune_spec(
+                features,
+                arch,
+                init_from,
+                stretched(phases(point, cfg), cfg.min_steps, per_epoch),
+                train_cfg,
+                folder,
+            )
             | teacher(trained, cfg.distill),
         }
     return trunks

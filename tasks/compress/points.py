@@ -4,6 +4,7 @@ saved weights (structured slimming before the fine-tune, encoding or int8 after 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,13 @@ def phases(point: dict[str, Any], cfg: CompressConfig) -> list[dict[str, Any]]:
     return out
 
 
+def stretched(point_phases: list[dict[str, Any]], min_steps: int, per_epoch: int) -> list:
+    """A small split fine-tunes more epochs, until each phase takes `min_steps` optimizer
+    steps (compress.min_steps); a phase of 0 epochs (no fine-tune asked for) stays 0."""
+    need = math.ceil(min_steps / max(per_epoch, 1))
+    return [{**p, "epochs": max(p["epochs"], need) if p["epochs"] else 0} for p in point_phases]
+
+
 def slim_model(arch: dict[str, Any], weights: str, ratio: float, dest: Path) -> dict[str, Any]:
     """Structured pruning: remove `ratio` of each hidden layer's width; save the slim weights
     to `dest` and return the slim spec (rebuilt from JSON and checked against the pruned
@@ -76,8 +84,15 @@ def slim_model(arch: dict[str, Any], weights: str, ratio: float, dest: Path) -> 
 
     from tasks.training.models import build_model, classifier, widths
 
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    if arch["model"] in ("rnn", "transformer"):  # not Torch-Pruning's: sliced here
+        narrow = narrow_recurrent if arch["model"] == "rnn" else narrow_feedforward
+        slim, state = narrow(arch, state, ratio)
+        build_model(slim).load_state_dict(state)  # strict: every sliced shape fits the spec
+        torch.save(state, dest)
+        return slim
     model = build_model(arch)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.load_state_dict(state)
     model.eval()
     example = torch.zeros(2, arch["n_features"])
     with warnings.catch_warnings():  # the periodic embedding's frequencies: ignored below
@@ -107,6 +122,63 @@ def slim_model(arch: dict[str, Any], weights: str, ratio: float, dest: Path) -> 
             )
     torch.save(rebuilt.state_dict(), dest)
     return slim
+
+
+def kept_units(score, keep: int):
+    """The indices of the `keep` highest-scoring units, in their original order."""
+    return score.topk(keep).indices.sort().values
+
+
+def narrow_recurrent(arch: dict[str, Any], state: dict, ratio: float) -> tuple[dict, dict]:
+    """Structured pruning of a GRU / LSTM (Torch-Pruning does not cover recurrent cells): each
+    layer keeps the (1 - ratio) share of its hidden units with the largest weights (in, out
+    and recurrent). A unit is one row in each gate's block of weight_ih / weight_hh and the
+    biases, one column of weight_hh, and one input column of the next layer (or the head).
+    Returns the slim spec and its state dict."""
+    import torch
+
+    cell, layers, width = arch.get("cell", "gru"), len(arch["hidden"]), arch["hidden"][0]
+    gates = 4 if cell == "lstm" else 3
+    keep = max(1, round(width * (1.0 - ratio)))
+    state = dict(state)
+    below = None  # the units the layer below kept: this layer's input columns
+    for layer in range(layers):
+        w_ih, w_hh = state[f"rnn.weight_ih_l{layer}"], state[f"rnn.weight_hh_l{layer}"]
+        after = state[f"rnn.weight_ih_l{layer + 1}"] if layer + 1 < layers else None
+        after = state["head.1.weight"] if after is None else after
+
+        def rows_of(t):  # (gates·H, n) → (H,): each unit's squares summed over its gate rows
+            return t.reshape(gates, width, -1).pow(2).sum(dim=(0, 2))
+
+        score = rows_of(w_ih) + rows_of(w_hh) + w_hh.pow(2).sum(0) + after.pow(2).sum(0)
+        kept = kept_units(score, keep)
+        rows = (torch.arange(gates).unsqueeze(1) * width + kept).flatten()
+        w_ih = w_ih[rows]
+        state[f"rnn.weight_ih_l{layer}"] = w_ih if below is None else w_ih[:, below]
+        state[f"rnn.weight_hh_l{layer}"] = w_hh[rows][:, kept]
+        for bias in ("bias_ih", "bias_hh"):
+            state[f"rnn.{bias}_l{layer}"] = state[f"rnn.{bias}_l{layer}"][rows]
+        below = kept
+    state["head.1.weight"] = state["head.1.weight"][:, below]
+    return {**arch, "hidden": [keep] * layers}, state
+
+
+def narrow_feedforward(arch: dict[str, Any], state: dict, ratio: float) -> tuple[dict, dict]:
+    """Structured pruning of the transformer's feed-forward blocks: each encoder layer keeps
+    the (1 - ratio) share of its hidden units (linear1's rows, linear2's columns) with the
+    largest weights. Returns the slim spec (its `ff` width) and its state dict."""
+    width = arch["hidden"][0]
+    ff = arch.get("ff") or 2 * width
+    keep = max(1, round(ff * (1.0 - ratio)))
+    state = dict(state)
+    for layer in range(len(arch["hidden"])):
+        up, down = f"encoder.layers.{layer}.linear1", f"encoder.layers.{layer}.linear2"
+        score = state[f"{up}.weight"].pow(2).sum(1) + state[f"{down}.weight"].pow(2).sum(0)
+        kept = kept_units(score, keep)
+        state[f"{up}.weight"] = state[f"{up}.weight"][kept]
+        state[f"{up}.bias"] = state[f"{up}.bias"][kept]
+        state[f"{down}.weight"] = state[f"{down}.weight"][:, kept]
+    return {**arch, "ff": keep}, state
 
 
 def teacher(trained: Manifest, distill: DistillConfig) -> dict[str, Any]:

@@ -222,7 +222,9 @@ class Transformer(nn.Module):
     as in FT-Transformer); a class token, learned positions, pre-norm encoder layers
     (`len(hidden)` of width `hidden[0]`, `heads` heads); the class token is classified."""
 
-    def __init__(self, n_features, n_classes, hidden, dropout, image_shape=None, heads=4, patch=4):
+    def __init__(
+        self, n_features, n_classes, hidden, dropout, image_shape=None, heads=4, patch=4, ff=None
+    ):
         super().__init__()
         width = hidden[0]
         if width % heads:
@@ -243,8 +245,14 @@ class Transformer(nn.Module):
             tokens = n_features
         self.cls = nn.Parameter(torch.zeros(1, 1, width))
         self.position = nn.Parameter(torch.randn(1, tokens + 1, width) * 0.02)
-        layer = nn.TransformerEncoderLayer(
-            width, heads, 2 * width, dropout, activation="gelu", batch_first=True, norm_first=True
+        layer = nn.TransformerEncoderLayer(  # ff: the feed-forward width (structured pruning
+            width,  # narrows it; 2 × width as trained)
+            heads,
+            ff or 2 * width,
+            dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, len(hidden), enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
@@ -314,6 +322,7 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
             arch.get("image_shape"),
             arch.get("heads", 4),
             arch.get("patch", 4),
+            arch.get("ff"),
         )
     raise ValueError(f"train.model: unknown model '{name}'; choose one of {', '.join(MODELS)}")
 
