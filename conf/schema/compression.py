@@ -108,8 +108,8 @@ class CompressConfig(Section):
         100,
         ge=0,
         description="a small table fine-tunes more epochs, until each phase takes this many "
-        "optimizer steps per process (2 epochs of 1,400 rows are 6 steps: a narrowed GRU "
-        "won back 0.50 → 0.89 val accuracy only with 45)",
+        "optimizer steps per process (2 epochs of 1,400 rows are 6 steps: a GRU narrowed by "
+        "half scored 0.50 val accuracy after them, 0.94 after 100)",
     )
     calibration_rows: int = Field(
         512,

@@ -128,11 +128,10 @@ def validate_config(tree: dict[str, Any], source: str = "config") -> PipelineCon
         problems: dict[str, str] = {}
         for err in exc.errors():
             loc = err["loc"]
+            # a union's member (`int | auto`): 'train.epochs.constrained-int' is 'train.epochs'
             tag = loc[-1] if loc else 0
-            if isinstance(tag, str) and (
-                not tag.isidentifier() or tag in UNION_TAGS
-            ):  # a union's member (`int | auto`):
-                loc = loc[:-1]  # 'train.epochs.constrained-int' is 'train.epochs'
+            if isinstance(tag, str) and (not tag.isidentifier() or tag in UNION_TAGS):
+                loc = loc[:-1]
             key = ".".join(str(p) for p in loc)
             message = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":

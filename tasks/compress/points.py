@@ -66,7 +66,9 @@ def phases(point: dict[str, Any], cfg: CompressConfig) -> list[dict[str, Any]]:
     return out
 
 
-def stretched(point_phases: list[dict[str, Any]], min_steps: int, per_epoch: int) -> list:
+def stretched(
+    point_phases: list[dict[str, Any]], min_steps: int, per_epoch: int
+) -> list[dict[str, Any]]:
     """A small split fine-tunes more epochs, until each phase takes `min_steps` optimizer
     steps (compress.min_steps); a phase of 0 epochs (no fine-tune asked for) stays 0."""
     need = math.ceil(min_steps / max(per_epoch, 1))
