@@ -32,6 +32,7 @@ from common import accelflow_run, benchmark_args, write_json  # noqa: E402  (set
 # magnitude ramps to its sparsity in 3 rounds of 4 epochs (one-shot 90% collapses an MLP);
 # every other point gets the same 4 fine-tune epochs per phase
 MLP = [
+    "train.model=mlp",  # on PCA features (train.model auto would pick the CNN for images)
     "compress.sweep={recipes: [[magnitude], [magnitude, cluster], [cluster], [structured],"
     " [quantize], [structured, quantize]], sparsity: [0.5, 0.7, 0.9], bits: [5]}",
     "compress.rounds=3",

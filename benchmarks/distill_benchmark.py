@@ -3,7 +3,7 @@ the same epochs, from the same trained model.
 
     .venv/bin/python benchmarks/distill_benchmark.py       # ~5 min on 2 cores
 
-Two `accelflow run`s on full Fashion-MNIST in one workdir (the default MLP, tuning off to
+Two `accelflow run`s on full Fashion-MNIST in one workdir (the MLP, tuning off to
 save time). The first trains and sweeps with `compress.distill.enabled=false`; the second
 changes only that key, so ingest → train are cache hits and every point is fine-tuned again
 from the same weights, now with the trained model as teacher (alpha 0.5, T 4, the defaults).
@@ -21,6 +21,7 @@ from common import benchmark_args, write_json  # noqa: E402  (sets the path)
 from compress_benchmark import ratios, run_sweep
 
 SWEEP = [
+    "train.model=mlp",  # auto, the default, picks the CNN for images
     "tune.enabled=false",
     # points where fine-tuning has something to win back: narrow layers, most weights zeroed
     "compress.sweep={recipes: [[structured], [magnitude]], sparsity: [0.7, 0.9]}",

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/runtime_benchmark.py        # three runs, ~8 min on 2 cores
 
 Three `accelflow run`s on embedded defaults (`serve.runtime: auto`): Fashion-MNIST with the
-default MLP, Fashion-MNIST with the CNN (so its int8 point is onnxruntime's static int8),
+MLP, Fashion-MNIST with the CNN (so its int8 point is onnxruntime's static int8),
 and the 9-column Pima table from ../shared/data. In each, the compress stage measures the
 baseline and every point in both runtimes one after the other in one process (p50 at batch
 1 and 256 on one thread, validation accuracy), and the served path (`mlflow.pyfunc` predict
@@ -21,7 +21,7 @@ from common import ROOT, benchmark_args, write_json  # noqa: E402  (sets the pat
 from compress_benchmark import run_sweep
 
 RUNS = {
-    "fmnist-mlp": [],
+    "fmnist-mlp": ["train.model=mlp"],  # auto, the default, picks the CNN for images
     "fmnist-cnn": ["train.model=cnn", "train.epochs=4", "tune.enabled=false"],
     "pima-table": [
         f"data.source={ROOT.parent / 'shared' / 'data' / 'pimaindiansdiabetes2.csv.gz'}",
