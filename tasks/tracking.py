@@ -515,8 +515,9 @@ def link_registered_model(
     if pipeline_run := run.data.tags.get("mlflow.parentRunId"):
         client.log_outputs(pipeline_run, [LoggedModelOutput(model_id, 0)])
     stamp = int(time.time() * 1000)
+    identities = {split: split_identity(partitions, split) for split in figures}
     rows = [
-        Metric(k, float(v), stamp, 0, model_id, *split_identity(partitions, split))
+        Metric(k, float(v), stamp, 0, model_id, *identities[split])
         for split, metrics in figures.items()
         for k, v in metrics.items()
         if math.isfinite(v)

@@ -207,10 +207,15 @@ def plot_curves(history: list[dict[str, Any]], path) -> str | None:
     return str(path)
 
 
+def steps_per_epoch(rows: int, processes: int, batch_size: int) -> int:
+    """Optimizer steps one process takes per epoch: a step per batch_size rows of its share."""
+    return max(1, math.ceil(math.ceil(rows / processes) / batch_size))
+
+
 def epochs_for(cfg: TrainConfig, rows: int, processes: int) -> int:
     """train.epochs, or more on a small split: enough for train.min_steps optimizer steps per
-    process (a step per batch_size rows of its share)."""
-    per_epoch = max(1, math.ceil(math.ceil(rows / processes) / cfg.batch_size))
+    process."""
+    per_epoch = steps_per_epoch(rows, processes, cfg.batch_size)
     return max(cfg.epochs, math.ceil(cfg.min_steps / per_epoch))
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -78,7 +77,7 @@ from tasks.progress import Progress, gather
 from tasks.served.runtime import RUNTIMES
 from tasks.spec import ChildRun, Hooks, Inputs, StageSpec
 from tasks.store import Manifest, StageDir
-from tasks.train import model_files, train_key, tuned_config
+from tasks.train import model_files, steps_per_epoch, train_key, tuned_config
 from tasks.training.launch import EpochHook, launch, resolve_world_size
 
 
@@ -217,9 +216,11 @@ def plan_finetunes(
     Sets each point's `trunk`; returns each trunk's arch and worker spec."""
     trunks: dict[str, dict[str, Any]] = {}
     # optimizer steps per epoch and process (DDP's when one fine-tune gets every core)
-    processes = resolve_world_size(train_cfg) * train_cfg.nnodes
-    share = math.ceil(features["splits"]["train"]["rows"] / processes)
-    per_epoch = math.ceil(share / train_cfg.batch_size)
+    per_epoch = steps_per_epoch(
+        features["splits"]["train"]["rows"],
+        resolve_world_size(train_cfg) * train_cfg.nnodes,
+        train_cfg.batch_size,
+    )
     for point in points:
         trunk = [step for step in point["recipe"] if COMPRESSION_STEPS[step].finetunes]
         point["trunk"] = point_name(trunk, point["sparsity"], point["bits"]) if trunk else None

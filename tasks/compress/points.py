@@ -71,7 +71,7 @@ def stretched(
 ) -> list[dict[str, Any]]:
     """A small split fine-tunes more epochs, until each phase takes `min_steps` optimizer
     steps (compress.min_steps); a phase of 0 epochs (no fine-tune asked for) stays 0."""
-    need = math.ceil(min_steps / max(per_epoch, 1))
+    need = math.ceil(min_steps / per_epoch)
     return [{**p, "epochs": max(p["epochs"], need) if p["epochs"] else 0} for p in point_phases]
 
 
@@ -87,9 +87,8 @@ def slim_model(arch: dict[str, Any], weights: str, ratio: float, dest: Path) -> 
     from tasks.training.models import build_model, classifier, widths
 
     state = torch.load(weights, map_location="cpu", weights_only=True)
-    if arch["model"] in ("rnn", "transformer"):  # not Torch-Pruning's: sliced here
-        narrow = narrow_recurrent if arch["model"] == "rnn" else narrow_feedforward
-        slim, state = narrow(arch, state, ratio)
+    if arch["model"] in NARROWERS:  # not Torch-Pruning's: sliced here
+        slim, state = NARROWERS[arch["model"]](arch, state, ratio)
         build_model(slim).load_state_dict(state)  # strict: every sliced shape fits the spec
         torch.save(state, dest)
         return slim
@@ -181,6 +180,10 @@ def narrow_feedforward(arch: dict[str, Any], state: dict, ratio: float) -> tuple
         state[f"{up}.bias"] = state[f"{up}.bias"][kept]
         state[f"{down}.weight"] = state[f"{down}.weight"][:, kept]
     return {**arch, "ff": keep}, state
+
+
+# the families Torch-Pruning does not narrow, and the slicing that does
+NARROWERS = {"rnn": narrow_recurrent, "transformer": narrow_feedforward}
 
 
 def teacher(trained: Manifest, distill: DistillConfig) -> dict[str, Any]:
