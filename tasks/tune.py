@@ -1,7 +1,8 @@
 """tune: an Optuna search over train.* settings, its trials in parallel on the Dask cluster.
 
 The study's first trial is the config's own train.* values, so the default and the best
-are measured on the same budget (`tune.epochs` on at most `tune.max_rows` training rows).
+are measured on the same budget (`tune.epochs`, each on the next `tune.max_rows` rows of one
+seeded walk over the training split: a trial the pruner keeps sees more data as it goes).
 Each trial is one single-process training inside a Dask task (in the worker's process: Dask
 workers are daemonic and may not start children), reporting its validation metric every
 epoch to the pruner. The study lives in Optuna's journal file in the stage's resumable
@@ -296,7 +297,9 @@ def search(
             trial.set_user_attr("train_params", params)
             trial_cfg = trial_config(train_cfg, params, cfg, features["splits"]["train"]["rows"])
             spec = train.train_spec(features, trial_cfg, None, None)
-            spec["max_train_rows"] = cfg.max_rows
+            if cfg.max_rows:  # each epoch fresh rows: a trial's data grows with its epochs
+                spec["max_train_rows"] = cfg.max_rows * trial_cfg.epochs
+                spec["epoch_train_rows"] = cfg.max_rows
             future = client.submit(
                 run_trial,
                 spec,
@@ -452,7 +455,7 @@ def summarize(study, cfg: TuneConfig, out: StageDir, interrupted: int, seconds: 
         "summary": (
             f"{trials_ran(len(rows), cfg)}: {counts['complete']} complete, {counts['pruned']} pruned, "
             f"{counts['failed']} failed, of {cfg.epochs} epochs (at least {cfg.min_steps} steps) "
-            f"on at most {cfg.max_rows} rows, "
+            f"each on {'the next ' + str(cfg.max_rows) if cfg.max_rows else 'all the'} training rows, "
             f"{cfg.sampler} sampler, {cfg.pruner} pruner, {seconds:.1f} s. Best: {won} with "
             + (
                 f"{METRIC_NAMES[cfg.metric]} {best[cfg.metric]:.4f} and "

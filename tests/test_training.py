@@ -565,6 +565,31 @@ def test_a_trial_subsample_reads_only_its_rows_row_group_by_row_group(digits_par
     assert torch.equal(part.X, X[keep]) and torch.equal(part.y, y[keep])
 
 
+def test_a_trial_trains_on_fresh_rows_every_epoch(digits_parquet):
+    """A tuning trial's subsample is walked `epoch_train_rows` at a time: its epochs train on
+    disjoint rows until every resident row has had a turn, each epoch taking only its share of
+    steps (a trial that outlives the pruner's rungs sees more of the data, at the same cost
+    per epoch); the balanced sampler draws from the epoch's rows too."""
+    from tasks.training.data import Shard, open_split
+
+    paths, features = digits_parquet
+    spec = {"features": features, "label": "label", "seed": 5}
+    spec.update(max_train_rows=300, epoch_train_rows=100)
+    split = open_split(spec, [paths["train"]], torch.device("cpu"), True, 1)
+    shard = Shard(0, 1, torch.device("cpu"), 5)
+    assert len(split) == 300 and split.steps(shard, 32) == 4  # ceil(100 / 32)
+    seen = [set(split.order(shard, epoch, True).tolist()) for epoch in range(4)]
+    assert all(len(rows) == 100 for rows in seen)
+    assert len(seen[0] | seen[1] | seen[2]) == 300  # three epochs: every row once
+    assert seen[3] == seen[0]  # then round again
+    split.class_draws = torch.ones(10, dtype=torch.float64)
+    assert set(split.order(shard, 1, True).tolist()) <= seen[1]
+    whole = open_split(
+        {**spec, "epoch_train_rows": None}, [paths["train"]], torch.device("cpu"), True, 1
+    )
+    assert whole.steps(shard, 32) == 10 and len(set(whole.order(shard, 0, True).tolist())) == 300
+
+
 def test_class_weights_balance_rare_classes_and_reach_the_loss(digits_parquet, tmp_path):
     """train.class_weight: balanced weights are n / (classes × rows); auto turns them on only
     when the rarest class has under a tenth of the largest's rows; the worker's loss uses

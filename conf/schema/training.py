@@ -286,7 +286,10 @@ class TuneConfig(Section):
         "settings by how fast they start, not where they end)",
     )
     max_rows: int | None = Field(
-        10000, ge=10, description="training rows per trial (a seeded subsample)"
+        10000,
+        ge=10,
+        description="training rows per trial epoch: each epoch the next rows of a seeded walk "
+        "over the split, so a trial the pruner keeps sees epochs × max_rows rows",
     )
     sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler (seeded)")
     pruner: Literal["median", "asha", "none"] = Field(

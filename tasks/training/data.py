@@ -99,12 +99,24 @@ def epoch_seed(shard: Shard, epoch: int) -> int:
 
 
 class ResidentSplit:
-    """The whole split as two tensors on the device."""
+    """The whole split as two tensors on the device, or a tuning trial's share of it: a
+    seeded subset of `rows`, of which each epoch trains on the next `epoch_rows` (so a trial
+    that survives the pruner's rungs sees more of the data with every epoch, not the same
+    rows again)."""
 
     mode = "resident"
     class_draws: torch.Tensor | None = None  # train.sampler: balanced (open_split sets it)
 
-    def __init__(self, files, features, label, device, rows: int | None = None, seed: int = 0):
+    def __init__(
+        self,
+        files,
+        features,
+        label,
+        device,
+        rows: int | None = None,
+        seed: int = 0,
+        epoch_rows: int | None = None,
+    ):
         total = split_rows(files)
         if rows is not None and total > rows:  # a tuning trial's budget: a seeded subset,
             # read row group by row group (in file order), never the whole split
@@ -113,6 +125,11 @@ class ResidentSplit:
         else:
             X, y = load_split(files, features, label)
         self.X, self.y = X.to(device), y.to(device)
+        self.epoch_rows = epoch_rows if epoch_rows and epoch_rows < len(self.X) else None
+        # the epochs' windows walk one seeded permutation: read in file order, the rows
+        # would otherwise come in the source's order (often sorted by class or date)
+        g = torch.Generator().manual_seed(seed)
+        self.walk = torch.randperm(len(self.X), generator=g) if self.epoch_rows else None
 
     def __len__(self) -> int:
         return len(self.X)
@@ -120,22 +137,37 @@ class ResidentSplit:
     def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.X.mean(dim=0), self.X.std(dim=0)
 
+    def epoch_window(self, epoch: int) -> torch.Tensor | None:
+        """The rows epoch `epoch` trains on (None: all of them): the next `epoch_rows` of
+        the walk, wrapping round once every row has had its turn."""
+        if self.walk is None:
+            return None
+        start = epoch * self.epoch_rows % len(self.X)
+        return self.walk.roll(-start)[: self.epoch_rows]
+
     def order(self, shard: Shard, epoch: int, shuffle: bool) -> torch.Tensor:
         """This rank's rows: a seeded shuffle, padded so every rank takes as many steps."""
         n = len(self.X)
         if not shuffle:
             return torch.arange(n)[shard.rank :: shard.world].to(self.X.device)
         g = torch.Generator().manual_seed(epoch_seed(shard, epoch))
+        window = self.epoch_window(epoch)
+        if window is not None:
+            n = len(window)
         if self.class_draws is not None:  # the same draw on every rank; each takes its share
-            order = drawn(self.y, self.class_draws, n + (-n) % shard.world, g)
-            return order[shard.rank :: shard.world].to(self.X.device)
-        order = torch.randperm(n, generator=g)
-        if n % shard.world:
-            order = torch.cat([order, order[: shard.world - n % shard.world]])
+            y = self.y.cpu() if window is None else self.y.cpu()[window]
+            order = drawn(y, self.class_draws, n + (-n) % shard.world, g)
+        else:
+            order = torch.randperm(n, generator=g)
+            if n % shard.world:
+                order = torch.cat([order, order[: shard.world - n % shard.world]])
+        if window is not None:
+            order = window[order]
         return order[shard.rank :: shard.world].to(self.X.device)
 
     def steps(self, shard: Shard, batch: int) -> int:
-        return math.ceil(math.ceil(len(self.X) / shard.world) / batch)
+        n = self.epoch_rows or len(self.X)
+        return math.ceil(math.ceil(n / shard.world) / batch)
 
     def batches(
         self, shard: Shard, epoch: int, batch: int, shuffle: bool = True
@@ -272,15 +304,17 @@ def open_split(
     spec: dict, files: list[str], device: torch.device, training: bool, processes_here: int
 ):
     """Resident when the split fits under `resident_max_gb` (auto: see memory_budget_bytes),
-    else streamed. A tuning trial's subsample (`max_train_rows`) is always resident."""
+    else streamed. A tuning trial's subsample (`max_train_rows`, `epoch_train_rows` of it
+    per epoch) is always resident."""
     features, label = spec["features"], spec["label"]
     rows = spec.get("max_train_rows") if training else None
+    epoch_rows = spec.get("epoch_train_rows") if training else None
     limit = spec.get("resident_max_gb", "auto")
     budget = (
         memory_budget_bytes(device, processes_here) if limit in (None, "auto") else limit * 2**30
     )
     if rows is not None or split_bytes(files, len(features)) <= budget:
-        split = ResidentSplit(files, features, label, device, rows, spec["seed"])
+        split = ResidentSplit(files, features, label, device, rows, spec["seed"], epoch_rows)
     else:
         split = StreamedSplit(files, features, label, device)
     draws = spec.get("class_draws") if training else None  # train.sampler: balanced
