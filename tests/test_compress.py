@@ -336,6 +336,68 @@ print(json.dumps([str(p) for p in predictions]))
 
 
 @pytest.mark.slow
+def test_the_search_keeps_its_budget_as_a_constraint_and_resumes(tmp_path):
+    """compress.search's study, driven through `search` with figures computed from each
+    point (so the test knows the answer: removing more is faster and less accurate): every
+    trial is told its cost, accuracy and drop bound, a trial beyond the accuracy budget is
+    infeasible to NSGA-II; a second call on the same folder (a killed run resumed) measures
+    the finished trials again and runs only the rest; a per-layer ratio of 1 fails at
+    validation naming the key."""
+    import optuna
+
+    from conf.schema import CompressSearch, EvaluateConfig
+    from tasks.compress.search import make_study, search
+    from tasks.store import StageDir
+
+    baseline = {"name": "baseline", "torch_val_accuracy": 0.9, "torch_latency_b256_p50_ms": 10.0}
+    asked: list[str] = []
+
+    def figures(points):
+        asked.extend(p["name"] for p in points)
+        rows = []
+        for p in points:
+            removed = float(np.mean(p["ratios"]))
+            rows.append(
+                {
+                    **p,
+                    "torch_val_accuracy": 0.9 - 0.03 * removed,
+                    "torch_latency_b256_p50_ms": 10.0 * (1 - removed) + 0.5,
+                }
+            )
+        return rows
+
+    # one layer, four widths (0 to 0.375 removed): six trials must ask for one again
+    cfg = CompressSearch(enabled=True, trials=6, quantize=False, max_ratio=0.375)
+    evaluate = EvaluateConfig(max_accuracy_drop=0.01)
+    out = StageDir(tmp=tmp_path / "partial", final=tmp_path / "final")
+    out.tmp.mkdir()
+    arch = {"model": "mlp", "hidden": [64]}
+    first = cfg.model_copy(update={"trials": 4})
+    rows, line = search(dict(baseline), arch, first, evaluate, "torch", 2, out, figures)
+    assert asked == [r["name"] for r in rows] and "4 search trials" in line
+    asked.clear()
+    rows, line = search(dict(baseline), arch, cfg, evaluate, "torch", 2, out, figures)
+    study = make_study(out, cfg, cfg.trials)
+    trials = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
+    assert len(trials) == 6 and line.startswith("6 search trials")
+    # one row per distinct point: the 4 measured again, then only the new ones
+    distinct = {tuple(t.params.values()) for t in trials}
+    assert asked == [r["name"] for r in rows] and len(rows) == len(distinct) < 6
+    by_name = {r["name"]: r for r in rows}
+    for trial in trials:
+        row = by_name[trial.user_attrs["point"]]  # a repeat is told the first one's figures
+        assert row["layer_removed"] == f"{trial.params['remove_0']:g}"
+        assert trial.values == [row["latency_b256_p50_ms"], row["val_accuracy"]]
+        (constraint,) = trial.constraints.values()  # NSGA-II: feasible at or below zero
+        assert constraint == pytest.approx(row["val_drop_bound"] - evaluate.max_accuracy_drop)
+        feasible = constraint <= 0
+        assert feasible == (trial.params["remove_0"] <= 0.25)
+    with pytest.raises(ConfigError, match=r"compress\.search\.max_ratio"):
+        load_config(None, ["compress.search={enabled: true, max_ratio: 1.0}"])
+    with pytest.raises(ConfigError, match=r"compress\.search\.enabled"):
+        load_config(None, ["compress.recipe=[]", "compress.search.enabled=true"])
+
+
 def test_a_sweep_registers_a_slim_clustered_model_served_from_its_codebooks(
     prefect_harness, digits_frame, tmp_path
 ):
@@ -366,6 +428,8 @@ def test_a_sweep_registers_a_slim_clustered_model_served_from_its_codebooks(
         "compress.sweep={recipes: [[structured, quantize], [structured, cluster], [magnitude]],"
         " sparsity: [0.5], bits: [4]}",
         "compress.finetune_epochs=2",
+        # and a trial of the per-layer search (float: the cluster point stays smallest)
+        "compress.search={enabled: true, trials: 1, quantize: false, max_ratio: 0.5}",
         "serve.runtime=auto",  # each point measured in torch and onnxruntime
     )
     champion = pipeline(unpruned)
@@ -387,7 +451,15 @@ def test_a_sweep_registers_a_slim_clustered_model_served_from_its_codebooks(
         "structured-0.5+quantize",
         "structured-0.5+cluster-4b",
         "magnitude-0.5",
+        "search-00",
     }
+    summary = client.download_artifacts(stage.info.run_id, "compress/summary.md", str(tmp_path))
+    assert "1 search trial (NSGA-II" in Path(summary).read_text()
+    # the trial's share of each layer removed, in its params; the MACs it took away
+    removed = [float(r) for r in by_name["search-00"].params["compress.layer_removed"].split()]
+    assert len(removed) == 2 and all(0 <= r <= 0.5 for r in removed)
+    macs = by_name["search-00"].metrics["point/macs"]
+    assert (macs < by_name["baseline"].metrics["point/macs"]) == any(removed)
     assert [n for n, p in by_name.items() if p.tags["accelflow.point.chosen"] == "true"] == [
         "structured-0.5+cluster-4b"
     ]
@@ -456,7 +528,7 @@ def test_a_sweep_registers_a_slim_clustered_model_served_from_its_codebooks(
         client.download_artifacts(stage.info.run_id, "compress/pareto.md", str(tmp_path))
     ).read_text()
     rows = [line for line in pareto.splitlines() if line.startswith("| ")][1:]  # not the header
-    assert len(rows) == 4 and "Chosen: **structured-0.5+cluster-4b**" in pareto
+    assert len(rows) == 5 and "Chosen: **structured-0.5+cluster-4b**" in pareto
     for artifact in ("compress/points.json", "compress/pareto.png"):
         assert client.download_artifacts(stage.info.run_id, artifact, str(tmp_path))
     compress = stage.data

@@ -25,7 +25,13 @@ from conf.schema.catalog import (
     reads_images,
     recipe_problem,
 )
-from conf.schema.compression import CompressConfig, CompressSweep, DistillConfig, auto_sweep
+from conf.schema.compression import (
+    CompressConfig,
+    CompressSearch,
+    CompressSweep,
+    DistillConfig,
+    auto_sweep,
+)
 from conf.schema.data import DaskConfig, DataConfig, PartitionConfig, ReduceConfig
 from conf.schema.display import config_digest, flatten, mask_secrets, mask_text
 from conf.schema.loading import (
@@ -62,6 +68,7 @@ __all__ = [
     "AlertsConfig",
     "CompressConfig",
     "DistillConfig",
+    "CompressSearch",
     "CompressSweep",
     "CompressionStep",
     "ConfigError",

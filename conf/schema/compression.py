@@ -85,6 +85,31 @@ class DistillConfig(Section):
     )
 
 
+class CompressSearch(Section):
+    """An Optuna NSGA-II study over each layer's width and int8, beside the sweep's points:
+    objectives evaluate.objective's cost and validation accuracy, the accuracy budget a
+    constraint (tasks/compress/search.py)."""
+
+    enabled: bool = Field(
+        False,
+        description="search per-layer widths and int8 beside the sweep (off by default: a cnn "
+        "trial's fine-tune takes ~40 s on 2 cores, beyond make run's 10 minutes)",
+    )
+    trials: int = Field(12, ge=1, description="trials in the study")
+    timeout_s: float | None = Field(
+        None, gt=0, description="start no new generation of trials after this many seconds"
+    )
+    max_ratio: float = Field(
+        0.75,
+        gt=0.0,
+        lt=1.0,
+        description="the largest share of one layer's neurons/channels a trial may remove "
+        "(in steps of 0.125)",
+    )
+    quantize: bool = Field(True, description="whether a trial may also convert to int8")
+    seed: int = Field(0, description="the sampler's seed")
+
+
 class CompressConfig(Section):
     recipe: list[CompressStep] | Literal["auto"] = Field(
         "auto",
@@ -123,6 +148,10 @@ class CompressConfig(Section):
     sweep: CompressSweep | None = Field(
         None, description="recipes × levels instead of one recipe, the best point chosen"
     )
+    search: CompressSearch = Field(
+        default_factory=CompressSearch,
+        description="a multi-objective search over per-layer widths, beside the sweep",
+    )
 
     @model_validator(mode="after")
     def _a_recipe_that_composes(self) -> CompressConfig:
@@ -135,6 +164,11 @@ class CompressConfig(Section):
             problem := recipe_problem(self.recipe, "compress.recipe", self.rounds)
         ):
             raise ValueError(problem)
+        if self.search.enabled and self.recipe == []:
+            raise ValueError(
+                "compress.search.enabled is true, but compress.recipe is [] (keep the trained "
+                "model): set compress.recipe to auto, or compress.search.enabled to false"
+            )
         if self.sweep:
             # (in a sweep, compress.rounds ramps the magnitude points; structured is one-shot)
             for i, recipe in enumerate(self.sweep.recipes):

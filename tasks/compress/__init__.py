@@ -73,6 +73,7 @@ from tasks.compress.points import (
     sweep_points,
     teacher,
 )
+from tasks.compress.search import search
 from tasks.progress import Progress, gather
 from tasks.served.runtime import RUNTIMES
 from tasks.spec import ChildRun, Hooks, Inputs, StageSpec
@@ -106,21 +107,46 @@ def compress_model(
     arches = place_weights(points, trunks, trained, out)
     runtimes = RUNTIMES if runtime == "auto" else (runtime,)
     calibration = None
-    static_int8 = trained["arch"]["model"] == "cnn" and any(
-        "quantize" in p["recipe"] for p in points
+    static_int8 = trained["arch"]["model"] == "cnn" and (
+        any("quantize" in p["recipe"] for p in points)
+        or (cfg.search.enabled and cfg.search.quantize)
     )
     if "onnxruntime" in runtimes and static_int8:
         calibration = training_rows(features, cfg.calibration_rows)
-    rows = measure_points(
-        points, arches, results, features, trained, evaluate_cfg, runtimes, calibration, out
-    )
+    baseline = measure_baseline(trained, features, evaluate_cfg, runtimes, out)
+    rows = [
+        baseline,
+        *measure_points(
+            points, arches, results, features, evaluate_cfg, runtimes, calibration, out
+        ),
+    ]
     settle_runtimes(rows, evaluate_cfg, runtime)
-    baseline = rows[0]
     if "error" in baseline:
         raise RuntimeError(
             f"serve.runtime is {runtime}, but the trained model cannot run there "
             f"({baseline['error']}): set serve.runtime to auto or torch"
         )
+    searched = ""
+    if cfg.search.enabled:
+
+        def run_points(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            """A generation of search points, fine-tuned on the cluster and measured here."""
+            trunks = plan_finetunes(batch, features, trained, cfg, train_cfg, out)
+            specs = {name: trunk["spec"] for name, trunk in trunks.items()}
+            results.update(run_finetunes(specs, train_cfg, None, client))
+            arches.update(place_weights(batch, trunks, trained, out))
+            return measure_points(
+                batch, arches, results, features, evaluate_cfg, runtimes, calibration, out
+            )
+
+        parallel = len(client.scheduler_info(n_workers=-1)["workers"])
+        search_start = time.perf_counter()
+        found, searched = search(
+            baseline, trained["arch"], cfg.search, evaluate_cfg, runtime, parallel, out, run_points
+        )
+        points += found
+        rows += found
+        search_seconds = time.perf_counter() - search_start
     if cfg.sweep:  # a sweep's table shows each point's served path; with one recipe,
         served = served_context(partitions, features)  # evaluate measures it
         for row in rows:
@@ -141,6 +167,7 @@ def compress_model(
     fronts = {"L": pareto(rows, "latency_b1_p50_ms"), "S": pareto(rows, "size_encoded_bytes")}
     for r in rows:  # flat rows: one table, one nested run each
         r["recipe"] = "+".join(r["recipe"])
+        r.pop("ratios", None)  # (a search point's shares: `layer_removed` shows them)
         r |= r.pop("encoded", {})
         r["pareto"] = "".join(k for k, names in fronts.items() if r["name"] in names)
         r["chosen"] = r["name"] == pick["name"]
@@ -184,6 +211,7 @@ def compress_model(
         "compress/parameters": float(pick["parameters"]),
         "compress/nonzero_parameters": float(pick["nonzero_parameters"]),
         "compress/seconds": time.perf_counter() - start,
+        **({"compress/search_seconds": search_seconds} if cfg.search.enabled else {}),
         **{f"compress/{k}": v for k, v in encoded.items()},
     }
     return {
@@ -195,7 +223,9 @@ def compress_model(
         "metrics": metrics,
         "plots": [out.final_path("pareto.png")],
         "report": out.final_path("pareto.md"),
-        "summary": f"{pick['name']} chosen of {len(points)} point(s), served by "
+        "summary": f"{pick['name']} chosen of {len(points)} point(s)"
+        + (f" ({searched})" if searched else "")
+        + ", served by "
         f"{pick['runtime']}: {why}; "
         f"{metrics['compress/speedup_b256']:.2f}× batch-256 latency, "
         f"{metrics['compress/size_ratio']:.2f}× smaller (zstd), "
@@ -223,7 +253,7 @@ def plan_finetunes(
     )
     for point in points:
         trunk = [step for step in point["recipe"] if COMPRESSION_STEPS[step].finetunes]
-        point["trunk"] = point_name(trunk, point["sparsity"], point["bits"]) if trunk else None
+        point["trunk"] = trunk_name(point, trunk)
         if not trunk or point["trunk"] in trunks:
             continue
         folder = out.path(f"finetune/{point['trunk']}")
@@ -232,7 +262,9 @@ def plan_finetunes(
         if "structured" in trunk:
             init_from = str(folder / "slim_init.pt")
             slim_from = trained["model"]["weights"]["path"]
-            arch = slim_model(arch, slim_from, point["sparsity"], Path(init_from))
+            arch = slim_model(
+                arch, slim_from, point.get("ratios") or point["sparsity"], Path(init_from)
+            )
         trunks[point["trunk"]] = {
             "arch": arch,
             "spec": finetune_spec(
@@ -246,6 +278,16 @@ def plan_finetunes(
             | teacher(trained, cfg.distill),
         }
     return trunks
+
+
+def trunk_name(point: dict[str, Any], trunk: list[str]) -> str | None:
+    """The fine-tune a point needs, named by what it trains (None: it needs none); a
+    search point's per-layer shares name it, so equal points share one."""
+    if not trunk:
+        return None
+    if point.get("ratios") is not None:
+        return "structured-r" + "-".join(f"{r:g}" for r in point["ratios"])
+    return point_name(trunk, point["sparsity"], point["bits"])
 
 
 def run_finetunes(
@@ -306,33 +348,45 @@ def place_weights(
     return arches
 
 
+def choice_batches(features: Manifest):
+    """What every point is measured and judged on: validation (training on a table with none)."""
+    return split_batches(features, "val" if features["splits"]["val"]["rows"] else "train")
+
+
+def measure_baseline(
+    trained: Manifest,
+    features: Manifest,
+    evaluate_cfg: EvaluateConfig,
+    runtimes: tuple[str, ...],
+    out: StageDir,
+) -> dict[str, Any]:
+    """The trained model measured in each runtime, as every point is."""
+    folder = out.path(f"points/{BASELINE}")
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(trained["model"]["weights"]["path"], folder / "model.pt")
+    (folder / "model.json").write_text(json.dumps(trained["arch"], indent=2))
+    figures = measure(
+        trained["arch"], folder, choice_batches(features), evaluate_cfg.latency_repeats, runtimes
+    )
+    return {"name": BASELINE, "recipe": [], **figures}
+
+
 def measure_points(
     points: list[dict[str, Any]],
     arches: dict[str, dict[str, Any]],
     results: dict[str, dict[str, Any]],
     features: Manifest,
-    trained: Manifest,
     evaluate_cfg: EvaluateConfig,
     runtimes: tuple[str, ...],
     calibration: np.ndarray | None,
     out: StageDir,
 ) -> list[dict[str, Any]]:
-    """The baseline, then every point, measured here one after the other in each runtime:
+    """Every point measured here one after the other in each runtime (after the baseline):
     side by side, on a machine the fine-tunes have left. Finishing a point (encoding, int8)
     updates `arches`."""
-    batches = split_batches(features, "val" if features["splits"]["val"]["rows"] else "train")
+    batches = choice_batches(features)
     repeats = evaluate_cfg.latency_repeats
-    base_folder = out.path(f"points/{BASELINE}")
-    base_folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(trained["model"]["weights"]["path"], base_folder / "model.pt")
-    (base_folder / "model.json").write_text(json.dumps(trained["arch"], indent=2))
-    rows = [
-        {
-            "name": BASELINE,
-            "recipe": [],
-            **measure(trained["arch"], base_folder, batches, repeats, runtimes),
-        }
-    ]
+    rows = []
     with Progress("compress", "points measured", len(points)) as progress:
         for i, point in enumerate(points, 1):
             folder = out.path(f"points/{point['name']}")
@@ -423,8 +477,9 @@ def compress_key(cfg: PipelineConfig, inputs: Inputs) -> dict[str, Any]:
 
 
 def build_compression(cfg: PipelineConfig, inputs: Inputs, out: StageDir, hooks: Hooks) -> dict:
-    # a sweep fine-tunes its points on the cluster; one recipe needs none
-    cluster = dask_client(cfg.dask) if cfg.compress.sweep else contextlib.nullcontext()
+    # a sweep and a search fine-tune their points on the cluster; one recipe needs none
+    on_cluster = cfg.compress.sweep or cfg.compress.search.enabled
+    cluster = dask_client(cfg.dask) if on_cluster else contextlib.nullcontext()
     with cluster as client:
         return compress_model(
             inputs["partition"],
@@ -463,7 +518,11 @@ def point_runs(manifest: Manifest) -> list[ChildRun]:
     runs = []
     for row in manifest["table"]:
         params = {"compress.recipe": row["recipe"] or "none"}
-        params |= {f"compress.{k}": row[k] for k in ("sparsity", "bits") if row.get(k) is not None}
+        params |= {
+            f"compress.{k}": row[k]
+            for k in ("sparsity", "bits", "layer_removed")
+            if row.get(k) is not None
+        }
         figures = [(k, v, 0) for k, v in point_figures(row).items()]
         tags = {
             "accelflow.stage": "compress-point",

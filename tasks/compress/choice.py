@@ -147,6 +147,7 @@ def pareto(rows: list[dict[str, Any]], cost: str) -> set[str]:
 TABLE_COLUMNS = [
     "name",
     "runtime",
+    "layer_removed",
     "val_accuracy",
     "val_drop",
     "val_drop_bound",
@@ -187,7 +188,8 @@ def pareto_markdown(rows: list[dict[str, Any]], why: str) -> str:
         + "\n\nValidation split; latencies are medians of one-thread calls (p95 and all-core "
         "figures in the JSON table). runtime: where the point's network runs when served "
         "(serve.runtime), its figures in the unprefixed columns; torch_ / onnxruntime_: "
-        "each runtime measured the same way. pareto: L = on the accuracy/batch-1 latency front, "
+        "each runtime measured the same way. layer_removed: a search trial's share of each layer "
+        "removed. pareto: L = on the accuracy/batch-1 latency front, "
         "S = on the accuracy/encoded size front.\n"
     )
 
@@ -218,7 +220,11 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, floor: float) -> None:
             label="Pareto front",
         )
         for r in ok:
-            marker, color = ("*", "black") if r["name"] == BASELINE else ("o", "tab:blue")
+            marker, color = ("o", "tab:blue")  # the sweep's points
+            if r["name"] == BASELINE:
+                marker, color = ("*", "black")
+            elif r.get("layer_removed") is not None:  # compress.search's trials
+                marker, color = ("^", "tab:green")
             ax.scatter([r[cost]], [r["val_accuracy"]], marker=marker, s=90, color=color)
             ax.annotate(
                 r["name"],
@@ -244,7 +250,7 @@ def plot_pareto(rows: list[dict[str, Any]], path: Path, floor: float) -> None:
             xscale="log",
             xlabel=label,
             ylabel="validation accuracy",
-            title=f"Accuracy vs {label.split(',')[0]} (★ baseline)",
+            title=f"Accuracy vs {label.split(',')[0]} (★ baseline, ▲ search)",
         )
         ax.legend(fontsize=8)
     fig.tight_layout()

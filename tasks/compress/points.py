@@ -75,20 +75,25 @@ def stretched(
     return [{**p, "epochs": max(p["epochs"], need) if p["epochs"] else 0} for p in point_phases]
 
 
-def slim_model(arch: dict[str, Any], weights: str, ratio: float, dest: Path) -> dict[str, Any]:
-    """Structured pruning: remove `ratio` of each hidden layer's width; save the slim weights
-    to `dest` and return the slim spec (rebuilt from JSON and checked against the pruned
-    module, so what is saved is exactly what serving will build)."""
+def slim_model(
+    arch: dict[str, Any], weights: str, ratio: float | list[float], dest: Path
+) -> dict[str, Any]:
+    """Structured pruning: remove `ratio` of each hidden layer's width (a list: each layer's
+    own share, in `narrowable_layers`' order; a GRU/LSTM/transformer takes its first, their
+    specs having one width for every layer); save the slim weights to `dest` and return the
+    slim spec (rebuilt from JSON and checked against the pruned module, so what is saved is
+    exactly what serving will build)."""
     import warnings
 
     import torch
     import torch_pruning as tp
 
-    from tasks.training.models import build_model, classifier, widths
+    from tasks.training.models import build_model, classifier, narrowable_layers, widths
 
     state = torch.load(weights, map_location="cpu", weights_only=True)
     if arch["model"] in NARROWERS:  # not Torch-Pruning's: sliced here
-        slim, state = NARROWERS[arch["model"]](arch, state, ratio)
+        one = ratio[0] if isinstance(ratio, list) else ratio
+        slim, state = NARROWERS[arch["model"]](arch, state, one)
         build_model(slim).load_state_dict(state)  # strict: every sliced shape fits the spec
         torch.save(state, dest)
         return slim
@@ -102,7 +107,10 @@ def slim_model(arch: dict[str, Any], weights: str, ratio: float, dest: Path) -> 
             model,
             example,
             importance=tp.importance.GroupMagnitudeImportance(p=2),
-            pruning_ratio=ratio,
+            pruning_ratio=0.0 if isinstance(ratio, list) else ratio,
+            pruning_ratio_dict=dict(zip(narrowable_layers(model), ratio, strict=True))
+            if isinstance(ratio, list)
+            else None,
             # the classes keep their outputs; embedding widths are part of the spec, not pruned
             ignored_layers=[
                 classifier(model),

@@ -345,6 +345,16 @@ def widths(model: nn.Module) -> dict[str, list[int]]:
     raise ValueError(f"no layer widths for {type(model).__name__}")
 
 
+def narrowable_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers whose outputs structured pruning removes, in `widths`' order (an MLP's
+    hidden layers; a CNN's convolutions, then its head's hidden layer)."""
+    if isinstance(model, MLP):
+        return [m for m in model.body if isinstance(m, nn.Linear)][:-1]
+    if isinstance(model, CNN):
+        return [*(m for m in model.features if isinstance(m, nn.Conv2d)), model.head[2]]
+    raise ValueError(f"no narrowable layers for {type(model).__name__}")
+
+
 # post-training dynamic int8 (tasks.compress, the `quantize` step): Linear weights stored as int8,
 # activations quantized on the fly; convolutions and recurrent cells stay float32
 QUANTIZE = "dynamic_int8"
