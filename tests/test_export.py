@@ -194,7 +194,7 @@ def test_a_static_int8_cnn_is_served_by_its_pyfunc_without_the_export_tooling(tm
     model.standardize.mean.fill_(float(X[train].mean()))
     model.standardize.std.fill_(float(X[train].std()))
     optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(4):
+    for _ in range(8):
         for i in torch.randperm(1400).split(64):
             optimizer.zero_grad()
             loss = torch.nn.functional.cross_entropy(
