@@ -74,6 +74,26 @@ def test_structured_pruning_leaves_a_smaller_dense_model_rebuilt_from_json(
     assert model.eval()(torch.randn(3, arch["n_features"])).shape == (3, 10)
 
 
+def test_each_layer_narrows_by_its_own_share(tmp_path):
+    """compress.search's per-layer shares, in `narrowable_layers`' order: a CNN's two
+    convolutions and its head's hidden layer each lose their own share, and the slim spec
+    rebuilds the pruned module."""
+    arch = {
+        "model": "cnn",
+        "n_features": 784,
+        "n_classes": 10,
+        "hidden": [64],
+        "dropout": 0.1,
+        "image_shape": [1, 28, 28],
+        "channels": [16, 32],
+    }
+    torch.manual_seed(0)
+    torch.save(build_model(arch).state_dict(), tmp_path / "trained.pt")
+    slim = slim_model(arch, str(tmp_path / "trained.pt"), [0.25, 0.5, 0.75], tmp_path / "s.pt")
+    assert (slim["channels"], slim["hidden"]) == ([12, 16], [16])
+    build_model(slim).load_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+
+
 @pytest.mark.parametrize(
     "arch, dead",
     [
@@ -377,7 +397,7 @@ def test_the_search_keeps_its_budget_as_a_constraint_and_resumes(tmp_path):
     assert asked == [r["name"] for r in rows] and "4 search trials" in line
     asked.clear()
     rows, line = search(dict(baseline), arch, cfg, evaluate, "torch", 2, out, figures)
-    study = make_study(out, cfg, cfg.trials)
+    study = make_study(out, cfg)
     trials = study.get_trials(states=[optuna.trial.TrialState.COMPLETE])
     assert len(trials) == 6 and line.startswith("6 search trials")
     # one row per distinct point: the 4 measured again, then only the new ones

@@ -36,7 +36,7 @@ def layer_count(arch: dict[str, Any]) -> int:
     if arch["model"] == "mlp":
         return len(arch["hidden"])
     if arch["model"] == "cnn":
-        return len(arch["channels"]) + len(arch["hidden"])
+        return len(arch["channels"]) + 1  # the head has one hidden layer, whatever `hidden` lists
     return 1  # rnn, transformer: one width for every layer
 
 
@@ -56,7 +56,7 @@ def trial_point(trial, layers: int, cfg: CompressSearch) -> dict[str, Any]:
     }
 
 
-def make_study(out: StageDir, cfg: CompressSearch, trials: int):
+def make_study(out: StageDir, cfg: CompressSearch):
     """The study (resumed from the stage's journal when a killed run left one)."""
     import optuna
     from optuna.storages.journal import JournalFileBackend
@@ -64,7 +64,7 @@ def make_study(out: StageDir, cfg: CompressSearch, trials: int):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.NSGAIISampler(
         # a generation of a few trials: a default population of 50 would be a random search
-        population_size=max(4, min(50, trials // 3)),
+        population_size=max(4, min(50, cfg.trials // 3)),
         seed=cfg.seed,
     )
     return optuna.create_study(
@@ -102,7 +102,7 @@ def search(
 
     from tasks.tune import fail_interrupted
 
-    study = make_study(out, cfg, cfg.trials)
+    study = make_study(out, cfg)
     fail_interrupted(study)
     layers = layer_count(arch)
     cost = OBJECTIVE_KEY[evaluate_cfg.objective]

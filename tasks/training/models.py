@@ -335,24 +335,22 @@ def classifier(model: nn.Module) -> nn.Linear:
     return model.body[-1] if isinstance(model, MLP) else model.head[-1]
 
 
-def widths(model: nn.Module) -> dict[str, list[int]]:
-    """The layer widths of an MLP or CNN, as `build_model` takes them from the spec."""
-    if isinstance(model, MLP):
-        return {"hidden": [m.out_features for m in model.body if isinstance(m, nn.Linear)][:-1]}
-    if isinstance(model, CNN):
-        convs = [m.out_channels for m in model.features if isinstance(m, nn.Conv2d)]
-        return {"channels": convs, "hidden": [model.head[2].out_features]}
-    raise ValueError(f"no layer widths for {type(model).__name__}")
-
-
 def narrowable_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers whose outputs structured pruning removes, in `widths`' order (an MLP's
-    hidden layers; a CNN's convolutions, then its head's hidden layer)."""
+    """The layers whose outputs structured pruning removes (an MLP's hidden layers; a CNN's
+    convolutions, then its head's hidden layer), in the order `widths` lists them."""
     if isinstance(model, MLP):
         return [m for m in model.body if isinstance(m, nn.Linear)][:-1]
     if isinstance(model, CNN):
         return [*(m for m in model.features if isinstance(m, nn.Conv2d)), model.head[2]]
-    raise ValueError(f"no narrowable layers for {type(model).__name__}")
+    raise ValueError(f"no layer widths for {type(model).__name__}")
+
+
+def widths(model: nn.Module) -> dict[str, list[int]]:
+    """The layer widths of an MLP or CNN, as `build_model` takes them from the spec."""
+    layers = narrowable_layers(model)
+    if isinstance(model, MLP):
+        return {"hidden": [m.out_features for m in layers]}
+    return {"channels": [m.out_channels for m in layers[:-1]], "hidden": [layers[-1].out_features]}
 
 
 # post-training dynamic int8 (tasks.compress, the `quantize` step): Linear weights stored as int8,
