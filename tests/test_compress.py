@@ -355,7 +355,6 @@ print(json.dumps([str(p) for p in predictions]))
 """
 
 
-@pytest.mark.slow
 def test_the_search_keeps_its_budget_as_a_constraint_and_resumes(tmp_path):
     """compress.search's study, driven through `search` with figures computed from each
     point (so the test knows the answer: removing more is faster and less accurate): every
@@ -418,6 +417,7 @@ def test_the_search_keeps_its_budget_as_a_constraint_and_resumes(tmp_path):
         load_config(None, ["compress.recipe=[]", "compress.search.enabled=true"])
 
 
+@pytest.mark.slow
 def test_a_sweep_registers_a_slim_clustered_model_served_from_its_codebooks(
     prefect_harness, digits_frame, tmp_path
 ):
