@@ -3,14 +3,17 @@
 Ingest writes `contract.json` beside its splits: the raw columns and their kinds, for each
 numeric column its range, quantiles and the share of training rows in each of its decile
 bins, for each categorical column its categories with their shares, the label set with its
-shares, and the row count. Registration logs it with the model, so the champion carries
-the contract of the data it learned from.
+shares, and the row count; for images, their shape and the same deciles of two statistics of
+each image (its brightness and contrast), since no single pixel column means much.
+Registration logs it with the model, so the champion carries the contract of the data it
+learned from.
 
 `compare` checks today's ingested data against the champion's contract: missing or new
 columns, type changes, the share of unseen categories and of numbers out of range, new or
 vanished labels (each finding one line naming the column), and measures drift as the
-population stability index (PSI) on the contract's own bins, per column and for the label.
-Everything reads the training split a chunk at a time (memory-mapped), never whole.
+population stability index (PSI) on the contract's own bins, per column (per image
+statistic) and for the label. Everything reads the training split a chunk at a time
+(memory-mapped), never whole.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ BINS = 10  # deciles: enough for a stable PSI on a few thousand rows
 SAMPLE = 20_000  # rows, evenly spaced, that fix a numeric column's decile edges
 OTHER = "<other>"  # a category the encoder pooled or never saw
 LABEL = "<label>"  # the label's row in the drift table
+IMAGE = "<image>"  # an image's shape, in findings
 
 
 def _layout(encoder: Encoder) -> dict[str, tuple[int, int]]:
@@ -70,8 +74,10 @@ def build_contract(manifest: Manifest, encoder_path: str | None) -> dict[str, An
         },
         "columns": {},
     }
-    if encoder_path is None:  # images or arrays: the label set and the shape only
+    if encoder_path is None:  # images or arrays: the shape, and an image's pixel statistics
         contract["image_shape"] = manifest.get("image_shape")
+        if contract["image_shape"]:
+            contract["images"] = _image_contract(train["X"]["path"], rows)
         return contract
     encoder = Encoder.load(Path(encoder_path))
     spans = _layout(encoder)
@@ -79,15 +85,7 @@ def build_contract(manifest: Manifest, encoder_path: str | None) -> dict[str, An
     for column in encoder.numeric:
         j = spans[column][0]
         values = encoder.raw_numbers(column, sample[:, j].astype(np.float64))
-        edges = np.unique(np.quantile(values, np.linspace(0, 1, BINS + 1)[1:-1])) if rows else []
-        contract["columns"][column] = {
-            "kind": "numeric",
-            "edges": [float(e) for e in edges],
-            "quantiles": {
-                f"p{q:02d}": float(np.quantile(values, q / 100)) if rows else None
-                for q in (1, 25, 50, 75, 99)
-            },
-        }
+        contract["columns"][column] = {"kind": "numeric", **_deciles(values)}
     for column, vocab in encoder.categorical.items():
         contract["columns"][column] = {"kind": "categorical", "vocabulary": list(vocab)}
     counts = _bin_counts(train["X"]["path"], contract, spans, encoder)
@@ -99,6 +97,70 @@ def build_contract(manifest: Manifest, encoder_path: str | None) -> dict[str, An
             names = [*spec.pop("vocabulary"), OTHER]
             spec["categories"] = dict(zip(names, _shares(counts[column]["bins"]), strict=True))
     return contract
+
+
+def _deciles(values: np.ndarray) -> dict[str, Any]:
+    """A numeric column's decile edges (its bins) and quantiles, from a sample of its values."""
+    edges = np.unique(np.quantile(values, np.linspace(0, 1, BINS + 1)[1:-1])) if len(values) else []
+    return {
+        "kind": "numeric",
+        "edges": [float(e) for e in edges],
+        "quantiles": {
+            f"p{q:02d}": float(np.quantile(values, q / 100)) if len(values) else None
+            for q in (1, 25, 50, 75, 99)
+        },
+    }
+
+
+# An image has hundreds of pixels, none of which means much alone: drift is read from what
+# each image's pixels say together, its brightness (mean) and its contrast (spread). A
+# re-exposed camera, another scanner or a normalised feed moves these whatever the labels.
+IMAGE_STATISTICS = ("<brightness>", "<contrast>")
+
+
+def image_statistics(block: np.ndarray) -> dict[str, np.ndarray]:
+    """Per image of `block` (rows first, any shape after): its pixels' mean and spread."""
+    pixels = block.reshape(len(block), -1).astype(np.float32)
+    return dict(zip(IMAGE_STATISTICS, (pixels.mean(axis=1), pixels.std(axis=1)), strict=True))
+
+
+def _image_contract(path: str, rows: int) -> dict[str, dict[str, Any]]:
+    """Each image statistic's deciles, range and shares, from a sample then one pass."""
+    sample = image_statistics(npy_sample(path, rows, SAMPLE))
+    specs = {name: _deciles(values) for name, values in sample.items()}
+    for name, acc in image_counts(path, specs).items():
+        specs[name].update(
+            {"min": acc["range"][0], "max": acc["range"][1], "shares": _shares(acc["bins"])}
+        )
+    return specs
+
+
+def image_counts(path: str, specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One pass over an image split on disk: per statistic, images per bin of `specs`' edges,
+    the range seen, and the images outside `specs`' min and max where they have them."""
+    out = {
+        name: {"bins": np.zeros(len(spec["edges"]) + 1, np.int64), "outside": 0}
+        | {"range": [math.inf, -math.inf]}
+        for name, spec in specs.items()
+    }
+    for block in npy_chunks(path):
+        for name, values in image_statistics(block).items():
+            _count(out[name], specs[name], values.astype(np.float64))
+    return out
+
+
+def _count(acc: dict[str, Any], spec: dict[str, Any], values: np.ndarray) -> None:
+    """Add `values` to a numeric column's bins, range and out-of-range count."""
+    acc["bins"] += np.bincount(
+        np.searchsorted(spec["edges"], values, side="right"), minlength=len(acc["bins"])
+    )
+    if len(values):
+        acc["range"] = [
+            min(acc["range"][0], float(values.min())),
+            max(acc["range"][1], float(values.max())),
+        ]
+    if "min" in spec:
+        acc["outside"] += int(((values < spec["min"]) | (values > spec["max"])).sum())
 
 
 def _bin_counts(
@@ -139,17 +201,7 @@ def count_bins(
             values = block[:, lo].astype(np.float64)
             if mapped:
                 values = encoder.raw_numbers(column, values)
-            spec = contract["columns"][column]
-            acc["bins"] += np.bincount(
-                np.searchsorted(spec["edges"], values, side="right"), minlength=len(acc["bins"])
-            )
-            if len(values):
-                acc["range"] = [
-                    min(acc["range"][0], float(values.min())),
-                    max(acc["range"][1], float(values.max())),
-                ]
-            if "min" in spec:
-                acc["outside"] += int(((values < spec["min"]) | (values > spec["max"])).sum())
+            _count(acc, contract["columns"][column], values)
     return out
 
 
@@ -276,6 +328,22 @@ def compare(
         action = cfg.on_violation.get(kind, "warn")
         findings.append({"kind": kind, "column": column, "action": action, "line": line})
 
+    def numeric_drift(column: str, spec: dict[str, Any], today: dict[str, Any]) -> dict:
+        """PSI of a numeric column (or image statistic) on the champion's bins; a finding
+        when too many of today's rows lie outside the champion's range."""
+        rows = int(today["bins"].sum())
+        share = today["outside"] / max(rows, 1)
+        if share > cfg.max_out_of_range_share:
+            find(
+                "out_of_range",
+                column,
+                f"column '{column}': {share:.1%} of today's rows lie outside "
+                f"[{spec['min']:.4g}, {spec['max']:.4g}], {champion_name}'s training "
+                f"range (monitor.max_out_of_range_share {cfg.max_out_of_range_share})",
+            )
+        shares = _shares(today["bins"])
+        return {"column": column, "kind": "numeric", "psi": psi(spec["shares"], shares, rows)}
+
     theirs_cols, my_cols = champion["columns"], mine["columns"]
     for column in theirs_cols.keys() - my_cols.keys():
         find(
@@ -315,26 +383,20 @@ def compare(
         encoder = Encoder.load(Path(today["encoder"]["path"]))
         spans = _layout(encoder)
         counts = _bin_counts(today["splits"]["train"]["X"]["path"], champion, spans, encoder)
-        rows = max(int(today["splits"]["train"]["rows"]), 1)
         for column in numeric:
-            share = counts[column]["outside"] / rows
-            if share > cfg.max_out_of_range_share:
-                spec = theirs_cols[column]
-                find(
-                    "out_of_range",
-                    column,
-                    f"column '{column}': {share:.1%} of today's rows lie outside "
-                    f"[{spec['min']:.4g}, {spec['max']:.4g}], {champion_name}'s training "
-                    f"range (monitor.max_out_of_range_share {cfg.max_out_of_range_share})",
-                )
-            today_shares = _shares(counts[column]["bins"])
-            drift.append(
-                {
-                    "column": column,
-                    "kind": "numeric",
-                    "psi": psi(theirs_cols[column]["shares"], today_shares, mine["rows"]),
-                }
-            )
+            drift.append(numeric_drift(column, theirs_cols[column], counts[column]))
+    theirs_shape, my_shape = champion.get("image_shape"), mine.get("image_shape")
+    if theirs_shape != my_shape and (theirs_shape or my_shape):
+        find(
+            "type_change",
+            IMAGE,
+            f"images are {_shape(my_shape)} today but were {_shape(theirs_shape)} for "
+            f"{champion_name}",
+        )
+    elif champion.get("images"):  # today's images on the champion's bins: one pass
+        counts = image_counts(today["splits"]["train"]["X"]["path"], champion["images"])
+        for name, spec in champion["images"].items():
+            drift.append({**numeric_drift(name, spec, counts[name]), "kind": "image"})
     for column in (c for c in same_kind if theirs_cols[c]["kind"] == "categorical"):
         known = theirs_cols[column]["categories"]
         today_on_theirs = dict.fromkeys(known, 0.0)
@@ -382,6 +444,10 @@ def compare(
         "max_psi": drift[0]["psi"] if drift else 0.0,
         "max_psi_allowed": cfg.max_psi,
     }
+
+
+def _shape(shape: list[int] | None) -> str:
+    return "×".join(map(str, shape)) if shape else "not images"
 
 
 def first_few(names: list[str], limit: int = 10) -> str:

@@ -474,7 +474,8 @@ def test_a_worse_run_on_drifted_data_on_the_cluster_profile_fires_both_alerts_on
     }, alerts
     drifted = by_event["accelflow.data.drifted"]
     assert drifted["run_id"] == worse_run and drifted["champion"] == "accelflow-classifier v1"
-    assert drifted["columns"] == ["<label>"]  # images: the contract holds their labels
+    # the class shares moved; each image's brightness and contrast much less (PSI ~0.04, ~0.02)
+    assert drifted["columns"] == ["<label>"]
     alert = by_event["accelflow.run.regressed"]
     assert alert["run_id"] == worse_run
     assert alert["accuracy_drop"] > 0.01 and "test accuracy" in alert["why"]

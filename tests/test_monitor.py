@@ -140,3 +140,60 @@ def test_a_drift_line_names_the_most_drifted_columns_and_counts_the_rest():
     assert first_few(columns) == ", ".join(columns[:10]) + " and 690 more"
     assert first_few(columns[:10]) == ", ".join(columns[:10])
     assert first_few(["pixel_2_3"]) == "pixel_2_3"
+
+
+def test_images_drift_by_brightness_and_contrast_not_pixel_by_pixel(fmnist_small, tmp_path):
+    """Fashion-MNIST as the champion saw it, then the same photographs over-exposed (a camera
+    re-set): the contract holds each image's brightness and contrast deciles; the same
+    images read as no drift, the over-exposed ones drift in both statistics (and are out of
+    the champion's range), and images of another size are a type change."""
+    from conftest import write_idx
+
+    from tasks.readers import read_idx
+
+    def images(name, change=None):
+        folder = tmp_path / name
+        folder.mkdir()
+        for kind in ("train", "t10k"):
+            pixels = read_idx(fmnist_small / f"{kind}-images-idx3-ubyte.gz")
+            write_idx(folder / f"{kind}-images-idx3-ubyte.gz", change(pixels) if change else pixels)
+            labels = fmnist_small / f"{kind}-labels-idx1-ubyte.gz"
+            (folder / labels.name).write_bytes(labels.read_bytes())
+        cfg = DataConfig(source=str(folder))
+        return run_stage(
+            tmp_path / f"{name}-work",
+            "ingest",
+            "1",
+            cfg.model_dump(mode="json"),
+            [],
+            lambda out: ingest_dataset(cfg, out, None),
+        ).manifest
+
+    champion = images("champion")
+    with open(champion["contract"]["path"]) as fh:
+        contract = json.load(fh)
+    assert contract["image_shape"] == [1, 28, 28] and contract["columns"] == {}
+    brightness = contract["images"]["<brightness>"]
+    assert 0 < brightness["min"] < brightness["quantiles"]["p50"] < brightness["max"] <= 255
+    assert sum(brightness["shares"]) == pytest.approx(1.0)
+
+    same = compare(contract, images("same"), MonitorConfig(), CHAMPION)
+    assert same["drifted"] == [] and same["findings"] == []
+    assert {r["column"] for r in same["drift"] if r["kind"] == "image"} == {
+        "<brightness>",
+        "<contrast>",
+    }
+
+    exposed = images("exposed", lambda x: (x * 0.5 + 128).astype(np.uint8))
+    result = compare(contract, exposed, MonitorConfig(), CHAMPION)
+    assert set(result["drifted"]) == {"<brightness>", "<contrast>"}  # not the label
+    assert [(f["kind"], f["column"]) for f in result["findings"]] == [
+        ("out_of_range", "<brightness>")  # many brighter than any the champion saw
+    ]
+
+    cropped = images("cropped", lambda x: x[:, 4:24, 4:24])
+    result = compare(contract, cropped, MonitorConfig(), CHAMPION)
+    assert [(f["kind"], f["column"], f["action"]) for f in result["findings"]] == [
+        ("type_change", "<image>", "error")
+    ]
+    assert "images are 1×20×20 today but were 1×28×28" in result["findings"][0]["line"]
