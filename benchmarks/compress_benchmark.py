@@ -18,11 +18,12 @@ Structured pruning where Torch-Pruning does not reach: the GRU, LSTM and transfo
 feed-forward width), batch-256 latency on one thread before and after, alternating rounds,
 best of 3 (the weights' values do not change the time; accuracy needs the sweep above).
 
-    .venv/bin/python benchmarks/compress_benchmark.py --search [--trials 12]
+    .venv/bin/python benchmarks/compress_benchmark.py --search [--trials 12] [--model cnn]
 
 The search (`compress.search`) beside the default sweep (`compress.recipe: auto`) in one run
-on the MLP, the issue's 0.5-point budget: every point measured the same way; the fastest
-point within the budget of each, and the seconds each took. Writes results/compress_search.json.
+on the MLP (or the CNN, trained 5 epochs), the issue's 0.5-point budget: every point
+measured the same way; the fastest point within the budget of each, and the seconds each
+took. Writes results/compress_search.json (compress_search_cnn.json).
 """
 
 from __future__ import annotations
@@ -183,11 +184,11 @@ NARROWED = {  # Fashion-MNIST's shapes, the train benchmark's settings
 
 
 def narrowing(rounds: int = 3, calls: int = 15) -> list[dict]:
-    import time
 
     import torch
 
     from tasks.compress.points import slim_model
+    from tasks.served.pyfunc import timed_ms
     from tasks.training.models import build_model, load_model
 
     torch.set_num_threads(1)
@@ -195,14 +196,7 @@ def narrowing(rounds: int = 3, calls: int = 15) -> list[dict]:
 
     def latency_ms(model) -> float:
         with torch.inference_mode():
-            for _ in range(3):
-                model(x)
-            times = []
-            for _ in range(calls):
-                start = time.perf_counter()
-                model(x)
-                times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2] * 1000
+            return timed_ms(lambda: model(x), calls)[0]  # the compress stage's own loop
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -225,7 +219,9 @@ def narrowing(rounds: int = 3, calls: int = 15) -> list[dict]:
                 {
                     "model": name,
                     "narrowed": {
-                        k: slim[k] for k in ("hidden", "ff") if slim.get(k) != arch.get(k)
+                        k: slim[k]
+                        for k in ("hidden", "ff", "kept_heads")
+                        if slim.get(k) != arch.get(k)
                     },
                     "b256_ms_before": best["before"],
                     "b256_ms_after": best["after"],
@@ -247,11 +243,12 @@ def narrowing(rounds: int = 3, calls: int = 15) -> list[dict]:
     return rows
 
 
-def search_against_sweep(trials: int) -> dict:
-    """The MLP's default sweep and `trials` search trials in one run (see the docstring)."""
+def search_against_sweep(trials: int, model: str) -> dict:
+    """`model`'s default sweep and `trials` search trials in one run (see the docstring)."""
     budget = 0.005
     overrides = [
-        "train.model=mlp",
+        f"train.model={model}",
+        *(["train.epochs=5"] if model == "cnn" else []),  # as the CNN sweep above trains it
         "tune.enabled=false",
         f"evaluate.max_accuracy_drop={budget}",
         f"compress.search={{enabled: true, trials: {trials}}}",
@@ -315,11 +312,13 @@ def main() -> None:
     parser.add_argument("--narrowing", action="store_true", help="the narrowing speeds only")
     parser.add_argument("--search", action="store_true", help="the search against the sweep")
     parser.add_argument("--trials", type=int, default=12, help="--search: trials")
+    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp", help="--search: model")
     args = parser.parse_args()
     if args.search:
-        result = search_against_sweep(args.trials)
+        result = search_against_sweep(args.trials, args.model)
         print_search(result)
-        write_json(args.json.with_name("compress_search.json"), result)
+        suffix = "" if args.model == "mlp" else f"_{args.model}"
+        write_json(args.json.with_name(f"compress_search{suffix}.json"), result)
         return
     if args.narrowing:
         path = (

@@ -113,24 +113,25 @@ def test_each_layer_narrows_by_its_own_share(tmp_path):
             },
             "rnn",
         ),
-        (  # a transformer's feed-forward blocks, one token per feature
+        (  # a transformer's heads and feed-forward blocks, one token per feature
             {
                 "model": "transformer",
                 "n_features": 12,
                 "n_classes": 3,
                 "hidden": [16, 16],
-                "heads": 2,
+                "heads": 4,
                 "dropout": 0.0,
             },
             "transformer",
         ),
     ],
 )
-def test_recurrent_and_feedforward_narrowing_keeps_the_units_that_matter(arch, dead, tmp_path):
+def test_recurrent_and_transformer_narrowing_keeps_the_units_that_matter(arch, dead, tmp_path):
     """Structured pruning of the families Torch-Pruning does not cover, checked where the
-    answer is known: half of every layer's units are made dead (all their weights zero), so
-    narrowing by half must remove exactly those and leave the same outputs. The slim model
-    loads as the served model does (spec from JSON, weights-only file) and scores rows."""
+    answer is known: half of every layer's units (and attention heads) are made dead (all
+    their weights zero), so narrowing by half must remove exactly those and leave the same
+    outputs. The slim model loads as the served model does (spec from JSON, weights-only
+    file) and scores rows."""
     from tasks.training.models import load_model
 
     torch.manual_seed(0)
@@ -153,10 +154,19 @@ def test_recurrent_and_feedforward_narrowing_keeps_the_units_that_matter(arch, d
                 for name in ("linear1.weight", "linear1.bias"):
                     state[f"encoder.layers.{layer}.{name}"][units] = 0
                 state[f"encoder.layers.{layer}.linear2.weight"][:, units] = 0
+                attn, size = f"encoder.layers.{layer}.self_attn", 16 // arch["heads"]
+                for head in torch.randperm(arch["heads"])[:2].tolist():  # two of four heads
+                    rows = (torch.arange(3).unsqueeze(1) * 16 + head * size).flatten()
+                    rows = (rows.unsqueeze(1) + torch.arange(size)).flatten()  # q, k, v rows
+                    state[f"{attn}.in_proj_weight"][rows] = 0
+                    state[f"{attn}.in_proj_bias"][rows] = 0
+                    state[f"{attn}.out_proj.weight"][:, head * size : (head + 1) * size] = 0
     model.load_state_dict(state)
     torch.save(state, tmp_path / "trained.pt")
     slim = slim_model(arch, str(tmp_path / "trained.pt"), 0.5, tmp_path / "slim.pt")
-    narrowed = {"hidden": [16] * len(arch["hidden"])} if dead == "rnn" else {"ff": 16}
+    narrowed = (
+        {"hidden": [16] * len(arch["hidden"])} if dead == "rnn" else {"ff": 16, "kept_heads": 2}
+    )
     assert slim == {**arch, **narrowed}
     loaded = load_model(json.loads(json.dumps(slim)), tmp_path / "slim.pt")
     x = torch.randn(5, arch["n_features"])
@@ -634,3 +644,25 @@ def test_figures_summed_over_chunks_are_scikit_learn_s():
         "**Missed classes** (test recall under 50%): `rare` 0.00 of 7 rows. "
     )
     assert weak_classes([{"class": "a", "recall": 0.9, "support": 3}]) == ""
+
+
+def test_kept_heads_attention_answers_as_multihead_attention_with_every_head():
+    """The attention a head-pruned transformer runs, given all of nn.MultiheadAttention's
+    heads (its weights in the same layout), answers as it does: same q/k/v/head order."""
+    from tasks.training.models import KeptHeadsAttention
+
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    kept = KeptHeadsAttention(16, 4, 4, 0.0).eval()
+    kept.load_state_dict(
+        {
+            "qkv.weight": mha.in_proj_weight,
+            "qkv.bias": mha.in_proj_bias,
+            "out_proj.weight": mha.out_proj.weight,
+            "out_proj.bias": mha.out_proj.bias,
+        }
+    )
+    x = torch.randn(3, 7, 16)
+    with torch.inference_mode():
+        expected = mha(x, x, x, need_weights=False)[0]
+        assert torch.allclose(kept(x, x, x)[0], expected, atol=1e-5)

@@ -37,6 +37,14 @@ FAMILIES = {
     "gru": {"model": "rnn", **IMAGE, "hidden": [16], "cell": "gru"},
     "lstm-2-layers": {"model": "rnn", **IMAGE, "hidden": [8, 8], "cell": "lstm"},
     "transformer-image": {"model": "transformer", **IMAGE, "hidden": [16], "heads": 2, "patch": 4},
+    "transformer-pruned": {  # 2 of its 4 heads kept, a narrower feed-forward (compress)
+        "model": "transformer",
+        **IMAGE,
+        "hidden": [16],
+        "heads": 4,
+        "kept_heads": 2,
+        "ff": 8,
+    },
     "transformer-table": {
         "model": "transformer",
         "n_features": 5,

@@ -24,7 +24,7 @@ MODEL_FAMILIES = {
     "mlp": ModelFamily(reads="features", narrowable=True),
     "cnn": ModelFamily(reads="images", narrowable=True, epochs=8),
     # an image's rows (rnn) or patches (transformer), or a table's features as a sequence
-    # (narrowed: a GRU / LSTM's hidden units, a transformer's feed-forward width)
+    # (narrowed: a GRU / LSTM's hidden units, a transformer's heads and feed-forward width)
     "rnn": ModelFamily(reads="images or features", narrowable=True),
     "transformer": ModelFamily(reads="images or features", narrowable=True),
 }

@@ -216,14 +216,59 @@ class RNN(nn.Module):
         return self.head(self.embed(x))
 
 
+class KeptHeadsAttention(nn.Module):
+    """Self-attention that keeps only some of the heads a layer was trained with (structured
+    pruning removes the others): q, k and v project the width to `heads` × `head_dim`, the
+    output projects back to the width. `nn.MultiheadAttention` cannot: its heads must fill
+    the width. Called as `nn.TransformerEncoderLayer` calls its attention; a layer holding
+    it takes the layer's standard path, not the fused one (which needs
+    `nn.MultiheadAttention`'s own weights)."""
+
+    batch_first = True
+    _qkv_same_embed_dim = False  # what the layer's fused-path check reads to step aside
+
+    def __init__(self, width: int, heads: int, head_dim: int, dropout: float):
+        super().__init__()
+        self.num_heads, self.head_dim, self.dropout = heads, head_dim, dropout
+        self.qkv = nn.Linear(width, 3 * heads * head_dim)  # [q heads | k heads | v heads]
+        self.out_proj = nn.Linear(heads * head_dim, width)
+
+    @property
+    def in_proj_bias(self) -> torch.Tensor:  # read by the layer's fused-path check
+        return self.qkv.bias
+
+    def forward(self, query, key, value, attn_mask=None, key_padding_mask=None, **_):
+        if attn_mask is not None or key_padding_mask is not None:
+            raise ValueError("KeptHeadsAttention: masks are not supported (none is used here)")
+        batch, tokens, _ = query.shape
+        q, k, v = (
+            self.qkv(query)
+            .view(batch, tokens, 3, self.num_heads, self.head_dim)
+            .permute(2, 0, 3, 1, 4)
+        )
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, -1)), None
+
+
 class Transformer(nn.Module):
     """A small self-attention encoder: an image cut into `patch`×`patch` patches, or each
     feature of a table as a token (its value times a learned vector plus a learned bias,
     as in FT-Transformer); a class token, learned positions, pre-norm encoder layers
-    (`len(hidden)` of width `hidden[0]`, `heads` heads); the class token is classified."""
+    (`len(hidden)` of width `hidden[0]`, `heads` heads); the class token is classified.
+    A pruned one keeps `kept_heads` of each layer's heads and a feed-forward width `ff`."""
 
     def __init__(
-        self, n_features, n_classes, hidden, dropout, image_shape=None, heads=4, patch=4, ff=None
+        self,
+        n_features,
+        n_classes,
+        hidden,
+        dropout,
+        image_shape=None,
+        heads=4,
+        patch=4,
+        ff=None,
+        kept_heads=None,
     ):
         super().__init__()
         width = hidden[0]
@@ -255,6 +300,11 @@ class Transformer(nn.Module):
             norm_first=True,
         )
         self.encoder = nn.TransformerEncoder(layer, len(hidden), enable_nested_tensor=False)
+        if kept_heads is not None and kept_heads < heads:
+            for encoder_layer in self.encoder.layers:
+                encoder_layer.self_attn = KeptHeadsAttention(
+                    width, kept_heads, width // heads, dropout
+                )
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, n_classes)
 
@@ -323,6 +373,7 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
             arch.get("heads", 4),
             arch.get("patch", 4),
             arch.get("ff"),
+            arch.get("kept_heads"),
         )
     raise ValueError(f"train.model: unknown model '{name}'; choose one of {', '.join(MODELS)}")
 
