@@ -119,22 +119,11 @@ def onnx_backends(model_fn, folder: Path):
     return backends
 
 
-def p50_ms(call, x, calls: int) -> float:
-    for _ in range(5):
-        call(x)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        call(x)
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2] * 1000
-
-
 def main() -> None:
     import numpy as np
     import torch
 
+    from tasks.served.pyfunc import timed_ms
     from tasks.training.models import build_model
 
     parser = benchmark_args(__doc__, "int8_backends")
@@ -156,7 +145,10 @@ def main() -> None:
         for _ in range(ROUNDS):  # alternating: a slow minute on a shared machine hits all
             for name, call in backends.items():
                 for batch, calls in CALLS.items():
-                    best[name][batch] = min(best[name][batch], p50_ms(call, inputs[batch], calls))
+                    p50 = timed_ms(lambda c=call, x=inputs[batch]: c(x), calls)[
+                        0
+                    ]  # the stage's own loop
+                    best[name][batch] = min(best[name][batch], p50)
         rows = [
             {
                 "backend": name,
