@@ -138,15 +138,21 @@ def _image_contract(path: str, rows: int) -> dict[str, dict[str, Any]]:
 def image_counts(path: str, specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """One pass over an image split on disk: per statistic, images per bin of `specs`' edges,
     the range seen, and the images outside `specs`' min and max where they have them."""
-    out = {
-        name: {"bins": np.zeros(len(spec["edges"]) + 1, np.int64), "outside": 0}
-        | {"range": [math.inf, -math.inf]}
-        for name, spec in specs.items()
-    }
+    out = {name: _numeric_counter(spec) for name, spec in specs.items()}
     for block in npy_chunks(path):
         for name, values in image_statistics(block).items():
             _count(out[name], specs[name], values.astype(np.float64))
     return out
+
+
+def _numeric_counter(spec: dict[str, Any]) -> dict[str, Any]:
+    """An empty count of a numeric column on `spec`'s bins (one below the first edge and one
+    above the last), its range and its values outside `spec`'s min and max."""
+    return {
+        "bins": np.zeros(len(spec["edges"]) + 1, np.int64),
+        "outside": 0,
+        "range": [math.inf, -math.inf],
+    }
 
 
 def _count(acc: dict[str, Any], spec: dict[str, Any], values: np.ndarray) -> None:
@@ -187,8 +193,7 @@ def count_bins(
         spec = contract["columns"].get(column)
         if spec is None or spec["kind"] != "numeric":
             continue
-        out[column] = {"bins": np.zeros(len(spec["edges"]) + 1, np.int64), "outside": 0}
-        out[column]["range"] = [math.inf, -math.inf]
+        out[column] = _numeric_counter(spec)
     for column, vocab in encoder.categorical.items():
         out[column] = {"bins": np.zeros(len(vocab) + 1, np.int64)}
     for block in blocks:
