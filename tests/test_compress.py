@@ -421,6 +421,21 @@ def test_the_search_keeps_its_budget_as_a_constraint_and_resumes(tmp_path):
         assert constraint == pytest.approx(row["val_drop_bound"] - evaluate.max_accuracy_drop)
         feasible = constraint <= 0
         assert feasible == (trial.params["remove_0"] <= 0.25)
+    # when size is the objective a trial may cluster instead (smaller, not faster): its point
+    # is narrowed, then k-means shared at the bits it chose, fine-tuned like the sweep's
+    from tasks.compress.points import phases
+    from tasks.compress.search import last_steps, trial_point
+
+    assert last_steps(cfg, "latency") == ["none"]  # quantize false, latency: widths only
+    steps = last_steps(CompressSearch(cluster_bits=[4, 6]), "size")
+    assert steps == ["none", "quantize", "cluster-4", "cluster-6"]
+    fixed = optuna.trial.FixedTrial({"remove_0": 0.25, "last_step": "cluster-4"}, 7)
+    point = trial_point(fixed, 1, 0.5, steps)
+    assert point["recipe"] == ["structured", "cluster"] and point["bits"] == 4
+    compress = load_config(None, []).compress
+    assert [ph.get("cluster_bits") for ph in phases(point, compress)] == [None, 4]
+    with pytest.raises(ConfigError, match=r"compress\.search\.cluster_bits"):
+        load_config(None, ["compress.search={enabled: true, cluster_bits: [9]}"])
     with pytest.raises(ConfigError, match=r"compress\.search\.max_ratio"):
         load_config(None, ["compress.search={enabled: true, max_ratio: 1.0}"])
     with pytest.raises(ConfigError, match=r"compress\.search\.enabled"):

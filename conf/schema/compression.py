@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     Field,
@@ -107,6 +107,11 @@ class CompressSearch(Section):
         "(in steps of 0.125)",
     )
     quantize: bool = Field(True, description="whether a trial may also convert to int8")
+    cluster_bits: list[Annotated[int, Field(ge=1, le=8)]] = Field(
+        default_factory=lambda: [4, 5, 6],
+        description="evaluate.objective size: the k-means bits a trial may cluster its "
+        "weights to instead (clustering makes a model smaller, not faster); [] never",
+    )
     seed: int = Field(0, description="the sampler's seed")
 
 

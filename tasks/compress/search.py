@@ -2,7 +2,9 @@
 
 A trial removes its own share of each narrowable layer (an MLP's hidden layers, a CNN's
 convolutions and its head's hidden layer; one width for a GRU/LSTM/transformer, whose specs
-have one), in steps of 0.125 up to `compress.search.max_ratio`, and may add int8. It is
+have one), in steps of 0.125 up to `compress.search.max_ratio`, and may add int8 or, when
+`evaluate.objective` is size, k-means weight sharing at one of `compress.search.cluster_bits`
+(clustering shrinks the stored model; it does not make it faster). It is
 then a point like the sweep's: slimmed, fine-tuned (distilled from the trained model) on
 the Dask cluster, measured here in each runtime, its runtime settled. The two objectives
 are `evaluate.objective`'s cost (batch-256 latency or size) and validation accuracy; the
@@ -40,17 +42,25 @@ def layer_count(arch: dict[str, Any]) -> int:
     return 1  # rnn, transformer: one width for every layer
 
 
-def trial_point(trial, layers: int, cfg: CompressSearch) -> dict[str, Any]:
-    """The point a trial asks for: each layer's removed share, and int8 or not."""
-    ratios = [
-        trial.suggest_float(f"remove_{i}", 0.0, cfg.max_ratio, step=STEP) for i in range(layers)
-    ]
-    quantize = cfg.quantize and trial.suggest_categorical("quantize", [False, True])
+def last_steps(cfg: CompressSearch, objective: str) -> list[str]:
+    """What a trial may do after narrowing: nothing, int8, or (when the objective is size:
+    clustering makes a model smaller, not faster) k-means weight sharing at some bits."""
+    steps = ["none", *(["quantize"] if cfg.quantize else [])]
+    if objective == "size":
+        steps += [f"cluster-{bits}" for bits in cfg.cluster_bits]
+    return steps
+
+
+def trial_point(trial, layers: int, max_ratio: float, steps: list[str]) -> dict[str, Any]:
+    """The point a trial asks for: each layer's removed share, and its last step."""
+    ratios = [trial.suggest_float(f"remove_{i}", 0.0, max_ratio, step=STEP) for i in range(layers)]
+    last = trial.suggest_categorical("last_step", steps) if len(steps) > 1 else "none"
+    step, _, bits = last.partition("-")
     return {
         "name": f"search-{trial.number:02d}",
-        "recipe": ["structured", "quantize"] if quantize else ["structured"],
+        "recipe": ["structured", *([step] if step != "none" else [])],
         "sparsity": None,
-        "bits": None,
+        "bits": int(bits) if bits else None,
         "ratios": ratios,
         "layer_removed": " ".join(f"{r:g}" for r in ratios),
     }
@@ -78,7 +88,7 @@ def make_study(out: StageDir, cfg: CompressSearch):
 
 def point_key(point: dict[str, Any]) -> tuple:
     """What makes two trials the same point (NSGA-II on a coarse grid asks again)."""
-    return (tuple(point["ratios"]), "quantize" in point["recipe"])
+    return (tuple(point["ratios"]), tuple(point["recipe"]), point["bits"])
 
 
 RunPoints = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
@@ -105,6 +115,7 @@ def search(
     study = make_study(out, cfg)
     fail_interrupted(study)
     layers = layer_count(arch)
+    steps = last_steps(cfg, evaluate_cfg.objective)
     cost = OBJECTIVE_KEY[evaluate_cfg.objective]
     rows: list[dict[str, Any]] = []
     seen: dict[tuple, dict[str, Any]] = {}  # each distinct point's row: a repeat is not re-run
@@ -122,7 +133,7 @@ def search(
     # finished before a kill: measured again (their fine-tunes resume at their end)
     measure_new(
         [
-            trial_point(optuna.trial.FixedTrial(t.params, t.number), layers, cfg)
+            trial_point(optuna.trial.FixedTrial(t.params, t.number), layers, cfg.max_ratio, steps)
             for t in study.trials
             if t.state == TrialState.COMPLETE
         ]
@@ -134,7 +145,7 @@ def search(
             cfg.timeout_s is None or time.monotonic() - start < cfg.timeout_s
         ):
             asked = [study.ask() for _ in range(min(parallel, cfg.trials - launched))]
-            points = [trial_point(t, layers, cfg) for t in asked]
+            points = [trial_point(t, layers, cfg.max_ratio, steps) for t in asked]
             measure_new(points)
             for trial, point in zip(asked, points, strict=True):
                 row = seen[point_key(point)]  # a repeat is told the first one's figures
