@@ -12,7 +12,7 @@ Ratios are baseline ÷ point within that one run. Prints the tables, checks the 
 and writes benchmarks/results/compress.json.
 
     .venv/bin/python benchmarks/compress_benchmark.py --narrowing  # ~1 min
-    .venv/bin/python benchmarks/compress_benchmark.py --sequence   # the sweep: GRU, transformer
+    .venv/bin/python benchmarks/compress_benchmark.py --sequence [gru] [transformer]   # their sweeps
 
 Structured pruning where Torch-Pruning does not reach: the GRU, LSTM and transformer of
 `benchmarks/train_benchmark.py`'s time-to-accuracy runs, narrowed by half (hidden units; the
@@ -20,6 +20,7 @@ feed-forward width), batch-256 latency on one thread before and after, alternati
 best of 3 (the weights' values do not change the time; accuracy needs the sweep above).
 
     .venv/bin/python benchmarks/compress_benchmark.py --search [--trials 12] [--model cnn]
+                                                   [--objective size]
 
 The search (`compress.search`) beside the default sweep (`compress.recipe: auto`) in one run
 on the MLP (or the CNN, trained 5 epochs), the issue's 0.5-point budget: every point
@@ -261,13 +262,14 @@ def narrowing(rounds: int = 3, calls: int = 15) -> list[dict]:
     return rows
 
 
-def search_against_sweep(trials: int, model: str) -> dict:
+def search_against_sweep(trials: int, model: str, objective: str) -> dict:
     """`model`'s default sweep and `trials` search trials in one run (see the docstring)."""
     budget = 0.005
     overrides = [
         f"train.model={model}",
         *(["train.epochs=5"] if model == "cnn" else []),  # as the CNN sweep above trains it
         "tune.enabled=false",
+        f"evaluate.objective={objective}",
         f"evaluate.max_accuracy_drop={budget}",
         f"compress.search={{enabled: true, trials: {trials}}}",
     ]
@@ -278,15 +280,18 @@ def search_against_sweep(trials: int, model: str) -> dict:
         row["within_budget"] = measured.get("val_drop_bound", 1.0) <= budget + 1e-12
         row["layer_removed"] = measured.get("layer_removed")
         row["recipe"] = measured.get("recipe")
+        row["bits"] = measured.get("bits") if "cluster" in str(row["recipe"]) else None
+    gain = "speedup_b256" if objective == "latency" else "zstd_ratio"
     best = {}
     for group, members in (
         ("sweep", [r for r in rows[1:] if r.get("layer_removed") is None]),
         ("search", [r for r in rows if r.get("layer_removed") is not None]),
     ):
         ok = [r for r in members if "error" not in r and r["within_budget"]]
-        best[group] = max(ok, key=lambda r: r["speedup_b256"], default=None)
+        best[group] = max(ok, key=lambda r: r[gain], default=None)
     metrics = manifest["metrics"]
     return {
+        "objective": objective,
         "rows": rows,
         "best": best,
         "why": manifest["why"],
@@ -307,15 +312,21 @@ def print_search(result: dict) -> None:
         if "error" in r:
             print(f"| {r['point']} | failed: {r['error']} |")
             continue
+        bits = f" {r['bits']} bits" if r.get("bits") else ""
         print(
             f"| {r['point']}{' **chosen**' if r['chosen'] else ''} | {r['layer_removed'] or '-'} "
-            f"| {r['recipe'] or '-'} | {r['val_accuracy']:.4f} ({r['drop_pt']:+.2f}) "
+            f"| {r['recipe'] or '-'}{bits} "
+            f"| {r['val_accuracy']:.4f} ({r['drop_pt']:+.2f}) "
             f"| {'-' if r['point'] == 'baseline' else 'yes' if r['within_budget'] else 'no'} "
             f"| {r['speedup_b256']:.2f}× "
             f"| {r['speedup_b1']:.2f}× | {r['zstd_ratio']:.1f}× |"
         )
     for group, r in result["best"].items():
-        shown = f"{r['point']} {r['speedup_b256']:.2f}× b256" if r else "none within budget"
+        shown = (
+            f"{r['point']} {r['speedup_b256']:.2f}× b256, {r['zstd_ratio']:.1f}× smaller (zstd)"
+            if r
+            else "none within budget"
+        )
         print(f"best of the {group} within the budget: {shown}")
     sweep_s = result["stage_seconds"] - result["search_seconds"]
     print(
@@ -330,15 +341,22 @@ def main() -> None:
     parser.add_argument("--narrowing", action="store_true", help="the narrowing speeds only")
     parser.add_argument("--search", action="store_true", help="the search against the sweep")
     parser.add_argument(
-        "--sequence", action="store_true", help="the sweep on the GRU and the transformer"
+        "--sequence",
+        nargs="*",
+        choices=list(SEQUENCE),
+        help="the sweep on the GRU and the transformer (or those named)",
     )
     parser.add_argument("--trials", type=int, default=12, help="--search: trials")
     parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp", help="--search: model")
+    parser.add_argument(
+        "--objective", choices=["latency", "size"], default="latency", help="--search: objective"
+    )
     args = parser.parse_args()
     if args.search:
-        result = search_against_sweep(args.trials, args.model)
+        result = search_against_sweep(args.trials, args.model, args.objective)
         print_search(result)
         suffix = "" if args.model == "mlp" else f"_{args.model}"
+        suffix += "" if args.objective == "latency" else f"_{args.objective}"
         write_json(args.json.with_name(f"compress_search{suffix}.json"), result)
         return
     if args.narrowing:
@@ -351,8 +369,9 @@ def main() -> None:
         return
     results: dict[str, dict] = {}
     runs = {"mlp": MLP, **({} if args.skip_cnn else {"cnn": CNN})}
-    if args.sequence:
-        runs = {name: [*sets, *SEQUENCE_SWEEP] for name, sets in SEQUENCE.items()}
+    if args.sequence is not None:
+        named = args.sequence or list(SEQUENCE)
+        runs = {name: [*SEQUENCE[name], *SEQUENCE_SWEEP] for name in named}
     with tempfile.TemporaryDirectory(prefix="accelflow-compress-bench-") as tmp:
         for model, overrides in runs.items():
             manifest = run_sweep(Path(tmp), overrides)
@@ -370,7 +389,8 @@ def main() -> None:
             print(f"  {model} {point}: {what}: {'met' if test(found[0]) else 'NOT met'}")
             found[0]["goal"] = {"what": what, "met": bool(test(found[0]))}
     write_json(
-        args.json.with_name("compress_sequence.json") if args.sequence else args.json, results
+        args.json.with_name("compress_sequence.json") if args.sequence is not None else args.json,
+        results,
     )
 
 

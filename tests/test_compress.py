@@ -681,3 +681,23 @@ def test_kept_heads_attention_answers_as_multihead_attention_with_every_head():
     with torch.inference_mode():
         expected = mha(x, x, x, need_weights=False)[0]
         assert torch.allclose(kept(x, x, x)[0], expected, atol=1e-5)
+
+
+def test_an_int8_transformer_scores_in_eval_mode(tmp_path):
+    """int8 of a transformer's linear layers, loaded as serving loads it, scores a batch in
+    inference mode (PyTorch's fused encoder path read an int8 Linear's weight as a tensor and
+    failed on every call) with answers close to the float model's."""
+    from tasks.compress.points import quantize_saved
+    from tasks.training.models import load_model
+
+    arch = {"model": "transformer", **{"n_features": 64, "n_classes": 10, "dropout": 0.0}}
+    arch |= {"hidden": [16, 16], "heads": 2, "image_shape": [1, 8, 8]}
+    torch.manual_seed(0)
+    float_model = build_model(arch).eval()
+    torch.save(float_model.state_dict(), tmp_path / "model.pt")
+    quantized = quantize_saved(arch, tmp_path / "model.pt", tmp_path / "model.json")
+    model = load_model(quantized, str(tmp_path / "model.pt"))
+    x = torch.randn(8, 64)
+    with torch.inference_mode():
+        expected, got = float_model(x), model(x)
+    assert (got - expected).abs().max() < 0.1 * expected.abs().max()

@@ -414,7 +414,16 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
 
     with warnings.catch_warnings():  # torch.ao.quantization is deprecated but ships in 2.13
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
+        quantized = torch.ao.quantization.quantize_dynamic(
+            model.eval(), {nn.Linear}, dtype=torch.qint8
+        )
+    for layer in quantized.modules():
+        if isinstance(layer, nn.TransformerEncoderLayer):
+            # the layer's fused inference path reads linear1.weight as a tensor, and an int8
+            # Linear's weight is a method (it failed on every call): this flag, read only by
+            # that path's checks, sends it down the standard path
+            layer.activation_relu_or_gelu = 0
+    return quantized
 
 
 def load_model(arch: dict[str, Any], weights: str | Path, map_location: str = "cpu") -> nn.Module:
