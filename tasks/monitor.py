@@ -85,7 +85,7 @@ def build_contract(manifest: Manifest, encoder_path: str | None) -> dict[str, An
     for column in encoder.numeric:
         j = spans[column][0]
         values = encoder.raw_numbers(column, sample[:, j].astype(np.float64))
-        contract["columns"][column] = {"kind": "numeric", **_deciles(values)}
+        contract["columns"][column] = _deciles(values)
     for column, vocab in encoder.categorical.items():
         contract["columns"][column] = {"kind": "categorical", "vocabulary": list(vocab)}
     counts = _bin_counts(train["X"]["path"], contract, spans, encoder)
@@ -100,7 +100,8 @@ def build_contract(manifest: Manifest, encoder_path: str | None) -> dict[str, An
 
 
 def _deciles(values: np.ndarray) -> dict[str, Any]:
-    """A numeric column's decile edges (its bins) and quantiles, from a sample of its values."""
+    """A numeric column's (or image statistic's) decile edges, its bins, and quantiles, from
+    a sample of its values."""
     edges = np.unique(np.quantile(values, np.linspace(0, 1, BINS + 1)[1:-1])) if len(values) else []
     return {
         "kind": "numeric",

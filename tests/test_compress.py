@@ -404,7 +404,7 @@ def test_the_search_keeps_its_budget_as_a_constraint_and_resumes(tmp_path):
     evaluate = EvaluateConfig(max_accuracy_drop=0.01)
     out = StageDir(tmp=tmp_path / "partial", final=tmp_path / "final")
     out.tmp.mkdir()
-    arch = {"model": "mlp", "hidden": [64]}
+    arch = {"model": "mlp", "n_features": 8, "n_classes": 3, "hidden": [64], "dropout": 0.0}
     first = cfg.model_copy(update={"trials": 4})
     rows, line = search(dict(baseline), arch, first, evaluate, "torch", 2, out, figures)
     assert asked == [r["name"] for r in rows] and "4 search trials" in line

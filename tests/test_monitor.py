@@ -27,9 +27,13 @@ def table(digits_frame):
 def ingested(tmp_path, cluster, frame, name):
     path = tmp_path / f"{name}.csv"
     frame.to_csv(path, index=False)
-    cfg = DataConfig(source=str(path), label="digit")
+    return ingest_into(tmp_path / name, DataConfig(source=str(path), label="digit"), cluster)
+
+
+def ingest_into(folder, cfg, cluster=None):
+    """The ingest stage's manifest for `cfg`, built in `folder` as a run builds it."""
     return run_stage(
-        tmp_path / name,
+        folder,
         "ingest",
         "1",
         cfg.model_dump(mode="json"),
@@ -159,15 +163,7 @@ def test_images_drift_by_brightness_and_contrast_not_pixel_by_pixel(fmnist_small
             write_idx(folder / f"{kind}-images-idx3-ubyte.gz", change(pixels) if change else pixels)
             labels = fmnist_small / f"{kind}-labels-idx1-ubyte.gz"
             (folder / labels.name).write_bytes(labels.read_bytes())
-        cfg = DataConfig(source=str(folder))
-        return run_stage(
-            tmp_path / f"{name}-work",
-            "ingest",
-            "1",
-            cfg.model_dump(mode="json"),
-            [],
-            lambda out: ingest_dataset(cfg, out, None),
-        ).manifest
+        return ingest_into(tmp_path / f"{name}-work", DataConfig(source=str(folder)))
 
     champion = images("champion")
     with open(champion["contract"]["path"]) as fh:

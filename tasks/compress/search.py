@@ -34,12 +34,14 @@ STEP = 0.125  # one eighth of a layer: coarse enough for a few trials to cover t
 
 
 def layer_count(arch: dict[str, Any]) -> int:
-    """How many widths a trial chooses (`narrowable_layers`' order)."""
-    if arch["model"] == "mlp":
-        return len(arch["hidden"])
-    if arch["model"] == "cnn":
-        return len(arch["channels"]) + 1  # the head has one hidden layer, whatever `hidden` lists
-    return 1  # rnn, transformer: one width for every layer
+    """How many widths a trial chooses: one per layer `narrowable_layers` lists (Torch-Pruning's
+    families), one for a GRU/LSTM/transformer (sliced here, one width for every layer)."""
+    from tasks.compress.points import NARROWERS
+    from tasks.training.models import build_model, narrowable_layers
+
+    if arch["model"] in NARROWERS:
+        return 1
+    return len(narrowable_layers(build_model(arch)))
 
 
 def last_steps(cfg: CompressSearch, objective: str) -> list[str]:
