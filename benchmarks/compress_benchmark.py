@@ -13,6 +13,7 @@ and writes benchmarks/results/compress.json.
 
     .venv/bin/python benchmarks/compress_benchmark.py --narrowing  # ~1 min
     .venv/bin/python benchmarks/compress_benchmark.py --sequence [gru] [transformer]   # their sweeps
+    .venv/bin/python benchmarks/compress_benchmark.py --sequence gru --set compress.finetune_epochs=5
 
 Structured pruning where Torch-Pruning does not reach: the GRU, LSTM and transformer of
 `benchmarks/train_benchmark.py`'s time-to-accuracy runs, narrowed by half (hidden units; the
@@ -346,6 +347,14 @@ def main() -> None:
         choices=list(SEQUENCE),
         help="the sweep on the GRU and the transformer (or those named)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="the sweep runs: a config override after the script's own (e.g. "
+        "compress.finetune_epochs=5); repeat for more",
+    )
     parser.add_argument("--trials", type=int, default=12, help="--search: trials")
     parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp", help="--search: model")
     parser.add_argument(
@@ -374,7 +383,7 @@ def main() -> None:
         runs = {name: [*SEQUENCE[name], *SEQUENCE_SWEEP] for name in named}
     with tempfile.TemporaryDirectory(prefix="accelflow-compress-bench-") as tmp:
         for model, overrides in runs.items():
-            manifest = run_sweep(Path(tmp), overrides)
+            manifest = run_sweep(Path(tmp), [*overrides, *args.set])
             rows = ratios(manifest["table"])
             results[model] = {
                 "rows": rows,

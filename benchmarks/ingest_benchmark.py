@@ -93,6 +93,11 @@ def run_accelflow(source: Path, work: Path, worker_memory: str, block_mb: float)
         "seconds": seconds,
         "rows": {k: v["rows"] for k, v in manifest["splits"].items()},
         "blocks": manifest["metrics"]["data/source_blocks"],
+        # the three passes over the blocks (the rest: the data contract, the manifest)
+        "passes": {
+            name: manifest["metrics"][f"data/ingest_{name}_seconds"]
+            for name in ("scan", "profile", "write")
+        },
         "rejected": manifest["metrics"]["data/rejected_rows"],
         "worker_peak_mib": max(peaks.values()),
         "workers_restarted": restarted,
