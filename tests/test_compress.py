@@ -438,6 +438,27 @@ def test_the_search_keeps_its_budget_as_a_constraint_and_resumes(tmp_path):
     assert point["recipe"] == ["structured", "cluster"] and point["bits"] == 4
     compress = load_config(None, []).compress
     assert [ph.get("cluster_bits") for ph in phases(point, compress)] == [None, 4]
+    # its fine-tune is its own: not the plain narrowing's, nor one clustered at other bits
+    from tasks.compress import trunk_name
+
+    names = {
+        trunk_name(
+            trial_point(
+                optuna.trial.FixedTrial({"remove_0": 0.25, "last_step": s}, 8), 1, 0.5, steps
+            ),
+            trunk,
+        )
+        for s, trunk in (
+            ("none", ["structured"]),
+            ("cluster-4", ["structured", "cluster"]),
+            ("cluster-6", ["structured", "cluster"]),
+        )
+    }
+    assert names == {
+        "structured-r0.25",
+        "structured-r0.25+cluster-4b",
+        "structured-r0.25+cluster-6b",
+    }
     with pytest.raises(ConfigError, match=r"compress\.search\.cluster_bits"):
         load_config(None, ["compress.search={enabled: true, cluster_bits: [9]}"])
     with pytest.raises(ConfigError, match=r"compress\.search\.max_ratio"):

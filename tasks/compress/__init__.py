@@ -282,11 +282,13 @@ def plan_finetunes(
 
 def trunk_name(point: dict[str, Any], trunk: list[str]) -> str | None:
     """The fine-tune a point needs, named by what it trains (None: it needs none); a
-    search point's per-layer shares name it, so equal points share one."""
+    search point's per-layer shares name its narrowing, so equal points share one (and a
+    point that also clusters, or clusters at other bits, does not)."""
     if not trunk:
         return None
     if point.get("ratios") is not None:
-        return "structured-r" + "-".join(f"{r:g}" for r in point["ratios"])
+        shares = "structured-r" + "-".join(f"{r:g}" for r in point["ratios"])
+        return "+".join([shares, *(point_name([step], None, point["bits"]) for step in trunk[1:])])
     return point_name(trunk, point["sparsity"], point["bits"])
 
 
