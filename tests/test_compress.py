@@ -459,6 +459,34 @@ def test_the_search_keeps_its_budget_as_a_constraint_and_resumes(tmp_path):
         "structured-r0.25+cluster-4b",
         "structured-r0.25+cluster-6b",
     }
+    # and under size a trial may zero weights instead of narrowing: a magnitude point, its
+    # shares ignored, fine-tuned as the sweep's point of the same recipe and level would be
+    from tasks.compress.search import point_key, prunings
+
+    assert prunings(cfg, "latency") == ["structured"]
+    prunes = prunings(CompressSearch(magnitude=[0.7]), "size")
+    assert prunes == ["structured", "magnitude-0.7"]
+    zeroed = [
+        trial_point(
+            optuna.trial.FixedTrial(
+                {"prune": "magnitude-0.7", "remove_0": removed, "last_step": "cluster-4"}, 9
+            ),
+            1,
+            0.5,
+            steps,
+            tuple(prunes),
+        )
+        for removed in (0.25, 0.5)
+    ]
+    assert point_key(zeroed[0]) == point_key(zeroed[1]) != point_key(point)  # one point
+    assert zeroed[0]["recipe"] == ["magnitude", "cluster"] and zeroed[0]["sparsity"] == 0.7
+    assert [(ph["sparsity"], ph.get("cluster_bits")) for ph in phases(zeroed[0], compress)] == [
+        (0.7, None),
+        (0.7, 4),
+    ]
+    assert trunk_name(zeroed[0], ["magnitude", "cluster"]) == "magnitude-0.7+cluster-4b"
+    with pytest.raises(ConfigError, match=r"compress\.search\.magnitude"):
+        load_config(None, ["compress.search={enabled: true, magnitude: [1.0]}"])
     with pytest.raises(ConfigError, match=r"compress\.search\.cluster_bits"):
         load_config(None, ["compress.search={enabled: true, cluster_bits: [9]}"])
     with pytest.raises(ConfigError, match=r"compress\.search\.max_ratio"):

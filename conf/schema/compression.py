@@ -112,6 +112,11 @@ class CompressSearch(Section):
         description="evaluate.objective size: the k-means bits a trial may cluster its "
         "weights to instead (clustering makes a model smaller, not faster); [] never",
     )
+    magnitude: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(
+        default_factory=lambda: [0.5, 0.7, 0.8, 0.9],
+        description="evaluate.objective size: the magnitude sparsities a trial may prune to "
+        "instead of narrowing (zeroed weights store small, they do not run faster); [] never",
+    )
     seed: int = Field(0, description="the sampler's seed")
 
 

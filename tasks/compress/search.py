@@ -4,7 +4,9 @@ A trial removes its own share of each narrowable layer (an MLP's hidden layers, 
 convolutions and its head's hidden layer; one width for a GRU/LSTM/transformer, whose specs
 have one), in steps of 0.125 up to `compress.search.max_ratio`, and may add int8 or, when
 `evaluate.objective` is size, k-means weight sharing at one of `compress.search.cluster_bits`
-(clustering shrinks the stored model; it does not make it faster). It is
+(clustering shrinks the stored model; it does not make it faster); under the size objective
+a trial may instead zero its smallest weights at one of `compress.search.magnitude`'s
+sparsities, the zeros making the stored model small (not faster). It is
 then a point like the sweep's: slimmed, fine-tuned (distilled from the trained model) on
 the Dask cluster, measured here in each runtime, its runtime settled. The two objectives
 are `evaluate.objective`'s cost (batch-256 latency or size) and validation accuracy; the
@@ -53,18 +55,36 @@ def last_steps(cfg: CompressSearch, objective: str) -> list[str]:
     return steps
 
 
-def trial_point(trial, layers: int, max_ratio: float, steps: list[str]) -> dict[str, Any]:
-    """The point a trial asks for: each layer's removed share, and its last step."""
+def prunings(cfg: CompressSearch, objective: str) -> list[str]:
+    """How a trial may prune: narrowing each layer by its own share, or (when the objective
+    is size: zeros store small, they do not run faster) zeroing the smallest weights."""
+    extra = [f"magnitude-{s:g}" for s in cfg.magnitude] if objective == "size" else []
+    return ["structured", *extra]
+
+
+def trial_point(
+    trial,
+    layers: int,
+    max_ratio: float,
+    steps: list[str],
+    prunes: tuple[str, ...] = ("structured",),
+) -> dict[str, Any]:
+    """The point a trial asks for: how it prunes (each layer's removed share, or a
+    magnitude sparsity), and its last step. Every trial draws every parameter, so NSGA-II
+    sees one fixed space; a magnitude point ignores the shares."""
+    prune = trial.suggest_categorical("prune", list(prunes)) if len(prunes) > 1 else "structured"
     ratios = [trial.suggest_float(f"remove_{i}", 0.0, max_ratio, step=STEP) for i in range(layers)]
     last = trial.suggest_categorical("last_step", steps) if len(steps) > 1 else "none"
     step, _, bits = last.partition("-")
+    method, _, sparsity = prune.partition("-")
+    narrowed = method == "structured"
     return {
         "name": f"search-{trial.number:02d}",
-        "recipe": ["structured", *([step] if step != "none" else [])],
-        "sparsity": None,
+        "recipe": [method, *([step] if step != "none" else [])],
+        "sparsity": None if narrowed else float(sparsity),
         "bits": int(bits) if bits else None,
-        "ratios": ratios,
-        "layer_removed": " ".join(f"{r:g}" for r in ratios),
+        "ratios": ratios if narrowed else None,
+        "layer_removed": " ".join(f"{r:g}" for r in ratios) if narrowed else "",
     }
 
 
@@ -90,7 +110,7 @@ def make_study(out: StageDir, cfg: CompressSearch):
 
 def point_key(point: dict[str, Any]) -> tuple:
     """What makes two trials the same point (NSGA-II on a coarse grid asks again)."""
-    return (tuple(point["ratios"]), tuple(point["recipe"]), point["bits"])
+    return (tuple(point["ratios"] or ()), tuple(point["recipe"]), point["sparsity"], point["bits"])
 
 
 RunPoints = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
@@ -118,6 +138,7 @@ def search(
     fail_interrupted(study)
     layers = layer_count(arch)
     steps = last_steps(cfg, evaluate_cfg.objective)
+    prunes = tuple(prunings(cfg, evaluate_cfg.objective))
     cost = OBJECTIVE_KEY[evaluate_cfg.objective]
     rows: list[dict[str, Any]] = []
     seen: dict[tuple, dict[str, Any]] = {}  # each distinct point's row: a repeat is not re-run
@@ -135,7 +156,9 @@ def search(
     # finished before a kill: measured again (their fine-tunes resume at their end)
     measure_new(
         [
-            trial_point(optuna.trial.FixedTrial(t.params, t.number), layers, cfg.max_ratio, steps)
+            trial_point(
+                optuna.trial.FixedTrial(t.params, t.number), layers, cfg.max_ratio, steps, prunes
+            )
             for t in study.trials
             if t.state == TrialState.COMPLETE
         ]
@@ -147,7 +170,7 @@ def search(
             cfg.timeout_s is None or time.monotonic() - start < cfg.timeout_s
         ):
             asked = [study.ask() for _ in range(min(parallel, cfg.trials - launched))]
-            points = [trial_point(t, layers, cfg.max_ratio, steps) for t in asked]
+            points = [trial_point(t, layers, cfg.max_ratio, steps, prunes) for t in asked]
             measure_new(points)
             for trial, point in zip(asked, points, strict=True):
                 row = seen[point_key(point)]  # a repeat is told the first one's figures
