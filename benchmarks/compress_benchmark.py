@@ -71,8 +71,7 @@ SEQUENCE = {
 SEQUENCE_SWEEP = [
     "tune.enabled=false",
     "compress.sweep={recipes: [[structured], [quantize], [structured, quantize]], sparsity: [0.5]}",
-    "compress.finetune_epochs=2",
-    "evaluate.max_accuracy_drop=0.01",
+    "evaluate.max_accuracy_drop=0.01",  # compress.finetune_epochs: auto, 5 for these families
 ]
 GOALS = [  # (model, point, what, test)
     (
@@ -98,6 +97,15 @@ GOALS = [  # (model, point, what, test)
         "quantize",
         "≥ 1.5× b256, ≤ 0.5 pt",
         lambda r: r["speedup_b256"] >= 1.5 and r["drop_pt"] <= 0.5,
+    ),
+    *(
+        (
+            family,
+            "structured-0.5",
+            "≥ 2× b256, ≤ 1 pt",
+            lambda r: r["speedup_b256"] >= 2 and r["drop_pt"] <= 1,
+        )
+        for family in ("gru", "transformer")
     ),
 ]
 

@@ -35,14 +35,13 @@ def allowed(annotation: Any) -> str:
         return " \\| ".join(allowed(a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return "`null`"
-    if origin is list and typing.get_origin(item := typing.get_args(annotation)[0]) is Annotated:
-        kind, *constraints = typing.get_args(item)  # list[Annotated[int, Field(ge=1)]]
-        limits = bounds(
-            types.SimpleNamespace(
-                metadata=[m for c in constraints for m in getattr(c, "metadata", [c])]
-            )
-        )
-        return f"list of {kind.__name__}" + (f" {limits}" if limits else "")
+    if origin is Annotated:  # a bounded type inside a union or a list: int ≥ 0
+        kind, *constraints = typing.get_args(annotation)
+        metadata = [m for c in constraints for m in getattr(c, "metadata", [c])]
+        limits = bounds(types.SimpleNamespace(metadata=metadata))
+        return kind.__name__ + (f" {limits}" if limits else "")
+    if origin is list and typing.get_origin(typing.get_args(annotation)[0]) is Annotated:
+        return f"list of {allowed(typing.get_args(annotation)[0])}"
     if origin is not None:  # list[int], dict[str, ...]
         return f"`{str(annotation).replace('typing.', '')}`"
     return getattr(annotation, "__name__", str(annotation))
