@@ -322,9 +322,12 @@ def print_search(result: dict) -> None:
             print(f"| {r['point']} | failed: {r['error']} |")
             continue
         bits = f" {r['bits']} bits" if r.get("bits") else ""
+        recipe = r["recipe"] or "-"
+        if "magnitude" in recipe:  # its level: the share of weights zeroed
+            recipe = recipe.replace("magnitude", f"magnitude {r['measured']['sparsity']:g}")
         print(
             f"| {r['point']}{' **chosen**' if r['chosen'] else ''} | {r['layer_removed'] or '-'} "
-            f"| {r['recipe'] or '-'}{bits} "
+            f"| {recipe}{bits} "
             f"| {r['val_accuracy']:.4f} ({r['drop_pt']:+.2f}) "
             f"| {'-' if r['point'] == 'baseline' else 'yes' if r['within_budget'] else 'no'} "
             f"| {r['speedup_b256']:.2f}× "
