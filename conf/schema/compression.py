@@ -86,9 +86,10 @@ class DistillConfig(Section):
 
 
 class CompressSearch(Section):
-    """An Optuna NSGA-II study over each layer's width and int8, beside the sweep's points:
-    objectives evaluate.objective's cost and validation accuracy, the accuracy budget a
-    constraint (tasks/compress/search.py)."""
+    """An Optuna NSGA-II study over each layer's width and int8 (and, under the size
+    objective, magnitude sparsity and k-means bits), beside the sweep's points: objectives
+    evaluate.objective's cost and validation accuracy, the accuracy budget a constraint
+    (tasks/compress/search.py)."""
 
     enabled: bool = Field(
         False,
