@@ -185,17 +185,26 @@ def test_a_small_table_fine_tunes_for_compress_min_steps():
     cfg = load_config(None, ["compress.rounds=2", "compress.finetune_epochs=2"]).compress
     point = {"recipe": ["magnitude", "cluster"], "sparsity": 0.5, "bits": 5}
     # 6 steps an epoch (1,400 rows, batch 256): 17 epochs make 100 steps, each phase
-    assert [p["epochs"] for p in stretched(phases(point, cfg, "mlp"), 100, 6)] == [17, 17, 17]
-    assert [p["epochs"] for p in stretched(phases(point, cfg, "mlp"), 100, 211)] == [2, 2, 2]
+    assert [p["epochs"] for p in stretched(phases(point, cfg), 100, 6)] == [17, 17, 17]
+    assert [p["epochs"] for p in stretched(phases(point, cfg), 100, 211)] == [2, 2, 2]
     assert stretched([{"epochs": 0, "lr": 0.001}], 100, 6)[0]["epochs"] == 0  # none asked
+
     # auto: the family's own, longer for the families slower to recover from narrowing
-    auto = load_config(None, []).compress
-    narrowed = {"recipe": ["structured"], "sparsity": 0.5, "bits": None}
-    epochs = {
-        m: phases(narrowed, auto, m)[0]["epochs"] for m in ("mlp", "cnn", "rnn", "transformer")
+    def finetune_epochs(*overrides):
+        return load_config(None, list(overrides)).compress.finetune_epochs
+
+    assert {
+        m: finetune_epochs(f"train.model={m}") for m in ("mlp", "cnn", "rnn", "transformer")
+    } == {
+        "mlp": 2,
+        "cnn": 2,
+        "rnn": 5,
+        "transformer": 5,
     }
-    assert epochs == {"mlp": 2, "cnn": 2, "rnn": 5, "transformer": 5}
-    assert phases(narrowed, cfg, "rnn")[0]["epochs"] == 2  # a number given wins
+    assert finetune_epochs("train.model=rnn", "compress.finetune_epochs=2") == 2  # a number wins
+    # train.model auto: decided with the model, after ingest (an image set: the cnn)
+    assert finetune_epochs() == "auto"
+    assert load_config(None, []).with_model_for([28, 28]).compress.finetune_epochs == 2
 
 
 def test_int8_quantization_keeps_the_outputs_and_loads_from_a_weights_only_file(tmp_path):
@@ -445,7 +454,7 @@ def test_the_search_keeps_its_budget_as_a_constraint_and_resumes(tmp_path):
     point = trial_point(fixed, 1, 0.5, steps)
     assert point["recipe"] == ["structured", "cluster"] and point["bits"] == 4
     compress = load_config(None, []).compress
-    assert [ph.get("cluster_bits") for ph in phases(point, compress, "mlp")] == [None, 4]
+    assert [ph.get("cluster_bits") for ph in phases(point, compress)] == [None, 4]
     # its fine-tune is its own: not the plain narrowing's, nor one clustered at other bits
     from tasks.compress import trunk_name
 
@@ -488,9 +497,7 @@ def test_the_search_keeps_its_budget_as_a_constraint_and_resumes(tmp_path):
     ]
     assert point_key(zeroed[0]) == point_key(zeroed[1]) != point_key(point)  # one point
     assert zeroed[0]["recipe"] == ["magnitude", "cluster"] and zeroed[0]["sparsity"] == 0.7
-    assert [
-        (ph["sparsity"], ph.get("cluster_bits")) for ph in phases(zeroed[0], compress, "mlp")
-    ] == [
+    assert [(ph["sparsity"], ph.get("cluster_bits")) for ph in phases(zeroed[0], compress)] == [
         (0.7, None),
         (0.7, 4),
     ]

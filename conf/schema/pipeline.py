@@ -73,6 +73,8 @@ class PipelineConfig(Section):
             return self
         if self.compress.recipe == "auto" and not self.compress.sweep:
             self.compress.sweep = auto_sweep(self.train.model)  # logged as the real grid
+        if self.compress.finetune_epochs == "auto":  # logged as the family's number
+            self.compress.finetune_epochs = MODEL_FAMILIES[self.train.model].finetune_epochs
         for key, recipe in self.compress.recipes():
             for step in recipe:
                 families = COMPRESSION_STEPS[step].families

@@ -271,7 +271,7 @@ def plan_finetunes(
                 features,
                 arch,
                 init_from,
-                stretched(phases(point, cfg, arch["model"]), cfg.min_steps, per_epoch),
+                stretched(phases(point, cfg), cfg.min_steps, per_epoch),
                 train_cfg,
                 folder,
             )

@@ -9,13 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from conf.schema import (
-    COMPRESSION_STEPS,
-    MODEL_FAMILIES,
-    CompressConfig,
-    DistillConfig,
-    TrainConfig,
-)
+from conf.schema import COMPRESSION_STEPS, CompressConfig, DistillConfig, TrainConfig
 from tasks.store import Manifest
 from tasks.train import train_spec
 
@@ -58,17 +52,9 @@ def sparsity_schedule(target: float, rounds: int) -> list[float]:
     return [round(1.0 - keep ** (i + 1), 6) for i in range(rounds - 1)] + [target]
 
 
-def finetune_epochs(cfg: CompressConfig, model: str) -> int:
-    """compress.finetune_epochs, auto being the model family's own."""
-    if cfg.finetune_epochs == "auto":
-        return MODEL_FAMILIES[model].finetune_epochs
-    return cfg.finetune_epochs
-
-
-def phases(point: dict[str, Any], cfg: CompressConfig, model: str) -> list[dict[str, Any]]:
-    """The fine-tuning phases the worker runs for this point of a `model` (none for int8
-    alone)."""
-    tune = {"epochs": finetune_epochs(cfg, model), "lr": cfg.finetune_lr}
+def phases(point: dict[str, Any], cfg: CompressConfig) -> list[dict[str, Any]]:
+    """The fine-tuning phases the worker runs for this point (none for int8 alone)."""
+    tune = {"epochs": cfg.finetune_epochs, "lr": cfg.finetune_lr}
     recipe, out = point["recipe"], []
     if "magnitude" in recipe:
         out += [{"sparsity": s, **tune} for s in sparsity_schedule(point["sparsity"], cfg.rounds)]
