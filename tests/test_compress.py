@@ -540,8 +540,8 @@ def test_a_sweep_registers_a_slim_clustered_model_served_from_its_codebooks(
         source,
         *common,
         "compress.recipe=auto",
-        "compress.sweep={recipes: [[structured, quantize], [structured, cluster], [magnitude]],"
-        " sparsity: [0.5], bits: [4]}",
+        "compress.sweep={recipes: [[structured, quantize], [structured, qat],"
+        " [structured, cluster], [magnitude]], sparsity: [0.5], bits: [4]}",
         "compress.finetune_epochs=2",
         # and a trial of the per-layer search (float: the cluster point stays smallest)
         "compress.search={enabled: true, trials: 1, quantize: false, max_ratio: 0.5, magnitude: []}",
@@ -564,6 +564,7 @@ def test_a_sweep_registers_a_slim_clustered_model_served_from_its_codebooks(
     assert set(by_name) == {
         "baseline",
         "structured-0.5+quantize",
+        "structured-0.5+qat",
         "structured-0.5+cluster-4b",
         "magnitude-0.5",
         "search-00",
@@ -578,6 +579,10 @@ def test_a_sweep_registers_a_slim_clustered_model_served_from_its_codebooks(
     assert [n for n, p in by_name.items() if p.tags["accelflow.point.chosen"] == "true"] == [
         "structured-0.5+cluster-4b"
     ]
+    # the quantization-aware point is int8 as structured+quantize is: the same widths, in int8
+    qat, ptq = (by_name[f"structured-0.5+{s}"].metrics for s in ("qat", "quantize"))
+    assert qat["point/torch_size_bytes"] == pytest.approx(ptq["point/torch_size_bytes"], rel=0.02)
+    assert qat["point/torch_size_bytes"] < 0.5 * by_name["baseline"].metrics["point/size_bytes"]
     for name, point in by_name.items():
         for key in ("val_accuracy", "latency_b1_p95_ms", "served_b256_ms", "macs"):
             assert point.metrics[f"point/{key}"] > 0, (name, key)
@@ -587,7 +592,8 @@ def test_a_sweep_registers_a_slim_clustered_model_served_from_its_codebooks(
         assert runtime == min(sizes, key=sizes.get), (name, sizes)
         assert m["point/size_zstd_bytes"] == sizes[runtime]
         assert m["point/onnxruntime_latency_b256_p50_ms"] > 0
-        if "quantize" not in name:  # a float export answers as torch does, row for row
+        if "quantize" not in name and "qat" not in name:  # a float export answers as torch
+            # does, row for row
             assert m["point/onnx_max_abs_diff"] < 1e-3 and m["point/onnx_differing_rows"] == 0
     # each point is a logged model too: the Models tab compares them, their validation
     # figures linked to them and to the split measured on; the pipeline's run lists them
@@ -643,7 +649,7 @@ def test_a_sweep_registers_a_slim_clustered_model_served_from_its_codebooks(
         client.download_artifacts(stage.info.run_id, "compress/pareto.md", str(tmp_path))
     ).read_text()
     rows = [line for line in pareto.splitlines() if line.startswith("| ")][1:]  # not the header
-    assert len(rows) == 5 and "Chosen: **structured-0.5+cluster-4b**" in pareto
+    assert len(rows) == 6 and "Chosen: **structured-0.5+cluster-4b**" in pareto
     for artifact in ("compress/points.json", "compress/pareto.png"):
         assert client.download_artifacts(stage.info.run_id, artifact, str(tmp_path))
     compress = stage.data
@@ -771,3 +777,51 @@ def test_an_int8_transformer_scores_in_eval_mode(tmp_path):
     with torch.inference_mode():
         expected, got = float_model(x), model(x)
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()
+    # the qat step's simulation computes as this int8 model does (each converted layer, and
+    # attention's output projection left in float by both), so a quantization-aware
+    # fine-tune learns the rounding serving will do
+    from tasks.training.fake_int8 import simulate_int8
+
+    converted = [m for m in model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert simulate_int8(float_model, True) == len(converted) > 0
+    with torch.inference_mode():
+        simulated = float_model(x)
+    assert (simulated - got).abs().max() < 1e-4 < (expected - got).abs().max()
+
+
+def test_int8_points_that_post_training_rounding_breaks_are_retried_with_qat():
+    """compress.qat: an int8 point outside the budget whose float point is within it (or int8
+    alone, the baseline being its float point) comes back as the same point with `qat`; one
+    within the budget, or whose float point already fails, does not. Its fine-tune runs the
+    recipe's phases in simulated int8, and a recipe cannot both quantize and qat."""
+    from conf.schema import EvaluateConfig
+    from tasks.compress.choice import qat_retries
+    from tasks.compress.points import phases
+
+    def point(name, recipe, accuracy, sparsity=None):
+        return {**row(name, accuracy, 1.0, 1), "recipe": recipe, "sparsity": sparsity, "bits": None}
+
+    rows = [
+        point("baseline", [], 0.90),
+        point("quantize", ["quantize"], 0.885),  # int8 alone costs 1.5 points
+        point("structured-0.3", ["structured"], 0.899, 0.3),
+        point("structured-0.3+quantize", ["structured", "quantize"], 0.88, 0.3),
+        point("structured-0.5", ["structured"], 0.85, 0.5),  # narrowing already costs too much
+        point("structured-0.5+quantize", ["structured", "quantize"], 0.84, 0.5),
+        point("magnitude-0.5+quantize", ["magnitude", "quantize"], 0.899, 0.5),  # within
+    ]
+    retries = qat_retries(rows, EvaluateConfig(max_accuracy_drop=0.005))
+    assert [(r["name"], r["recipe"]) for r in retries] == [
+        ("qat", ["qat"]),
+        ("structured-0.3+qat", ["structured", "qat"]),
+    ]
+    assert qat_retries(rows, EvaluateConfig(max_accuracy_drop=0.07)) == []  # all within
+
+    cfg = load_config(None, ["compress.rounds=2", "compress.finetune_epochs=2"]).compress
+    assert phases({**retries[0], "bits": None}, cfg) == [
+        {"sparsity": None, "fake_int8": True, "epochs": 2, "lr": cfg.finetune_lr}
+    ]
+    ramp = phases({"recipe": ["magnitude", "qat"], "sparsity": 0.75, "bits": None}, cfg)
+    assert [(p["sparsity"], p["fake_int8"]) for p in ramp] == [(0.5, True), (0.75, True)]
+    with pytest.raises(ConfigError, match=r"quantize and qat each re-encode"):
+        load_config(None, ["compress.recipe=[structured, quantize, qat]"])

@@ -107,6 +107,33 @@ def test_pruning_phases_reach_the_target_and_keep_zeros(digits_parquet, tmp_path
     assert result["sparsity"] == pytest.approx(0.8, abs=0.01)
     assert result["val_accuracy"] > 0.85
 
+    # quantization-aware fine-tuning (the qat step) from the pruned weights: the zeros stay
+    # zeros, the saved state is a plain float model's, and it validated in simulated int8:
+    # its loss is the int8 conversion's, not the float weights'
+    import pandas as pd
+    import torch.nn.functional as F
+
+    from tasks.training.models import load_model, quantize_dynamic_int8
+
+    (qat := tmp_path / "qat").mkdir()
+    phases = [{"sparsity": 0.8, "fake_int8": True, "epochs": 1, "lr": 0.003}]
+    spec = make_spec(digits_parquet, qat, phases=phases, init_from=str(out / "model.pt"))
+    simulated = Trainer(spec, one_process).run()
+    assert simulated["sparsity"] == pytest.approx(0.8, abs=0.01)
+    state = torch.load(qat / "model.pt", weights_only=True)
+    assert state.keys() == torch.load(out / "model.pt", weights_only=True).keys()
+    paths, features = digits_parquet
+    val = pd.read_parquet(paths["val"])  # under 4,096 rows: one validation batch, as here
+    x, y = torch.tensor(val[features].to_numpy(), dtype=torch.float32), torch.tensor(val["label"])
+    in_float = load_model(spec["arch"], qat / "model.pt")
+    with torch.inference_mode():
+        loss_float = F.cross_entropy(in_float(x), y).item()
+        logits = quantize_dynamic_int8(in_float)(x)
+    assert F.cross_entropy(logits, y).item() == pytest.approx(simulated["val_loss"], abs=1e-5)
+    assert abs(loss_float - simulated["val_loss"]) > 1e-4
+    accuracy = (logits.argmax(1) == y).float().mean().item()
+    assert accuracy == pytest.approx(simulated["val_accuracy"], abs=1e-6)
+
 
 def test_worker_failure_surfaces_the_log(digits_parquet, tmp_path):
     spec = make_spec(digits_parquet, tmp_path, features=["no_such_column"])

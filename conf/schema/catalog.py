@@ -61,6 +61,7 @@ class CompressionStep:
     level: Literal["sparsity", "bits"] | None  # the knob a sweep varies for it
     finetunes: bool  # needs training after it (int8 is applied to the fine-tuned weights)
     families: tuple[str, ...] = tuple(MODEL_FAMILIES)
+    int8: bool = False  # ends in the int8 conversion
 
 
 COMPRESSION_STEPS = {
@@ -69,16 +70,22 @@ COMPRESSION_STEPS = {
         rank=0, level="sparsity", finetunes=True, families=STRUCTURED_MODELS
     ),
     "cluster": CompressionStep(rank=1, level="bits", finetunes=True),
-    "quantize": CompressionStep(rank=2, level=None, finetunes=False),
+    "quantize": CompressionStep(rank=2, level=None, finetunes=False, int8=True),
+    # int8 after a quantization-aware fine-tune (simulated int8 in the forward pass)
+    "qat": CompressionStep(rank=2, level=None, finetunes=True, int8=True),
 }
 CompressStep = Literal[tuple(COMPRESSION_STEPS)]  # type: ignore[valid-type]
 PRUNING_STEPS = tuple(name for name, step in COMPRESSION_STEPS.items() if step.rank == 0)
 
 
+def converts_to_int8(recipe: list[str]) -> bool:
+    return any(COMPRESSION_STEPS[step].int8 for step in recipe)
+
+
 def recipe_problem(recipe: list[str], key: str, rounds: int = 1) -> str | None:
     """Why a compression recipe cannot run in that order, naming its key; None if it can.
-    Order: at most one pruning step first, then k-means sharing or int8 (not both: int8
-    would undo the shared values)."""
+    Order: at most one pruning step first, then k-means sharing or int8 (quantize, or qat:
+    one of them, not both: int8 would undo the shared values)."""
     rank = {name: step.rank for name, step in COMPRESSION_STEPS.items()}
     if len(set(recipe)) != len(recipe):
         return f"{key} {recipe} repeats a step: each step once"
@@ -89,10 +96,12 @@ def recipe_problem(recipe: list[str], key: str, rounds: int = 1) -> str | None:
             f"{key} {recipe} is out of order: pruning (magnitude | structured) first, then "
             "cluster or quantize"
         )
-    if "cluster" in recipe and "quantize" in recipe:
+    encoders = [s for s in recipe if s == "cluster" or COMPRESSION_STEPS[s].int8]
+    if len(encoders) > 1:
         return (
-            f"{key} {recipe}: cluster and quantize both re-encode the weights (int8 would undo "
-            "the shared values); choose one"
+            f"{key} {recipe}: {' and '.join(encoders)} each re-encode the weights (int8 would "
+            "undo shared values; qat is quantize after a quantization-aware fine-tune); "
+            "choose one"
         )
     if "structured" in recipe and rounds != 1:
         return (

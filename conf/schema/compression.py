@@ -124,8 +124,9 @@ class CompressSearch(Section):
 class CompressConfig(Section):
     recipe: list[CompressStep] | Literal["auto"] = Field(
         "auto",
-        description="steps in order: magnitude | structured, then cluster | quantize; [] keeps "
-        "the trained model; auto: sweep the recipes that make train.model faster (auto_sweep)",
+        description="steps in order: magnitude | structured, then cluster | quantize | qat; [] "
+        "keeps the trained model; auto: sweep the recipes that make train.model faster "
+        "(auto_sweep)",
     )
     sparsity: float = Field(
         0.5,
@@ -157,6 +158,12 @@ class CompressConfig(Section):
         ge=0,
         description="static int8 (a cnn in onnxruntime): training rows that calibrate the "
         "activations' ranges",
+    )
+    qat: bool = Field(
+        True,
+        description="when post-training int8 puts a swept point outside "
+        "evaluate.max_accuracy_drop while the same point in float is within it, fine-tune it "
+        "again in simulated int8 (the qat step) and keep whichever is better",
     )
     distill: DistillConfig = Field(
         default_factory=DistillConfig, description="distillation from the trained model"

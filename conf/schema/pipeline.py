@@ -11,7 +11,12 @@ from pydantic import (
 )
 
 from conf.schema.base import Section
-from conf.schema.catalog import COMPRESSION_STEPS, MODEL_FAMILIES, needs_images
+from conf.schema.catalog import (
+    COMPRESSION_STEPS,
+    MODEL_FAMILIES,
+    converts_to_int8,
+    needs_images,
+)
 from conf.schema.compression import CompressConfig, auto_sweep
 from conf.schema.data import DaskConfig, DataConfig, PartitionConfig, ReduceConfig
 from conf.schema.display import config_digest, flatten, mask_secrets
@@ -84,7 +89,7 @@ class PipelineConfig(Section):
                         f"{' and '.join(families)} models, but train.model is "
                         f"'{self.train.model}': use magnitude instead"
                     )
-        quantized = any("quantize" in recipe for _, recipe in self.compress.recipes())
+        quantized = any(converts_to_int8(recipe) for _, recipe in self.compress.recipes())
         if (
             quantized
             and self.train.model == "cnn"

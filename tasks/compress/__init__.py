@@ -17,6 +17,12 @@ A recipe is an ordered list of steps (`conf.schema.recipe_problem` says which or
 - `quantize`: int8, no fine-tuning: in torch, dynamic int8 Linear weights; in onnxruntime,
   its own quantization of the float export (dynamic; static and calibrated for the CNN, so
   its convolutions run in int8 too: `export`).
+- `qat`: int8 as `quantize` converts it, after a quantization-aware fine-tune: the recipe's
+  fine-tune (or one of its own, for int8 alone) runs with every Linear layer computing in
+  simulated int8 (`tasks.training.fake_int8`), so the weights learn the rounding. With
+  `compress.qat` (default on) a swept int8 point that post-training int8 put outside the
+  accuracy budget, while the same point in float is within it, is retried this way
+  (`choice.qat_retries`) and measured beside it; the choice keeps the better.
 
 Every model measured (the baseline and each point) is measured in both runtimes that
 `serve.runtime` allows: torch, and its ONNX export in onnxruntime, whose float logits must
@@ -50,6 +56,7 @@ from conf.schema import (
     EvaluateConfig,
     PipelineConfig,
     TrainConfig,
+    converts_to_int8,
 )
 from tasks.cluster import dask_client
 from tasks.compress.choice import (
@@ -59,6 +66,7 @@ from tasks.compress.choice import (
     pareto,
     pareto_markdown,
     plot_pareto,
+    qat_retries,
     settle_runtimes,
 )
 from tasks.compress.measure import measure, served_context, served_figures, split_batches
@@ -108,7 +116,7 @@ def compress_model(
     runtimes = RUNTIMES if runtime == "auto" else (runtime,)
     calibration = None
     static_int8 = trained["arch"]["model"] == "cnn" and (
-        any("quantize" in p["recipe"] for p in points)
+        any(converts_to_int8(p["recipe"]) for p in points)
         or (cfg.search.enabled and cfg.search.quantize)
     )
     if "onnxruntime" in runtimes and static_int8:
@@ -126,19 +134,20 @@ def compress_model(
             f"serve.runtime is {runtime}, but the trained model cannot run there "
             f"({baseline['error']}): set serve.runtime to auto or torch"
         )
+
+    def run_points(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """More points (a search generation, QAT retries), fine-tuned on the cluster and
+        measured here."""
+        trunks = plan_finetunes(batch, features, trained, cfg, train_cfg, out)
+        specs = {name: trunk["spec"] for name, trunk in trunks.items()}
+        results.update(run_finetunes(specs, train_cfg, None, client))
+        arches.update(place_weights(batch, trunks, trained, out))
+        return measure_points(
+            batch, arches, results, features, evaluate_cfg, runtimes, calibration, out
+        )
+
     searched = ""
     if cfg.search.enabled:
-
-        def run_points(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            """A generation of search points, fine-tuned on the cluster and measured here."""
-            trunks = plan_finetunes(batch, features, trained, cfg, train_cfg, out)
-            specs = {name: trunk["spec"] for name, trunk in trunks.items()}
-            results.update(run_finetunes(specs, train_cfg, None, client))
-            arches.update(place_weights(batch, trunks, trained, out))
-            return measure_points(
-                batch, arches, results, features, evaluate_cfg, runtimes, calibration, out
-            )
-
         parallel = len(client.scheduler_info(n_workers=-1)["workers"])
         search_start = time.perf_counter()
         found, searched = search(
@@ -147,6 +156,11 @@ def compress_model(
         points += found
         rows += found
         search_seconds = time.perf_counter() - search_start
+    if cfg.qat and (retries := qat_retries(rows, evaluate_cfg)):
+        retried = run_points(retries)
+        settle_runtimes([baseline, *retried], evaluate_cfg, runtime)
+        points += retries
+        rows += retried
     if cfg.sweep:  # a sweep's table shows each point's served path; with one recipe,
         served = served_context(partitions, features)  # evaluate measures it
         for row in rows:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from conf.schema import EvaluateConfig
+from tasks.compress.points import point_name
 from tasks.served.runtime import RUNTIMES
 
 BASELINE = "baseline"
@@ -53,6 +54,34 @@ def within_budget(
     if not runtime:
         point["val_drop"], point["val_drop_bound"] = drop, bound
     return bound <= cfg.max_accuracy_drop + 1e-12
+
+
+def qat_retries(rows: list[dict[str, Any]], cfg: EvaluateConfig) -> list[dict[str, Any]]:
+    """The sweep's int8 points worth fine-tuning again in simulated int8 (compress.qat): those
+    that post-training int8 put outside the accuracy budget while the same point in float
+    (the baseline, for int8 alone) is within it, so the rounding is what costs. Each comes
+    back as a new point whose recipe ends in `qat` instead of `quantize`; the choice then
+    keeps whichever of the two is better. Search points (per-layer shares) are not retried."""
+    baseline, by_name = rows[0], {r["name"]: r for r in rows if "error" not in r}
+    retries = []
+    for row in rows[1:]:
+        if "error" in row or "quantize" not in row["recipe"] or row.get("ratios") is not None:
+            continue
+        in_float = [step for step in row["recipe"] if step != "quantize"]
+        parent = by_name.get(point_name(in_float, row["sparsity"], row["bits"]))
+        float_within = not in_float or (parent and within_budget(parent, baseline, cfg))
+        if not float_within or within_budget(row, baseline, cfg):
+            continue
+        recipe = [*in_float, "qat"]
+        retries.append(
+            {
+                "name": point_name(recipe, row["sparsity"], row["bits"]),
+                "recipe": recipe,
+                "sparsity": row["sparsity"],
+                "bits": row["bits"],
+            }
+        )
+    return retries
 
 
 def settle_runtimes(rows: list[dict[str, Any]], cfg: EvaluateConfig, setting: str) -> None:

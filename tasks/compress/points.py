@@ -9,7 +9,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from conf.schema import COMPRESSION_STEPS, CompressConfig, DistillConfig, TrainConfig
+from conf.schema import (
+    COMPRESSION_STEPS,
+    CompressConfig,
+    DistillConfig,
+    TrainConfig,
+    converts_to_int8,
+)
 from tasks.store import Manifest
 from tasks.train import train_spec
 
@@ -63,6 +69,10 @@ def phases(point: dict[str, Any], cfg: CompressConfig) -> list[dict[str, Any]]:
     if "cluster" in recipe:  # share the surviving weights, the zeros kept by the last mask
         last = out[-1]["sparsity"] if out else None
         out.append({"sparsity": last, "cluster_bits": point["bits"], **tune})
+    if "qat" in recipe:  # the pruning's own fine-tune runs in simulated int8 (or one of its own)
+        out = [{**p, "fake_int8": True} for p in out] or [
+            {"sparsity": None, "fake_int8": True, **tune}
+        ]
     return out
 
 
@@ -276,7 +286,7 @@ def finetune_point(spec: dict[str, Any], index: int, threads: int) -> dict[str, 
 
 def finish_point(point: dict[str, Any], arch: dict[str, Any], folder: Path) -> dict[str, Any]:
     """After fine-tuning: encode the sparse or shared weights (`encoded.npz`), or convert to
-    int8; return the arch the saved weights need."""
+    int8 (quantize, and qat after its simulated-int8 fine-tune); return the arch the saved weights need."""
     from tasks.training.clustering import encode
     from tasks.training.models import load_model
 
@@ -286,9 +296,9 @@ def finish_point(point: dict[str, Any], arch: dict[str, Any], folder: Path) -> d
         point["encoded"] = encode(
             load_model(arch, str(weights)), point["bits"], folder / "encoded.npz"
         )
-    elif "magnitude" in point["recipe"] and "quantize" not in point["recipe"]:
+    elif "magnitude" in point["recipe"] and not converts_to_int8(point["recipe"]):
         point["encoded"] = encode(load_model(arch, str(weights)), None, folder / "encoded.npz")
-    if "quantize" in point["recipe"]:
+    if converts_to_int8(point["recipe"]):
         # the float weights stay beside the int8 ones: onnxruntime quantizes their export
         shutil.copy(weights, folder / "model_float.pt")
         arch = quantize_saved(arch, weights, folder / "model.json")

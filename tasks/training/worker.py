@@ -39,6 +39,7 @@ from torch import nn
 
 from tasks.training.clustering import cluster_weights, snap, tie_gradients
 from tasks.training.data import Shard, open_split
+from tasks.training.fake_int8 import simulate_int8
 from tasks.training.models import build_model
 from tasks.training.optim import EarlyStopping, Schedule, build_optimizer, l1_penalty
 from tasks.training.sparsity import apply_masks, global_magnitude_masks, sparsity_report
@@ -355,6 +356,9 @@ class Trainer:
                 continue
             if masks:
                 apply_masks(self.model, masks)
+            # quantization-aware fine-tuning (the qat step): Linear layers compute in simulated
+            # int8 through this phase, and so does its validation
+            simulate_int8(self.model, bool(phase.get("fake_int8")))
             # k-means weight sharing (after the masks: zeros stay zeros); on a resume the
             # weights are already shared and cluster onto the same values again
             self.clusters = (
