@@ -186,11 +186,15 @@ class StreamedSplit:
 
     def __init__(self, files, features, label, device):
         self.features, self.label, self.device = features, label, device
-        self.files = {f: pq.ParquetFile(f) for f in files}
+        # each file's footer, kept; the file itself is opened for each read: an open
+        # ParquetFile keeps what it has read in Arrow's memory pool, so a rank streaming
+        # 2 GiB peaked at 1,394 MiB (731 MiB of it Arrow's) against 727 MiB this way, flat
+        # whatever the split's size, and faster (10.7 vs 14.7 s an epoch)
+        self.metadata = {f: pq.read_metadata(f) for f in files}
         self.groups = [
-            (f, g, pf.metadata.row_group(g).num_rows)
-            for f, pf in self.files.items()
-            for g in range(pf.metadata.num_row_groups)
+            (f, g, meta.row_group(g).num_rows)
+            for f, meta in self.metadata.items()
+            for g in range(meta.num_row_groups)
         ]
         self.rows = sum(n for _, _, n in self.groups)
 
@@ -200,7 +204,7 @@ class StreamedSplit:
     def read(self, group: tuple[str, int, int]) -> Batch:
         path, index, _ = group
         # one thread: Arrow's pool threads would each keep an allocator arena of their own
-        table = self.files[path].read_row_group(
+        table = pq.ParquetFile(path, metadata=self.metadata[path]).read_row_group(
             index, columns=[*self.features, self.label], use_threads=False
         )
         X, y = table_arrays(table, self.features, self.label)
