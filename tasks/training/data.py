@@ -305,11 +305,16 @@ class StreamedSplit:
 
 
 def open_split(
-    spec: dict, files: list[str], device: torch.device, training: bool, processes_here: int
+    spec: dict,
+    files: list[str],
+    device: torch.device,
+    training: bool,
+    processes_here: int,
+    stream: bool = False,
 ):
     """Resident when the split fits under `resident_max_gb` (auto: see memory_budget_bytes),
-    else streamed. A tuning trial's subsample (`max_train_rows`, `epoch_train_rows` of it
-    per epoch) is always resident."""
+    else (or when `stream`) streamed. A tuning trial's subsample (`max_train_rows`,
+    `epoch_train_rows` of it per epoch) is always resident."""
     features, label = spec["features"], spec["label"]
     rows = spec.get("max_train_rows") if training else None
     epoch_rows = spec.get("epoch_train_rows") if training else None
@@ -317,7 +322,7 @@ def open_split(
     budget = (
         memory_budget_bytes(device, processes_here) if limit in (None, "auto") else limit * 2**30
     )
-    if rows is not None or split_bytes(files, len(features)) <= budget:
+    if rows is not None or (not stream and split_bytes(files, len(features)) <= budget):
         split = ResidentSplit(files, features, label, device, rows, spec["seed"], epoch_rows)
     else:
         split = StreamedSplit(files, features, label, device)

@@ -153,7 +153,10 @@ class Trainer:
         self.rss_before_data = rss_mib()
         here = int(os.environ.get("LOCAL_WORLD_SIZE", r.world))
         self.train_split = open_split(spec, spec["train_files"], r.device, True, here)
-        self.val_split = open_split(spec, spec["val_files"], r.device, False, here)
+        # a streamed training split means memory is short: the validation split streams too,
+        # rather than filling the resident budget (up to twice over while it loads) beside it
+        streams = self.train_split.mode == "streaming"
+        self.val_split = open_split(spec, spec["val_files"], r.device, False, here, streams)
         self.shard = Shard(r.rank, r.world, r.device, spec["seed"])
         self.model = build_model(spec["arch"]).to(r.device)
         if spec.get("init_from"):
@@ -431,6 +434,7 @@ class Trainer:
             "precision": str(self.amp or "fp32").removeprefix("torch."),
             "compile": self.compile_state,
             "data_mode": self.train_split.mode,
+            "val_data_mode": self.val_split.mode,
             "backend": dist.get_backend() if dist.is_initialized() else "single process",
             "rss_before_data_mib": self.rss_before_data,
             "peak_rss_mib": rss_mib("VmHWM"),
