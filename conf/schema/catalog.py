@@ -96,7 +96,7 @@ def recipe_problem(recipe: list[str], key: str, rounds: int = 1) -> str | None:
     if [rank[s] for s in recipe] != sorted(rank[s] for s in recipe):
         return (
             f"{key} {recipe} is out of order: pruning (magnitude | structured) first, then "
-            "cluster or quantize"
+            "cluster, quantize or qat"
         )
     encoders = [s for s in recipe if s == "cluster" or COMPRESSION_STEPS[s].int8]
     if len(encoders) > 1:

@@ -286,7 +286,8 @@ def finetune_point(spec: dict[str, Any], index: int, threads: int) -> dict[str, 
 
 def finish_point(point: dict[str, Any], arch: dict[str, Any], folder: Path) -> dict[str, Any]:
     """After fine-tuning: encode the sparse or shared weights (`encoded.npz`), or convert to
-    int8 (quantize, and qat after its simulated-int8 fine-tune); return the arch the saved weights need."""
+    int8 (quantize; qat after its simulated-int8 fine-tune); return the arch the saved
+    weights need."""
     from tasks.training.clustering import encode
     from tasks.training.models import load_model
 
