@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tasks.training.models import without_fused_encoder
+
 
 def fake_int8_weight(w: torch.Tensor) -> torch.Tensor:
     """`w` rounded to int8 as the symmetric per-tensor observer does (scale max|w| / 127.5)."""
@@ -56,9 +58,6 @@ def simulate_int8(model: nn.Module, on: bool) -> int:
     layers = int8_layers(model)
     for layer in layers:
         layer.__class__ = FakeInt8Linear if on else nn.Linear
-    for layer in model.modules():
-        if on and isinstance(layer, nn.TransformerEncoderLayer):
-            # its fused inference path reads linear1.weight itself, bypassing the simulated
-            # forward; this flag, read only by that path's checks, keeps validation simulated
-            layer.activation_relu_or_gelu = 0
+    if on:  # so that validation runs the simulated forward too
+        without_fused_encoder(model)
     return len(layers)

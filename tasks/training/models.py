@@ -417,13 +417,19 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
         quantized = torch.ao.quantization.quantize_dynamic(
             model.eval(), {nn.Linear}, dtype=torch.qint8
         )
-    for layer in quantized.modules():
+    # the fused inference path reads linear1.weight as a tensor, and an int8 Linear's weight
+    # is a method (it failed on every call)
+    return without_fused_encoder(quantized)
+
+
+def without_fused_encoder(model: nn.Module) -> nn.Module:
+    """Send every transformer encoder layer down PyTorch's standard path in inference too:
+    the fused one reads its Linear layers' weights itself, past their own forward (which int8
+    and simulated-int8 layers replace). The flag set is read only by that path's checks."""
+    for layer in model.modules():
         if isinstance(layer, nn.TransformerEncoderLayer):
-            # the layer's fused inference path reads linear1.weight as a tensor, and an int8
-            # Linear's weight is a method (it failed on every call): this flag, read only by
-            # that path's checks, sends it down the standard path
             layer.activation_relu_or_gelu = 0
-    return quantized
+    return model
 
 
 def load_model(arch: dict[str, Any], weights: str | Path, map_location: str = "cpu") -> nn.Module:
