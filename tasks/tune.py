@@ -2,7 +2,8 @@
 
 The study's first trial is the config's own train.* values, so the default and the best
 are measured on the same budget (`tune.epochs`, each on the next `tune.max_rows` rows of one
-seeded walk over the training split: a trial the pruner keeps sees more data as it goes).
+seeded walk over the training split: a trial the pruner keeps sees more data as it goes; under
+ASHA, the default, only the best third of the trials at 1, 3 and 9 epochs trains on).
 Each trial is one single-process training inside a Dask task (in the worker's process: Dask
 workers are daemonic and may not start children), reporting its validation metric every
 epoch to the pruner. The study lives in Optuna's journal file in the stage's resumable
@@ -81,13 +82,30 @@ def suggest(trial, space: dict[str, SearchDimension], cfg: TrainConfig) -> dict[
     return params
 
 
+def trial_epochs(tune: TuneConfig, rows: int) -> int:
+    """tune.epochs; auto: under ASHA, whose rungs are at 1, 3, 9 and 27 epochs, the first
+    rung from 9 on at which a trial promoted through them all has seen every one of the
+    `rows` training rows (tune.max_rows an epoch), 27 at most: the search's budget grows
+    with the table, and only a ninth of the trials (a 27th) trains that long. Under the
+    median pruner or none, 3."""
+    if tune.epochs != "auto":
+        return tune.epochs
+    if tune.pruner != "asha":
+        return 3
+    per_epoch, epochs = min(rows, tune.max_rows or rows), 9
+    while epochs < 27 and epochs * per_epoch < rows:
+        epochs *= 3
+    return epochs
+
+
 def trial_config(
     cfg: TrainConfig, params: dict[str, Any], tune: TuneConfig, rows: int
 ) -> TrainConfig:
-    """train.* with a trial's values, trained for the trial's budget: tune.epochs, or more
+    """train.* with a trial's values, trained for the trial's budget: trial_epochs, or more
     on a small table, until the trial takes tune.min_steps steps on its `rows` (one process)."""
+    epochs = trial_epochs(tune, rows)
     trial = TrainConfig.model_validate(
-        {**cfg.model_dump(), **params, "epochs": tune.epochs, "min_steps": tune.min_steps}
+        {**cfg.model_dump(), **params, "epochs": epochs, "min_steps": tune.min_steps}
     )
     epochs = train.epochs_for(trial, min(rows, tune.max_rows or rows), 1)
     warmup = min(trial.warmup_epochs, epochs - 1)
@@ -180,13 +198,16 @@ def run_trial(
     )
     trial = optuna.trial.Trial(loaded, trial_id)
     curve: list[dict[str, float]] = []
+    epochs = sum(phase["epochs"] for phase in spec["phases"])
 
     def on_epoch(epoch: int, loss: float, val: dict[str, float]) -> None:
         curve.append({"epoch": epoch, "loss": loss, **val})
         if not math.isfinite(loss):
             raise Diverged(f"diverged: training loss {loss} at epoch {epoch}")
-        trial.report(val[metric], epoch)
-        if trial.should_prune():
+        trial.report(val[metric], epoch + 1)  # the step is the epochs trained: ASHA's rungs
+        # after its last epoch a trial is done: judged there (ASHA's rung at 9 epochs of a
+        # 9-epoch trial) it would be thrown away as pruned, its training spent
+        if epoch + 1 < epochs and trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
     device = torch.device("cpu")
@@ -286,47 +307,56 @@ def search(
     start = time.monotonic()
     running: dict[Any, Any] = {}
     launched = finished
-    while True:
-        while (
-            len(running) < parallel
-            and launched < budget
-            and (cfg.timeout_s is None or time.monotonic() - start < cfg.timeout_s)
-        ):
-            trial = study.ask()
-            params = suggest(trial, space, train_cfg)
-            trial.set_user_attr("train_params", params)
-            trial_cfg = trial_config(train_cfg, params, cfg, features["splits"]["train"]["rows"])
-            spec = train.train_spec(features, trial_cfg, None, None)
-            if cfg.max_rows:  # each epoch fresh rows: a trial's data grows with its epochs
-                spec["max_train_rows"] = cfg.max_rows * trial_cfg.epochs
-                spec["epoch_train_rows"] = cfg.max_rows
-            future = client.submit(
-                run_trial,
-                spec,
-                ref,
-                trial._trial_id,
-                cfg.metric,
-                make_pruner(cfg),
-                threads,
-                pure=False,
-                key=f"tune-{out.final.name}-trial-{trial.number}",
-            )
-            running[future] = trial
-            launched += 1
-        if not running:
-            break
-        done, _ = wait(list(running), return_when="FIRST_COMPLETED")
-        for future in done:
-            trial = running.pop(future)
-            try:
-                record = future.result()
-            except Exception as exc:  # the worker itself died (memory, a lost node)
-                record = {"state": "failed", "reason": f"worker lost: {exc}"[:500], "curve": []}
-            record_result(study, trial, record, cfg.metric)
-            finished += 1
-            if on_trial:
-                on_trial(trial_row(study, trial.number, cfg.metric), finished, budget)
-    summary = summarize(study, cfg, out, interrupted, time.monotonic() - start)
+    try:
+        while True:
+            while (
+                len(running) < parallel
+                and launched < budget
+                and (cfg.timeout_s is None or time.monotonic() - start < cfg.timeout_s)
+            ):
+                trial = study.ask()
+                params = suggest(trial, space, train_cfg)
+                trial.set_user_attr("train_params", params)
+                trial_cfg = trial_config(
+                    train_cfg, params, cfg, features["splits"]["train"]["rows"]
+                )
+                spec = train.train_spec(features, trial_cfg, None, None)
+                if cfg.max_rows:  # each epoch fresh rows: a trial's data grows with its epochs
+                    spec["max_train_rows"] = cfg.max_rows * trial_cfg.epochs
+                    spec["epoch_train_rows"] = cfg.max_rows
+                spec["keep_resident"] = True  # the worker keeps the rows for the next trial
+                future = client.submit(
+                    run_trial,
+                    spec,
+                    ref,
+                    trial._trial_id,
+                    cfg.metric,
+                    make_pruner(cfg),
+                    threads,
+                    pure=False,
+                    key=f"tune-{out.final.name}-trial-{trial.number}",
+                )
+                running[future] = trial
+                launched += 1
+            if not running:
+                break
+            done, _ = wait(list(running), return_when="FIRST_COMPLETED")
+            for future in done:
+                trial = running.pop(future)
+                try:
+                    record = future.result()
+                except Exception as exc:  # the worker itself died (memory, a lost node)
+                    record = {"state": "failed", "reason": f"worker lost: {exc}"[:500], "curve": []}
+                record_result(study, trial, record, cfg.metric)
+                finished += 1
+                if on_trial:
+                    on_trial(trial_row(study, trial.number, cfg.metric), finished, budget)
+    finally:  # the rows the workers kept for the next trial (the cluster serves other stages)
+        from tasks.training.data import forget_kept
+
+        client.run(forget_kept, on_error="ignore")  # a lost worker has nothing to release
+    seconds = time.monotonic() - start
+    summary = summarize(study, cfg, out, interrupted, seconds, features["splits"]["train"]["rows"])
     if warning := no_signal(summary["leaderboard"], majority_rate(features)):
         # in the stage's summary (MLflow, Prefect, the report) and as a tag on its run
         summary["tags"] = {"accelflow.tune.warning": warning}
@@ -405,7 +435,9 @@ def trials_ran(n: int, cfg: TuneConfig) -> str:
     return f"{n} trials"
 
 
-def summarize(study, cfg: TuneConfig, out: StageDir, interrupted: int, seconds: float) -> dict:
+def summarize(
+    study, cfg: TuneConfig, out: StageDir, interrupted: int, seconds: float, train_rows: int
+) -> dict:
     rows = [trial_row(study, t.number, cfg.metric) for t in study.trials if counted(t)]
     complete = [r for r in rows if r["state"] == "complete"]
     if not complete:
@@ -454,7 +486,8 @@ def summarize(study, cfg: TuneConfig, out: StageDir, interrupted: int, seconds: 
         "metrics": metrics,
         "summary": (
             f"{trials_ran(len(rows), cfg)}: {counts['complete']} complete, {counts['pruned']} pruned, "
-            f"{counts['failed']} failed, of {cfg.epochs} epochs (at least {cfg.min_steps} steps) "
+            f"{counts['failed']} failed, of {'up to ' if cfg.pruner != 'none' else ''}"
+            f"{trial_epochs(cfg, train_rows)} epochs (at least {cfg.min_steps} steps) "
             f"each on {'the next ' + str(cfg.max_rows) if cfg.max_rows else 'all the'} training rows, "
             f"{cfg.sampler} sampler, {cfg.pruner} pruner, {seconds:.1f} s. Best: {won} with "
             + (

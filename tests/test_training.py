@@ -635,6 +635,33 @@ def test_a_trial_trains_on_fresh_rows_every_epoch(digits_parquet):
     assert whole.steps(shard, 32) == 10 and len(set(whole.order(shard, 0, True).tolist())) == 300
 
 
+def test_a_study_keeps_its_trials_rows_in_the_worker(digits_parquet):
+    """keep_resident (a tuning trial): the next trial's split is the same tensors, not a
+    second read; the balanced sampler stays per split; a study's two splits are kept and a
+    third evicts the oldest; forget_kept releases them all."""
+    from tasks.training import data
+
+    paths, features = digits_parquet
+    spec = {"features": features, "label": "label", "seed": 5, "keep_resident": True}
+    cpu = torch.device("cpu")
+    data.forget_kept()
+    first = data.open_split(spec, [paths["train"]], cpu, True, 1)
+    spec["class_draws"] = [1.0] * 10
+    again = data.open_split(spec, [paths["train"]], cpu, True, 1)
+    assert again.X is first.X and again.y is first.y
+    assert first.class_draws is None and again.class_draws is not None
+    data.open_split(spec, [paths["val"]], cpu, False, 1)
+    other = data.open_split(
+        {**spec, "seed": 6, "max_train_rows": 50}, [paths["train"]], cpu, True, 1
+    )
+    assert len(other) == 50
+    assert data.open_split(spec, [paths["train"]], cpu, True, 1).X is not first.X  # evicted
+    assert data.forget_kept() == 2 and data.forget_kept() == 0
+    plain = {k: v for k, v in spec.items() if k != "keep_resident"}
+    assert data.open_split(plain, [paths["train"]], cpu, True, 1).X is not first.X
+    assert data.forget_kept() == 0  # nothing kept without the flag
+
+
 def test_class_weights_balance_rare_classes_and_reach_the_loss(digits_parquet, tmp_path):
     """train.class_weight: balanced weights are n / (classes × rows); auto turns them on only
     when the rarest class has under a tenth of the largest's rows; the worker's loss uses

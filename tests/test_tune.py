@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from conf.schema import TrainConfig, load_config
 from tasks.errors import ConfigError
-from tasks.tune import CONDITIONAL, suggest, trial_config, with_defaults
+from tasks.tune import CONDITIONAL, suggest, trial_config, trial_epochs, with_defaults
 
 BAD_SPACES = [
     ("tune.space.epochs={type: int, low: 1, high: 5}", r"tune.space.epochs: not a train.\* key"),
@@ -26,6 +26,7 @@ BAD_SPACES = [
     ),
     ("tune.space.dropout={type: float, low: 0.1, high: 1.5}", r"train.dropout would reject 1.5"),
     ("tune.trials=0", r"'tune.trials': .*greater than or equal to 1"),
+    ("tune.epochs=0", r"'tune.epochs': .*greater than 0, or 'auto'"),
     ("tune.space.lr={type: float, low: 0.1}", r"float needs 'low' and 'high'"),
 ]
 
@@ -62,6 +63,20 @@ def test_a_trial_on_a_small_table_trains_for_tune_min_steps():
     assert wider.epochs == 25  # 2,000 rows counted: 4 steps an epoch
     off = load_config(None, ["tune.epochs=3", "tune.min_steps=0"]).tune
     assert trial_config(cfg.train, {"batch_size": 128}, off, 455).epochs == 3
+
+
+def test_asha_trials_grow_with_the_table():
+    """tune.epochs auto under ASHA (rungs at 1, 3, 9, 27 epochs of tune.max_rows rows): the
+    trials promoted through every rung see every training row, 9 to 27 epochs; 3 under
+    the median pruner; a number is kept."""
+    tune = load_config(None, []).tune
+    assert (tune.pruner, tune.epochs, tune.max_rows) == ("asha", "auto", 10_000)
+    rows = (455, 54_000, 90_000, 90_001, 5_000_000)
+    assert [trial_epochs(tune, n) for n in rows] == [9, 9, 9, 27, 27]
+    assert trial_epochs(load_config(None, ["tune.max_rows=null"]).tune, 54_000) == 9
+    assert trial_epochs(load_config(None, ["tune.pruner=median"]).tune, 54_000) == 3
+    assert trial_epochs(load_config(None, ["tune.epochs=4"]).tune, 5_000_000) == 4
+    assert trial_config(TrainConfig(), {}, tune, 200_000).epochs == 27
 
 
 def test_the_configs_own_value_joins_a_categorical_axis():
@@ -118,6 +133,10 @@ def test_each_trial_is_a_nested_run_and_train_uses_the_best(tuned_run):
     states = [t.data.tags["accelflow.trial.state"] for t in trials]
     assert set(states) <= {"complete", "pruned", "failed"}
     assert "pruned" in states  # the pruner stopped at least one poor trial
+    for t, state in zip(trials, states, strict=True):  # ASHA's first rung is after one epoch, and a
+        # trial's last epoch is never judged (a pruned 2-epoch trial would be training lost)
+        epochs = len(client.get_metric_history(t.info.run_id, "val/accuracy"))
+        assert state == "failed" or epochs == {"pruned": 1, "complete": 2}[state]
     assert [t.data.tags["accelflow.trial.default"] for t in trials].count("true") == 1
     for t in trials:
         assert {"train.optimizer", "train.lr", "train.batch_size"} <= set(t.data.params)

@@ -277,7 +277,12 @@ class TuneConfig(Section):
     parallel: int | Literal["auto"] = Field(
         "auto", description="concurrent trials; auto: one per Dask worker"
     )
-    epochs: int = Field(3, ge=1, description="training epochs per trial")
+    epochs: PositiveInt | Literal["auto"] = Field(
+        "auto",
+        description="epochs of a trial that runs to its end; auto: under asha, rungs of 1, 3, "
+        "9 (27) epochs until the longest trials see every training row (tune.max_rows an "
+        "epoch), at least 9 and at most 27; under median or none, 3",
+    )
     min_steps: int = Field(
         100,
         ge=0,
@@ -293,7 +298,10 @@ class TuneConfig(Section):
     )
     sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler (seeded)")
     pruner: Literal["median", "asha", "none"] = Field(
-        "median", description="stops poor trials after an epoch"
+        "asha",
+        description="asha: successive halving, a trial goes on past 1, 3, 9 epochs only in the "
+        "best third of those that reached it; median: stops a trial below the median after any "
+        "epoch; none",
     )
     metric: Literal["val_accuracy", "val_loss", "val_macro_f1"] = Field(
         "val_accuracy",

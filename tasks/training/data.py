@@ -18,7 +18,7 @@ import math
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,6 +98,31 @@ def epoch_seed(shard: Shard, epoch: int) -> int:
     return shard.seed * 100_003 + epoch
 
 
+# A tuning study's splits, kept in the Dask worker's process from one trial to the next
+# (spec["keep_resident"]): every trial of a study reads the same rows (one seed), and a trial
+# the pruner stops after its first epoch would otherwise spend much of its time reading
+# them. At most a study's two (train, val); tasks.tune releases them when the study ends.
+_kept: dict[tuple, Batch] = {}
+_kept_lock = threading.Lock()  # a worker with two threads runs two trials at once
+
+
+def kept(key: tuple, load: Callable[[], Batch]) -> Batch:
+    with _kept_lock:
+        if key not in _kept:
+            if len(_kept) >= 2:
+                _kept.pop(next(iter(_kept)))  # the oldest: another study's
+            _kept[key] = load()
+        return _kept[key]
+
+
+def forget_kept() -> int:
+    """Release the kept splits (run on every worker when a study ends); how many there were."""
+    with _kept_lock:
+        n = len(_kept)
+        _kept.clear()
+    return n
+
+
 class ResidentSplit:
     """The whole split as two tensors on the device, or a tuning trial's share of it: a
     seeded subset of `rows`, of which each epoch trains on the next `epoch_rows` (so a trial
@@ -116,15 +141,20 @@ class ResidentSplit:
         rows: int | None = None,
         seed: int = 0,
         epoch_rows: int | None = None,
+        keep: bool = False,
     ):
-        total = split_rows(files)
-        if rows is not None and total > rows:  # a tuning trial's budget: a seeded subset,
-            # read row group by row group (in file order), never the whole split
-            keep = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:rows]
-            X, y = load_rows(files, features, label, np.sort(keep.numpy()))
-        else:
-            X, y = load_split(files, features, label)
-        self.X, self.y = X.to(device), y.to(device)
+        def load() -> Batch:
+            total = split_rows(files)
+            if rows is not None and total > rows:  # a tuning trial's budget: a seeded subset,
+                # read row group by row group (in file order), never the whole split
+                chosen = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+                X, y = load_rows(files, features, label, np.sort(chosen[:rows].numpy()))
+            else:
+                X, y = load_split(files, features, label)
+            return X.to(device), y.to(device)
+
+        key = (tuple(files), tuple(features), label, rows, seed, str(device))
+        self.X, self.y = kept(key, load) if keep else load()
         self.epoch_rows = epoch_rows if epoch_rows and epoch_rows < len(self.X) else None
         # the epochs' windows walk one seeded permutation: read in file order, the rows
         # would otherwise come in the source's order (often sorted by class or date)
@@ -323,7 +353,16 @@ def open_split(
         memory_budget_bytes(device, processes_here) if limit in (None, "auto") else limit * 2**30
     )
     if rows is not None or (not stream and split_bytes(files, len(features)) <= budget):
-        split = ResidentSplit(files, features, label, device, rows, spec["seed"], epoch_rows)
+        split = ResidentSplit(
+            files,
+            features,
+            label,
+            device,
+            rows,
+            spec["seed"],
+            epoch_rows,
+            spec.get("keep_resident", False),
+        )
     else:
         split = StreamedSplit(files, features, label, device)
     draws = spec.get("class_draws") if training else None  # train.sampler: balanced
