@@ -208,7 +208,7 @@ def run_trial(
         # after its last epoch a trial is done: judged there (ASHA's rung at 9 epochs of a
         # 9-epoch trial) it would be thrown away as pruned, its training spent
         if epoch + 1 < epochs and trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+            raise optuna.TrialPruned(f"pruned after {epoch + 1} of {epochs} epochs")
 
     device = torch.device("cpu")
     if torch.cuda.is_available():  # one trial per GPU when the cluster has one worker per GPU
