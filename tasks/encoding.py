@@ -200,6 +200,7 @@ def as_text(values):
 QUANTILE_LEVELS = np.linspace(0, 1, 101)  # the map's knots: every percentile of the sample
 EXTREME_LEVEL = 1e-3  # the end knots map to ±3.09, not to ±inf
 HEAVY_TAIL_SKEW = 2.0  # numeric_transform auto: |skewness| from here on is quantile-mapped
+OUTLIER_SHARE = 1e-3  # ... measured without the values beyond these percentiles' (clipped)
 
 
 def quantile_normal(values: np.ndarray) -> list[list[float]] | None:
@@ -219,10 +220,17 @@ def quantile_normal(values: np.ndarray) -> list[list[float]] | None:
 
 def heavy_tailed(values: np.ndarray) -> bool:
     """Skewed enough that standardising leaves most rows crowded near one value; a column of
-    one or two values is a flag, for which a map changes nothing."""
-    if len(np.unique(values[:1000])) < 3 or values.std() == 0:
+    one or two values is a flag, for which a map changes nothing. Skewness of the values
+    clipped to their 0.1st and 99.9th percentiles: a few wild values make a column skewed
+    without its bulk being so (diamonds' `y`: widths of 4-11 mm, seven of 0 and two of 32
+    and 59: skewness 2.4, 0.4 clipped), and quantile-mapping that column cost 2 points of test
+    accuracy there (0.7649 → 0.7458 with `data.numeric_transform` standard vs auto, tuning off)."""
+    if len(np.unique(values[:1000])) < 3:
         return False
-    z = (values - values.mean()) / values.std()
+    bulk = np.clip(values, *np.quantile(values, [OUTLIER_SHARE, 1 - OUTLIER_SHARE]))
+    if bulk.std() == 0:
+        return False
+    z = (bulk - bulk.mean()) / bulk.std()
     return abs(float(np.mean(z**3))) >= HEAVY_TAIL_SKEW
 
 

@@ -359,6 +359,8 @@ def test_numeric_transform_modes_pick_their_columns():
         "height": rng.normal(170, 10, 2000),
         "flag": (rng.random(2000) < 0.02).astype(float),
         "same": np.ones(2000),
+        # a symmetric bulk and two typos (a width of 59 mm among 4-10): skewness 18 as it is
+        "typos": np.r_[rng.normal(6, 1, 1998), 32.0, 59.0],
     }
     fills = dict.fromkeys(sample, 0.0)
 
@@ -366,7 +368,7 @@ def test_numeric_transform_modes_pick_their_columns():
         return fit_encoder(fills, {}, 16, 1, mode, sample)
 
     assert list(fitted("auto").quantiles) == ["amount"]
-    assert list(fitted("quantile").quantiles) == ["amount", "height", "flag"]
+    assert list(fitted("quantile").quantiles) == ["amount", "height", "flag", "typos"]
     assert not fitted("standard").quantiles and not fitted("standard").unscaled
     assert fitted("none").unscaled and not fitted("none").quantiles
     encoder = fitted("quantile")
