@@ -56,7 +56,8 @@ class DataConfig(Section):
         "auto",
         description="numeric columns of a table: standard: the network standardises them; "
         "quantile: each mapped through its training quantiles to a normal score; auto: quantile "
-        "for heavy-tailed columns (|skew| >= 2), standard for the rest; none: as they are",
+        "for heavy-tailed columns (|skew| >= 2 within the 0.1-99.9th percentiles), standard for "
+        "the rest; none: as they are",
     )
     columns: dict[str, Literal["numeric", "categorical"]] | None = Field(
         None,
