@@ -649,6 +649,8 @@ def test_a_study_keeps_its_trials_rows_in_the_worker(digits_parquet):
     spec["class_draws"] = [1.0] * 10
     again = data.open_split(spec, [paths["train"]], cpu, True, 1)
     assert again.X is first.X and again.y is first.y
+    longer = {**spec, "max_train_rows": 10 * len(first)}  # a longer trial: the whole split too
+    assert data.open_split(longer, [paths["train"]], cpu, True, 1).X is first.X
     assert first.class_draws is None and again.class_draws is not None
     data.open_split(spec, [paths["val"]], cpu, False, 1)
     other = data.open_split(

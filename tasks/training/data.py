@@ -143,17 +143,21 @@ class ResidentSplit:
         epoch_rows: int | None = None,
         keep: bool = False,
     ):
+        total = split_rows(files)
+        subset = rows if rows is not None and total > rows else None  # None: the whole split
+
         def load() -> Batch:
-            total = split_rows(files)
-            if rows is not None and total > rows:  # a tuning trial's budget: a seeded subset,
-                # read row group by row group (in file order), never the whole split
+            if subset is not None:  # a tuning trial's budget: a seeded subset, read row
+                # group by row group (in file order), never the whole split
                 chosen = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
-                X, y = load_rows(files, features, label, np.sort(chosen[:rows].numpy()))
+                X, y = load_rows(files, features, label, np.sort(chosen[:subset].numpy()))
             else:
                 X, y = load_split(files, features, label)
             return X.to(device), y.to(device)
 
-        key = (tuple(files), tuple(features), label, rows, seed, str(device))
+        # trials of different lengths (tune.min_steps) ask for different row counts: every
+        # count beyond the split is the whole split, one entry
+        key = (tuple(files), tuple(features), label, subset, seed, str(device))
         self.X, self.y = kept(key, load) if keep else load()
         self.epoch_rows = epoch_rows if epoch_rows and epoch_rows < len(self.X) else None
         # the epochs' windows walk one seeded permutation: read in file order, the rows
