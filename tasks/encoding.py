@@ -200,7 +200,7 @@ def as_text(values):
 QUANTILE_LEVELS = np.linspace(0, 1, 101)  # the map's knots: every percentile of the sample
 EXTREME_LEVEL = 1e-3  # the end knots map to ±3.09, not to ±inf
 HEAVY_TAIL_SKEW = 2.0  # numeric_transform auto: |skewness| from here on is quantile-mapped
-OUTLIER_SHARE = 1e-3  # ... measured without the values beyond these percentiles' (clipped)
+OUTLIER_SHARE = 1e-3  # that skewness with values beyond the 0.1st / 99.9th percentiles clipped
 
 
 def quantile_normal(values: np.ndarray) -> list[list[float]] | None:

@@ -86,8 +86,8 @@ def trial_epochs(tune: TuneConfig, rows: int) -> int:
     """tune.epochs; auto: under ASHA, whose rungs are at 1, 3, 9 and 27 epochs, the first
     rung from 9 on at which a trial promoted through them all has seen every one of the
     `rows` training rows (tune.max_rows an epoch), 27 at most: the search's budget grows
-    with the table, and only a ninth of the trials (a 27th) trains that long. Under the
-    median pruner or none, 3."""
+    with the table, while only a ninth of the trials trains 9 epochs and a 27th 27. Under
+    the median pruner or none, 3."""
     if tune.epochs != "auto":
         return tune.epochs
     if tune.pruner != "asha":
