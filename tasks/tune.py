@@ -103,9 +103,13 @@ def trial_config(
 ) -> TrainConfig:
     """train.* with a trial's values, trained for the trial's budget: trial_epochs, or more
     on a small table, until the trial takes tune.min_steps steps on its `rows` (one process)."""
-    epochs = trial_epochs(tune, rows)
     trial = TrainConfig.model_validate(
-        {**cfg.model_dump(), **params, "epochs": epochs, "min_steps": tune.min_steps}
+        {
+            **cfg.model_dump(),
+            **params,
+            "epochs": trial_epochs(tune, rows),
+            "min_steps": tune.min_steps,
+        }
     )
     epochs = train.epochs_for(trial, min(rows, tune.max_rows or rows), 1)
     warmup = min(trial.warmup_epochs, epochs - 1)

@@ -133,8 +133,9 @@ def test_each_trial_is_a_nested_run_and_train_uses_the_best(tuned_run):
     states = [t.data.tags["accelflow.trial.state"] for t in trials]
     assert set(states) <= {"complete", "pruned", "failed"}
     assert "pruned" in states  # the pruner stopped at least one poor trial
-    for t, state in zip(trials, states, strict=True):  # ASHA's first rung is after one epoch, and a
-        # trial's last epoch is never judged (a pruned 2-epoch trial would be training lost)
+    # ASHA's first rung is after one epoch, and a trial's last epoch is never judged (a
+    # pruned 2-epoch trial would be its training lost)
+    for t, state in zip(trials, states, strict=True):
         epochs = len(client.get_metric_history(t.info.run_id, "val/accuracy"))
         assert state == "failed" or epochs == {"pruned": 1, "complete": 2}[state]
     assert [t.data.tags["accelflow.trial.default"] for t in trials].count("true") == 1
