@@ -22,10 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from conf.schema import PipelineConfig, SearchDimension, TrainConfig, TuneConfig, mask_text
 from tasks import train
 from tasks.cluster import dask_client
 from tasks.errors import TrainingError
+from tasks.paired import gain_and_bound
 from tasks.progress import Progress
 from tasks.spec import ChildRun, Hooks, Inputs, StageSpec
 from tasks.store import Manifest, StageDir
@@ -219,8 +222,10 @@ def run_trial(
         device = torch.device("cuda", trial.number % torch.cuda.device_count())
     record: dict[str, Any] = {"state": "complete", "reason": ""}
     try:
-        result = Trainer(spec, Rank(0, 1, device), on_epoch).run()
+        trainer = Trainer(spec, Rank(0, 1, device), on_epoch)
+        result = trainer.run()
         record.update({k: result[k] for k in VALIDATION})
+        record["answers"] = trainer.answers()  # per row: the default and the best compare
         if not math.isfinite(result[metric]):
             record.update(state="failed", reason=f"diverged: final {metric} {result[metric]}")
     except optuna.TrialPruned as exc:
@@ -351,6 +356,9 @@ def search(
                     record = future.result()
                 except Exception as exc:  # the worker itself died (memory, a lost node)
                     record = {"state": "failed", "reason": f"worker lost: {exc}"[:500], "curve": []}
+                if answers := record.pop("answers", None):  # beside the journal (resumes keep it)
+                    answers_path(out, trial.number).parent.mkdir(exist_ok=True)
+                    np.savez(answers_path(out, trial.number), **answers)
                 record_result(study, trial, record, cfg.metric)
                 finished += 1
                 if on_trial:
@@ -369,6 +377,23 @@ def search(
 
 
 # ---------------------------------------------------------------- what the stage reports
+
+
+def answers_path(out: StageDir, trial: int) -> Path:
+    return out.path(f"answers/trial-{trial}.npz")
+
+
+def lead_over_default(
+    best: dict[str, Any], default: dict[str, Any], cfg: TuneConfig, out: StageDir
+) -> tuple[float, float] | None:
+    """The best trial's gain over the default trial in tune.metric, on the same validation
+    rows, and its lower bound at tune.confidence (paired bootstrap); None when a trial's
+    answers are missing (a study in a database that another run's folder began)."""
+    paths = [answers_path(out, row["trial"]) for row in (default, best)]
+    if not all(p.exists() for p in paths):
+        return None
+    base, point = (dict(np.load(p)) for p in paths)
+    return gain_and_bound(cfg.metric, base["label"], base, point, cfg.confidence)
 
 
 def trial_row(study, number: int, metric: str) -> dict[str, Any]:
@@ -468,6 +493,12 @@ def summarize(
     if default_ok:
         metrics["tune/default_val_accuracy"] = default["val_accuracy"]
         metrics["tune/gain"] = best["val_accuracy"] - default["val_accuracy"]
+    lead = None
+    if default_ok and not best["default"] and cfg.confidence is not None:
+        lead = lead_over_default(best, default, cfg, out)
+    kept = lead is not None and lead[1] <= 0  # the best trial's lead is chance: keep train.*
+    if lead is not None:
+        metrics["tune/lead_lower_bound"] = lead[1]
     plots = [plot_history(rows, cfg.metric, out.path("tune-history.png"))]
     importance = param_importances(study)
     if importance:
@@ -480,8 +511,9 @@ def summarize(
     won = "the config's own settings" if best["default"] else f"trial {best['trial']}"
     return {
         "planned": cfg.trials,
-        "best_params": best["params"],
+        "best_params": {} if kept else best["params"],
         "best_trial": best["trial"],
+        "kept_default": kept,
         "metric": cfg.metric,
         "leaderboard": leaderboard(rows, cfg.metric),
         "importance": importance,
@@ -499,8 +531,8 @@ def summarize(
                 if cfg.metric != "val_accuracy"
                 else ""
             )
-            + f"val accuracy {best['val_accuracy']:.4f}; {compared}. Train uses: "
-            + ", ".join(f"{k}={v}" for k, v in sorted(best["params"].items()))
+            + f"val accuracy {best['val_accuracy']:.4f}; {compared}. "
+            + verdict(lead, cfg, best)
             + (
                 f". {interrupted} trial(s) interrupted by an earlier run were re-run"
                 if interrupted
@@ -508,6 +540,24 @@ def summarize(
             )
         ),
     }
+
+
+def verdict(lead: tuple[float, float] | None, cfg: TuneConfig, best: dict[str, Any]) -> str:
+    """What train takes from the search, and why, in words."""
+    uses = "Train uses: " + ", ".join(f"{k}={v}" for k, v in sorted(best["params"].items()))
+    if lead is None:
+        return uses
+    gain, bound = lead
+    judged = (
+        f"{METRIC_NAMES[cfg.metric]} {gain:+.4f} (lower bound {bound:+.4f} at "
+        f"{cfg.confidence:.0%} confidence, paired bootstrap on the validation rows)"
+    )
+    if bound > 0:
+        return f"Its lead, {judged}, holds. {uses}"
+    return (
+        f"Its lead, {judged}, is within the validation noise: train keeps its own "
+        f"settings (tune.confidence: null would take trial {best['trial']}'s)"
+    )
 
 
 def skip_tuning() -> dict[str, Any]:
@@ -646,9 +696,10 @@ def tuned_figure(m: Manifest) -> str:
     ran = len(m["leaderboard"])
     trials = f"{ran} of {m['planned']} trials" if ran < m.get("planned", ran) else f"{ran} trials"
     if "tune/default_val_accuracy" in m["metrics"]:
+        kept = ", within noise: kept train.*" if m.get("kept_default") else ""
         return (
             f"val acc {m['metrics']['tune/default_val_accuracy']:.4f} → "
-            f"{m['metrics']['tune/best_val_accuracy']:.4f} ({trials})"
+            f"{m['metrics']['tune/best_val_accuracy']:.4f}{kept} ({trials})"
         )
     return trials if m["leaderboard"] else "off"
 

@@ -311,7 +311,8 @@ def test_the_budget_is_judged_with_its_noise_on_the_same_rows():
     1.2-point budget as measured, but at 80% confidence only on the many rows (3 rows
     against 300); the rows both models answer alike change nothing."""
     from conf.schema import EvaluateConfig
-    from tasks.compress.choice import ANSWERS, choose, drop_and_bound
+    from tasks.compress.choice import ANSWERS, choose
+    from tasks.paired import drop_and_bound
 
     def answered(n: int) -> tuple[np.ndarray, np.ndarray]:
         base = np.arange(n) >= n // 10  # both wrong on the first tenth

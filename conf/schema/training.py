@@ -308,6 +308,15 @@ class TuneConfig(Section):
         description="what the search optimises, on the validation split (val_macro_f1: every "
         "class weighs alike, for imbalanced tables)",
     )
+    confidence: float | None = Field(
+        0.9,
+        gt=0.5,
+        lt=1,
+        description="the best trial replaces train.*'s own settings only when its lead over "
+        "the default trial holds at this confidence (a paired bootstrap on the validation "
+        "rows: on a few thousand rows a lead of a few rows is chance, and the best of many "
+        "trials is the luckiest); null: the best trial, however small its lead",
+    )
     seed: int = Field(0, description="the sampler's seed")
     storage: str | None = Field(
         None,

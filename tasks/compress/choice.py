@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from conf.schema import EvaluateConfig
 from tasks.compress.points import point_name
+from tasks.paired import drop_and_bound
 from tasks.served.runtime import RUNTIMES
 
 BASELINE = "baseline"
@@ -19,20 +18,6 @@ OBJECTIVE_KEY = {"latency": "latency_b256_p50_ms", "size": "size_zstd_bytes"}
 # each measured row keeps, until the choice is made, its per-row answers on the validation
 # split (True: right), per runtime: what the paired budget judges (never written out)
 ANSWERS = "_correct"
-
-
-def drop_and_bound(base: np.ndarray, point: np.ndarray, confidence: float) -> tuple[float, float]:
-    """A point's validation accuracy drop against the baseline, answered on the same rows
-    (per-row correctness), and its one-sided upper bound at `confidence` by a paired
-    bootstrap. Only the rows one of the two got right move the difference, so each
-    resample is drawn as multinomial counts of those rows (the same distribution as
-    resampling rows, without an index array per draw); seeded."""
-    n = len(base)
-    lost, won = int(np.sum(base & ~point)), int(np.sum(~base & point))
-    drop = (lost - won) / n
-    shares = [lost / n, won / n, max(0.0, 1.0 - (lost + won) / n)]
-    counts = np.random.default_rng(0).multinomial(n, shares, size=4000)
-    return drop, float(np.quantile((counts[:, 0] - counts[:, 1]) / n, confidence))
 
 
 def within_budget(

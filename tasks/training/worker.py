@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -278,12 +279,10 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Loss, accuracy and macro-F1 over the whole validation split (all ranks' shards):
         macro-F1 weighs every class alike, so a rare class that is never predicted shows."""
-        self.net.eval()
         k = self.spec["arch"]["n_classes"]
         loss_sum, count = 0.0, 0
         per_class = torch.zeros(3, k, dtype=torch.float64, device=self.r.device)
-        for xb, yb in self.val_split.batches(self.shard, 0, 4096, shuffle=False):
-            logits = self.model(xb).float()
+        for logits, yb in self.val_logits():
             loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
             predicted = logits.argmax(1)
             per_class += torch.stack(  # per class: true positives, predicted, actual
@@ -303,6 +302,31 @@ class Trainer:
             "val_loss": loss_sum / max(count, 1),
             "val_accuracy": float(hits.sum()) / max(count, 1),
             "val_macro_f1": float(f1.mean()) if bool(seen.any()) else float("nan"),
+        }
+
+    def val_logits(self):
+        """(logits, labels) of this rank's validation shard, batch by batch, in row order."""
+        self.net.eval()
+        for xb, yb in self.val_split.batches(self.shard, 0, 4096, shuffle=False):
+            yield self.model(xb).float(), yb
+
+    @torch.no_grad()
+    def answers(self) -> dict[str, np.ndarray]:
+        """Per validation row of this rank's shard, in row order: the label, the predicted
+        class and the loss; two trials' answers on the same rows compare with their noise."""
+        parts = [
+            (yb, logits.argmax(1), F.cross_entropy(logits, yb, reduction="none"))
+            for logits, yb in self.val_logits()
+        ]
+        if not parts:  # no validation rows: nothing to compare on
+            return {}
+        label, predicted, loss = (
+            torch.cat(column).cpu().numpy() for column in zip(*parts, strict=True)
+        )
+        return {
+            "label": label.astype(np.int32),
+            "predicted": predicted.astype(np.int32),
+            "loss": loss,
         }
 
     def save_checkpoint(self, opt, sched, masks, phase: int, epoch: int) -> None:
