@@ -665,13 +665,14 @@ def test_a_study_keeps_its_trials_rows_in_the_worker(digits_parquet):
 
 
 def test_class_weights_balance_rare_classes_and_reach_the_loss(digits_parquet, tmp_path):
-    """train.class_weight: balanced weights are n / (classes × rows); auto turns them on only
-    when the rarest class has under a tenth of the largest's rows; the worker's loss uses
-    them (the same seed trains differently)."""
+    """train.class_weight: balanced weights are n / (classes × rows); auto turns weights on
+    only when the rarest class has under a tenth of the largest's rows, by effective rows:
+    8 rows against ~130 weigh almost as balanced, 1,300 against 17,000 almost alike; the
+    worker's loss uses them (the same seed trains differently)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tasks.train import class_weights
+    from tasks.train import class_weights, weights_for
 
     paths, features = digits_parquet
     table = pq.read_table(paths["train"])
@@ -691,8 +692,14 @@ def test_class_weights_balance_rare_classes_and_reach_the_loss(digits_parquet, t
     assert class_weights(manifest(paths["train"]), "none") is None
     weights = class_weights(manifest(rare_path), "auto")
     counts = np.bincount(rare.column("label").to_numpy(), minlength=10)
-    assert counts[9] == 8 and weights == pytest.approx(counts.sum() / (10 * counts))
+    balanced = class_weights(manifest(rare_path), "balanced")
+    assert counts[9] == 8 and balanced == pytest.approx(counts.sum() / (10 * counts))
+    assert np.dot(counts, weights) == pytest.approx(counts.sum())  # a row weighs 1 on average
+    assert weights[9] / weights[0] == pytest.approx(balanced[9] / balanced[0], rel=0.1)
     assert class_weights(manifest(rare_path), "none") is None
+    diamonds = np.array([17_241, 11_033, 9_666, 3_925, 1_288])  # cut: its rarest is 3%
+    assert max(weights_for(diamonds, "auto")) / min(weights_for(diamonds, "auto")) < 1.5
+    assert max(weights_for(diamonds, "balanced")) / min(weights_for(diamonds, "balanced")) > 13
 
     def loss(weights):
         spec = make_spec(

@@ -75,7 +75,9 @@ class TrainConfig(Section):
     class_weight: Literal["auto", "balanced", "none"] = Field(
         "auto",
         description="weight each class's loss by n / (classes × its rows) (balanced); auto: "
-        "balanced when the rarest training class has under a tenth of the largest's rows",
+        "when the rarest training class has under a tenth of the largest's rows, by each "
+        "class's effective rows (Cui et al. 2019): a class of a handful of rows weighs as "
+        "balanced would have it, classes of thousands alike",
     )
     sampler: Literal["shuffle", "balanced"] = Field(
         "shuffle",
