@@ -206,6 +206,9 @@ def run_trial(
     trial = optuna.trial.Trial(loaded, trial_id)
     curve: list[dict[str, float]] = []
     epochs = sum(phase["epochs"] for phase in spec["phases"])
+    # the default trial runs to its end: it is what the best must beat, and a slow starter
+    # (one-cycle's rising learning rate) would lose ASHA's first rung at one epoch
+    judged = not trial.user_attrs.get("default")
 
     def on_epoch(epoch: int, loss: float, val: dict[str, float]) -> None:
         curve.append({"epoch": epoch, "loss": loss, **val})
@@ -214,7 +217,7 @@ def run_trial(
         trial.report(val[metric], epoch + 1)  # the step is the epochs trained: ASHA's rungs
         # after its last epoch a trial is done: judged there (ASHA's rung at 9 epochs of a
         # 9-epoch trial) it would be thrown away as pruned, its training spent
-        if epoch + 1 < epochs and trial.should_prune():
+        if judged and epoch + 1 < epochs and trial.should_prune():
             raise optuna.TrialPruned(f"pruned after {epoch + 1} of {epochs} epochs")
 
     device = torch.device("cpu")
