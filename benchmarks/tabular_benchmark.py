@@ -109,6 +109,9 @@ def run_table(name: str, source: Path, label: str, folder: Path, sets: list[str]
         # how the run got there: what reduce kept, what the search chose, how long it trained
         "components": reduced["metrics"]["reduce/components"],
         "best_params": tuned.get("best_params"),
+        # the best trial's lead over the default (below 0: train kept its own settings)
+        "lead_lower_bound": tuned.get("metrics", {}).get("tune/lead_lower_bound"),
+        "kept_default": tuned.get("kept_default"),
         "epochs": trained["metrics"].get("train/epochs"),
         "val_accuracy": trained["metrics"]["train/val_accuracy"],
         "accelflow": {

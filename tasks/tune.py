@@ -161,6 +161,7 @@ def make_pruner(cfg: TuneConfig):
 
 
 VALIDATION = ("val_accuracy", "val_loss", "val_macro_f1")  # what every trial reports per epoch
+REPORTED_CONFIDENCE = 0.9  # the best trial's lead over the default, judged in the summary
 METRIC_NAMES = {
     "val_accuracy": "val accuracy",
     "val_loss": "val loss",
@@ -396,7 +397,12 @@ def lead_over_default(
     if not all(p.exists() for p in paths):
         return None
     base, point = (dict(np.load(p)) for p in paths)
-    return gain_and_bound(cfg.metric, base["label"], base, point, cfg.confidence)
+    return gain_and_bound(cfg.metric, base["label"], base, point, judged_at(cfg))
+
+
+def judged_at(cfg: TuneConfig) -> float:
+    """The confidence the lead is judged at: tune.confidence, or 90% only to report it."""
+    return cfg.confidence or REPORTED_CONFIDENCE
 
 
 def trial_row(study, number: int, metric: str) -> dict[str, Any]:
@@ -497,9 +503,10 @@ def summarize(
         metrics["tune/default_val_accuracy"] = default["val_accuracy"]
         metrics["tune/gain"] = best["val_accuracy"] - default["val_accuracy"]
     lead = None
-    if default_ok and not best["default"] and cfg.confidence is not None:
+    if default_ok and not best["default"]:
         lead = lead_over_default(best, default, cfg, out)
-    kept = lead is not None and lead[1] <= 0  # the best trial's lead is chance: keep train.*
+    # the best trial's lead may be chance: under tune.confidence, train keeps its own settings
+    kept = cfg.confidence is not None and lead is not None and lead[1] <= 0
     if lead is not None:
         metrics["tune/lead_lower_bound"] = lead[1]
     plots = [plot_history(rows, cfg.metric, out.path("tune-history.png"))]
@@ -553,10 +560,15 @@ def verdict(lead: tuple[float, float] | None, cfg: TuneConfig, best: dict[str, A
     gain, bound = lead
     judged = (
         f"{METRIC_NAMES[cfg.metric]} {gain:+.4f} (lower bound {bound:+.4f} at "
-        f"{cfg.confidence:.0%} confidence, paired bootstrap on the validation rows)"
+        f"{judged_at(cfg):.0%} confidence, paired bootstrap on the validation rows)"
     )
     if bound > 0:
         return f"Its lead, {judged}, holds. {uses}"
+    if cfg.confidence is None:
+        return (
+            f"Its lead, {judged}, may be chance; train takes it (tune.confidence: "
+            f"{REPORTED_CONFIDENCE} would keep train.*'s own settings). {uses}"
+        )
     return (
         f"Its lead, {judged}, is within the validation noise: train keeps its own "
         f"settings (tune.confidence: null would take trial {best['trial']}'s)"

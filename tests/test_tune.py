@@ -98,6 +98,7 @@ TUNED = [
     "tune.epochs=2",
     "tune.sampler=random",
     "tune.pruner=asha",  # aggressive: most trials stop after their first epoch
+    "tune.confidence=0.9",  # the best must lead the default beyond the validation noise
     "tune.space={optimizer: {type: categorical, choices: [sgd]}, "
     "lr: {type: float, low: 0.00001, high: 0.3, log: true}, "
     "batch_size: {type: categorical, choices: [32, 64]}}",
@@ -249,7 +250,7 @@ def test_a_lead_within_the_validation_noise_keeps_the_configs_settings(metric):
     from tasks.paired import gain_and_bound
     from tasks.tune import verdict
 
-    cfg = load_config(None, [f"tune.metric={metric}"]).tune
+    cfg = load_config(None, [f"tune.metric={metric}", "tune.confidence=0.9"]).tune
     best = {"trial": 7, "params": {"lr": 0.01}}
     for n, holds in ((1_000, False), (30_000, True)):
         row = np.arange(n)
@@ -265,6 +266,8 @@ def test_a_lead_within_the_validation_noise_keeps_the_configs_settings(metric):
         words = verdict((gain, bound), cfg, best)
         assert ("Train uses: lr=0.01" in words) == holds
         assert ("within the validation noise: train keeps its own settings" in words) != holds
+        taken = verdict((gain, bound), cfg.model_copy(update={"confidence": None}), best)
+        assert "Train uses: lr=0.01" in taken and ("may be chance" in taken) != holds
 
 
 def test_train_keeps_its_settings_when_the_best_trials_lead_is_chance(tmp_path):
@@ -274,7 +277,7 @@ def test_train_keeps_its_settings_when_the_best_trials_lead_is_chance(tmp_path):
     from tasks.store import StageDir
     from tasks.tune import answers_path, summarize, tuned_figure
 
-    cfg = load_config(None, []).tune
+    cfg = load_config(None, ["tune.confidence=0.9"]).tune
     out = StageDir(tmp_path, tmp_path)
     label = np.arange(400) % 2
     for ahead, kept in ((1, True), (40, False)):

@@ -311,13 +311,13 @@ class TuneConfig(Section):
         "class weighs alike, for imbalanced tables)",
     )
     confidence: float | None = Field(
-        0.9,
+        None,
         gt=0.5,
         lt=1,
-        description="the best trial replaces train.*'s own settings only when its lead over "
-        "the default trial holds at this confidence (a paired bootstrap on the validation "
-        "rows: on a few thousand rows a lead of a few rows is chance, and the best of many "
-        "trials is the luckiest); null: the best trial, however small its lead",
+        description="e.g. 0.9: the best trial replaces train.*'s own settings only when its "
+        "lead over the default trial holds at this confidence (a paired bootstrap on the "
+        "validation rows: a lead of a few rows may be chance); null: the best trial, and the "
+        "summary says whether its lead holds at 90%",
     )
     seed: int = Field(0, description="the sampler's seed")
     storage: str | None = Field(
