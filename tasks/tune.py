@@ -730,6 +730,7 @@ SPEC = StageSpec(
         "tune/default_val_accuracy": "higher",
         "tune/best_val_accuracy": "higher",
         "tune/gain": "higher",
+        "tune/lead_lower_bound": "higher",
     },
     tables={"leaderboard": "leaderboard"},
     resumable=True,

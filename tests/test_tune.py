@@ -170,7 +170,7 @@ def test_each_trial_is_a_nested_run_and_train_uses_the_best(tuned_run):
     assert "tune/gain" in parent and parent["test/accuracy"] > 0.8
     # the best trial's lead over the default, judged on both trials' per-row answers
     judged = best.info.run_id != default.info.run_id
-    assert ("tune/lead_lower_bound" in metrics) == judged
+    assert ("tune/lead_lower_bound" in metrics) == judged == ("tune/lead_lower_bound" in parent)
     kept = judged and metrics["tune/lead_lower_bound"] <= 0
     chosen = default if kept else best
     train = runs["train"].data
