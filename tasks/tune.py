@@ -8,7 +8,10 @@ Each trial is one single-process training inside a Dask task (in the worker's pr
 workers are daemonic and may not start children), reporting its validation metric every
 epoch to the pruner. The study lives in Optuna's journal file in the stage's resumable
 folder (or in the database at `tune.storage`) under a name made from the stage key, so a
-run killed mid-search resumes with its finished trials and runs only the rest.
+run killed mid-search resumes with its finished trials and runs only the rest. The default
+trial is never pruned, and the summary weighs the best trial's lead over it on the same
+validation rows (a paired bootstrap on both trials' per-row answers, `tasks.paired`); under
+`tune.confidence` a lead within the noise leaves train.* as given.
 
 Pure stage logic: MLflow sees each finished trial as a nested run through `Hooks.on_child`.
 """
@@ -391,13 +394,18 @@ def lead_over_default(
     best: dict[str, Any], default: dict[str, Any], cfg: TuneConfig, out: StageDir
 ) -> tuple[float, float] | None:
     """The best trial's gain over the default trial in tune.metric, on the same validation
-    rows, and its lower bound at tune.confidence (paired bootstrap); None when a trial's
-    answers are missing (a study in a database that another run's folder began)."""
+    rows, and its lower bound (paired bootstrap) at `judged_at`; None when a trial's answers
+    are missing (a study in a database that another run's folder began)."""
     paths = [answers_path(out, row["trial"]) for row in (default, best)]
     if not all(p.exists() for p in paths):
         return None
-    base, point = (dict(np.load(p)) for p in paths)
+    base, point = (read_answers(p) for p in paths)
     return gain_and_bound(cfg.metric, base["label"], base, point, judged_at(cfg))
+
+
+def read_answers(path: Path) -> dict[str, Any]:
+    with np.load(path) as stored:
+        return dict(stored)
 
 
 def judged_at(cfg: TuneConfig) -> float:
