@@ -350,6 +350,7 @@ def print_search(result: dict) -> None:
 def main() -> None:
     parser = benchmark_args(__doc__, "compress")
     parser.add_argument("--skip-cnn", action="store_true")
+    parser.add_argument("--skip-mlp", action="store_true")
     parser.add_argument("--narrowing", action="store_true", help="the narrowing speeds only")
     parser.add_argument("--search", action="store_true", help="the search against the sweep")
     parser.add_argument(
@@ -388,7 +389,10 @@ def main() -> None:
         write_json(path, {"narrowing": narrowing()})  # the sweep's results are kept
         return
     results: dict[str, dict] = {}
-    runs = {"mlp": MLP, **({} if args.skip_cnn else {"cnn": CNN})}
+    runs = {
+        **({} if args.skip_mlp else {"mlp": MLP}),
+        **({} if args.skip_cnn else {"cnn": CNN}),
+    }
     if args.sequence is not None:
         named = args.sequence or list(SEQUENCE)
         runs = {name: [*SEQUENCE[name], *SEQUENCE_SWEEP] for name in named}
