@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 DRAWS = 2000
-CHUNK = 200  # draws per weight matrix (CHUNK × rows float32): bounded memory on any split
+WEIGHTS_PER_CHUNK = 2**24  # draws × rows in one float32 weight matrix: 64 MiB on any split
 
 
 def drop_and_bound(base: np.ndarray, point: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -64,9 +64,12 @@ def gain_and_bound(
     gain = sign * float(
         scored(metric, label, point, ones)[0] - scored(metric, label, base, ones)[0]
     )
-    rng, diffs = np.random.default_rng(0), []
-    for _ in range(DRAWS // CHUNK):
-        weights = rng.poisson(1.0, (CHUNK, len(label))).astype(np.float32)
+    rng, diffs, done = np.random.default_rng(0), [], 0
+    chunk = max(1, min(DRAWS, WEIGHTS_PER_CHUNK // len(label)))
+    while done < DRAWS:
+        draws = min(chunk, DRAWS - done)
+        done += draws
+        weights = rng.poisson(1.0, (draws, len(label))).astype(np.float32)
         diffs.append(
             sign * (scored(metric, label, point, weights) - scored(metric, label, base, weights))
         )
