@@ -116,8 +116,14 @@ def study(features: dict, client, root: Path, name: str, **tune_keys) -> dict:
     body = tune.search(features, cfg.tune, cfg.train, out, client)
     seconds = time.perf_counter() - t0
     counts = {k: body["metrics"][f"tune/trials_{k}"] for k in ("complete", "pruned", "failed")}
+    # each trial's own seconds (in its worker, from load_study to its answers): against the
+    # wall time × the lanes, how busy the lanes were (the rest: idle lanes and the driver)
+    trial_seconds = sum(row["seconds"] for row in body["leaderboard"])
+    lanes = cfg.tune.parallel if cfg.tune.parallel != "auto" else 2
     return {
         "seconds": seconds,
+        "trial_seconds": trial_seconds,
+        "lanes_busy": trial_seconds / (seconds * lanes),
         "trials": sum(counts.values()),
         **counts,
         "trials_per_minute": 60 * sum(counts.values()) / seconds,
@@ -239,12 +245,50 @@ def print_quality(quality: list[dict]) -> None:
         )
 
 
+def serial_against_parallel(features: dict, tmp: Path) -> dict:
+    """Part 2: the same 8 trials one at a time and two at a time on a 2-worker cluster."""
+    from conf.schema import DaskConfig
+    from tasks.cluster import dask_client
+
+    with dask_client(DaskConfig(n_workers=2, threads_per_worker=1)) as client:
+        # warm-up: each worker's first trial imports torch and reads the split; the
+        # study measured first would pay that alone
+        study(features, client, tmp / "studies", "warm-up", trials=2, parallel=2, pruner="none")
+        # the seeded random sampler draws the same trials in the same order whatever
+        # finished first, so the studies compared run the same settings (TPE's draws
+        # depend on which trials finished, and a trial's cost varies 10× with its widths
+        # and batch size: the ratios below would measure the draws, not the parallelism
+        # or the pruner)
+        fixed = {"trials": 8, "pruner": "none", "timeout_s": "null", "seed": 1, "sampler": "random"}
+        return {
+            "serial": study(features, client, tmp / "studies", "serial", parallel=1, **fixed),
+            "parallel": study(features, client, tmp / "studies", "parallel", parallel=2, **fixed),
+        }
+
+
+def print_parallel(result: dict) -> None:
+    print(f"\n{'8 trials':<12} {'wall s':>7} {'sum of trials s':>16} {'lanes busy':>10}")
+    for name, r in result.items():
+        print(
+            f"{name:<12} {r['seconds']:>7.1f} {r['trial_seconds']:>16.1f} {r['lanes_busy']:>10.0%}"
+        )
+    ratio = result["parallel"]["trials_per_minute"] / result["serial"]["trials_per_minute"]
+    print(f"parallel speed-up (trials/min, 2 vs 1): {ratio:.2f}x (goal >= 1.6x)")
+
+
 def main() -> None:
     parser = benchmark_args(__doc__, "tune")
     parser.add_argument("--budget-s", type=float, default=40.0, help="wall budget of part 3")
     parser.add_argument("--rows", action="store_true", help="part 4 only")
     parser.add_argument("--quality", action="store_true", help="part 1 only (about 4 minutes)")
+    parser.add_argument("--parallel", action="store_true", help="part 2 only (about 3 minutes)")
     args = parser.parse_args()
+    if args.parallel:
+        with tempfile.TemporaryDirectory(prefix="accelflow-tune-parallel-") as tmp:
+            result = serial_against_parallel(features_of(Path(tmp) / "fmnist", "mlp"), Path(tmp))
+        print_parallel(result)
+        write_json(args.json.with_name("tune_parallel.json"), result)
+        return
     if args.rows:
         with tempfile.TemporaryDirectory(prefix="accelflow-tune-rows-") as tmp:
             result = trial_rows(Path(tmp))
@@ -271,19 +315,10 @@ def main() -> None:
             write_json(args.json.with_name("tune_quality.json"), {"quality": quality})
             return
         features = latest_manifest(tmp / "fmnist", "reduce")
+        lanes = serial_against_parallel(features, tmp)
+        serial, parallel = lanes["serial"], lanes["parallel"]
         with dask_client(DaskConfig(n_workers=2, threads_per_worker=1)) as client:
-            # warm-up: each worker's first trial imports torch and reads the split; the
-            # study measured first would pay that alone
-            study(features, client, tmp / "studies", "warm-up", trials=2, parallel=2, pruner="none")
-            # the seeded random sampler draws the same trials in the same order whatever
-            # finished first, so the studies compared run the same settings (TPE's draws
-            # depend on which trials finished, and a trial's cost varies 10× with its widths
-            # and batch size: the ratios below would measure the draws, not the parallelism
-            # or the pruner)
             same = {"seed": 1, "sampler": "random"}
-            fixed = {"trials": 8, "pruner": "none", "timeout_s": "null", **same}  # all 8
-            serial = study(features, client, tmp / "studies", "serial", parallel=1, **fixed)
-            parallel = study(features, client, tmp / "studies", "parallel", parallel=2, **fixed)
             budget = {"trials": 1000, "timeout_s": args.budget_s, "parallel": 2, **same}
             # the default (asha, its trials' epochs from the table) and the median pruner
             # (3-epoch trials), each beside no pruner with trials as long
