@@ -245,25 +245,27 @@ def print_quality(quality: list[dict]) -> None:
         )
 
 
-def serial_against_parallel(features: dict, tmp: Path) -> dict:
-    """Part 2: the same 8 trials one at a time and two at a time on a 2-worker cluster."""
+def two_workers():
     from conf.schema import DaskConfig
     from tasks.cluster import dask_client
 
-    with dask_client(DaskConfig(n_workers=2, threads_per_worker=1)) as client:
-        # warm-up: each worker's first trial imports torch and reads the split; the
-        # study measured first would pay that alone
-        study(features, client, tmp / "studies", "warm-up", trials=2, parallel=2, pruner="none")
-        # the seeded random sampler draws the same trials in the same order whatever
-        # finished first, so the studies compared run the same settings (TPE's draws
-        # depend on which trials finished, and a trial's cost varies 10× with its widths
-        # and batch size: the ratios below would measure the draws, not the parallelism
-        # or the pruner)
-        fixed = {"trials": 8, "pruner": "none", "timeout_s": "null", "seed": 1, "sampler": "random"}
-        return {
-            "serial": study(features, client, tmp / "studies", "serial", parallel=1, **fixed),
-            "parallel": study(features, client, tmp / "studies", "parallel", parallel=2, **fixed),
-        }
+    return dask_client(DaskConfig(n_workers=2, threads_per_worker=1))
+
+
+def serial_against_parallel(features: dict, client, tmp: Path) -> dict:
+    """Part 2: the same 8 trials one at a time and two at a time on a 2-worker cluster."""
+    # warm-up: each worker's first trial imports torch and reads the split; the study
+    # measured first would pay that alone (and so would part 3's, on the same cluster)
+    study(features, client, tmp / "studies", "warm-up", trials=2, parallel=2, pruner="none")
+    # the seeded random sampler draws the same trials in the same order whatever finished
+    # first, so the studies compared run the same settings (TPE's draws depend on which
+    # trials finished, and a trial's cost varies 10× with its widths and batch size: the
+    # ratios below would measure the draws, not the parallelism or the pruner)
+    fixed = {"trials": 8, "pruner": "none", "timeout_s": "null", "seed": 1, "sampler": "random"}
+    return {
+        "serial": study(features, client, tmp / "studies", "serial", parallel=1, **fixed),
+        "parallel": study(features, client, tmp / "studies", "parallel", parallel=2, **fixed),
+    }
 
 
 def print_parallel(result: dict) -> None:
@@ -281,11 +283,13 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=40.0, help="wall budget of part 3")
     parser.add_argument("--rows", action="store_true", help="part 4 only")
     parser.add_argument("--quality", action="store_true", help="part 1 only (about 4 minutes)")
-    parser.add_argument("--parallel", action="store_true", help="part 2 only (about 3 minutes)")
+    parser.add_argument("--parallel", action="store_true", help="part 2 only (about 1 minute)")
     args = parser.parse_args()
     if args.parallel:
         with tempfile.TemporaryDirectory(prefix="accelflow-tune-parallel-") as tmp:
-            result = serial_against_parallel(features_of(Path(tmp) / "fmnist", "mlp"), Path(tmp))
+            features = features_of(Path(tmp) / "fmnist", "mlp")
+            with two_workers() as client:
+                result = serial_against_parallel(features, client, Path(tmp))
         print_parallel(result)
         write_json(args.json.with_name("tune_parallel.json"), result)
         return
@@ -295,8 +299,7 @@ def main() -> None:
         print_trial_rows(result)
         write_json(args.json.with_name("tune_rows.json"), result)
         return
-    from conf.schema import DaskConfig, load_config
-    from tasks.cluster import dask_client
+    from conf.schema import load_config
     from tasks.tune import trial_epochs
 
     with tempfile.TemporaryDirectory(prefix="accelflow-tune-bench-") as tmp:
@@ -315,9 +318,9 @@ def main() -> None:
             write_json(args.json.with_name("tune_quality.json"), {"quality": quality})
             return
         features = latest_manifest(tmp / "fmnist", "reduce")
-        lanes = serial_against_parallel(features, tmp)
-        serial, parallel = lanes["serial"], lanes["parallel"]
-        with dask_client(DaskConfig(n_workers=2, threads_per_worker=1)) as client:
+        with two_workers() as client:
+            lanes = serial_against_parallel(features, client, tmp)
+            serial, parallel = lanes["serial"], lanes["parallel"]
             same = {"seed": 1, "sampler": "random"}
             budget = {"trials": 1000, "timeout_s": args.budget_s, "parallel": 2, **same}
             # the default (asha, its trials' epochs from the table) and the median pruner
