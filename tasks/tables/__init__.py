@@ -8,9 +8,10 @@ Three passes over blocks of about `data.block_mb` each:
    for the whole table (`decide_schema`), so all blocks are cleaned alike.
 2. **profile**: clean each block, hash each good row to its split and sum what the checks
    and the encoder need: rows per split, label counts, category counts and a hash-ranked
-   sample of the training rows' numbers (their median fills missing values).
-3. **write**: encode each block and write its rows into the split arrays at the offsets
-   the profile pass fixed.
+   sample of the training rows' numbers (their median fills missing values). The cleaned
+   rows and their hashes replace the block's scratch file.
+3. **write**: encode each cleaned block and write its rows into the split arrays at the
+   offsets the profile pass fixed.
 
 Every decision depends on row contents only, never on block boundaries: changing
 `data.block_mb` or re-partitioning the source changes nothing in the output. Limits: a

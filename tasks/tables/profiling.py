@@ -14,7 +14,7 @@ from conf.schema import DataConfig
 from tasks.cluster import checked, data_task
 from tasks.encoding import MISSING, Encoder, fit_encoder
 from tasks.errors import DataError
-from tasks.tables.blocks import read_block
+from tasks.tables.blocks import keep_clean, read_block
 from tasks.tables.cleaning import good_rows
 from tasks.tables.schema import Schema
 
@@ -29,6 +29,7 @@ def profile_block(block: dict, schema: Schema, cfg: DataConfig, quarantine: str 
     """Everything the driver needs from one block, in a result of bounded size."""
     frame = read_block(block)
     features, labels, bad, reasons, u, split = good_rows(frame, schema, cfg, block["first_row"])
+    keep_clean(block, features, labels, u)
     result: dict[str, Any] = {
         "rows": [int((split == s).sum()) for s in range(3)],
         "bad": int(bad.sum()),
@@ -59,13 +60,12 @@ def profile_block(block: dict, schema: Schema, cfg: DataConfig, quarantine: str 
     }
     # bottom-k by hash: merging blocks' bottom-k gives the table's bottom-k, whatever the blocks
     k = min(FILL_SAMPLE_ROWS, max(100, FILL_SAMPLE_VALUES // max(len(schema.numeric), 1)))
-    sample = train[np.argsort(u[train], kind="stable")[:k]]
+    sample = lowest(u, train, k)
     result["fill_sample"] = (u[sample], features[schema.numeric].iloc[sample].to_numpy())
     result["distinct"] = {c: _two_values(features[c]) for c in schema.columns}
     example = {}
     for s in (0, 2):
-        rows = np.flatnonzero(split == s)
-        pick = rows[np.argsort(u[rows], kind="stable")[:EXAMPLE_ROWS]]
+        pick = lowest(u, np.flatnonzero(split == s), EXAMPLE_ROWS)
         example[s] = (u[pick].tolist(), features.iloc[pick].to_dict("records"))
     result["example"] = example
     if cfg.max_rows:
@@ -73,8 +73,23 @@ def profile_block(block: dict, schema: Schema, cfg: DataConfig, quarantine: str 
     return result
 
 
+def lowest(u: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """The `k` of `rows` with the lowest hashes `u`, lowest first, by a partial sort. Rows
+    tied at the k-th hash are duplicates (the hash is of the row's content): whichever is
+    taken, the values are the same."""
+    if len(rows) > k:
+        rows = np.sort(rows[np.argpartition(u[rows], k - 1)[:k]])
+    return rows[np.argsort(u[rows], kind="stable")]
+
+
 def _two_values(values) -> list:
     """Up to two distinct values (enough to tell a constant column), without hashing them all."""
+    if values.dtype == np.float64:  # a numeric column: its extremes, without a filtered copy
+        array = values.to_numpy()
+        if np.isnan(array).all():
+            return []
+        low, high = float(np.nanmin(array)), float(np.nanmax(array))
+        return [low] if low == high else [low, high]
     present = values.dropna()
     if present.empty:
         return []

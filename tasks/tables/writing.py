@@ -13,9 +13,9 @@ from conf.schema import DataConfig
 from tasks.cluster import checked, data_task
 from tasks.encoding import Encoder
 from tasks.errors import DataError
+from tasks.splitting import assign_splits
 from tasks.store import StageDir
-from tasks.tables.blocks import block_size, read_block, scan
-from tasks.tables.cleaning import good_rows
+from tasks.tables.blocks import block_size, read_clean, scan
 from tasks.tables.profiling import SPLITS, plan
 from tasks.tables.schema import Schema, decide_schema
 
@@ -35,24 +35,34 @@ def write_block(
 ) -> list[int]:
     """Encode one block and write its rows of each split into that split's arrays, and its
     test rows, cleaned but not encoded, as a Parquet part in `test_rows`."""
-    features, labels, _, _, u, split = good_rows(read_block(block), schema, cfg, block["first_row"])
+    features, labels, u = read_clean(block)
+    split = assign_splits(u, cfg.val_fraction, cfg.test_fraction)
     encoder = Encoder.load(encoder_path)
     lookup = {c: i for i, c in enumerate(classes)}
-    written = []
-    for s, name in enumerate(SPLITS):
+    picked = []
+    for s in range(len(SPLITS)):
         rows = np.flatnonzero((split == s) & (u <= cutoffs[s]))
         if (
             len(rows) > counts[s]
         ):  # duplicate rows tied at a max_rows cutoff: keep as many as counted
             rows = np.sort(rows[np.argsort(u[rows], kind="stable")[: counts[s]]])
+        picked.append(rows)
+    # the block encoded in one call, then cut by split (a call per split copied the frame
+    # for each); only the kept rows when data.max_rows leaves some out
+    kept = np.concatenate(picked)
+    every = len(kept) == len(u)
+    X_kept = encoder.transform(features if every else features.iloc[kept])
+    y_kept = (labels if every else labels.iloc[kept]).map(lookup).to_numpy(dtype=np.int64)
+    at = np.cumsum([0, *map(len, picked)])
+    written = []
+    for s, (name, rows) in enumerate(zip(SPLITS, picked, strict=True)):
         if len(rows):
             X_path, y_path = targets[name]
+            where = rows if every else slice(at[s], at[s + 1])
             X = np.load(X_path, mmap_mode="r+")
             y = np.load(y_path, mmap_mode="r+")
-            X[offsets[s] : offsets[s] + len(rows)] = encoder.transform(features.iloc[rows])
-            y[offsets[s] : offsets[s] + len(rows)] = (
-                labels.iloc[rows].map(lookup).to_numpy(dtype=np.int64)
-            )
+            X[offsets[s] : offsets[s] + len(rows)] = X_kept[where]
+            y[offsets[s] : offsets[s] + len(rows)] = y_kept[where]
             X.flush(), y.flush()
             del X, y
             if name == "test":  # the test rows as cleaned raw values: what a champion scores
