@@ -285,15 +285,17 @@ def npy_header(path: str) -> tuple[tuple[int, ...], np.dtype, int]:
         return shape, dtype, fh.tell()
 
 
-def npy_chunks(path: str, rows: int = NPY_CHUNK):
-    """An .npy file's rows a chunk at a time, read (not memory-mapped: mapped pages would
-    stay in the process's resident memory until the map closes)."""
+def npy_chunks(path: str, rows: int = NPY_CHUNK, begin: int = 0, end: int | None = None):
+    """An .npy file's rows (from `begin` up to `end`) a chunk at a time, read (not
+    memory-mapped: mapped pages would stay in the process's resident memory until the map
+    closes)."""
     shape, dtype, offset = npy_header(path)
     width = int(np.prod(shape[1:], dtype=np.int64))
+    end = shape[0] if end is None else min(end, shape[0])
     with open(path, "rb") as fh:
-        fh.seek(offset)
-        for start in range(0, shape[0], rows):
-            n = min(rows, shape[0] - start)
+        fh.seek(offset + begin * width * dtype.itemsize)
+        for start in range(begin, end, rows):
+            n = min(rows, end - start)
             yield np.fromfile(fh, dtype=dtype, count=n * width).reshape(n, *shape[1:])
 
 
