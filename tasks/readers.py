@@ -299,6 +299,21 @@ def npy_chunks(path: str, rows: int = NPY_CHUNK, begin: int = 0, end: int | None
             yield np.fromfile(fh, dtype=dtype, count=n * width).reshape(n, *shape[1:])
 
 
+def npy_put(path: str, start: int, rows: np.ndarray) -> None:
+    """Write `rows` into an existing .npy file from row `start` on, in one positioned write.
+    Tasks of a stage fill one array this way side by side; a memory map's flush instead
+    made each task write back every dirty page of the file, its neighbours' too."""
+    shape, dtype, offset = npy_header(path)
+    rows = np.ascontiguousarray(rows, dtype=dtype)
+    if rows.shape[1:] != shape[1:] or start + len(rows) > shape[0]:
+        raise ValueError(
+            f"{path}: rows {start}-{start + len(rows)} of shape {rows.shape} do not fit {shape}"
+        )
+    with open(path, "r+b") as fh:
+        fh.seek(offset + start * dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64)))
+        fh.write(rows.data)
+
+
 def npy_take(path: str, rows: np.ndarray) -> np.ndarray:
     """The rows at sorted indices `rows`, in one chunked pass."""
     picked, start = [], 0

@@ -13,6 +13,7 @@ from conf.schema import DataConfig
 from tasks.cluster import checked, data_task
 from tasks.encoding import Encoder
 from tasks.errors import DataError
+from tasks.readers import npy_put
 from tasks.splitting import assign_splits
 from tasks.store import StageDir
 from tasks.tables.blocks import block_size, read_clean, scan
@@ -59,12 +60,8 @@ def write_block(
         if len(rows):
             X_path, y_path = targets[name]
             where = rows if every else slice(at[s], at[s + 1])
-            X = np.load(X_path, mmap_mode="r+")
-            y = np.load(y_path, mmap_mode="r+")
-            X[offsets[s] : offsets[s] + len(rows)] = X_kept[where]
-            y[offsets[s] : offsets[s] + len(rows)] = y_kept[where]
-            X.flush(), y.flush()
-            del X, y
+            npy_put(X_path, offsets[s], X_kept[where])
+            npy_put(y_path, offsets[s], y_kept[where])
             if name == "test":  # the test rows as cleaned raw values: what a champion scores
                 part = Path(test_rows) / f"part-{offsets[s]:012d}.parquet"
                 features.iloc[rows].to_parquet(part)
