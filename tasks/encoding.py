@@ -147,11 +147,7 @@ class Encoder:
             out[:, :width] = self.normal_scores(values) if mapped else values
         rows = np.arange(len(frame))
         for column, vocab in self.categorical.items():
-            index = self.indexes[column]
-            text = as_text(frame[column]).fillna(MISSING)
-            codes = (
-                text.map(index).fillna(len(vocab)).to_numpy(dtype=np.int64)
-            )  # unseen → last slot
+            codes = self.codes(column, frame[column])
             if column in self.onehot:
                 out[:, width : width + len(vocab) + 1] = 0
                 out[rows, width + codes] = 1
@@ -160,6 +156,26 @@ class Encoder:
                 out[:, width] = codes
                 width += 1
         return out
+
+    def codes(self, column: str, values) -> np.ndarray:
+        """A categorical column's vocabulary index per row; missing values take the
+        <missing> category's where it has one, and anything unseen the last slot."""
+        import pandas as pd
+
+        vocab, index = self.categorical[column], self.indexes[column]
+        unseen = len(vocab)
+        if isinstance(values.dtype, pd.StringDtype) and values.dtype.storage == "pyarrow":
+            # Arrow-backed text (what ingest reads back): looked up by Arrow, without
+            # making a Python string of every value
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            text = pa.array(values.array)
+            found = pc.index_in(text, value_set=pa.array(vocab, pa.string())).fill_null(unseen)
+            missing = pa.scalar(index.get(MISSING, unseen), found.type)
+            return pc.if_else(text.is_null(), missing, found).to_numpy().astype(np.int64)
+        text = as_text(values).fillna(MISSING)
+        return text.map(index).fillna(unseen).to_numpy(dtype=np.int64)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))

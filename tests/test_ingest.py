@@ -538,3 +538,22 @@ def test_a_code_column_reads_the_same_whatever_type_a_block_gave_it():
     assert (
         row_uniforms(as_floats.to_frame("c"), 0) == row_uniforms(as_strings.to_frame("c"), 0)
     ).all()
+
+
+@pytest.mark.parametrize("pooled_missing", [False, True])
+def test_arrow_text_and_python_text_get_the_same_codes(pooled_missing):
+    """Ingest reads its cleaned blocks back as Arrow-backed text and looks codes up in Arrow;
+    a served frame holds Python strings. Missing values take the <missing> category where the
+    vocabulary has one, unseen values the last slot, either way."""
+    import pandas as pd
+
+    from tasks.encoding import MISSING, fit_encoder
+
+    vocab = ["a", MISSING, "b"] if pooled_missing else ["a", "b", "c"]
+    encoder = fit_encoder({}, {"x": dict.fromkeys(vocab, 10)}, 100, 1, "none", {})
+    values = ["a", None, "b", "never seen", "c", None]
+    python, arrow = (encoder.codes("x", pd.Series(values, dtype=t)) for t in (object, "str"))
+    assert pd.Series(values, dtype="str").dtype.storage == "pyarrow"  # the Arrow path ran
+    assert encoder.categorical["x"] == sorted(vocab)  # <missing> first where it is kept
+    expected = [1, 0, 2, 3, 3, 0] if pooled_missing else [0, 3, 1, 3, 2, 3]
+    assert python.tolist() == arrow.tolist() == expected
