@@ -193,9 +193,13 @@ def code_feature(column: str) -> str:
 def as_text(values):
     """Categorical values as strings, identical for every block of a table and at serving time.
     Whole numbers print without a decimal point: a CSV block where a code column has a gap
-    reads 12 as 12.0, and both must be the category "12". Missing values stay None."""
+    reads 12 as 12.0, and both must be the category "12". Missing values stay None, except in
+    Arrow-backed text, which is returned as it is (missing values NaN there: the rows hash
+    the same, and Arrow counts, stores and looks it up without a Python string per value)."""
     import pandas as pd
 
+    if isinstance(values.dtype, pd.StringDtype) and values.dtype.storage == "pyarrow":
+        return values
     present = values.notna()
     if isinstance(values.dtype, pd.StringDtype) or (
         values.dtype == object and pd.api.types.infer_dtype(values, skipna=True) == "string"

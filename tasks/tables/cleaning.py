@@ -41,7 +41,7 @@ def clean_block(frame, schema: Schema, first_row: int = 0):
     for name in schema.columns:
         values = frame[name]
         if name in schema.categorical:
-            features[name] = as_text(values).to_numpy()
+            features[name] = as_text(values).array  # Arrow-backed text stays so
             continue
         parsed = to_numbers(values)
         flag(
