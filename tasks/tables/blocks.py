@@ -283,6 +283,12 @@ def keep_clean(block: dict, features, labels, u) -> None:
     Path(block["path"]).unlink()
 
 
+def drop_clean(block: dict) -> None:
+    """A block's scratch file, deleted once its rows are written: the scratch space (the
+    whole table's cleaned rows after the profile pass) shrinks as the outputs grow."""
+    Path(_clean_path(block)).unlink(missing_ok=True)
+
+
 def read_clean(block: dict):
     """(features indexed by row number, labels, hashes) as `keep_clean` left them."""
     import pyarrow.feather as feather

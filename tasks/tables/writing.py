@@ -16,7 +16,7 @@ from tasks.errors import DataError
 from tasks.readers import npy_put
 from tasks.splitting import assign_splits
 from tasks.store import StageDir
-from tasks.tables.blocks import block_size, read_clean, scan
+from tasks.tables.blocks import block_size, drop_clean, read_clean, scan
 from tasks.tables.profiling import SPLITS, plan
 from tasks.tables.schema import Schema, decide_schema
 
@@ -66,6 +66,7 @@ def write_block(
                 part = Path(test_rows) / f"part-{offsets[s]:012d}.parquet"
                 features.iloc[rows].to_parquet(part)
         written.append(len(rows))
+    drop_clean(block)
     return written
 
 
