@@ -223,6 +223,8 @@ def ingest_dataset(
     contract = build_contract(
         {"splits": written, "classes": classes, "image_shape": image_shape},
         str(out.path("encoder.json")) if extras["encoder"] else None,
+        table.get("contract_columns"),
+        table.get("contract_counts"),
     )
     out.path("contract.json").write_text(json.dumps(contract, indent=1))
     extras["contract"] = out.describe("contract.json")[0]

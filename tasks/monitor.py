@@ -13,7 +13,9 @@ columns, type changes, the share of unseen categories and of numbers out of rang
 vanished labels (each finding one line naming the column), and measures drift as the
 population stability index (PSI) on the contract's own bins, per column (per image
 statistic) and for the label. Everything reads the training split a chunk at a time
-(memory-mapped), never whole.
+(memory-mapped), never whole; a table's contract is even counted by ingest's write pass,
+from the rows it encodes (a table's numbers are binned as the encoder sees them: missing
+values filled, a quantile-mapped column clipped to its map's range).
 """
 
 from __future__ import annotations
@@ -61,8 +63,15 @@ def _shares(counts: np.ndarray) -> list[float]:
     return (counts / total).tolist() if total else [0.0] * len(counts)
 
 
-def build_contract(manifest: Manifest, encoder_path: str | None) -> dict[str, Any]:
-    """The contract of an ingested training split (see the module docstring)."""
+def build_contract(
+    manifest: Manifest,
+    encoder_path: str | None,
+    columns: dict[str, dict[str, Any]] | None = None,
+    counts: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The contract of an ingested training split (see the module docstring). A table's
+    numeric `columns` (`numeric_specs`) and the training rows' `counts` on them
+    (`count_rows`) come from ingest's write pass, which has the rows at hand."""
     train = manifest["splits"]["train"]
     rows = int(train["rows"])
     label_counts = np.zeros(len(manifest["classes"]), dtype=np.int64)
@@ -80,16 +89,12 @@ def build_contract(manifest: Manifest, encoder_path: str | None) -> dict[str, An
         if contract["image_shape"]:
             contract["images"] = _image_contract(train["X"]["path"], rows)
         return contract
+    if columns is None or counts is None:
+        raise ValueError("a table's contract needs its numeric columns' specs and row counts")
     encoder = Encoder.load(Path(encoder_path))
-    spans = _layout(encoder)
-    sample = npy_sample(train["X"]["path"], rows, SAMPLE)
-    for column in encoder.numeric:
-        j = spans[column][0]
-        values = encoder.raw_numbers(column, sample[:, j].astype(np.float64))
-        contract["columns"][column] = _deciles(values)
+    contract["columns"] = {c: dict(columns[c]) for c in encoder.numeric}
     for column, vocab in encoder.categorical.items():
         contract["columns"][column] = {"kind": "categorical", "vocabulary": list(vocab)}
-    counts = _bin_counts(train["X"]["path"], contract, spans, encoder)
     for column, spec in contract["columns"].items():
         if spec["kind"] == "numeric":
             spec["min"], spec["max"] = counts[column]["range"]
@@ -98,6 +103,48 @@ def build_contract(manifest: Manifest, encoder_path: str | None) -> dict[str, An
             names = [*spec.pop("vocabulary"), OTHER]
             spec["categories"] = dict(zip(names, _shares(counts[column]["bins"]), strict=True))
     return contract
+
+
+def encoder_view(encoder: Encoder, column: str, values: np.ndarray) -> np.ndarray:
+    """A numeric column's raw values as the encoder sees them: missing ones filled, and a
+    quantile-normal column's clipped to its map's end knots (beyond them the scores are
+    clipped). What the encoded rows say in raw units, without mapping them back."""
+    values = np.where(np.isnan(values), encoder.fills[column], values)
+    if column in encoder.quantiles:
+        knots = encoder.quantiles[column][0]
+        values = np.clip(values, knots[0], knots[-1])
+    return values
+
+
+def numeric_specs(encoder: Encoder, sample: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Each numeric column's decile edges and quantiles, from a sample of training rows
+    (raw, rows × `encoder.numeric`, NaN where missing) as the encoder sees them."""
+    return {
+        column: _deciles(encoder_view(encoder, column, sample[:, j].astype(np.float64)))
+        for j, column in enumerate(encoder.numeric)
+    }
+
+
+def count_rows(
+    encoder: Encoder,
+    columns: dict[str, dict[str, Any]],
+    numbers: np.ndarray,
+    encoded: np.ndarray,
+) -> dict[str, dict[str, Any]]:
+    """Training rows on the contract's bins: each numeric column of `numbers` (raw, rows ×
+    `encoder.numeric`, NaN where missing) as the encoder sees it, on `columns`' edges (with
+    its range); each categorical column's vocabulary entries (and the pooled slot) read
+    from its span of `encoded`. Sums over blocks with `merge_counts`."""
+    out: dict[str, dict[str, Any]] = {}
+    for j, column in enumerate(encoder.numeric):
+        out[column] = _numeric_counter(columns[column])
+        _count(out[column], columns[column], encoder_view(encoder, column, numbers[:, j]))
+    spans = _layout(encoder)
+    for column, vocab in encoder.categorical.items():
+        lo, hi = spans[column]
+        codes = _category_codes(encoded[:, lo:hi], column, encoder)
+        out[column] = {"bins": np.bincount(codes, minlength=len(vocab) + 1)}
+    return out
 
 
 def _deciles(values: np.ndarray) -> dict[str, Any]:

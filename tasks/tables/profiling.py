@@ -115,6 +115,7 @@ class Plan:
     quarantine: list[str]
     example: list[dict]
     warnings: list[str]
+    sample: np.ndarray  # hash-ranked training rows' numeric columns (raw, NaN where missing)
 
 
 @dataclass
@@ -296,4 +297,5 @@ def plan(blocks: list[dict], schema: Schema, cfg: DataConfig, scratch: str | Non
         quarantine,
         example,
         warnings,
+        profile.fill_x if profile.fill_x is not None else np.empty((0, len(schema.numeric))),
     )
