@@ -6,14 +6,19 @@ by side in one run:
 - accelflow's ingest stage on a LocalCluster of 2 workers with a memory limit each, and
 - pandas.read_csv of the whole file in one process (what ingest did before it was out of core).
 Reports wall time, MB/s, peak memory of every process, and that no worker was restarted.
+`--baseline` adds another checkout's ingest (an older commit's, say) to the same run.
 
     .venv/bin/python benchmarks/ingest_benchmark.py --gb 4 --worker-memory 1GiB
+    git worktree add /tmp/base b1de912
+    .venv/bin/python benchmarks/ingest_benchmark.py --gb 4 --baseline /tmp/base
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -119,14 +124,23 @@ def run_pandas(source: Path) -> dict:
     }
 
 
-def in_subprocess(*args: str) -> dict:
-    """Each contender in a fresh process, so peak memory is its own."""
+def in_subprocess(script: Path, *args: str) -> dict:
+    """Each contender in a fresh process, so peak memory is its own; bytecode written as
+    `make` lets it be (without it every process compiles the stack on import)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     done = subprocess.run(
-        [sys.executable, __file__, *args], capture_output=True, text=True, check=False
+        [sys.executable, str(script), *args], capture_output=True, text=True, check=False, env=env
     )
     if done.returncode:
         raise RuntimeError(done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def commit_of(checkout: Path) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return done.stdout.strip() or "?"
 
 
 def main() -> None:
@@ -135,6 +149,14 @@ def main() -> None:
     parser.add_argument("--worker-memory", default="1GiB")
     parser.add_argument("--block-mb", type=float, default=64)
     parser.add_argument("--dir", default=None, help="where to put the CSV (default: a temp folder)")
+    parser.add_argument("--csv", type=Path, help="a CSV this script generated before (kept)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout of accelflow (e.g. a git worktree of an older commit): its "
+        "ingest runs too, alternating with this one's",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each contender")
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -154,49 +176,65 @@ def main() -> None:
         print(json.dumps(run_pandas(Path(args.source))))
         return
 
+    here = Path(__file__).resolve()
+    contenders = {f"accelflow {commit_of(here.parents[1])}": here}
+    if args.baseline:
+        contenders[f"accelflow {commit_of(args.baseline)}"] = (
+            args.baseline / "benchmarks" / here.name
+        )
+    runs: dict[str, list[dict]] = {name: [] for name in [*contenders, "pandas"]}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        source = Path(tmp) / "table.csv"
-        start = time.perf_counter()
-        rows = int(args.gb * 2**30 / 134)  # ~134 bytes per row
-        size = write_csv(source, rows)
-        print(
-            f"generated {size / 2**30:.2f} GiB CSV ({rows:,} rows x 24 columns + label) "
-            f"in {time.perf_counter() - start:.0f} s"
-        )
-        ours = in_subprocess(
-            "--variant",
-            "accelflow",
-            "--source",
-            str(source),
-            "--work",
-            f"{tmp}/work",
-            "--worker-memory",
-            args.worker_memory,
-            "--block-mb",
-            str(args.block_mb),
-        )
-        whole = in_subprocess("--variant", "pandas", "--source", str(source))
+        source = args.csv or Path(tmp) / "table.csv"
+        if not args.csv:
+            start = time.perf_counter()
+            rows = int(args.gb * 2**30 / 134)  # ~134 bytes per row
+            write_csv(source, rows)
+            print(
+                f"generated {source.stat().st_size / 2**30:.2f} GiB CSV ({rows:,} rows x 24 columns + label) in {time.perf_counter() - start:.0f} s"
+            )
+        for _ in range(args.rounds):  # alternating, so a slower spell of the machine hits all
+            for name, script in contenders.items():
+                work = Path(tmp) / "work"
+                runs[name].append(
+                    in_subprocess(
+                        script,
+                        *("--variant", "accelflow", "--source", str(source), "--work", str(work)),
+                        *("--worker-memory", args.worker_memory, "--block-mb", str(args.block_mb)),
+                    )
+                )
+                shutil.rmtree(work, ignore_errors=True)
+                print(f"{name}: {runs[name][-1]['seconds']:.1f} s", flush=True)
+            runs["pandas"].append(
+                in_subprocess(here, "--variant", "pandas", "--source", str(source))
+            )
+            print(f"pandas.read_csv: {runs['pandas'][-1]['seconds']:.1f} s", flush=True)
+        mb = source.stat().st_size / 2**20
 
-    mb = size / 2**20
+    best = {name: min(r, key=lambda run: run["seconds"]) for name, r in runs.items()}
     result = {
         "csv_mib": round(mb, 1),
-        "rows": rows,
         "worker_memory": args.worker_memory,
         "block_mb": args.block_mb,
-        "accelflow": {**ours, "mb_s": mb / ours["seconds"]},
-        "pandas_read_csv": {**whole, "mb_s": mb / whole["seconds"]},
+        "rounds": args.rounds,
+        "runs": runs,
+        "best": {name: {**run, "mb_s": mb / run["seconds"]} for name, run in best.items()},
     }
-    a, p = result["accelflow"], result["pandas_read_csv"]
-    print(f"\n| reader ({mb:,.0f} MiB CSV) | seconds | MB/s | peak MiB | note |")
-    print("|---|---|---|---|---|")
+    pandas = best["pandas"]
+    print(f"\n| reader ({mb:,.0f} MiB CSV) | seconds | MB/s | × pandas | peak MiB | note |")
+    print("|---|---|---|---|---|---|")
+    for name in contenders:
+        a = best[name]
+        passes = " / ".join(f"{v:.1f}" for v in a["passes"].values())
+        print(
+            f"| {name} ingest (2 workers x {args.worker_memory}) | {a['seconds']:.1f} | "
+            f"{mb / a['seconds']:.0f} | {pandas['seconds'] / a['seconds']:.2f} | "
+            f"{a['worker_peak_mib']:.0f} per worker, {a['driver_peak_mib']:.0f} driver | "
+            f"{a['blocks']} blocks, scan / profile / write {passes} s, split + encoded + "
+            f"written; workers restarted: {a['workers_restarted']} |"
+        )
     print(
-        f"| accelflow ingest (2 workers x {args.worker_memory}) | {a['seconds']:.1f} | {a['mb_s']:.0f} | "
-        f"{a['worker_peak_mib']:.0f} per worker, {a['driver_peak_mib']:.0f} driver | "
-        f"{a['blocks']} blocks, split + encoded + written; workers restarted: {a['workers_restarted']} |"
-    )
-    print(
-        f"| pandas.read_csv, one process | {p['seconds']:.1f} | {p['mb_s']:.0f} | {p['peak_mib']:.0f} | "
-        "parse only |"
+        f"| pandas.read_csv, one process | {pandas['seconds']:.1f} | {mb / pandas['seconds']:.0f} "
+        f"| 1.00 | {pandas['peak_mib']:.0f} | parse only |"
     )
     write_json(args.json, result)
 
