@@ -34,7 +34,7 @@ from tasks.readers import npy_chunks, npy_header, npy_sample
 from tasks.store import Manifest
 
 BINS = 10  # deciles: enough for a stable PSI on a few thousand rows
-SAMPLE = 20_000  # rows, evenly spaced, that fix a numeric column's decile edges
+SAMPLE = 20_000  # images, evenly spaced, that fix an image statistic's decile edges
 OTHER = "<other>"  # a category the encoder pooled or never saw
 LABEL = "<label>"  # the label's row in the drift table
 IMAGE = "<image>"  # an image's shape, in findings
@@ -232,9 +232,9 @@ def _count(acc: dict[str, Any], spec: dict[str, Any], values: np.ndarray) -> Non
 def _bin_counts(
     path: str, contract: dict[str, Any], spans: dict[str, tuple[int, int]], encoder: Encoder
 ) -> dict[str, dict[str, Any]]:
-    """`count_bins` over an encoded split on disk, a chunk at a time, its rows cut into one
-    range per core: numpy's binning runs outside the GIL, so threads count side by side
-    (the contract counts every training row, and the cluster is idle by then)."""
+    """`count_bins` over an encoded split on disk (today's training split on the champion's
+    bins), a chunk at a time, its rows cut into one range per core: numpy's binning runs
+    outside the GIL, so threads count side by side."""
     from concurrent.futures import ThreadPoolExecutor
 
     rows, threads = npy_header(path)[0][0], len(os.sched_getaffinity(0))
