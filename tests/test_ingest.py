@@ -557,3 +557,12 @@ def test_arrow_text_and_python_text_get_the_same_codes(pooled_missing):
     assert encoder.categorical["x"] == sorted(vocab)  # <missing> first where it is kept
     expected = [1, 0, 2, 3, 3, 0] if pooled_missing else [0, 3, 1, 3, 2, 3]
     assert python.tolist() == arrow.tolist() == expected
+
+
+def test_scratch_blocks_are_compressed_only_where_the_disk_is_short():
+    from tasks.tables.blocks import scratch_compression
+
+    gib = 2**30
+    assert scratch_compression(gib, packed=False, free_bytes=20 * gib) == "uncompressed"
+    assert scratch_compression(gib, packed=False, free_bytes=5 * gib) == "lz4"
+    assert scratch_compression(gib, packed=True, free_bytes=20 * gib) == "lz4"  # a .gz or Parquet
