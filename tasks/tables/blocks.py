@@ -248,11 +248,12 @@ def scan(cfg: DataConfig, fmt: str, scratch: str, client, block_bytes: int) -> l
     return blocks
 
 
-# Scratch blocks hold a table's parsed, then cleaned, rows as Arrow files: uncompressed
-# they are 1.2x faster to write and read back (a 4 GiB CSV ingested in 76 s instead of 90),
-# but as large as the values' types (64-bit numbers, whatever the CSV's digits). They are
-# kept so where the scratch disk has room for this many times the source's size; lz4 halves
-# them otherwise. A compressed source (a .gz CSV, Parquet) counts five times its size.
+# Scratch blocks hold a table's parsed, then cleaned, rows as Arrow files. Uncompressed,
+# they are faster to write and read back (a 4 GiB CSV ingested in 72.4 s against 95.3 with
+# lz4: benchmarks/README.md), but as large as the values' types (64-bit numbers, whatever
+# the CSV's digits). So they are written uncompressed where the scratch disk has room for
+# this many times the source's size, and lz4 halves them otherwise. A compressed source (a
+# .gz CSV, Parquet) counts five times its size.
 SCRATCH_ROOM = 8
 PACKED_SOURCE = 5
 

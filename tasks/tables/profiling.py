@@ -29,7 +29,6 @@ def profile_block(block: dict, schema: Schema, cfg: DataConfig, quarantine: str 
     """Everything the driver needs from one block, in a result of bounded size."""
     frame = read_block(block)
     features, labels, bad, reasons, u, split = good_rows(frame, schema, cfg, block["first_row"])
-    keep_clean(block, features, labels, u)
     result: dict[str, Any] = {
         "rows": [int((split == s).sum()) for s in range(3)],
         "bad": int(bad.sum()),
@@ -70,6 +69,8 @@ def profile_block(block: dict, schema: Schema, cfg: DataConfig, quarantine: str 
     result["example"] = example
     if cfg.max_rows:
         result["lowest_u"] = [np.sort(u[split == s])[: cfg.max_rows] for s in range(3)]
+    # last, as it deletes the raw block: a task Dask starts again (its worker died) finds it
+    keep_clean(block, features, labels, u)
     return result
 
 

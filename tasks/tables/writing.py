@@ -56,26 +56,23 @@ def write_block(
     every = len(kept) == len(u)
     X_kept = encoder.transform(features if every else features.iloc[kept])
     y_kept = (labels if every else labels.iloc[kept]).map(lookup).to_numpy(dtype=np.int64)
-    at = np.cumsum([0, *map(len, picked)])
+    at = np.cumsum([0, *map(len, picked)])  # each split's rows in X_kept, y_kept
+    where = [rows if every else slice(at[s], at[s + 1]) for s, rows in enumerate(picked)]
     written = []
     for s, (name, rows) in enumerate(zip(SPLITS, picked, strict=True)):
         if len(rows):
             X_path, y_path = targets[name]
-            where = rows if every else slice(at[s], at[s + 1])
-            npy_put(X_path, offsets[s], X_kept[where])
-            npy_put(y_path, offsets[s], y_kept[where])
+            npy_put(X_path, offsets[s], X_kept[where[s]])
+            npy_put(y_path, offsets[s], y_kept[where[s]])
             if name == "test":  # the test rows as cleaned raw values: what a champion scores
                 part = Path(test_rows) / f"part-{offsets[s]:012d}.parquet"
                 features.iloc[rows].to_parquet(part)
         written.append(len(rows))
     # the data contract's counts, from the rows at hand (a pass over the written training
     # split took the driver 8 s on a 4 GiB CSV)
-    train = picked[0]
-    numbers = features[encoder.numeric].iloc[train].to_numpy(dtype=np.float64, na_value=np.nan)
-    on_bins = count_rows(
-        encoder, contract_columns, numbers, X_kept[train if every else slice(at[0], at[1])]
-    )
-    drop_clean(block)
+    numbers = features[encoder.numeric].iloc[picked[0]].to_numpy(np.float64, na_value=np.nan)
+    on_bins = count_rows(encoder, contract_columns, numbers, X_kept[where[0]])
+    drop_clean(block)  # last: a task Dask starts again (its worker died) finds the block
     return written, on_bins
 
 
