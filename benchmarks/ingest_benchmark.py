@@ -136,13 +136,6 @@ def in_subprocess(script: Path, *args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def commit_of(checkout: Path) -> str:
-    done = subprocess.run(
-        ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    )
-    return done.stdout.strip() or "?"
-
-
 def main() -> None:
     parser = benchmark_args(__doc__, "ingest")
     parser.add_argument("--gb", type=float, default=4.0, help="CSV size to generate")
@@ -176,12 +169,15 @@ def main() -> None:
         print(json.dumps(run_pandas(Path(args.source))))
         return
 
+    from tasks.tracking import git_commit
+
     here = Path(__file__).resolve()
-    contenders = {f"accelflow {commit_of(here.parents[1])}": here}
+    contenders = {f"accelflow {git_commit(here.parents[1])[:7]}": here}
     if args.baseline:
-        contenders[f"accelflow {commit_of(args.baseline)}"] = (
-            args.baseline / "benchmarks" / here.name
-        )
+        label = f"accelflow {git_commit(args.baseline.resolve())[:7]}"
+        if label in contenders:  # the same commit, changed by hand: tell them apart by folder
+            label = f"accelflow {args.baseline}"
+        contenders[label] = args.baseline / "benchmarks" / here.name
     runs: dict[str, list[dict]] = {name: [] for name in [*contenders, "pandas"]}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         source = args.csv or Path(tmp) / "table.csv"
@@ -219,21 +215,21 @@ def main() -> None:
         "runs": runs,
         "best": {name: {**run, "mb_s": mb / run["seconds"]} for name, run in best.items()},
     }
-    pandas = best["pandas"]
+    pandas = result["best"]["pandas"]
     print(f"\n| reader ({mb:,.0f} MiB CSV) | seconds | MB/s | × pandas | peak MiB | note |")
     print("|---|---|---|---|---|---|")
     for name in contenders:
-        a = best[name]
+        a = result["best"][name]
         passes = " / ".join(f"{v:.1f}" for v in a["passes"].values())
         print(
             f"| {name} ingest (2 workers x {args.worker_memory}) | {a['seconds']:.1f} | "
-            f"{mb / a['seconds']:.0f} | {pandas['seconds'] / a['seconds']:.2f} | "
+            f"{a['mb_s']:.0f} | {pandas['seconds'] / a['seconds']:.2f} | "
             f"{a['worker_peak_mib']:.0f} per worker, {a['driver_peak_mib']:.0f} driver | "
             f"{a['blocks']} blocks, scan / profile / write {passes} s, split + encoded + "
             f"written; workers restarted: {a['workers_restarted']} |"
         )
     print(
-        f"| pandas.read_csv, one process | {pandas['seconds']:.1f} | {mb / pandas['seconds']:.0f} "
+        f"| pandas.read_csv, one process | {pandas['seconds']:.1f} | {pandas['mb_s']:.0f} "
         f"| 1.00 | {pandas['peak_mib']:.0f} | parse only |"
     )
     write_json(args.json, result)

@@ -237,7 +237,7 @@ def _bin_counts(
     outside the GIL, so threads count side by side."""
     from concurrent.futures import ThreadPoolExecutor
 
-    rows, threads = npy_header(path)[0][0], len(os.sched_getaffinity(0))
+    rows, threads = npy_header(path)[0][0], os.cpu_count() or 1
     cuts = np.linspace(0, rows, threads + 1).astype(np.int64).tolist()
 
     def count(begin: int, end: int) -> dict[str, dict[str, Any]]:

@@ -143,14 +143,15 @@ def _experiment_id(cfg: PipelineConfig) -> str:
     )
 
 
-def git_commit() -> str:
+def git_commit(checkout: Path | None = None) -> str:
+    """The commit of this code's checkout (or of another `checkout`), "unknown" outside git."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
             capture_output=True,
             text=True,
             timeout=5,
-            cwd=Path(__file__).resolve().parent,
+            cwd=checkout or Path(__file__).resolve().parent,
         )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
