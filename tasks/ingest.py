@@ -178,8 +178,14 @@ def ingest_dataset(
             f"→ {len(table['feature_names'])} features; read in {table['blocks']} block(s) of "
             f"≤ {table['block_mb']} MB on Dask"
         )
+        if table["blocks_read_twice"]:
+            notes.append(
+                f"{table['blocks_read_twice']} block(s) read twice: their own values typed "
+                "some column otherwise than the whole table's"
+            )
         image_shape, blocks = None, table["blocks"]
-        timings = {f"data/ingest_{name}_seconds": v for name, v in table["seconds"].items()}
+        table_metrics = {f"data/ingest_{name}_seconds": v for name, v in table["seconds"].items()}
+        table_metrics["data/blocks_read_twice"] = table["blocks_read_twice"]
     else:
         arrays = read_source(cfg)
         classes, splits = encode_labels(split_table(arrays, cfg))
@@ -201,7 +207,7 @@ def ingest_dataset(
             "missing_values": 0,
             "warnings": [],
         }
-        notes, image_shape, blocks, timings = [], arrays.image_shape, 1, {}
+        notes, image_shape, blocks, table_metrics = [], arrays.image_shape, 1, {}
     files: dict[str, Any] = {}
     for name in SPLITS:
         X_file, y_file = out.describe(f"{name}_X.npy", f"{name}_y.npy")
@@ -249,7 +255,7 @@ def ingest_dataset(
             "data/missing_values_filled": table["missing_values"],
             "data/source_blocks": blocks,
         }
-        | timings,
+        | table_metrics,
         "summary": f"{sum(rows.values())} rows ({rows}), {len(feature_names)} features, {len(classes)} classes"
         + "".join(f"; {n}" for n in notes)
         + "".join(f"\n- warning: {w}" for w in table["warnings"]),
@@ -266,7 +272,7 @@ def check_source(cfg: DataConfig, dask: DaskConfig | None = None) -> str:
         from tasks.tables import survey
 
         with tempfile.TemporaryDirectory() as scratch, dask_client(dask or DaskConfig()) as client:
-            _, _, fixed, _, _ = survey(cfg, fmt, scratch, client)
+            _, _, fixed, *_ = survey(cfg, fmt, scratch, client)
         rows = np.asarray(fixed.counts).sum(axis=0).tolist()
         features, notes = (
             len(fixed.encoder.feature_names),

@@ -1,5 +1,6 @@
-"""Pass 1 (scan): a source cut into blocks, each parsed once by a Dask task, kept as a
-scratch Arrow file and counted per column; and reading a block back."""
+"""Pass 1 (scan): a source cut into blocks, each parsed once by a Dask task and counted per
+column, then profiled there and then (ingest) or kept as parsed (batch scoring) in a
+scratch Arrow file; and reading a block's scratch file back."""
 
 from __future__ import annotations
 
@@ -55,8 +56,10 @@ def _fractional(values) -> bool:
     return bool(not_whole.any() or np.isinf(array).any())
 
 
-def _keep(frame, scratch: str, name: str, where: str, compression: str) -> dict[str, Any]:
-    """Save a parsed block as an Arrow file (fast to re-read) and profile it."""
+def _keep(frame, scratch: str, name: str, where: str, compression: str, profiler=None) -> dict:
+    """Count a parsed block per column, then either profile it there and then (ingest: the
+    `profiler` keeps its cleaned rows, `profiling.Profiler`) or keep it as it is, as an
+    Arrow file (batch scoring)."""
     import pyarrow as pa
     import pyarrow.feather as feather
 
@@ -64,19 +67,31 @@ def _keep(frame, scratch: str, name: str, where: str, compression: str) -> dict[
     for column in frame.columns:  # Parquet dictionary columns arrive as pandas categoricals
         if frame[column].dtype == "category":
             frame[column] = frame[column].astype(object)
-    block = {**profile_raw(frame), "where": where, "path": None, "compression": compression}
-    if len(frame):
-        path = f"{scratch}/{name}.arrow"
+    block = {**profile_raw(frame), "where": where, "name": name, "path": None}
+    block["compression"] = compression
+    if not len(frame):
+        return block
+    block["path"] = f"{scratch}/{name}.arrow"
+    if profiler is None:
         feather.write_feather(
-            pa.Table.from_pandas(frame, preserve_index=False), path, compression=compression
+            pa.Table.from_pandas(frame, preserve_index=False),
+            block["path"],
+            compression=compression,
         )
-        block["path"] = path
+    elif profiler.wants(name):
+        profiler(frame, block)
     return block
 
 
 @data_task
 def scan_csv_range(
-    source: str, offset: int, length: int, header: list[str], scratch: str, compression: str
+    source: str,
+    offset: int,
+    length: int,
+    header: list[str],
+    scratch: str,
+    compression: str,
+    profiler=None,
 ) -> list[dict]:
     """One byte range of an uncompressed CSV, cut at line ends (fsspec's read_block)."""
     import pandas as pd
@@ -104,35 +119,53 @@ def scan_csv_range(
             "hold the delimiter"
         ) from None
     del rows, data
-    return [_keep(frame, scratch, f"csv-{offset:015d}", where, compression)]
+    return [_keep(frame, scratch, f"csv-{offset:015d}", where, compression, profiler)]
+
+
+def _parsed(frames, message):
+    """The frames a lazy reader yields, its errors (whatever their type) turned into a
+    DataError saying `message(exc)`; an error in what the caller does with a frame is no
+    parsing error and passes as it is."""
+    frames = iter(frames)
+    while True:
+        try:
+            frame = next(frames)
+        except StopIteration:
+            return
+        except Exception as exc:  # truncated streams, bad compression, malformed text
+            raise DataError(message(exc)) from None
+        yield frame
 
 
 @data_task
-def scan_csv_stream(source: str, rows_per_block: int, scratch: str, compression: str) -> list[dict]:
+def scan_csv_stream(
+    source: str, rows_per_block: int, scratch: str, compression: str, profiler=None
+) -> list[dict]:
     """A compressed CSV cannot be cut by bytes: one task streams it in blocks of rows."""
     import pandas as pd
 
     fs, path = filesystem(source)
-    blocks = []
-    try:
+
+    def frames():
         with open_text_stream(fs, path) as fh:
-            reader = pd.read_csv(fh, chunksize=rows_per_block, index_col=False, low_memory=False)
-            for i, frame in enumerate(reader):
-                blocks.append(
-                    _keep(
-                        frame,
-                        scratch,
-                        f"stream-{i:06d}",
-                        f"{path} (rows from {i * rows_per_block})",
-                        compression,
-                    )
-                )
-    except DataError:
-        raise
-    except Exception as exc:  # truncated streams, bad compression, malformed text
-        raise DataError(
-            f"{path}: cannot read as CSV ({type(exc).__name__}: {exc}); is it complete?"
-        ) from None
+            yield from pd.read_csv(fh, chunksize=rows_per_block, index_col=False, low_memory=False)
+
+    blocks = [
+        _keep(
+            frame,
+            scratch,
+            f"stream-{i:06d}",
+            f"{path} (rows from {i * rows_per_block})",
+            compression,
+            profiler,
+        )
+        for i, frame in enumerate(
+            _parsed(
+                frames(),
+                lambda e: f"{path}: cannot read as CSV ({type(e).__name__}: {e}); is it complete?",
+            )
+        )
+    ]
     return blocks or [
         _keep(
             pd.DataFrame(columns=csv_header(fs, path)), scratch, "stream-empty", path, compression
@@ -149,34 +182,37 @@ def scan_parquet(
     scratch: str,
     name: str,
     compression: str,
+    profiler=None,
 ) -> list[dict]:
     import pyarrow.parquet as pq
 
     fs, _ = filesystem(source)
-    blocks = []
-    try:
+
+    def frames():
         with fs.open(path, "rb") as fh:
             batches = pq.ParquetFile(fh).iter_batches(
                 batch_size=rows_per_block, row_groups=[row_group]
             )
-            for i, batch in enumerate(batches):
-                blocks.append(
-                    _keep(
-                        batch.to_pandas(),
-                        scratch,
-                        f"{name}-{i:05d}",
-                        f"{path} (row group {row_group})",
-                        compression,
-                    )
-                )
-    except Exception as exc:
-        raise DataError(f"{path}: cannot read as parquet ({type(exc).__name__}: {exc})") from None
-    return blocks
+            yield from (batch.to_pandas() for batch in batches)
+
+    return [
+        _keep(
+            frame,
+            scratch,
+            f"{name}-{i:05d}",
+            f"{path} (row group {row_group})",
+            compression,
+            profiler,
+        )
+        for i, frame in enumerate(
+            _parsed(frames(), lambda e: f"{path}: cannot read as parquet ({type(e).__name__}: {e})")
+        )
+    ]
 
 
-def scan(cfg: DataConfig, fmt: str, scratch: str, client, block_bytes: int) -> list[dict]:
-    """Pass 1 on the cluster; returns the non-empty blocks in source order (and one empty
-    block for an empty source, so its columns are still known)."""
+def scan_parts(cfg: DataConfig, fmt: str, scratch: str, block_bytes: int) -> list[tuple]:
+    """The scan's tasks, in source order, as (function, arguments): a byte range of a CSV
+    per task, one task for a compressed CSV, a row group of a Parquet file per task."""
     import pyarrow.parquet as pq
 
     fs, path = filesystem(cfg.source)
@@ -184,68 +220,71 @@ def scan(cfg: DataConfig, fmt: str, scratch: str, client, block_bytes: int) -> l
     compression = scratch_compression(fs.du(path), packed, shutil.disk_usage(scratch).free)
     if fmt == "csv" and Path(path).suffix not in CSV_COMPRESSION:
         header = csv_header(fs, path)
-        size = fs.size(path)
-        futures = [
-            client.submit(
-                scan_csv_range,
-                cfg.source,
-                offset,
-                block_bytes,
-                header,
-                scratch,
-                compression,
-                pure=False,
-            )
-            for offset in range(0, max(size, 1), block_bytes)
+        return [
+            (scan_csv_range, (cfg.source, offset, block_bytes, header, scratch, compression))
+            for offset in range(0, max(fs.size(path), 1), block_bytes)
         ]
-    elif fmt == "csv":
-        futures = [
-            client.submit(
-                scan_csv_stream,
-                cfg.source,
-                _rows_per_block(fs, path, block_bytes),
-                scratch,
-                compression,
-                pure=False,
+    if fmt == "csv":
+        rows = _rows_per_block(fs, path, block_bytes)
+        return [(scan_csv_stream, (cfg.source, rows, scratch, compression))]
+    files = sorted(p for p in fs.find(path) if p.endswith(".parquet")) if fs.isdir(path) else [path]
+    parts = []
+    for number, file in enumerate(files):
+        try:
+            with fs.open(file, "rb") as fh:
+                meta = pq.ParquetFile(fh).metadata
+        except Exception as exc:
+            raise DataError(
+                f"{file}: cannot read as parquet ({type(exc).__name__}: {exc})"
+            ) from None
+        for group in range(meta.num_row_groups):
+            row_group = meta.row_group(group)
+            row_bytes = max(row_group.total_byte_size / max(row_group.num_rows, 1), 1)
+            rows = max(1, int(block_bytes / row_bytes))
+            name = f"pq-{number:05d}-{group:05d}"
+            parts.append(
+                (scan_parquet, (cfg.source, file, group, rows, scratch, name, compression))
             )
-        ]
-    else:
-        files = (
-            sorted(p for p in fs.find(path) if p.endswith(".parquet")) if fs.isdir(path) else [path]
-        )
-        futures = []
-        for number, file in enumerate(files):
-            try:
-                with fs.open(file, "rb") as fh:
-                    meta = pq.ParquetFile(fh).metadata
-            except Exception as exc:
-                raise DataError(
-                    f"{file}: cannot read as parquet ({type(exc).__name__}: {exc})"
-                ) from None
-            for group in range(meta.num_row_groups):
-                row_group = meta.row_group(group)
-                row_bytes = max(row_group.total_byte_size / max(row_group.num_rows, 1), 1)
-                futures.append(
-                    client.submit(
-                        scan_parquet,
-                        cfg.source,
-                        file,
-                        group,
-                        max(1, int(block_bytes / row_bytes)),
-                        scratch,
-                        f"pq-{number:05d}-{group:05d}",
-                        compression,
-                        pure=False,
-                    )
-                )
-        if not futures:
-            raise DataError(f"{path}: no .parquet files, or only empty ones")
-    blocks = [block for result in client.gather(futures) for block in checked(result)]
+    if not parts:
+        raise DataError(f"{path}: no .parquet files, or only empty ones")
+    return parts
+
+
+def run_parts(parts: list[tuple], which, client, profiler=None, take=None) -> list[dict]:
+    """Run the scan tasks `which` (indices into `parts`) on the cluster; returns their blocks
+    in source order, each with its task's index as `part`. `take(block)` sees each block as
+    its task finishes, so the driver can fold in and drop a profiled block's result."""
+    from dask.distributed import as_completed
+
+    futures = {
+        client.submit(task, *args, profiler, pure=False): i
+        for i, (task, args) in ((i, parts[i]) for i in which)
+    }
+    blocks = []
+    for future in as_completed(futures):
+        for j, block in enumerate(checked(future.result())):
+            block["part"], block["order"] = futures[future], (futures[future], j)
+            if take:
+                take(block)
+            blocks.append(block)
+        future.release()
+    return sorted(blocks, key=lambda block: block["order"])
+
+
+def number_rows(blocks: list[dict]) -> list[dict]:
+    """The non-empty blocks (or one empty block for an empty source, so its columns are still
+    known), each with its first row's number in the table, as the user counts rows."""
     blocks = [b for b in blocks if b["rows"]] or blocks[:1]
     first_row = 0
-    for block in blocks:  # rows are numbered across the whole table, as the user counts them
+    for block in blocks:
         block["first_row"], first_row = first_row, first_row + block["rows"]
     return blocks
+
+
+def scan(cfg: DataConfig, fmt: str, scratch: str, client, block_bytes: int) -> list[dict]:
+    """Pass 1 alone, each block kept as parsed (batch scoring); blocks in source order."""
+    parts = scan_parts(cfg, fmt, scratch, block_bytes)
+    return number_rows(run_parts(parts, range(len(parts)), client))
 
 
 # Scratch blocks hold a table's parsed, then cleaned, rows as Arrow files. Uncompressed,
@@ -304,34 +343,30 @@ def read_block(block: dict):
 ROW, LABEL, HASH = "\0row", "\0label", "\0hash"
 
 
-def _clean_path(block: dict) -> str:
-    return block["path"].removesuffix(".arrow") + ".clean.arrow"
-
-
 def keep_clean(block: dict, features, labels, u) -> None:
-    """Replace a block's scratch file by its cleaned good rows (typed features, labels, row
-    numbers and hashes): the write pass then encodes them without cleaning or hashing again,
-    which was a third of its time."""
+    """Keep a block's cleaned good rows (typed features, labels, row numbers within the
+    block, hashes) as its scratch file: the write pass encodes them without parsing,
+    cleaning or hashing again."""
     import pyarrow as pa
     import pyarrow.feather as feather
 
     extra = {ROW: features.index.to_numpy(), LABEL: labels.to_numpy(), HASH: u}
     table = pa.Table.from_pandas(features.assign(**extra), preserve_index=False)
-    feather.write_feather(table, _clean_path(block), compression=block["compression"])
-    Path(block["path"]).unlink()
+    feather.write_feather(table, block["path"], compression=block["compression"])
 
 
 def drop_clean(block: dict) -> None:
     """A block's scratch file, deleted once its rows are written: the scratch space (the
     whole table's cleaned rows after the profile pass) shrinks as the outputs grow."""
-    Path(_clean_path(block)).unlink(missing_ok=True)
+    Path(block["path"]).unlink(missing_ok=True)
 
 
 def read_clean(block: dict):
-    """(features indexed by row number, labels, hashes) as `keep_clean` left them."""
+    """(features indexed by the table's row numbers, labels, hashes) as `keep_clean` left
+    them; the block's first row is known once every block before it is counted."""
     import pyarrow.feather as feather
 
-    frame = feather.read_table(_clean_path(block), memory_map=True).to_pandas()
-    index = frame.pop(ROW).to_numpy()
+    frame = feather.read_table(block["path"], memory_map=True).to_pandas()
+    index = frame.pop(ROW).to_numpy() + block["first_row"]
     labels, u = frame.pop(LABEL), frame.pop(HASH).to_numpy()
     return frame.set_axis(index), labels.set_axis(index), u

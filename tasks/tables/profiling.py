@@ -1,5 +1,6 @@
-"""Pass 2 (profile): each block summarised in a bounded result, and the plan the driver
-fixes from all of them: classes, encoder, rows per block and split, checks."""
+"""Pass 2 (profile), run by the scan's tasks on the blocks they parse: each block cleaned,
+hashed and summarised in a bounded result; and the plan the driver fixes from all of them:
+classes, encoder, rows per block and split, checks."""
 
 from __future__ import annotations
 
@@ -11,12 +12,11 @@ from typing import Any
 import numpy as np
 
 from conf.schema import DataConfig
-from tasks.cluster import checked, data_task
 from tasks.encoding import MISSING, Encoder, fit_encoder
 from tasks.errors import DataError
-from tasks.tables.blocks import keep_clean, read_block
+from tasks.tables.blocks import keep_clean, number_rows, run_parts, scan_parts
 from tasks.tables.cleaning import good_rows
-from tasks.tables.schema import Schema
+from tasks.tables.schema import Schema, block_schema, decide_schema
 
 FILL_SAMPLE_ROWS = 20_000  # hash-ranked training rows whose median fills missing numbers
 FILL_SAMPLE_VALUES = 2_000_000  # ... fewer rows for very wide tables: bounded task results
@@ -24,11 +24,37 @@ EXAMPLE_ROWS = 5
 SPLITS = ("train", "val", "test")
 
 
-@data_task
-def profile_block(block: dict, schema: Schema, cfg: DataConfig, quarantine: str | None) -> dict:
-    """Everything the driver needs from one block, in a result of bounded size."""
-    frame = read_block(block)
-    features, labels, bad, reasons, u, split = good_rows(frame, schema, cfg, block["first_row"])
+@dataclass(frozen=True)
+class Profiler:
+    """Pass 2, run by the scan task on each block it has just parsed (saving a scratch file
+    of raw rows and reading it back): the block is typed by its own counts, as if it were
+    the whole table, and profiled with those types. Where the table's counts type a column
+    otherwise, the driver has the block's task run again with the table's `schema`, and
+    profiles `only` the blocks concerned."""
+
+    cfg: DataConfig
+    quarantine: bool  # keep the rejected rows (data.on_bad_rows: quarantine)
+    schema: Schema | None = None
+    only: frozenset[str] | None = None
+
+    def wants(self, name: str) -> bool:
+        return self.only is None or name in self.only
+
+    def __call__(self, frame, block: dict) -> None:
+        """Adds to `block` the key of the types it was cleaned with and the profile."""
+        schema = self.schema or block_schema(block, self.cfg)
+        if schema is None:
+            return  # profiled again with the table's types
+        quarantine = f"{block['path']}.quarantine.csv" if self.quarantine else None
+        block["schema"] = schema.key()
+        block["profile"] = profile_block(frame, block, schema, self.cfg, quarantine)
+
+
+def profile_block(frame, block: dict, schema: Schema, cfg: DataConfig, quarantine: str | None):
+    """Everything the driver needs from one block, in a result of bounded size; rows are
+    counted from the block's first (its place in the table is known once all are counted).
+    Keeps the cleaned rows as the block's scratch file."""
+    features, labels, bad, reasons, u, split = good_rows(frame, schema, cfg, 0)
     result: dict[str, Any] = {
         "rows": [int((split == s).sum()) for s in range(3)],
         "bad": int(bad.sum()),
@@ -48,6 +74,7 @@ def profile_block(block: dict, schema: Schema, cfg: DataConfig, quarantine: str 
     del frame
     missing = features.isna().to_numpy()
     result["missing"] = int(missing.sum())
+    result["first_missing"] = None
     if result["missing"]:
         rows, cols = np.nonzero(missing)
         result["first_missing"] = (int(features.index[rows[0]]), features.columns[cols[0]])
@@ -69,7 +96,6 @@ def profile_block(block: dict, schema: Schema, cfg: DataConfig, quarantine: str 
     result["example"] = example
     if cfg.max_rows:
         result["lowest_u"] = [np.sort(u[split == s])[: cfg.max_rows] for s in range(3)]
-    # last, as it deletes the raw block: a task Dask starts again (its worker died) finds it
     keep_clean(block, features, labels, u)
     return result
 
@@ -113,7 +139,7 @@ class Plan:
     cutoffs: list[float]  # per split: rows with a hash at or below it are kept (max_rows)
     rejected: int
     missing: int
-    quarantine: list[str]
+    quarantine: list[tuple[str, int]]  # parts of rejected rows, each with its first row
     example: list[dict]
     warnings: list[str]
     sample: np.ndarray  # hash-ranked training rows' numeric columns (raw, NaN where missing)
@@ -124,7 +150,8 @@ class TableProfile:
     """The profile pass's results merged as they arrive: bounded, whatever the table's size."""
 
     max_rows: int | None
-    per_block: dict[int, dict] = field(default_factory=dict)
+    per_block: dict[str, dict] = field(default_factory=dict)  # by block name, as they come
+    placed: list[dict] = field(default_factory=list)  # the same in table order (`place`)
     labels: list[Counter] = field(default_factory=lambda: [Counter() for _ in SPLITS])
     categories: dict[str, Counter] = field(default_factory=dict)
     distinct: dict[str, set] = field(default_factory=dict)
@@ -132,16 +159,15 @@ class TableProfile:
     fill_x: np.ndarray | None = None
     examples: dict[int, list] = field(default_factory=lambda: {0: [], 2: []})
     lowest: list[np.ndarray] = field(default_factory=lambda: [np.empty(0) for _ in SPLITS])
-    bad: list[tuple[int, str]] = field(default_factory=list)
-    missing: list[tuple[int, str]] = field(default_factory=list)
 
-    def add(self, i: int, r: dict) -> None:
-        keep = ("rows", "quarantine", "bad", "missing", "lowest_u")
-        self.per_block[i] = {k: r.get(k) for k in keep}
-        if r["first_bad"]:
-            self.bad.append(r["first_bad"])
-        if r["missing"]:
-            self.missing.append(r["first_missing"])
+    @classmethod
+    def of(cls, schema_key: tuple, max_rows: int | None) -> TableProfile:
+        """An empty profile for blocks cleaned with the types of `Schema.key()`."""
+        return cls(max_rows, categories={c: Counter() for c in schema_key[-1]})
+
+    def add(self, name: str, r: dict) -> None:
+        keep = ("rows", "quarantine", "bad", "missing", "lowest_u", "first_bad", "first_missing")
+        self.per_block[name] = {k: r.get(k) for k in keep}
         for total, counts in zip(self.labels, r["labels"], strict=True):
             total.update(counts)
         for c, counts in r["categories"].items():
@@ -167,20 +193,30 @@ class TableProfile:
         keep = np.argsort(fill_u, kind="stable")[:FILL_SAMPLE_ROWS]
         self.fill_u, self.fill_x = fill_u[keep], fill_x[keep]
 
+    def place(self, blocks: list[dict]) -> None:
+        """Put the blocks' results in table order, their row numbers counted from the table's
+        first row; every block must have been added."""
+        self.placed = [{**self.per_block[b["name"]], "first_row": b["first_row"]} for b in blocks]
+
+    def first(self, what: str) -> list[tuple[int, str]]:
+        """Per block with any, its first bad row or missing value ("first_bad" or
+        "first_missing"), as (the table's row number, reason or column)."""
+        return [(b["first_row"] + b[what][0], b[what][1]) for b in self.placed if b[what]]
+
     def total(self, what: str) -> int:
-        return sum(b[what] for b in self.per_block.values())
+        return sum(b[what] for b in self.placed)
 
     def check(self, cfg: DataConfig, schema: Schema) -> tuple[list[Any], list[str]]:
         """The table's classes and warnings, or the DataError that says what is wrong."""
         where = cfg.source
-        if self.bad and cfg.on_bad_rows == "error":
-            row, reason = min(self.bad)
+        if (bad := self.first("first_bad")) and cfg.on_bad_rows == "error":
+            row, reason = min(bad)
             raise DataError(
                 f"{where}: {self.total('bad')} bad row(s), first at row {row}: {reason}. Fix the "
                 "data, or set data.on_bad_rows to drop or quarantine to continue without them"
             )
-        if self.missing and cfg.missing == "error":
-            row, column = min(self.missing)
+        if (missing := self.first("first_missing")) and cfg.missing == "error":
+            row, column = min(missing)
             raise DataError(
                 f"{where}: {self.total('missing')} missing value(s), first in column '{column}' at "
                 f"row {row}; fill or drop them first, or set data.missing: fill"
@@ -239,42 +275,46 @@ class TableProfile:
     def counts(self, cutoffs: list[float]) -> list[list[int]]:
         """Per block, the rows of each split it writes."""
         if not self.max_rows:
-            return [self.per_block[i]["rows"] for i in range(len(self.per_block))]
+            return [b["rows"] for b in self.placed]
         return [
-            [int((self.per_block[i]["lowest_u"][s] <= cutoffs[s]).sum()) for s in range(3)]
-            for i in range(len(self.per_block))
+            [int((b["lowest_u"][s] <= cutoffs[s]).sum()) for s in range(3)] for b in self.placed
         ]
 
 
-def profile_blocks(
-    blocks: list[dict], schema: Schema, cfg: DataConfig, scratch: str | None, client
-):
-    """Pass 2 on the cluster: (block index, result) as each block's task finishes, so the
-    driver holds a few results at a time."""
-    from dask.distributed import as_completed
+def scan_and_profile(
+    cfg: DataConfig, fmt: str, scratch: str, client, block_bytes: int, keep_rejected: bool
+) -> tuple[list[dict], Schema, TableProfile, int]:
+    """Passes 1 and 2 on the cluster, in one task per part of the source: returns the
+    blocks in table order, the table's schema, its profile and how many blocks were
+    profiled a second time because the table's types overruled their own. Results are
+    merged as tasks finish, so the driver holds a few at a time, by the types each block
+    was cleaned with (nearly always one set), so that a block cleaned otherwise than the
+    table has its result dropped, not merged."""
+    profiles: dict[tuple, TableProfile] = {}
 
-    futures = {
-        client.submit(
-            profile_block,
-            b,
-            schema,
-            cfg,
-            f"{scratch}/quarantine-{i:06d}.csv" if scratch else None,
-            pure=False,
-        ): i
-        for i, b in enumerate(blocks)
-    }
-    for future in as_completed(futures):
-        result = checked(future.result())
-        future.release()
-        yield futures[future], result
+    def take(block: dict) -> None:
+        if (result := block.pop("profile", None)) is not None:
+            key = block["schema"]
+            profiles.setdefault(key, TableProfile.of(key, cfg.max_rows)).add(block["name"], result)
+
+    parts = scan_parts(cfg, fmt, scratch, block_bytes)
+    blocks = number_rows(
+        run_parts(parts, range(len(parts)), client, Profiler(cfg, keep_rejected), take)
+    )
+    schema = decide_schema(blocks, cfg)
+    key = schema.key()
+    again = [b for b in blocks if b.get("schema") != key]
+    if again:
+        only = frozenset(b["name"] for b in again)
+        which = sorted({b["part"] for b in again})
+        run_parts(parts, which, client, Profiler(cfg, keep_rejected, schema, only), take)
+    profile = profiles.get(key) or TableProfile.of(key, cfg.max_rows)
+    profile.place(blocks)
+    return blocks, schema, profile, len(again)
 
 
-def plan(blocks: list[dict], schema: Schema, cfg: DataConfig, scratch: str | None, client) -> Plan:
-    """Profile every block, check the table, and fix what the write pass needs."""
-    profile = TableProfile(cfg.max_rows, categories={c: Counter() for c in schema.categorical})
-    for i, result in profile_blocks(blocks, schema, cfg, scratch, client):
-        profile.add(i, result)
+def plan(schema: Schema, cfg: DataConfig, profile: TableProfile) -> Plan:
+    """Check the table, and fix what the write pass needs."""
     classes, warnings = profile.check(cfg, schema)
     categories = {c: dict(profile.categories[c]) for c in schema.categorical}
     encoder = fit_encoder(
@@ -286,7 +326,7 @@ def plan(blocks: list[dict], schema: Schema, cfg: DataConfig, scratch: str | Non
         profile.sample(schema),
     )
     cutoffs = profile.cutoffs()
-    quarantine = [b["quarantine"] for _, b in sorted(profile.per_block.items()) if b["quarantine"]]
+    quarantine = [(b["quarantine"], b["first_row"]) for b in profile.placed if b["quarantine"]]
     example = [row for _, row in profile.examples[2] or profile.examples[0]]
     return Plan(
         classes,

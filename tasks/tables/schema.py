@@ -27,6 +27,20 @@ class Schema:
     )  # numeric columns stored as integers everywhere
     warnings: list[str] = field(default_factory=list)
 
+    def key(self) -> tuple:
+        """What cleaning a block depends on: two schemas with one key clean rows alike."""
+        label, kind = self.label, self.label_kind
+        return (label, kind, tuple(self.columns), tuple(self.numeric), tuple(self.categorical))
+
+
+def block_schema(block: dict, cfg: DataConfig) -> Schema | None:
+    """The types one block's own counts give, as `decide_schema` would give them for a table
+    of that block alone; None where they cannot decide (a column without values, say)."""
+    try:
+        return decide_schema([block], cfg)
+    except DataError:
+        return None
+
 
 def to_numbers(values):
     """Text → float64 (NaN where a value is not a number), parsing each distinct value once:

@@ -17,9 +17,8 @@ from tasks.monitor import count_rows, merge_counts, numeric_specs
 from tasks.readers import npy_put
 from tasks.splitting import assign_splits
 from tasks.store import StageDir
-from tasks.tables.blocks import block_size, drop_clean, read_clean, scan
-from tasks.tables.profiling import SPLITS, plan
-from tasks.tables.schema import decide_schema
+from tasks.tables.blocks import block_size, drop_clean, read_clean
+from tasks.tables.profiling import SPLITS, plan, scan_and_profile
 
 
 @data_task
@@ -76,15 +75,31 @@ def write_block(
     return written, on_bins
 
 
-def join_csv_parts(parts: list[str], dest: Path) -> None:
+def join_csv_parts(parts: list[str], dest: Path, first_rows: list[int] | None = None) -> None:
     """CSV parts with the same header into one CSV: the first part's header, every part's
-    rows, in order (bad rows set aside by ingest's or batch scoring's tasks)."""
-    with open(dest, "wb") as sink:
-        for i, part in enumerate(parts):
-            with open(part, "rb") as src:
-                if i:
-                    src.readline()
-                shutil.copyfileobj(src, sink)
+    rows, in order (bad rows set aside by ingest's or batch scoring's tasks). With
+    `first_rows`, each part's first column holds row numbers counted from its block's first
+    row, and the block's first row in the table is added to them."""
+    import csv
+
+    if first_rows is None:
+        with open(dest, "wb") as sink:
+            for i, part in enumerate(parts):
+                with open(part, "rb") as src:
+                    if i:
+                        src.readline()
+                    shutil.copyfileobj(src, sink)
+        return
+    # the csv module reads and writes a quoted field as pandas' to_csv wrote it
+    with open(dest, "w", newline="") as sink:
+        writer = csv.writer(sink, lineterminator="\n")
+        for i, (part, first_row) in enumerate(zip(parts, first_rows, strict=True)):
+            with open(part, newline="") as src:
+                reader = csv.reader(src)
+                header = next(reader)
+                if not i:
+                    writer.writerow(header)
+                writer.writerows([str(int(row[0]) + first_row), *row[1:]] for row in reader)
 
 
 # ---------------------------------------------------------------- the whole table
@@ -92,16 +107,17 @@ def join_csv_parts(parts: list[str], dest: Path) -> None:
 
 def survey(cfg: DataConfig, fmt: str, scratch: str, client, keep_rejected: bool = False):
     """Passes 1 and 2: every check ingest makes, and the plan for writing. `accelflow
-    validate` stops here. Returns (blocks, schema, plan, block bytes, start times)."""
+    validate` stops here. Returns (blocks, schema, plan, block bytes, start times, blocks
+    profiled twice)."""
     import time
 
-    seconds = {"scan": time.perf_counter()}
+    seconds = {"scan": time.perf_counter()}  # and profile: one task per block does both
     block_bytes = block_size(cfg.block_mb, client)
-    blocks = scan(cfg, fmt, scratch, client, block_bytes)
-    schema = decide_schema(blocks, cfg)
-    seconds["profile"] = time.perf_counter()
-    fixed = plan(blocks, schema, cfg, scratch if keep_rejected else None, client)
-    return blocks, schema, fixed, block_bytes, seconds
+    blocks, schema, profile, again = scan_and_profile(
+        cfg, fmt, scratch, client, block_bytes, keep_rejected
+    )
+    seconds["plan"] = time.perf_counter()
+    return blocks, schema, plan(schema, cfg, profile), block_bytes, seconds, again
 
 
 def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, Any]:
@@ -112,7 +128,7 @@ def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, 
 
     scratch = out.path("scratch")
     scratch.mkdir()
-    blocks, schema, p, block_bytes, seconds = survey(
+    blocks, schema, p, block_bytes, seconds, again = survey(
         cfg, fmt, str(scratch), client, cfg.on_bad_rows == "quarantine"
     )
     seconds["write"] = time.perf_counter()
@@ -172,7 +188,8 @@ def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, 
 
     test_rows = sorted(f"test_rows/{f.name}" for f in out.path("test_rows").glob("*.parquet"))
     if p.quarantine:
-        join_csv_parts(p.quarantine, out.path("quarantine.csv"))
+        parts, first_rows = zip(*p.quarantine, strict=True)
+        join_csv_parts(list(parts), out.path("quarantine.csv"), list(first_rows))
     # the served model's input example and signature: integer columns stay integers
     example = pd.DataFrame(p.example, columns=schema.columns)
     example = example.astype({c: "int64" for c in schema.integers if example[c].notna().all()})
@@ -199,6 +216,7 @@ def ingest_table(cfg: DataConfig, fmt: str, out: StageDir, client) -> dict[str, 
         "missing_values": p.missing,
         "warnings": p.warnings,
         "blocks": len(blocks),
+        "blocks_read_twice": again,  # their types differed from the table's
         "contract_columns": contract_columns,
         "contract_counts": contract_counts,
         "test_rows": test_rows,  # in row order: the offsets in their names sort as the rows do
