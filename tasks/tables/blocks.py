@@ -256,10 +256,7 @@ def run_parts(parts: list[tuple], which, client, profiler=None, take=None) -> li
     its task finishes, so the driver can fold in and drop a profiled block's result."""
     from dask.distributed import as_completed
 
-    futures = {
-        client.submit(task, *args, profiler, pure=False): i
-        for i, (task, args) in ((i, parts[i]) for i in which)
-    }
+    futures = {client.submit(parts[i][0], *parts[i][1], profiler, pure=False): i for i in which}
     blocks = []
     for future in as_completed(futures):
         for j, block in enumerate(checked(future.result())):

@@ -26,9 +26,9 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Profiler:
-    """Pass 2, run by the scan task on each block it has just parsed (saving a scratch file
-    of raw rows and reading it back): the block is typed by its own counts, as if it were
-    the whole table, and profiled with those types. Where the table's counts type a column
+    """Pass 2, run by the scan task on each block it has just parsed (no scratch file of raw
+    rows written and read back): the block is typed by its own counts, as if it were the
+    whole table, and profiled with those types. Where the table's counts type a column
     otherwise, the driver has the block's task run again with the table's `schema`, and
     profiles `only` the blocks concerned."""
 
@@ -162,7 +162,8 @@ class TableProfile:
 
     @classmethod
     def of(cls, schema_key: tuple, max_rows: int | None) -> TableProfile:
-        """An empty profile for blocks cleaned with the types of `Schema.key()`."""
+        """An empty profile for blocks cleaned with the types of `Schema.key()` (whose last
+        item is the categorical columns)."""
         return cls(max_rows, categories={c: Counter() for c in schema_key[-1]})
 
     def add(self, name: str, r: dict) -> None:
