@@ -44,10 +44,11 @@ def clean_block(frame, schema: Schema, first_row: int = 0):
             features[name] = as_text(values).array  # Arrow-backed text stays so
             continue
         parsed = to_numbers(values)
-        flag(
-            values.notna() & parsed.isna(),
-            lambda i, v=values, c=name: f"column '{c}': {v.iloc[i]!r} is not a number",
-        )
+        if not pd.api.types.is_numeric_dtype(values):  # the parser's numbers are all numbers
+            flag(
+                values.notna() & parsed.isna(),
+                lambda i, v=values, c=name: f"column '{c}': {v.iloc[i]!r} is not a number",
+            )
         flag(np.isinf(parsed.to_numpy()), lambda i, c=name: f"column '{c}': infinite value")
         features[name] = parsed.to_numpy()
     index = pd.RangeIndex(first_row, first_row + len(frame))

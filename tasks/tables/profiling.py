@@ -75,9 +75,12 @@ def profile_block(frame, block: dict, schema: Schema, cfg: DataConfig, quarantin
     missing = features.isna().to_numpy()
     result["missing"] = int(missing.sum())
     result["first_missing"] = None
-    if result["missing"]:
-        rows, cols = np.nonzero(missing)
-        result["first_missing"] = (int(features.index[rows[0]]), features.columns[cols[0]])
+    if result["missing"]:  # the first in row order: argmax finds the first True
+        row = int(np.argmax(missing.any(axis=1)))
+        result["first_missing"] = (
+            int(features.index[row]),
+            features.columns[np.argmax(missing[row])],
+        )
     del missing
     result["labels"] = [dict(labels[split == s].value_counts()) for s in range(3)]
     train = np.flatnonzero(split == 0)
