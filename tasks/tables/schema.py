@@ -29,8 +29,8 @@ class Schema:
 
     def key(self) -> tuple:
         """What cleaning a block depends on: two schemas with one key clean rows alike."""
-        label, kind = self.label, self.label_kind
-        return (label, kind, tuple(self.columns), tuple(self.numeric), tuple(self.categorical))
+        columns, numeric, categorical = map(tuple, (self.columns, self.numeric, self.categorical))
+        return (self.label, self.label_kind, columns, numeric, categorical)
 
 
 def block_schema(block: dict, cfg: DataConfig) -> Schema | None:

@@ -81,6 +81,7 @@ def join_csv_parts(parts: list[str], dest: Path, first_rows: list[int] | None = 
     `first_rows`, each part's first column holds row numbers counted from its block's first
     row, and the block's first row in the table is added to them."""
     import csv
+    import sys
 
     if first_rows is None:
         with open(dest, "wb") as sink:
@@ -90,16 +91,21 @@ def join_csv_parts(parts: list[str], dest: Path, first_rows: list[int] | None = 
                         src.readline()
                     shutil.copyfileobj(src, sink)
         return
-    # the csv module reads and writes a quoted field as pandas' to_csv wrote it
-    with open(dest, "w", newline="") as sink:
-        writer = csv.writer(sink, lineterminator="\n")
-        for i, (part, first_row) in enumerate(zip(parts, first_rows, strict=True)):
-            with open(part, newline="") as src:
-                reader = csv.reader(src)
-                header = next(reader)
-                if not i:
-                    writer.writerow(header)
-                writer.writerows([str(int(row[0]) + first_row), *row[1:]] for row in reader)
+    # the csv module reads and writes a quoted field as pandas' to_csv wrote it; a rejected
+    # row may hold a field longer than its default limit (128 KiB): lifted while it reads
+    limit = csv.field_size_limit(sys.maxsize)
+    try:
+        with open(dest, "w", newline="") as sink:
+            writer = csv.writer(sink, lineterminator="\n")
+            for i, (part, first_row) in enumerate(zip(parts, first_rows, strict=True)):
+                with open(part, newline="") as src:
+                    reader = csv.reader(src)
+                    header = next(reader)
+                    if not i:
+                        writer.writerow(header)
+                    writer.writerows([str(int(row[0]) + first_row), *row[1:]] for row in reader)
+    finally:
+        csv.field_size_limit(limit)
 
 
 # ---------------------------------------------------------------- the whole table
