@@ -1,4 +1,4 @@
-"""Pass 2 (profile), run by the scan's tasks on the blocks they parse: each block cleaned,
+"""The profile half of pass 1, run by the scan's tasks on the blocks they parse: each block cleaned,
 hashed and summarised in a bounded result; and the plan the driver fixes from all of them:
 classes, encoder, rows per block and split, checks."""
 
@@ -26,7 +26,7 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class Profiler:
-    """Pass 2, run by the scan task on each block it has just parsed (no scratch file of raw
+    """The profile half of pass 1, run by the scan task on each block it has just parsed (no scratch file of raw
     rows written and read back): the block is typed by its own counts, as if it were the
     whole table, and profiled with those types. Where the table's counts type a column
     otherwise, the driver has the block's task run again with the table's `schema`, and
@@ -288,7 +288,7 @@ class TableProfile:
 def scan_and_profile(
     cfg: DataConfig, fmt: str, scratch: str, client, block_bytes: int, keep_rejected: bool
 ) -> tuple[list[dict], Schema, TableProfile, int]:
-    """Passes 1 and 2 on the cluster, in one task per part of the source: returns the
+    """Pass 1 (scan and profile) on the cluster, in one task per part of the source: returns the
     blocks in table order, the table's schema, its profile and how many blocks were
     profiled a second time because the table's types overruled their own. Results are
     merged as tasks finish, so the driver holds a few at a time, by the types each block

@@ -1,5 +1,5 @@
-"""Pass 3 (write): each block encoded and written into the split arrays at the offsets
-the plan fixed; and the whole table, passes 1 to 3."""
+"""Pass 2 (write): each block encoded and written into the split arrays at the offsets
+the plan fixed; and the whole table, both passes."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def join_csv_parts(parts: list[str], dest: Path, first_rows: list[int] | None = 
 
 
 def survey(cfg: DataConfig, fmt: str, scratch: str, client, keep_rejected: bool = False):
-    """Passes 1 and 2: every check ingest makes, and the plan for writing. `accelflow
+    """Pass 1 (scan and profile): every check ingest makes, and the plan for writing. `accelflow
     validate` stops here. Returns (blocks, schema, plan, block bytes, start times, blocks
     profiled twice)."""
     import time
