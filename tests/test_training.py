@@ -320,6 +320,7 @@ def test_plateau_lowers_the_rate_when_validation_stalls():
     schedule = Schedule(spec, opt, 0.1, epochs=10, steps=2)
     seen = []
     for _ in range(5):
+        opt.step()  # no gradients: changes nothing, but a schedule steps after its optimizer
         schedule.step()
         schedule.epoch_end(1.0)  # never better
         seen.append(opt.param_groups[0]["lr"])

@@ -30,8 +30,10 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def table_arrays(table, features: list[str], label: str) -> tuple[np.ndarray, np.ndarray]:
     X = np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in features])
-    y = table.column(label).to_numpy(zero_copy_only=False)
-    return X.astype(np.float32, copy=False), y.astype(np.int64, copy=False)
+    # the labels copied (8 bytes a row): Arrow's own buffer is read-only, and torch warns on
+    # every streamed read that it cannot guard a tensor over one
+    y = np.array(table.column(label).to_numpy(zero_copy_only=False), dtype=np.int64)
+    return X.astype(np.float32, copy=False), y
 
 
 def load_split(files: list[str], features: list[str], label: str) -> Batch:
