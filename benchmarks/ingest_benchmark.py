@@ -74,6 +74,8 @@ def write_csv(path: Path, rows: int, seed: int = 0, chunk: int = 200_000) -> int
 
 
 def run_accelflow(source: Path, work: Path, worker_memory: str, block_mb: float) -> dict:
+    from dask.distributed import get_task_stream
+
     from conf.schema import DaskConfig, DataConfig
     from tasks.cluster import dask_client, peak_memory_mib
     from tasks.ingest import ingest_dataset
@@ -83,14 +85,15 @@ def run_accelflow(source: Path, work: Path, worker_memory: str, block_mb: float)
     with dask_client(DaskConfig(n_workers=2, memory_limit=worker_memory)) as client:
         workers = set(client.scheduler_info()["workers"])
         start = time.perf_counter()
-        manifest = run_stage(
-            work,
-            "ingest",
-            "bench",
-            cfg.model_dump(mode="json"),
-            [],
-            lambda out: ingest_dataset(cfg, out, client),
-        ).manifest
+        with get_task_stream(client) as stream:
+            manifest = run_stage(
+                work,
+                "ingest",
+                "bench",
+                cfg.model_dump(mode="json"),
+                [],
+                lambda out: ingest_dataset(cfg, out, client),
+            ).manifest
         seconds = time.perf_counter() - start
         peaks = client.run(peak_memory_mib)
         restarted = set(client.scheduler_info()["workers"]) != workers
@@ -110,6 +113,26 @@ def run_accelflow(source: Path, work: Path, worker_memory: str, block_mb: float)
         "worker_peak_mib": max(peaks.values()),
         "workers_restarted": restarted,
         "driver_peak_mib": peak_memory_mib(),
+        **task_figures(stream.data, len(workers), seconds),
+    }
+
+
+def task_figures(stream: list[dict], workers: int, seconds: float) -> dict:
+    """Each kind of task's count and median seconds as the workers ran them, and the share
+    of the stage's wall time the workers spent computing: near 1, the stage is as fast as
+    its tasks; well below, time goes to the driver, transfers or waiting."""
+    computed: dict[str, list[float]] = {}
+    for task in stream:
+        kind = str(task["key"]).strip("('").split("-")[0]
+        for span in task["startstops"]:
+            if span["action"] == "compute":
+                computed.setdefault(kind, []).append(span["stop"] - span["start"])
+    return {
+        "tasks": {
+            kind: {"n": len(s), "median_s": float(np.median(s)), "total_s": sum(s)}
+            for kind, s in computed.items()
+        },
+        "workers_busy": sum(sum(s) for s in computed.values()) / (workers * seconds),
     }
 
 
@@ -235,6 +258,13 @@ def main() -> None:
         f"| pandas.read_csv, one process | {pandas['seconds']:.1f} | {pandas['mb_s']:.0f} "
         f"| 1.00 | {pandas['peak_mib']:.0f} | parse only |"
     )
+    for name in contenders:  # where the time goes (a baseline from before has no figures)
+        a = result["best"][name]
+        if "tasks" in a:
+            kinds = ", ".join(
+                f"{kind} {t['n']} x {t['median_s']:.2f} s" for kind, t in a["tasks"].items()
+            )
+            print(f"{name}: workers computing {a['workers_busy']:.0%} of the time; {kinds}")
     write_json(args.json, result)
 
 
