@@ -20,7 +20,7 @@ from conf.schema import EvaluateConfig, PipelineConfig
 from tasks.errors import DataError
 from tasks.readers import npy_chunks, npy_take
 from tasks.reduce.pca import read_features
-from tasks.served.pyfunc import served_latency, timed_ms
+from tasks.served.pyfunc import served_latency, timed_ms, timing_rows
 from tasks.spec import Hooks, Inputs, StageSpec
 from tasks.store import Manifest, StageDir, files_digest
 
@@ -134,7 +134,7 @@ def score(predictor: Predictor, batches: Batches, cfg: EvaluateConfig) -> dict[s
         clipped = np.clip(proba, 1e-7, 1)
         clipped /= clipped.sum(axis=1, keepdims=True)
         loss -= float(np.log(clipped[np.arange(len(y)), y]).sum())
-        first = X[:256] if first is None else first
+        first = timing_rows(X) if first is None else first
     figures = class_figures(confusion)
     precision, recall, support = figures["precision"], figures["recall"], figures["support"]
     parameters, nonzero = weight_counts(predictor.model)

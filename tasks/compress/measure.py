@@ -15,7 +15,7 @@ from tasks.compress.choice import ANSWERS
 from tasks.compress.export import PARITY_ATOL, export_point, parity, served_network
 from tasks.evaluate import class_figures, confusion_of
 from tasks.served.predictor import torch_weights, write_bundle
-from tasks.served.pyfunc import served_latency, timed_ms
+from tasks.served.pyfunc import served_latency, timed_ms, timing_rows
 from tasks.served.runtime import OnnxNetwork, torch_network
 from tasks.store import Manifest
 from tasks.train import split_files
@@ -105,7 +105,7 @@ def measure(
             expected = outputs["torch"] if "torch" in outputs else torch_network(model)(X)
             diff, wrong = parity(expected, outputs["onnxruntime"])
             worst, differ = max(worst, diff), differ + wrong
-        Z = X[:256] if Z is None else Z
+        Z = timing_rows(X) if Z is None else Z
     if check:
         row["onnx_max_abs_diff"], row["onnx_differing_rows"] = worst, differ
         if worst > PARITY_ATOL or differ:

@@ -70,6 +70,17 @@ def timed_ms(call, repeats: int, threads: int = 1) -> tuple[float, float]:
     return float(np.percentile(times, 50)), float(np.percentile(times, 95))
 
 
+def timing_rows(rows, n: int = 256):
+    """The `n` rows a batch of `n` is timed on: the first ones, repeated when there are fewer
+    (a small table's validation or test split), so "batch 256" is always 256 rows. (Timed
+    on a 67-row validation split, a 9-column table's network looked 3.6x faster than on
+    256 rows.) A DataFrame or an array."""
+    if not 0 < len(rows) < n:
+        return rows[:n]
+    picked = np.resize(np.arange(len(rows)), n)
+    return rows.iloc[picked].reset_index(drop=True) if hasattr(rows, "iloc") else rows[picked]
+
+
 def served_latency(bundle: Path, example, dest: Path, repeats: int) -> dict[str, float]:
     """`mlflow.pyfunc.load_model(...).predict` on raw rows (the input example's rows,
     repeated), batch 1 and 256: what a deployed replica pays per call, MLflow's input
@@ -89,7 +100,7 @@ def served_latency(bundle: Path, example, dest: Path, repeats: int) -> dict[str,
             del os.environ[THREADS_ENV]
         else:
             os.environ[THREADS_ENV] = before
-    rows = example.iloc[np.resize(np.arange(len(example)), 256)].reset_index(drop=True)
+    rows = timing_rows(example)
     return {
         f"served_b{batch}_ms": timed_ms(lambda b=batch: model.predict(rows.iloc[:b]), repeats)[0]
         for batch in (1, 256)
