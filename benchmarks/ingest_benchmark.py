@@ -121,9 +121,11 @@ def task_figures(stream: list[dict], workers: int, seconds: float) -> dict:
     """Each kind of task's count and median seconds as the workers ran them, and the share
     of the stage's wall time the workers spent computing: near 1, the stage is as fast as
     its tasks; well below, time goes to the driver, transfers or waiting."""
+    from dask.utils import key_split
+
     computed: dict[str, list[float]] = {}
     for task in stream:
-        kind = str(task["key"]).strip("('").split("-")[0]
+        kind = key_split(task["key"])  # "scan_csv_range-<token>" → "scan_csv_range"
         for span in task["startstops"]:
             if span["action"] == "compute":
                 computed.setdefault(kind, []).append(span["stop"] - span["start"])

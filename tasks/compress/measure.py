@@ -92,7 +92,7 @@ def measure(
     n = arch["n_classes"]
     confusions = {r: np.zeros((n, n), dtype=np.int64) for r in networks}
     answers: dict[str, list[np.ndarray]] = {r: [] for r in networks}  # right or wrong, per row
-    worst, differ, Z = 0.0, 0, None  # Z: the first rows, what the timings run on
+    worst, differ, Z = 0.0, 0, None  # Z: 256 first rows (repeated if fewer), timed on
     for X, y in batches():
         outputs = {}
         for r, network in networks.items():
