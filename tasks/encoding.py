@@ -77,7 +77,8 @@ class Encoder:
         # column by column (Fortran order): each value's search starts near the last one's,
         # in the same column's knots. The same numbers, 1.24x faster than row by row on a
         # block of the ingest benchmark (320k rows, 8 columns of 101 knots), 1.9x with
-        # 20,000 knots a column
+        # 20,000 knots a column. The search is the cost: np.searchsorted per column with
+        # np.interp's own formula gives the same numbers no faster (164 against 150 ms)
         values[:, where] = np.interp(moved.ravel(order="F"), xp, fp).reshape(moved.shape, order="F")
         return values
 
