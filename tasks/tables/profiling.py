@@ -28,9 +28,9 @@ SPLITS = ("train", "val", "test")
 class Profiler:
     """The profile half of pass 1, run by the scan task on each block it has just parsed
     (no scratch file of raw rows written and read back): the block is typed by its own
-    counts, as if it were the whole table, and profiled with those types. Where the table's counts type a column
-    otherwise, the driver has the block's task run again with the table's `schema`, and
-    profiles `only` the blocks concerned."""
+    counts, as if it were the whole table, and profiled with those types. Where the table's
+    counts type a column otherwise, the driver has the block's task run again with the
+    table's `schema`, and profiles `only` the blocks concerned."""
 
     cfg: DataConfig
     quarantine: bool  # keep the rejected rows (data.on_bad_rows: quarantine)
