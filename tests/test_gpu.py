@@ -52,7 +52,8 @@ def test_fp16_trains_with_a_grad_scaler(digits_parquet, tmp_path):
 
 def test_the_cnn_runs_channels_last(digits_parquet, tmp_path):
     trainer = gpu_trainer(digits_parquet, tmp_path, arch=CNN)
-    conv = trainer.model.features[3]  # the 32→64 conv: its layout is unambiguous
+    convs = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    conv = convs[1]  # the second conv (many in and out channels): its layout is unambiguous
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert trainer.run()["val_accuracy"] > 0.8
 
