@@ -1,6 +1,7 @@
 """One short command that proves (or disproves) the GPU path on a CUDA machine.
 
-    python3 benchmarks/gpu_check.py [--data DIR] [--epochs N] [--json PATH] [--allow-cpu]
+    python3 benchmarks/gpu_check.py [--data DIR] [--epochs N] [--batch-size N] [--cases REGEX]
+                                    [--no-tests] [--json PATH] [--allow-cpu]
 
 Needs torch with CUDA, numpy, pyarrow (the worker's own imports) and, for the `gpu` tests,
 pytest, pandas, pydantic and pyyaml (carry them as wheels where they are missing: the
@@ -8,10 +9,11 @@ script says which). It:
 1. prints what it runs on (torch, CUDA, GPUs, bf16 support, NCCL);
 2. trains through the real worker, one NCCL process per GPU (`torchrun`), on Fashion-MNIST
    (`--data`, the IDX folder) or, without it, scikit-learn's digits as 8x8 images:
-   MLP fp32 eager; CNN fp32 eager; CNN with `precision: auto` (bf16, fp16 + GradScaler
-   where bf16 is missing), channels-last and `torch.compile`; transformer and GRU in auto
-   precision; a streamed split (row groups into pinned memory). For each: samples/s,
-   step ms, validation accuracy, precision, compile state, backend, data mode;
+   MLP and CNN (channels-last) eager in fp32 and in `precision: auto` (bf16, fp16 +
+   GradScaler where bf16 is missing); the CNN in auto precision with `torch.compile`;
+   transformer and GRU in auto precision; a streamed split (row groups into pinned
+   memory). For each: samples/s, step ms, validation accuracy, precision, compile state,
+   backend, data mode;
 3. runs `pytest -m gpu tests/test_gpu.py`;
 4. prints a table, writes JSON (default: $OUT/gpu_check.json if OUT is set, else
    benchmarks/results/gpu_check.json), and exits non-zero if any check failed.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -118,10 +121,15 @@ def spec_for(files, names, shape, out: Path, epochs: int, **changes) -> dict:
     return spec
 
 
-CASES = {
+CASES = {  # fp32 and auto side by side per model: what auto precision buys on its own
     "mlp fp32 eager": {},
+    "mlp auto eager": {"precision": "auto"},
     "cnn fp32 eager": {"arch": {"model": "cnn", "hidden": [128]}},
-    "cnn auto + channels-last + compile": {
+    "cnn auto eager": {
+        "arch": {"model": "cnn", "hidden": [128]},
+        "precision": "auto",
+    },
+    "cnn auto + compile": {
         "arch": {"model": "cnn", "hidden": [128]},
         "precision": "auto",
         "compile": True,
@@ -135,18 +143,21 @@ CASES = {
 }
 
 
-def run_cases(files, names, shape, folder: Path, epochs: int, gpus: int, device: str) -> dict:
+def run_cases(files, names, shape, folder: Path, epochs: int, gpus: int, device: str, args) -> dict:
     from tasks.training.launch import launch
 
     results = {}
     for name, changes in CASES.items():
+        if not re.search(args.cases, name):
+            continue
         if changes.get("arch", {}).get("model") == "transformer" and shape[1] % 4:
             changes = {**changes, "arch": {**changes["arch"], "patch": 2}}
         out = folder / name.replace(" ", "_").replace(",", "").replace("+", "")
         out.mkdir()
         t0 = time.perf_counter()
         try:
-            batch = 256 if shape[1] == 28 else 64  # digits: enough steps for the sequence models
+            # digits: batches of 64 give the sequence models enough steps
+            batch = args.batch_size or (256 if shape[1] == 28 else 64)
             spec = spec_for(files, names, shape, out, epochs, batch_size=batch, **changes)
             r = launch(spec, gpus, out)
             history = json.loads((out / "history.json").read_text())
@@ -190,6 +201,11 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     parser.add_argument("--epochs", type=int, help="default: 3 on Fashion-MNIST, 15 on digits")
     parser.add_argument(
+        "--batch-size", type=int, help="default: 256 on Fashion-MNIST, 64 on digits"
+    )
+    parser.add_argument("--cases", default="", help="regex: run only the cases it matches")
+    parser.add_argument("--no-tests", action="store_true", help="skip `pytest -m gpu`")
+    parser.add_argument(
         "--allow-cpu",
         action="store_true",
         help="no GPU: run the cases on 2 gloo processes (checks this script)",
@@ -205,8 +221,11 @@ def main() -> int:
         files, names, shape = write_data(Path(tmp), args.data)
         print(f"data: {len(names)} features, image {shape}; {processes} {device} process(es)")
         epochs = args.epochs or (3 if shape[1] == 28 else 15)
-        cases = run_cases(files, names, shape, Path(tmp), epochs, processes, device)
-    tests = run_gpu_tests() if env["gpus"] else {"ok": True, "skipped": "no GPU"}
+        cases = run_cases(files, names, shape, Path(tmp), epochs, processes, device, args)
+    if args.no_tests or not env["gpus"]:
+        tests = {"ok": True, "skipped": "--no-tests" if env["gpus"] else "no GPU"}
+    else:
+        tests = run_gpu_tests()
     print(
         f"\n{'case':<36} {'ok':>3} {'val acc':>8} {'samples/s':>10} {'step ms':>8} {'precision':>9} {'compile':>18} {'backend':>14} {'data':>9}"
     )
