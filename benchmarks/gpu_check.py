@@ -7,13 +7,13 @@ Needs torch with CUDA, numpy, pyarrow (the worker's own imports) and, for the `g
 pytest, pandas, pydantic and pyyaml (carry them as wheels where they are missing: the
 script says which). It:
 1. prints what it runs on (torch, CUDA, GPUs, bf16 support, NCCL);
-2. trains through the real worker, one NCCL process per GPU (`torchrun`), on Fashion-MNIST
-   (`--data`, the IDX folder) or, without it, scikit-learn's digits as 8x8 images:
-   MLP and CNN (channels-last) eager in fp32 and in `precision: auto` (bf16, fp16 +
-   GradScaler where bf16 is missing); the CNN in auto precision with `torch.compile`;
-   transformer and GRU in auto precision; a streamed split (row groups into pinned
-   memory). For each: samples/s, step ms, validation accuracy, precision, compile state,
-   backend, data mode;
+2. trains through the real worker, one NCCL process per GPU (`torchrun`; one GPU: a single
+   process), on Fashion-MNIST (`--data`, the IDX folder) or, without it, scikit-learn's
+   digits as 8x8 images: MLP and CNN (channels-last, convolutions [32, 64]) eager in fp32
+   and in `precision: auto` (bf16, fp16 + GradScaler where bf16 is missing); the CNN in
+   auto precision with `torch.compile`; transformer and GRU in auto precision; a streamed
+   split (row groups into pinned memory). For each: samples/s, step ms, validation
+   accuracy, precision, compile state, backend, data mode;
 3. runs `pytest -m gpu tests/test_gpu.py`;
 4. prints a table, writes JSON (default: $OUT/gpu_check.json if OUT is set, else
    benchmarks/results/gpu_check.json), and exits non-zero if any check failed.

@@ -1,7 +1,8 @@
 """torch against onnxruntime, and the served path against the network, in real pipeline runs.
 
     .venv/bin/python benchmarks/runtime_benchmark.py        # three runs, ~8 min on 2 cores
-    .venv/bin/python benchmarks/runtime_benchmark.py --only fmnist-cnn --set 'train.channels=[32, 64]'
+    .venv/bin/python benchmarks/runtime_benchmark.py --only fmnist-cnn \
+        --set 'train.channels=[32, 64]'                     # one run, on a wider CNN
 
 Three `accelflow run`s on embedded defaults (`serve.runtime: auto`): Fashion-MNIST with the
 MLP, Fashion-MNIST with the CNN (so its int8 point is onnxruntime's static int8),
