@@ -1,7 +1,7 @@
 """What every benchmark script shares: the project on the import path, the offline and
 quiet environment (tasks/tracking.py's, the one list), the `--json` option, the JSON out.
 
-    from common import ROOT, accelflow_run, benchmark_args, write_json
+    from common import ROOT, accelflow_run, benchmark_args, best_p50_ms, write_json
 """
 
 from __future__ import annotations
@@ -47,6 +47,19 @@ def accelflow_run(sets: list[str]):
     argv += [a for s in sets for a in ("--set", s)]
     env = {**os.environ, "ACCELFLOW_PROGRESS": "off"}
     return subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=env, check=False)
+
+
+def best_p50_ms(calls: dict, repeats: int, rounds: int) -> dict:
+    """Each call's p50 in ms by the stages' own timing loop (`timed_ms`, one thread), the
+    best of `rounds` alternating rounds: a slow spell of this shared machine hits every
+    contender alike, so their ratios hold within one run."""
+    from tasks.served.pyfunc import timed_ms
+
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(rounds):
+        for key, call in calls.items():
+            best[key] = min(best[key], timed_ms(call, repeats)[0])
+    return best
 
 
 def write_json(path: Path | str, result: Any) -> None:

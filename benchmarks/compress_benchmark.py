@@ -37,7 +37,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import accelflow_run, benchmark_args, write_json  # noqa: E402  (sets the path)
+from common import accelflow_run, benchmark_args, best_p50_ms, write_json  # noqa: E402  (sets the path)
 
 # magnitude ramps to its sparsity in 3 rounds of 4 epochs (one-shot 90% collapses an MLP);
 # every other point gets the same 4 fine-tune epochs per phase
@@ -216,16 +216,10 @@ def narrowing(rounds: int = 3, calls: int = 15) -> list[dict]:
     import torch
 
     from tasks.compress.points import slim_model
-    from tasks.served.pyfunc import timed_ms
     from tasks.training.models import build_model, load_model
 
     torch.set_num_threads(1)
     x = torch.randn(256, 784)
-
-    def latency_ms(model) -> float:
-        with torch.inference_mode():
-            return timed_ms(lambda: model(x), calls)[0]  # the compress stage's own loop
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, shape in NARROWED.items():
@@ -238,10 +232,8 @@ def narrowing(rounds: int = 3, calls: int = 15) -> list[dict]:
                 "before": load_model(arch, Path(tmp) / "model.pt"),
                 "after": load_model(slim, Path(tmp) / "slim.pt"),
             }
-            best = {k: float("inf") for k in models}
-            for _ in range(rounds):  # alternating: both see the same machine
-                for k, m in models.items():
-                    best[k] = min(best[k], latency_ms(m))
+            with torch.inference_mode():  # timed by the compress stage's own loop
+                best = best_p50_ms({k: lambda m=m: m(x) for k, m in models.items()}, calls, rounds)
             params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
             rows.append(
                 {

@@ -19,9 +19,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import benchmark_args, write_json  # noqa: E402  (sets the path)
-
-ROUNDS = 3
+from common import benchmark_args, best_p50_ms, write_json  # noqa: E402  (sets the path)
 
 
 def variants(conv_names: list[str]) -> dict[str, dict]:
@@ -53,7 +51,6 @@ def main() -> None:
 
     from tasks.compress.export import Calibration, export_onnx, quiet_export
     from tasks.readers import read_idx
-    from tasks.served.pyfunc import timed_ms
     from tasks.served.runtime import OnnxNetwork
     from tasks.training.models import build_model
 
@@ -93,19 +90,15 @@ def main() -> None:
                 )
         nets = {name: OnnxNetwork(path, threads=1) for name, path in paths.items()}
         batch = X[:256]
-        times: dict[str, list[float]] = {name: [] for name in nets}
-        for _ in range(ROUNDS):  # alternating: the machine's drift hits every variant alike
-            for name, net in nets.items():
-                times[name].append(timed_ms(lambda net=net: net(batch), 30)[0])
+        best = best_p50_ms({name: lambda n=net: n(batch) for name, net in nets.items()}, 30, 3)
         reference = nets["float"](X[:2000]).argmax(1)
         rows = []
         for name, net in nets.items():
-            best = min(times[name])
             rows.append(
                 {
                     "variant": name,
-                    "b256_ms": best,
-                    "speedup": min(times["float"]) / best,
+                    "b256_ms": best[name],
+                    "speedup": best["float"] / best[name],
                     "argmax_agree": float((net(X[:2000]).argmax(1) == reference).mean()),
                 }
             )
