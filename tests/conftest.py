@@ -229,12 +229,11 @@ def raw_test_rows(source: Path, cfg: PipelineConfig):
     from tasks.tables import clean_block, decide_schema, profile_raw
 
     raw = pd.read_csv(source)
-    features, labels, bad, _ = clean_block(raw, decide_schema([profile_raw(raw)], cfg.data))
-    good = ~bad
-    u = row_uniforms(features[good], cfg.data.seed)
+    features, labels, _, _ = clean_block(raw, decide_schema([profile_raw(raw)], cfg.data))
+    u = row_uniforms(features, cfg.data.seed)
     test = assign_splits(u, cfg.data.val_fraction, cfg.data.test_fraction) == 2
-    held_out = features[good][test].index  # the table's row numbers
-    return raw.drop(columns=[cfg.data.label]).loc[held_out], labels[good][test].to_numpy()
+    held_out = features[test].index  # the table's row numbers
+    return raw.drop(columns=[cfg.data.label]).loc[held_out], labels[test].to_numpy()
 
 
 @functools.cache

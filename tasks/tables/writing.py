@@ -53,7 +53,15 @@ def write_block(
     # for each); only the kept rows when data.max_rows leaves some out
     kept = np.concatenate(picked)
     every = len(kept) == len(u)
-    X_kept = encoder.transform(features if every else features.iloc[kept])
+    numbers = encoder.numeric_values(features)
+    # the training rows' raw numbers, for the data contract's counts (a pass over the
+    # written training split took the driver 8 s on a 4 GiB CSV), column by column in
+    # memory, as they are counted: in row order, counting them took 5x as long
+    train_numbers = np.take(np.asfortranarray(numbers).T, picked[0], axis=1).T
+    X_kept = encoder.transform(
+        features if every else features.iloc[kept],
+        numbers=numbers if every else numbers[kept],
+    )
     y_kept = (labels if every else labels.iloc[kept]).map(lookup).to_numpy(dtype=np.int64)
     at = np.cumsum([0, *map(len, picked)])  # each split's rows in X_kept, y_kept
     where = [rows if every else slice(at[s], at[s + 1]) for s, rows in enumerate(picked)]
@@ -67,10 +75,7 @@ def write_block(
                 part = Path(test_rows) / f"part-{offsets[s]:012d}.parquet"
                 features.iloc[rows].to_parquet(part)
         written.append(len(rows))
-    # the data contract's counts, from the rows at hand (a pass over the written training
-    # split took the driver 8 s on a 4 GiB CSV)
-    numbers = features[encoder.numeric].iloc[picked[0]].to_numpy(np.float64, na_value=np.nan)
-    on_bins = count_rows(encoder, contract_columns, numbers, X_kept[where[0]])
+    on_bins = count_rows(encoder, contract_columns, train_numbers, X_kept[where[0]])
     drop_clean(block)  # last: a task Dask starts again (its worker died) finds the block
     return written, on_bins
 
