@@ -25,6 +25,10 @@ from pathlib import Path
 import numpy as np
 
 MISSING = "<missing>"
+# The quantile-normal map's bucket lookup (`Encoder.bucket_knots`): at most this many
+# buckets (4 bytes each), and used from this many values on (below, np.interp is faster)
+LOOKUP_ENTRIES = 1 << 22
+LOOKUP_FROM = 4096
 
 
 @dataclass
@@ -67,23 +71,61 @@ class Encoder:
         fp = np.concatenate([np.array(scores) for _, scores in self.quantiles.values()])
         return where, low, high, xp, fp
 
+    @cached_property
+    def bucket_knots(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """A lookup that finds np.interp's knot without its binary search: the moved values
+        (`quantile_map`) cut into `per_unit` buckets per unit, a power of two (so a bucket's
+        start, b / per_unit, is exact), and for each bucket the last knot at or below its
+        start; with the slope of every knot's segment, as np.interp computes it."""
+        _, _, _, xp, fp = self.quantile_map
+        columns = len(self.quantiles)
+        per_unit = 1 << int(np.clip(np.log2(LOOKUP_ENTRIES / (2 * columns)), 6, 16))
+        # knot i is at or below the start of every bucket from ceil(xp[i] * per_unit) on
+        firsts = np.ceil(xp * per_unit).astype(np.int64)
+        buckets = 2 * columns * per_unit + 2
+        last = np.cumsum(np.bincount(firsts, minlength=buckets)[:buckets]) - 1
+        with np.errstate(divide="ignore", invalid="ignore"):  # tied knots: a slope never used
+            slopes = np.append(np.diff(fp) / np.diff(xp), 0.0)  # the last knot's: 0
+        return per_unit, last.astype(np.int32), slopes
+
     def normal_scores(self, values: np.ndarray) -> np.ndarray:
         """Rows of the numeric columns (missing filled) → the same with the quantile-normal
         columns mapped."""
         where, low, high, xp, fp = self.quantile_map
-        # one column per row of `moved` (the columns of `values`, taken column by column): each
-        # value's search starts near the last one's, in the same column's knots. The same
-        # numbers, 1.24x faster than row by row on a block of the ingest benchmark (320k rows,
-        # 8 columns of 101 knots), 1.9x with 20,000 knots a column. The search is the cost:
-        # np.searchsorted per column with np.interp's own formula gives the same numbers no
-        # faster (164 against 150 ms). Computed in place: no temporary array per operation
+        # one column per row of `moved`, computed in place (no temporary array per operation)
         moved = values.T[where]
         np.clip(moved, low[:, None], high[:, None], out=moved)
         moved -= low[:, None]
         moved /= (high - low)[:, None]
         moved += 2 * np.arange(len(where))[:, None]
-        values[:, where] = np.interp(moved.ravel(), xp, fp).reshape(moved.shape).T
+        x = moved.ravel()
+        if len(x) < LOOKUP_FROM or np.isnan(x).any():  # a served call: one C call is faster
+            scores = np.interp(x, xp, fp)
+        else:
+            scores = self._interp_by_buckets(x)
+        values[:, where] = scores.reshape(moved.shape).T
         return values
+
+    def _interp_by_buckets(self, x: np.ndarray) -> np.ndarray:
+        """np.interp(x, xp, fp) to the last bit (its knot: the last at or below x; its
+        formula), 2.7x as fast on a block of the ingest benchmark (2.6 M values, 8 columns
+        of 101 knots: 43 against 117 ms). np.interp's binary search was the cost: here a
+        value's bucket names its knot, and only values whose bucket holds a knot (4% there)
+        are searched."""
+        _, _, _, xp, fp = self.quantile_map
+        per_unit, last, slopes = self.bucket_knots
+        scores = np.empty_like(x)
+        for start in range(0, len(x), LOOKUP_FROM * 64):  # a chunk's temporaries stay small
+            chunk = x[start : start + LOOKUP_FROM * 64]
+            bucket = (chunk * per_unit).astype(np.int64)  # x >= 0: the bucket holding x
+            knot = last[bucket].astype(np.int64)
+            inside = np.flatnonzero(last[bucket + 1] != knot)
+            knot[inside] = np.searchsorted(xp, chunk[inside], side="right") - 1
+            # np.interp's formula. Its special cases give the same: on a knot, x - xp[knot]
+            # is 0 (the last knot's slope is 0 here), and a knot is the last of any tied
+            # with it, so its slope, to the next knot, is finite
+            scores[start : start + len(chunk)] = slopes[knot] * (chunk - xp[knot]) + fp[knot]
+        return scores
 
     @property
     def raw_columns(self) -> list[str]:

@@ -384,6 +384,19 @@ def test_numeric_transform_modes_pick_their_columns():
     assert (np.diff(X[order, 1]) >= -1e-6).all() and abs(X[:, 1].std() - 1) < 0.05
     assert len(np.unique(X[sample["amount"] == 0, 0])) == 1
     assert (X[:, 3] == 1).all()  # a constant column is left as it is
+    # a block-sized call looks knots up by bucket (in chunks: 80,000 rows of 4 mapped
+    # columns make two); served-sized calls use np.interp: the same scores to the last bit,
+    # for values on a knot, next to one and beyond the ends
+    knots = {c: np.array(encoder.quantiles[c][0]) for c in encoder.quantiles}
+    ends = [-1e9, 1e9]
+    rows = pd.DataFrame(
+        {
+            c: rng.choice(np.r_[k, np.nextafter(k, np.inf), np.nextafter(k, -np.inf), ends], 80_000)
+            for c, k in knots.items()
+        }
+    ).assign(same=1.0)[list(sample)]
+    served = [encoder.transform(rows[i : i + 1000]) for i in range(0, len(rows), 1000)]
+    assert np.array_equal(encoder.transform(rows), np.vstack(served))
 
 
 def test_declared_schema_selects_and_types_columns(digits_frame, tmp_path):

@@ -91,7 +91,10 @@ def profile_block(frame, block: dict, schema: Schema, cfg: DataConfig, quarantin
     k = min(FILL_SAMPLE_ROWS, max(100, FILL_SAMPLE_VALUES // max(len(schema.numeric), 1)))
     sample = lowest(u, train, k)
     result["fill_sample"] = (u[sample], features[schema.numeric].iloc[sample].to_numpy())
-    result["distinct"] = {c: _two_values(features[c]) for c in schema.columns}
+    result["distinct"] = {c: _two_values(features[c]) for c in schema.numeric}
+    for c, counts in result["categories"].items():  # two values seen in training will do
+        seen = [value for value in counts if value != MISSING][:2]
+        result["distinct"][c] = seen if len(seen) == 2 else _two_values(features[c])
     example = {}
     for s in (0, 2):
         pick = lowest(u, np.flatnonzero(split == s), EXAMPLE_ROWS)

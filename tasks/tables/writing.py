@@ -62,6 +62,7 @@ def write_block(
         features if every else features.iloc[kept],
         numbers=numbers if every else numbers[kept],
     )
+    del numbers  # mapped in place: of no further use
     y_kept = (labels if every else labels.iloc[kept]).map(lookup).to_numpy(dtype=np.int64)
     at = np.cumsum([0, *map(len, picked)])  # each split's rows in X_kept, y_kept
     where = [rows if every else slice(at[s], at[s + 1]) for s, rows in enumerate(picked)]
