@@ -16,6 +16,7 @@ Reports wall time, MB/s, peak memory of every process, and that no worker was re
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -152,6 +153,20 @@ def run_pandas(source: Path) -> dict:
     }
 
 
+def output_digest(work: Path) -> str:
+    """One digest of what an ingest wrote for the stages after it (split arrays, test rows,
+    encoder, quarantined rows), by each file's path within the stage's folder: contenders
+    that read the CSV alike give the same, whatever their cache keys."""
+    digest = hashlib.sha256()
+    for file in sorted((work / "ingest").glob("*/**/*")):
+        if file.suffix in (".npy", ".parquet", ".csv") or file.name == "encoder.json":
+            digest.update(file.relative_to(work / "ingest").as_posix().split("/", 1)[1].encode())
+            with open(file, "rb") as fh:
+                while chunk := fh.read(2**24):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def in_subprocess(script: Path, *args: str) -> dict:
     """Each contender in a fresh process, so peak memory is its own; bytecode written as
     `make` lets it be (without it every process compiles the stack on import)."""
@@ -226,6 +241,7 @@ def main() -> None:
                         *("--worker-memory", args.worker_memory, "--block-mb", str(args.block_mb)),
                     )
                 )
+                runs[name][-1]["output_digest"] = output_digest(work)
                 shutil.rmtree(work, ignore_errors=True)
                 print(f"{name}: {runs[name][-1]['seconds']:.1f} s", flush=True)
             runs["pandas"].append(
@@ -260,6 +276,8 @@ def main() -> None:
         f"| pandas.read_csv, one process | {pandas['seconds']:.1f} | {pandas['mb_s']:.0f} "
         f"| 1.00 | {pandas['peak_mib']:.0f} | parse only |"
     )
+    digests = {run["output_digest"] for name in contenders for run in runs[name]}
+    print(f"outputs: {'the same in every run' if len(digests) == 1 else 'DIFFER: ' + str(digests)}")
     for name in contenders:  # where the time goes (a baseline from before has no figures)
         a = result["best"][name]
         if "tasks" in a:
