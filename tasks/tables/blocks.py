@@ -30,7 +30,7 @@ def profile_raw(frame) -> dict[str, Any]:
     typed it as numbers. What `decide_schema` needs, summed over blocks."""
     import pandas as pd
 
-    present = frame.notna().sum()
+    present = frame.count()
     columns = {}
     for name in frame.columns:
         values = frame[name]

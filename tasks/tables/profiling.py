@@ -84,9 +84,7 @@ def profile_block(frame, block: dict, schema: Schema, cfg: DataConfig, quarantin
     del missing
     result["labels"] = [dict(labels[split == s].value_counts()) for s in range(3)]
     train = np.flatnonzero(split == 0)
-    result["categories"] = {
-        c: dict(features[c].iloc[train].fillna(MISSING).value_counts()) for c in schema.categorical
-    }
+    result["categories"] = {c: value_counts(features[c], split == 0) for c in schema.categorical}
     # bottom-k by hash: merging blocks' bottom-k gives the table's bottom-k, whatever the blocks
     k = min(FILL_SAMPLE_ROWS, max(100, FILL_SAMPLE_VALUES // max(len(schema.numeric), 1)))
     sample = lowest(u, train, k)
@@ -104,6 +102,25 @@ def profile_block(frame, block: dict, schema: Schema, cfg: DataConfig, quarantin
         result["lowest_u"] = [np.sort(u[split == s])[: cfg.max_rows] for s in range(3)]
     keep_clean(block, features, labels, u)
     return result
+
+
+def value_counts(values, rows: np.ndarray) -> dict[Any, int]:
+    """A categorical column's values in `rows` (a mask) with their counts, missing ones as
+    MISSING. Arrow-backed text (what the CSV parser gives) is counted by Arrow, without
+    pandas' filtered copy: half the time."""
+    import pandas as pd
+
+    if not (isinstance(values.dtype, pd.StringDtype) and values.dtype.storage == "pyarrow"):
+        return dict(values[rows].fillna(MISSING).value_counts())
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    counted = pc.value_counts(pa.array(values.array).filter(pa.array(rows)))
+    counts: dict[Any, int] = {}
+    for value, n in zip(*(counted.field(f).to_pylist() for f in ("values", "counts")), strict=True):
+        key = MISSING if value is None else value
+        counts[key] = counts.get(key, 0) + n
+    return counts
 
 
 def lowest(u: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
