@@ -56,6 +56,22 @@ def to_numbers(values):
     return pd.Series(np.where(codes >= 0, parsed[codes], np.nan), index=values.index)
 
 
+def count_numbers(values) -> int:
+    """How many of a column's values are numbers (as `to_numbers` reads them). Arrow-backed
+    text is counted by its distinct values, each parsed once, without a number per row."""
+    import pandas as pd
+
+    if not (isinstance(values.dtype, pd.StringDtype) and values.dtype.storage == "pyarrow"):
+        return int(to_numbers(values).notna().sum())
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    counted = pc.value_counts(pa.array(values.array))
+    distinct = pd.Series(counted.field("values").to_numpy(zero_copy_only=False), dtype=object)
+    numbers = pd.to_numeric(distinct, errors="coerce").notna().to_numpy()
+    return int(counted.field("counts").to_numpy()[numbers].sum())
+
+
 def decide_schema(blocks: list[dict], cfg: DataConfig) -> Schema:
     """Type each column from the counts of all blocks, with the rules of a careful reader:
     a declared type wins; a column that is at least 95% numbers is numeric (the rest of its
