@@ -182,7 +182,7 @@ def data_task(task: Callable) -> Callable:
 HAND_BACK_ABOVE = 0.7
 
 
-def hand_back_memory(always: bool = False) -> None:
+def hand_back_memory(always: bool = False) -> bool:
     """Give freed memory back to the OS, where a worker needs it to stay under its limit.
 
     pandas and Arrow free a block's buffers, but glibc and Arrow's allocator keep the pages;
@@ -192,7 +192,7 @@ def hand_back_memory(always: bool = False) -> None:
     and write spent 0.8 s a block, 0.28 of it in the kernel (80,000 page faults), against
     0.68 s when the pages were kept. So they are kept while the worker holds less than
     `HAND_BACK_ABOVE` of its limit, until the stage ends (`memory_handed_back`); outside a
-    worker, without a limit or `always`, handed back now.
+    worker, without a limit or `always`, handed back now. Returns whether it handed back.
     """
     limit = 0
     with contextlib.suppress(ImportError, ValueError, AttributeError):
@@ -203,13 +203,14 @@ def hand_back_memory(always: bool = False) -> None:
         import psutil
 
         if psutil.Process().memory_info().rss < HAND_BACK_ABOVE * limit:
-            return
+            return False
     with contextlib.suppress(ImportError):
         import pyarrow
 
         pyarrow.default_memory_pool().release_unused()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return True
 
 
 def map_shared(client, func: Callable, *iterables, **shared) -> list:
