@@ -318,9 +318,9 @@ def test_local_workers_are_restarted_at_their_cap_never_paused(client):
 
 
 def test_workers_keep_freed_memory_under_their_limit_and_hand_it_back_when_asked(client):
-    """Handing freed memory back after every task made the next one fault its pages in
-    afresh (ingest 1.19x slower on the benchmark's 1 GiB CSV): a worker of 1 GiB at rest keeps it, and
-    gives it back when the stage ends (`always`) or outside a worker."""
+    """Handing freed memory back after every task made ingest 1.19x slower on the
+    benchmark's 1 GiB CSV: a worker of 1 GiB at rest keeps it, and gives it back when the
+    stage ends (`always`) or outside a worker."""
     from tasks.cluster import hand_back_memory
 
     assert client.submit(hand_back_memory, pure=False).result() is False
