@@ -56,7 +56,7 @@ def write_block(
     numbers = encoder.numeric_values(features)
     # the training rows' raw numbers, for the data contract's counts (a pass over the
     # written training split took the driver 8 s on a 4 GiB CSV), column by column in
-    # memory, as they are counted: in row order, counting them took 5x as long
+    # memory, as they are counted: in row order, counting them took 4x as long
     train_numbers = np.take(np.asfortranarray(numbers).T, picked[0], axis=1).T
     X_kept = encoder.transform(
         features if every else features.iloc[kept],
