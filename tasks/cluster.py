@@ -189,10 +189,10 @@ def hand_back_memory(always: bool = False) -> bool:
     Dask counts them against the worker's memory limit. Measured here: without handing them
     back, two workers of 400 MiB paused for good after a few 16 MB CSV blocks. But handing
     back costs twice: glibc's trim walks the heap (35 ms a call here), and the next task
-    faults the pages in afresh. On 41 MB CSV blocks in one process, ingest's scan and write
-    took 0.86-0.88 s a block, 0.33-0.35 s of it in the kernel (73,000-81,000 page faults),
-    against 0.72-0.76 s, 0.19-0.21 and 30,000 with the memory kept
-    (`benchmarks/ingest_blocks.py`). So the memory is kept while the worker holds less than
+    faults the pages in afresh. On 41 MB CSV blocks, one 1 GiB worker's scan and write took
+    0.87-0.94 s a block, 0.36-0.37 s of it in the kernel (79,000 page faults), against
+    0.79-0.82 s, 0.24 s and 38,000-49,000 with the memory kept (`benchmarks/ingest_blocks.py`).
+    So the memory is kept while the worker holds less than
     `HAND_BACK_ABOVE` of its limit, until the stage ends (`memory_handed_back`); outside a
     worker, without a limit or `always`, handed back now. Returns whether it handed back.
     """

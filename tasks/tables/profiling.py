@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from conf.schema import DataConfig
-from tasks.encoding import MISSING, Encoder, fit_encoder
+from tasks.encoding import MISSING, Encoder, fit_encoder, value_counts
 from tasks.errors import DataError
 from tasks.tables.blocks import keep_clean, number_rows, run_parts, scan_parts
 from tasks.tables.cleaning import good_rows
@@ -102,25 +102,6 @@ def profile_block(frame, block: dict, schema: Schema, cfg: DataConfig, quarantin
         result["lowest_u"] = [np.sort(u[split == s])[: cfg.max_rows] for s in range(3)]
     keep_clean(block, features, labels, u)
     return result
-
-
-def value_counts(values, rows: np.ndarray) -> dict[Any, int]:
-    """A categorical column's values in `rows` (a mask) with their counts, missing ones as
-    MISSING. Arrow-backed text (what the CSV parser gives) is counted by Arrow, without
-    pandas' filtered copy: half the time."""
-    import pandas as pd
-
-    if not (isinstance(values.dtype, pd.StringDtype) and values.dtype.storage == "pyarrow"):
-        return dict(values[rows].fillna(MISSING).value_counts())
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    counted = pc.value_counts(pa.array(values.array).filter(pa.array(rows)))
-    counts: dict[Any, int] = {}
-    for value, n in zip(*(counted.field(f).to_pylist() for f in ("values", "counts")), strict=True):
-        key = MISSING if value is None else value
-        counts[key] = counts.get(key, 0) + n
-    return counts
 
 
 def lowest(u: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from conf.schema import DataConfig
+from tasks.encoding import value_counts
 from tasks.errors import DataError
 
 NUMERIC_SHARE = 0.95  # a column whose values are at least this share numbers is numeric
@@ -57,19 +58,14 @@ def to_numbers(values):
 
 
 def count_numbers(values) -> int:
-    """How many of a column's values are numbers (as `to_numbers` reads them). Arrow-backed
-    text is counted by its distinct values, each parsed once, without a number per row."""
+    """How many of a column's values are numbers (as `to_numbers` reads them), from its
+    distinct values, each parsed once."""
     import pandas as pd
 
-    if not (isinstance(values.dtype, pd.StringDtype) and values.dtype.storage == "pyarrow"):
-        return int(to_numbers(values).notna().sum())
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    counted = pc.value_counts(pa.array(values.array))
-    distinct = pd.Series(counted.field("values").to_numpy(zero_copy_only=False), dtype=object)
+    counts = value_counts(values)
+    distinct = pd.Series(list(counts), dtype=object)
     numbers = pd.to_numeric(distinct, errors="coerce").notna().to_numpy()
-    return int(counted.field("counts").to_numpy()[numbers].sum())
+    return int(np.array(list(counts.values()), dtype=np.int64)[numbers].sum())
 
 
 def decide_schema(blocks: list[dict], cfg: DataConfig) -> Schema:
