@@ -21,8 +21,13 @@ def drop_and_bound(base: np.ndarray, point: np.ndarray, confidence: float) -> tu
     bootstrap. Only the rows one of the two got right move the difference, so each
     resample is drawn as multinomial counts of those rows (the same distribution as
     resampling rows, without an index array per draw); seeded."""
-    n = len(base)
     lost, won = int(np.sum(base & ~point)), int(np.sum(~base & point))
+    return counted_drop_and_bound(lost, won, len(base), confidence)
+
+
+def counted_drop_and_bound(lost: int, won: int, n: int, confidence: float) -> tuple[float, float]:
+    """drop_and_bound from its counts: of `n` rows, `lost` the base got right and the point
+    wrong, `won` the other way round (counts summed over DDP ranks' shards)."""
     drop = (lost - won) / n
     shares = [lost / n, won / n, max(0.0, 1.0 - (lost + won) / n)]
     counts = np.random.default_rng(0).multinomial(n, shares, size=4000)

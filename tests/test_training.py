@@ -771,6 +771,62 @@ def test_a_small_table_trains_more_epochs_for_its_minimum_steps():
     assert patience_for(TrainConfig(epochs=15, early_stopping_patience=3), 250) == 3
 
 
+def test_a_small_table_restarts_its_schedule_for_a_cycle_twice_as_long():
+    """train.restart: auto restarts where train.min_steps raised the epochs (677 rows: 250,
+    then 500), not on Fashion-MNIST's 54,000 rows; true and false as asked. The summary says
+    which cycle the kept epoch came from."""
+    from tasks.train import cycles_note, training_phases
+
+    cfg = TrainConfig(epochs=15, batch_size=256, min_steps=500)
+    assert [p["epochs"] for p in training_phases(cfg, 677, 2, 0.01)] == [250, 500]
+    assert [p["epochs"] for p in training_phases(cfg, 54_000, 2, 0.01)] == [15]
+    never, always = cfg.model_copy(update={"restart": False}), TrainConfig(epochs=15, restart=True)
+    assert [p["epochs"] for p in training_phases(never, 677, 2, 0.01)] == [250]
+    assert [p["epochs"] for p in training_phases(always, 54_000, 2, 0.01)] == [15, 30]
+    phases = training_phases(cfg, 677, 2, 0.01)
+    result = {"best_epoch": 249, "kept_cycle": "first", "restart_gain": 0.001}
+    note = cycles_note(cfg, phases, 677, {**result, "restart_gain_bound": -0.004})
+    assert "750 epochs" in note and "kept: 249" in note and "first cycle's is kept" in note
+    assert "+0.10% val accuracy" in note and "at least -0.40% at 80%" in note
+    assert cycles_note(cfg, training_phases(cfg, 54_000, 2, 0.01), 54_000, {}) == "15 epochs"
+
+
+def test_a_warm_restart_is_kept_only_where_it_beats_the_first_cycle(digits_parquet, tmp_path):
+    """The train stage's restart: a second one-cycle from the first's weights, its rate low
+    again and rising. Its best epoch replaces the first cycle's only where it answers more
+    validation rows right beyond the noise: after a first cycle at a rate too small to learn
+    it does (+80 points); a restart at such a rate changes nothing and the first is kept."""
+
+    def run(first_lr, restart_lr, folder):
+        spec = make_spec(
+            digits_parquet,
+            folder,
+            scheduler="onecycle",
+            early_stopping_patience=100,  # never stops: keeps the best epoch (patience_for)
+            phases=[
+                {"sparsity": None, "epochs": 2, "lr": first_lr},
+                {"sparsity": None, "epochs": 3, "lr": restart_lr, "restart_confidence": 0.8},
+            ],
+        )
+        result = Trainer(spec, Rank(0, 1, torch.device("cpu"))).run()
+        return result, json.loads((folder / "history.json").read_text())
+
+    result, history = run(1e-12, 0.01, tmp_path / "learns")
+    assert [h["phase"] for h in history] == [0, 0, 1, 1, 1]
+    lr = [h["train/lr"] for h in history]
+    assert lr[1] < 1e-10 and lr[2] > 1e-3  # the restart's rate is its own, rising again
+    assert result["kept_cycle"] == "restart" and result["restart_gain_bound"] > 0.5
+    best = max(history[2:], key=lambda h: (h["val/accuracy"], -h["val/loss"]))
+    assert result["best_epoch"] == best["epoch"]
+    assert result["val_accuracy"] == pytest.approx(best["val/accuracy"])
+
+    result, history = run(0.01, 1e-12, tmp_path / "stalls")
+    assert result["kept_cycle"] == "first" and result["restart_gain"] == 0
+    best = max(history[:2], key=lambda h: (h["val/accuracy"], -h["val/loss"]))
+    assert result["best_epoch"] == best["epoch"]
+    assert result["val_accuracy"] == pytest.approx(best["val/accuracy"])
+
+
 def test_unscaled_features_reach_the_network_as_they_are(digits_parquet, tmp_path):
     """data.numeric_transform: none: the features the arch lists keep mean 0 / std 1 in the
     input layer; the others are standardised on the training split as always."""

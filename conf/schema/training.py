@@ -95,6 +95,14 @@ class TrainConfig(Section):
         description="a small table trains more epochs, until each process has taken this "
         "many optimizer steps (15 epochs of 700 rows are 30 steps: an MLP barely starts)",
     )
+    restart: bool | Literal["auto"] = Field(
+        "auto",
+        description="a second cycle of the schedule, twice as long, from the trained weights "
+        "(a warm restart, Loshchilov & Hutter 2017); its best validation epoch replaces the "
+        "first cycle's only where it answers more validation rows right at 80% confidence "
+        "(paired bootstrap). auto: where train.min_steps raised the epochs (a small table: "
+        "cheap cycles, and some tables need the longer one, others overfit in it)",
+    )
     batch_size: int = Field(256, ge=1, description="rows per step and process")
     resident_max_gb: float | Literal["auto"] = Field(
         "auto",

@@ -38,6 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from tasks.paired import counted_drop_and_bound
 from tasks.training.clustering import cluster_weights, snap, tie_gradients
 from tasks.training.data import Shard, open_split
 from tasks.training.fake_int8 import simulate_int8
@@ -183,6 +184,7 @@ class Trainer:
         self.class_weights = torch.tensor(weights, device=r.device) if weights else None
         patience = spec.get("early_stopping_patience")
         self.stopper = EarlyStopping(patience) if patience else None
+        self.first_cycle: dict[str, Any] | None = None  # its best epoch, beside a restart
 
     def wrap(self, module: nn.Module) -> nn.Module:
         if self.r.world == 1:
@@ -338,6 +340,7 @@ class Trainer:
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "early_stopping": self.stopper.state_dict() if self.stopper else None,
+            "first_cycle": self.first_cycle,
             "masks": masks,
             "phase": phase,
             "epoch": epoch,
@@ -357,12 +360,17 @@ class Trainer:
         if resume:
             self.model.load_state_dict(resume["model"])
             self.history = resume["history"]
+            self.first_cycle = resume.get("first_cycle")
         prefix, global_epoch = self.spec["metric_prefix"], 0
         start = time.perf_counter()
         for p, phase in enumerate(self.spec["phases"]):
             if resume and p < resume["phase"]:
                 global_epoch += phase["epochs"]
                 continue
+            if phase.get("restart_confidence") and self.stopper and self.first_cycle is None:
+                # a warm restart: its best epoch is tracked apart from the first cycle's
+                self.first_cycle = self.stopper.state_dict()
+                self.stopper = EarlyStopping(self.stopper.patience)
             masks = None
             if phase.get("sparsity") is not None:
                 masks = global_magnitude_masks(self.model, phase["sparsity"])
@@ -442,8 +450,33 @@ class Trainer:
             for k in ("step_ms", "data_wait_pct")
         }
 
+    @torch.no_grad()
+    def choose_cycle(self) -> dict[str, Any]:
+        """After a warm restart: keep its best epoch only where it answers more validation
+        rows right than the first cycle's best at the phase's confidence (paired
+        bootstrap); else the first cycle's best epoch is what the stopper restores."""
+        first, restart = self.first_cycle, self.stopper
+        if restart.best_state is None:  # the restart never ran an epoch
+            restart.load_state_dict({**first, "stopped_epoch": restart.stopped_epoch})
+            return {"kept_cycle": "first"}
+        right = []
+        for state in (first["best_state"], restart.best_state):
+            self.model.load_state_dict(state)
+            right.append(torch.cat([logits.argmax(1) == yb for logits, yb in self.val_logits()]))
+        lost, won = int((right[0] & ~right[1]).sum()), int((~right[0] & right[1]).sum())
+        lost, won, n = (int(v) for v in all_sum([lost, won, len(right[0])], self.r))
+        confidence = self.spec["phases"][-1]["restart_confidence"]
+        drop, bound = counted_drop_and_bound(lost, won, n, confidence) if n else (0.0, 0.0)
+        kept = "restart" if bound < 0 else "first"
+        if kept == "first":
+            restart.load_state_dict({**first, "stopped_epoch": restart.stopped_epoch})
+        return {"kept_cycle": kept, "restart_gain": -drop, "restart_gain_bound": -bound}
+
     def finish(self, seconds: float) -> dict[str, Any]:
         stopped = {}
+        cycles = {}
+        if self.first_cycle and self.first_cycle["best_state"] is not None and self.stopper:
+            cycles = self.choose_cycle()
         if self.stopper and self.stopper.best_state is not None:  # the best epoch, not the last
             self.model.load_state_dict(self.stopper.best_state)
             stopped = {
@@ -465,6 +498,7 @@ class Trainer:
             **({"compile_error": self.compile_error} if hasattr(self, "compile_error") else {}),
             **sparsity_report(self.model),
             **stopped,
+            **cycles,
             **self.bottleneck(),
         }
         if self.out and self.spec.get("save_every_rank"):  # to check the replicas agree
