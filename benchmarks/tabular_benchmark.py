@@ -113,6 +113,9 @@ def run_table(name: str, source: Path, label: str, folder: Path, sets: list[str]
         "lead_lower_bound": tuned.get("metrics", {}).get("tune/lead_lower_bound"),
         "kept_default": tuned.get("kept_default"),
         "epochs": trained["metrics"].get("train/epochs"),
+        # train.warm_restart: the restart's val gain and its bound (kept where the bound > 0)
+        "restart_gain": trained["metrics"].get("train/restart_gain"),
+        "restart_gain_bound": trained["metrics"].get("train/restart_gain_bound"),
         "val_accuracy": trained["metrics"]["train/val_accuracy"],
         "accelflow": {
             "accuracy": metrics["test/accuracy"],

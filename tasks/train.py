@@ -205,7 +205,9 @@ def cycles_note(cfg: TrainConfig, phases: list[dict], rows: int, result: dict) -
             f"on {rows:,} training rows"
         )
     if len(phases) > 1:
-        why.append(f"then a warm restart of {phases[1]['epochs']} (train.restart: {cfg.restart})")
+        why.append(
+            f"then a warm restart of {phases[1]['epochs']} (train.warm_restart: {cfg.warm_restart})"
+        )
     if kept is not None and epochs > cfg.epochs:
         why.append(f"the best validation epoch is kept: {kept}")
     if "restart_gain" in result:
@@ -266,14 +268,14 @@ RESTART_CONFIDENCE = 0.8
 
 def training_phases(cfg: TrainConfig, rows: int, processes: int, lr: float) -> list[dict]:
     """The train stage's phases: one cycle of the schedule over epochs_for's epochs, then
-    with train.restart a second cycle twice as long from the trained weights (a warm
+    with train.warm_restart a second cycle twice as long from the trained weights (a warm
     restart; auto: where train.min_steps raised the epochs, so both cycles are cheap). The
     restart's best validation epoch is kept where it beats the first cycle's beyond the
     noise: a small table that needs the longer training gets it, one that overfits in it
     keeps the first cycle's best."""
     first = epochs_for(cfg, rows, processes)
     phases = [{"sparsity": None, "epochs": first, "lr": lr}]
-    if cfg.restart is True or (cfg.restart == "auto" and first > cfg.epochs):
+    if cfg.warm_restart is True or (cfg.warm_restart == "auto" and first > cfg.epochs):
         restart = {"epochs": 2 * first, "lr": lr, "restart_confidence": RESTART_CONFIDENCE}
         phases.append({"sparsity": None, **restart})
     return phases
@@ -324,7 +326,7 @@ def train_model(
             "train/seconds": result["seconds"],
             "train/world_size": world,
             "train/epochs": epochs,
-            "train/cycles": len(spec["phases"]),  # 2: a warm restart (train.restart)
+            "train/cycles": len(spec["phases"]),  # 2: a warm restart (train.warm_restart)
             "train/global_batch": cfg.batch_size * processes,
             "train/peak_lr": lr,
             "train/streamed": float(result.get("data_mode") == "streaming"),

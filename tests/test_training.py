@@ -772,7 +772,7 @@ def test_a_small_table_trains_more_epochs_for_its_minimum_steps():
 
 
 def test_a_small_table_restarts_its_schedule_for_a_cycle_twice_as_long():
-    """train.restart: auto restarts where train.min_steps raised the epochs (677 rows: 250,
+    """train.warm_restart: auto restarts where train.min_steps raised the epochs (677 rows: 250,
     then 500), not on Fashion-MNIST's 54,000 rows; true and false as asked. The summary says
     which cycle the kept epoch came from."""
     from tasks.train import cycles_note, training_phases
@@ -780,7 +780,10 @@ def test_a_small_table_restarts_its_schedule_for_a_cycle_twice_as_long():
     cfg = TrainConfig(epochs=15, batch_size=256, min_steps=500)
     assert [p["epochs"] for p in training_phases(cfg, 677, 2, 0.01)] == [250, 500]
     assert [p["epochs"] for p in training_phases(cfg, 54_000, 2, 0.01)] == [15]
-    never, always = cfg.model_copy(update={"restart": False}), TrainConfig(epochs=15, restart=True)
+    never, always = (
+        cfg.model_copy(update={"warm_restart": False}),
+        TrainConfig(epochs=15, warm_restart=True),
+    )
     assert [p["epochs"] for p in training_phases(never, 677, 2, 0.01)] == [250]
     assert [p["epochs"] for p in training_phases(always, 54_000, 2, 0.01)] == [15, 30]
     phases = training_phases(cfg, 677, 2, 0.01)
@@ -809,9 +812,9 @@ def test_a_warm_restart_is_kept_only_where_it_beats_the_first_cycle(digits_parqu
             ],
         )
         result = Trainer(spec, Rank(0, 1, torch.device("cpu"))).run()
-        return result, json.loads((folder / "history.json").read_text())
+        return result, json.loads((folder / "history.json").read_text()), spec
 
-    result, history = run(1e-12, 0.01, tmp_path / "learns")
+    result, history, spec = run(1e-12, 0.01, tmp_path / "learns")
     assert [h["phase"] for h in history] == [0, 0, 1, 1, 1]
     lr = [h["train/lr"] for h in history]
     assert lr[1] < 1e-10 and lr[2] > 1e-3  # the restart's rate is its own, rising again
@@ -819,8 +822,12 @@ def test_a_warm_restart_is_kept_only_where_it_beats_the_first_cycle(digits_parqu
     best = max(history[2:], key=lambda h: (h["val/accuracy"], -h["val/loss"]))
     assert result["best_epoch"] == best["epoch"]
     assert result["val_accuracy"] == pytest.approx(best["val/accuracy"])
+    # resumed from the last checkpoint (every epoch done): the first cycle's best came back
+    again = Trainer(spec, Rank(0, 1, torch.device("cpu"))).run()
+    assert (again["kept_cycle"], again["best_epoch"]) == ("restart", result["best_epoch"])
+    assert again["restart_gain"] == result["restart_gain"]
 
-    result, history = run(0.01, 1e-12, tmp_path / "stalls")
+    result, history, _ = run(0.01, 1e-12, tmp_path / "stalls")
     assert result["kept_cycle"] == "first" and result["restart_gain"] == 0
     best = max(history[:2], key=lambda h: (h["val/accuracy"], -h["val/loss"]))
     assert result["best_epoch"] == best["epoch"]

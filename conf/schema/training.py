@@ -95,7 +95,7 @@ class TrainConfig(Section):
         description="a small table trains more epochs, until each process has taken this "
         "many optimizer steps (15 epochs of 700 rows are 30 steps: an MLP barely starts)",
     )
-    restart: bool | Literal["auto"] = Field(
+    warm_restart: bool | Literal["auto"] = Field(
         "auto",
         description="a second cycle of the schedule, twice as long, from the trained weights "
         "(a warm restart, Loshchilov & Hutter 2017); its best validation epoch replaces the "
