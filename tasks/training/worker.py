@@ -462,7 +462,9 @@ class Trainer:
         right = []
         for state in (first["best_state"], restart.best_state):
             self.model.load_state_dict(state)
-            right.append(torch.cat([logits.argmax(1) == yb for logits, yb in self.val_logits()]))
+            hits = [logits.argmax(1) == yb for logits, yb in self.val_logits()]
+            # a rank's shard of a tiny validation split may hold no row
+            right.append(torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool))
         lost, won = int((right[0] & ~right[1]).sum()), int((~right[0] & right[1]).sum())
         lost, won, n = (int(v) for v in all_sum([lost, won, len(right[0])], self.r))
         confidence = self.spec["phases"][-1]["restart_confidence"]
