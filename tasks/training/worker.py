@@ -450,7 +450,6 @@ class Trainer:
             for k in ("step_ms", "data_wait_pct")
         }
 
-    @torch.no_grad()
     def choose_cycle(self) -> dict[str, Any]:
         """After a warm restart: keep its best epoch only where it answers more validation
         rows right than the first cycle's best at the phase's confidence (paired
@@ -462,9 +461,8 @@ class Trainer:
         right = []
         for state in (first["best_state"], restart.best_state):
             self.model.load_state_dict(state)
-            hits = [logits.argmax(1) == yb for logits, yb in self.val_logits()]
-            # a rank's shard of a tiny validation split may hold no row
-            right.append(torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool))
+            answers = self.answers()  # {}: this rank's shard of a tiny split holds no row
+            right.append(answers["predicted"] == answers["label"] if answers else np.zeros(0, bool))
         lost, won = int((right[0] & ~right[1]).sum()), int((~right[0] & right[1]).sum())
         lost, won, n = (int(v) for v in all_sum([lost, won, len(right[0])], self.r))
         confidence = self.spec["phases"][-1]["restart_confidence"]
