@@ -34,12 +34,36 @@ MANIFEST = "manifest.json"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def file_digest(path: str | Path, chunk: int = 1 << 22) -> str:
+DIGEST_PIECE = 1 << 26  # 64 MiB
+
+
+def file_digest(path: str | Path) -> str:
+    """The sha256 of a file's bytes; of a file larger than one piece (a stage's split arrays),
+    the sha256 of its pieces' sha256s in order, the pieces hashed side by side by threads
+    (hashlib lets go of the GIL): one core hashes 1.7 GB/s, and ingest's driver spent 6%
+    of the stage's time on the split arrays' digests while the workers stood idle."""
+    size = os.path.getsize(path)
+    if size <= DIGEST_PIECE:
+        return _piece_digest(path, 0).hexdigest()
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        pieces = pool.map(
+            lambda start: _piece_digest(path, start).digest(), range(0, size, DIGEST_PIECE)
+        )
+        return hashlib.sha256(b"".join(pieces)).hexdigest()
+
+
+def _piece_digest(path: str | Path, start: int, chunk: int = 1 << 22):
+    """The sha256 of the DIGEST_PIECE bytes (or fewer, at the end) from `start`."""
     h = hashlib.sha256()  # hardware-accelerated here: 1.7 GB/s against blake2b's 0.6
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
+        fh.seek(start)
+        left = DIGEST_PIECE
+        while left and (block := fh.read(min(chunk, left))):
             h.update(block)
-    return h.hexdigest()
+            left -= len(block)
+    return h
 
 
 def describe_files(paths: list[Path]) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from tasks import store
 from tasks.store import StageInputError, files_digest, run_stage
 
 
@@ -24,6 +25,23 @@ def test_second_run_is_a_cache_hit_and_a_config_change_says_what_changed(tmp_pat
     assert not changed.cached and "config changed: b" in changed.reason
     bumped = run_stage(tmp_path, "demo", "2", {"a": 1, "b": 3}, [], build_ok)
     assert "stage code changed (1 → 2)" in bumped.reason
+
+
+def test_a_large_file_is_digested_by_pieces_and_a_small_one_whole(tmp_path, monkeypatch):
+    """A file over one piece: the sha256 of its pieces' sha256s, hashed side by side; one
+    that fits in a piece: its plain sha256, as before pieces existed."""
+    import hashlib
+
+    monkeypatch.setattr(store, "DIGEST_PIECE", 1000)
+    data = bytes(range(256)) * 14  # 3,584 bytes: three whole pieces and a part
+    big, small = tmp_path / "big.bin", tmp_path / "small.bin"
+    big.write_bytes(data)
+    small.write_bytes(data[:1000])
+    pieces = b"".join(hashlib.sha256(data[i : i + 1000]).digest() for i in range(0, 3584, 1000))
+    assert store.file_digest(big) == hashlib.sha256(pieces).hexdigest()
+    assert store.file_digest(small) == hashlib.sha256(data[:1000]).hexdigest()
+    big.write_bytes(data[:-1] + b"!")  # one byte of the last piece
+    assert store.file_digest(big) != hashlib.sha256(pieces).hexdigest()
 
 
 def test_input_change_reruns_downstream(tmp_path):
