@@ -223,7 +223,6 @@ class Encoder:
     def codes(self, column: str, values) -> np.ndarray:
         """A categorical column's vocabulary index per row; missing values take the
         <missing> category's where it has one, and anything unseen the last slot."""
-
         vocab, index = self.categorical[column], self.indexes[column]
         unseen = len(vocab)
         if arrow_text(values):

@@ -455,22 +455,24 @@ class Trainer:
         rows right than the first cycle's best at the phase's confidence (paired
         bootstrap); else the first cycle's best epoch is what the stopper restores."""
         first, restart = self.first_cycle, self.stopper
-        if restart.best_state is None:  # the restart never ran an epoch
-            restart.load_state_dict({**first, "stopped_epoch": restart.stopped_epoch})
-            return {"kept_cycle": "first"}
-        right = []
-        for state in (first["best_state"], restart.best_state):
-            self.model.load_state_dict(state)
-            answers = self.answers()  # {}: this rank's shard of a tiny split holds no row
-            right.append(answers["predicted"] == answers["label"] if answers else np.zeros(0, bool))
-        lost, won = int((right[0] & ~right[1]).sum()), int((~right[0] & right[1]).sum())
-        lost, won, n = (int(v) for v in all_sum([lost, won, len(right[0])], self.r))
-        confidence = self.spec["phases"][-1]["restart_confidence"]
-        drop, bound = counted_drop_and_bound(lost, won, n, confidence) if n else (0.0, 0.0)
-        kept = "restart" if bound < 0 else "first"
+        kept, gains = "first", {}
+        if restart.best_state is not None:  # else the restart never ran an epoch
+            right = []
+            for state in (first["best_state"], restart.best_state):
+                self.model.load_state_dict(state)
+                answers = self.answers()  # {}: this rank's shard of a tiny split holds no row
+                right.append(
+                    answers["predicted"] == answers["label"] if answers else np.zeros(0, bool)
+                )
+            lost, won = int((right[0] & ~right[1]).sum()), int((~right[0] & right[1]).sum())
+            lost, won, n = (int(v) for v in all_sum([lost, won, len(right[0])], self.r))
+            confidence = self.spec["phases"][-1]["restart_confidence"]
+            drop, bound = counted_drop_and_bound(lost, won, n, confidence) if n else (0.0, 0.0)
+            kept = "restart" if bound < 0 else "first"
+            gains = {"restart_gain": -drop, "restart_gain_bound": -bound}
         if kept == "first":
             restart.load_state_dict({**first, "stopped_epoch": restart.stopped_epoch})
-        return {"kept_cycle": kept, "restart_gain": -drop, "restart_gain_bound": -bound}
+        return {"kept_cycle": kept, **gains}
 
     def finish(self, seconds: float) -> dict[str, Any]:
         stopped = {}
