@@ -25,9 +25,9 @@ _FINAL = (np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
 
 
 def row_hashes(frame) -> np.ndarray:
-    """`pandas.util.hash_pandas_object(frame, index=False)`, to the bit, 1.7x as fast on the
-    float columns of a table (33 against 62 ms on a 41 MB CSV block's 20). pandas hashes a
-    whole column at a time, a dozen passes over arrays too large for the cache; here float
+    """`pandas.util.hash_pandas_object(frame, index=False)`, to the bit, in 62-86 against
+    89-112 ms on a 41 MB CSV block (`benchmarks/ingest_blocks.py`). pandas hashes a whole
+    column at a time, a dozen passes over arrays too large for the cache; here float
     columns are hashed a slice of rows at a time, in place. Other columns are pandas' own
     (text: a hash per distinct value)."""
     import pandas as pd

@@ -40,14 +40,15 @@ DIGEST_PIECE = 1 << 26  # 64 MiB
 def file_digest(path: str | Path) -> str:
     """The sha256 of a file's bytes; of a file larger than one piece (a stage's split arrays),
     the sha256 of its pieces' sha256s in order, the pieces hashed side by side by threads
-    (hashlib lets go of the GIL): one core hashes 1.7 GB/s, and ingest's driver spent 6%
-    of the stage's time on the split arrays' digests while the workers stood idle."""
+    (hashlib lets go of the GIL): one core hashes 1.7 GB/s, and ingest's driver spent 4.6
+    s of a 4 GiB CSV's stage on the split arrays' digests while the workers stood idle
+    (2.5 s with pieces: benchmarks/README.md, run H)."""
     size = os.path.getsize(path)
     if size <= DIGEST_PIECE:
         return _piece_digest(path, 0).hexdigest()
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         pieces = pool.map(
             lambda start: _piece_digest(path, start).digest(), range(0, size, DIGEST_PIECE)
         )

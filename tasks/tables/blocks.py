@@ -106,7 +106,7 @@ def scan_csv_range(
         start = fh.tell()
         where = f"{path} (bytes {start}-{end})"
         # streamed to the parser from the file: reading the block into one bytes object
-        # first cost a copy and the page faults of a fresh 40 MB buffer (20 ms of the parse)
+        # first cost a copy and the page faults of a fresh 40 MB buffer
         rows = _ByteRange(fh, end)
         try:
             frame = pd.read_csv(rows, header=None, names=header, index_col=False, low_memory=False)
