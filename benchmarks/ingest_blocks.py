@@ -32,6 +32,15 @@ from ingest_benchmark import output_digest, run_accelflow
 MAP_ROWS = 320_000  # about a 41 MB block of the generated CSV
 
 
+def best_ms(call, runs: int = 5) -> float:
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best * 1000
+
+
 def quantile_map_ms(encoder_path: Path, csv: Path) -> dict:
     """np.interp and the bucket lookup on the first rows' moved numbers: best of 5 each."""
     import pandas as pd
@@ -48,30 +57,14 @@ def quantile_map_ms(encoder_path: Path, csv: Path) -> dict:
         "interp": lambda: np.interp(x, xp, fp),
         "buckets": lambda: encoder._interp_by_buckets(x),
     }
-    timings = {}
-    for name, call in calls.items():
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            call()
-            best = min(best, time.perf_counter() - start)
-        timings[f"{name}_ms"] = best * 1000
+    timings = {f"{name}_ms": best_ms(call) for name, call in calls.items()}
     same = np.array_equal(calls["interp"](), calls["buckets"]())
     return {"values": len(x), **timings, "same_scores": bool(same)}
 
 
-def best_ms(call, runs: int = 5) -> float:
-    best = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - start)
-    return best * 1000
-
-
 def pieces_ms(stage: Path, csv: Path) -> dict[str, dict[str, float]]:
-    """Each piece beside what it replaced, in ms (best of 5), on the first block's worth of
-    rows and on the training split the stage wrote."""
+    """Each piece beside what it replaced, in ms (best of 5), on a block's worth of rows and
+    on the training split the stage wrote."""
     import hashlib
     import io
 
