@@ -71,22 +71,21 @@ def pieces_ms(stage: Path, csv: Path) -> dict[str, dict[str, float]]:
     import pandas as pd
     from fsspec.utils import read_block
 
+    from conf.schema import DataConfig
     from tasks.encoding import Encoder
     from tasks.monitor import _category_bins, layout
     from tasks.readers import csv_header, filesystem
     from tasks.splitting import row_hashes
     from tasks.store import file_digest
+    from tasks.tables import clean_block, profile_raw
     from tasks.tables.blocks import _ByteRange
+    from tasks.tables.schema import block_schema
 
     encoder = Encoder.load(stage / "encoder.json")
+    # the rows a scan task hashes: a block's, typed and cleaned as the task does
     raw = pd.read_csv(csv, nrows=MAP_ROWS, low_memory=False)
-    numbers = encoder.numeric_values(raw)
-    features = pd.DataFrame(
-        {
-            **dict(zip(encoder.numeric, numbers.T, strict=True)),
-            **{c: raw[c] for c in encoder.categorical},
-        }
-    )
+    schema = block_schema(profile_raw(raw), DataConfig(source=str(csv), label="label"))
+    features = clean_block(raw, schema)[0]
     header = csv_header(*filesystem(str(csv)))
     length = int(csv.stat().st_size / 25)  # about a block of the generated 1 GiB CSV
 
