@@ -299,7 +299,7 @@ def train_model(
     spec = train_spec(features, cfg, str(out.tmp), str(out.path("checkpoints")))
     world = resolve_world_size(cfg)
     processes = world * cfg.nnodes
-    lr = spec["phases"][0]["lr"] = peak_lr(cfg, processes)
+    lr = peak_lr(cfg, processes)
     rows = features["splits"]["train"]["rows"]
     spec["phases"] = training_phases(cfg, rows, processes, lr)
     epochs = sum(phase["epochs"] for phase in spec["phases"])
