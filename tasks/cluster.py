@@ -107,8 +107,7 @@ def workers_that_keep_dying_named(cfg: DaskConfig) -> Iterator[None]:
 # the stage 4-9% faster (`benchmarks/ingest_blocks.py`; the arena's lock, shared by the
 # worker's threads, a tuning trial's torch threads too, costs ingest 2-5% more user time).
 # What a worker keeps still goes back when it nears its limit or its stage ends
-# (`hand_back_memory`). docker/compose.yaml's workers run the same; your own cluster keeps
-# its own settings.
+# (`hand_back_memory`). An external cluster keeps its own settings.
 KEEP_HEAP = {
     "MALLOC_ARENA_MAX": "1",
     "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
@@ -116,26 +115,18 @@ KEEP_HEAP = {
 }
 
 
-def worker_environ() -> dict:
-    """What a nanny sets in its worker's environment before starting it: Dask's own
-    settings, glibc's malloc as `KEEP_HEAP` says (docker/compose.yaml's workers too)."""
-    import dask
-    import distributed  # noqa: F401  (Dask's own settings are its config's defaults)
-
-    return {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **KEEP_HEAP}
-
-
 def local_cluster(cfg: DaskConfig):
     import dask
     from dask.distributed import LocalCluster
 
+    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **KEEP_HEAP}
     # No pausing at 80% of the limit: a paused worker waits for its memory to drop, but
     # what a worker holds between our tasks is its own resting size (the interpreter, the
     # imported stack), which no wait frees; with small workers the stage stalled for good.
     # Unpaused, a worker that really outgrows its cap is restarted at 95% and the stage
     # fails with `workers_that_keep_dying_named`'s message instead of hanging.
     settings = {
-        "distributed.nanny.pre-spawn-environ": worker_environ(),
+        "distributed.nanny.pre-spawn-environ": environ,
         "distributed.worker.memory.pause": False,
     }
     with dask.config.set(settings):
