@@ -103,11 +103,9 @@ def workers_that_keep_dying_named(cfg: DaskConfig) -> Iterator[None]:
 # column buffer was mmap'd and page-faulted afresh (a Parquet chunk write 1.8x slower). With
 # glibc's defaults, a task still runs in a worker thread, whose arena unmaps its heaps as
 # they empty: a 41 MB CSV block's frames, arrays and hashes cost ingest 36,000 page faults.
-# One arena, buffers up to 256 MiB from its heap and up to 256 MiB of it kept free: 5,000,
-# the stage 4-9% faster (`benchmarks/ingest_blocks.py`; the arena's lock, shared by the
-# worker's threads, a tuning trial's torch threads too, costs ingest 2-5% more user time).
-# What a worker keeps still goes back when it nears its limit or its stage ends
-# (`hand_back_memory`). An external cluster keeps its own settings.
+# One arena, buffers up to 256 MiB from its heap and up to 256 MiB of it kept free: 5,000
+# (`benchmarks/ingest_blocks.py`). What a worker keeps still goes back when it nears its
+# limit or its stage ends (`hand_back_memory`). An external cluster keeps its own settings.
 KEEP_HEAP = {
     "MALLOC_ARENA_MAX": "1",
     "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
