@@ -98,26 +98,18 @@ def workers_that_keep_dying_named(cfg: DaskConfig) -> Iterator[None]:
         ) from e
 
 
-# glibc's malloc in the LocalCluster's workers. Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536
-# to hand memory back sooner, which also switches off glibc's adaptive mmap threshold: every
-# column buffer was mmap'd and page-faulted afresh (a Parquet chunk write 1.8x slower). With
-# glibc's defaults, a task still runs in a worker thread, whose arena unmaps its heaps as
-# they empty: a 41 MB CSV block's frames, arrays and hashes cost ingest 36,000 page faults.
-# One arena, buffers up to 256 MiB from its heap and up to 256 MiB of it kept free: 5,000
-# (`benchmarks/ingest_blocks.py`). What a worker keeps still goes back when it nears its
-# limit or its stage ends (`hand_back_memory`). An external cluster keeps its own settings.
-KEEP_HEAP = {
-    "MALLOC_ARENA_MAX": "1",
-    "MALLOC_MMAP_THRESHOLD_": str(256 * 2**20),
-    "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
-}
-
-
 def local_cluster(cfg: DaskConfig):
     import dask
     from dask.distributed import LocalCluster
 
-    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **KEEP_HEAP}
+    # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 to hand memory back
+    # sooner. Any explicit value switches off glibc's adaptive mmap threshold, so every
+    # column buffer is mmap'd and page-faulted afresh: measured here, it makes a Parquet
+    # chunk write 1.8x slower. Our tasks hold one bounded partition each (and ingest's hand
+    # their memory back themselves), so keep glibc's default in the LocalCluster (an
+    # external cluster keeps its own settings).
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
     # No pausing at 80% of the limit: a paused worker waits for its memory to drop, but
     # what a worker holds between our tasks is its own resting size (the interpreter, the
     # imported stack), which no wait frees; with small workers the stage stalled for good.

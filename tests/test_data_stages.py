@@ -317,27 +317,6 @@ def test_local_workers_are_restarted_at_their_cap_never_paused(client):
     assert set(client.run(_pause_threshold).values()) == {False}
 
 
-def _faults_to_fill_twice(mib: int) -> int:
-    """Page faults to fill a fresh buffer of `mib` MiB, freed once before (in a task: in a
-    worker thread)."""
-    import resource
-
-    buffer = b"\1" * (mib << 20)
-    del buffer
-    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
-    buffer = b"\1" * (mib << 20)
-    del buffer
-    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
-
-
-def test_local_workers_refill_a_freed_block_sized_buffer_without_faulting_it_in(client):
-    """glibc's defaults mmap a 48 MiB buffer afresh each time, and a worker thread's arena
-    unmaps its heaps as they empty: 12,288 page faults to fill it again (36,000 a CSV block
-    in ingest). The LocalCluster's workers keep it in one arena's heap (`KEEP_HEAP`)."""
-    faults = client.submit(_faults_to_fill_twice, 48, pure=False).result()
-    assert faults < 1000, f"{faults} page faults to fill a freed 48 MiB buffer again"
-
-
 def test_workers_keep_freed_memory_under_their_limit_and_hand_it_back_when_asked(client):
     """Handing freed memory back after every task made ingest 1.19x slower on the
     benchmark's 1 GiB CSV: a worker of 1 GiB at rest keeps it, and gives it back when the
