@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -98,6 +99,16 @@ def workers_that_keep_dying_named(cfg: DaskConfig) -> Iterator[None]:
         ) from e
 
 
+# glibc's malloc in the LocalCluster's workers (docker/compose.yaml's too) backs its big
+# buffers with transparent huge pages where the kernel gives them on request (THP mode
+# "madvise"; numpy does so for its own arrays). A task's thread arena hands a freed big
+# buffer back at once, so each CSV block faulted its parser's ~100 MB in afresh, 4 KiB at a
+# time: 35,000 page faults a 41 MB block, 9,000-10,000 with huge pages (ingest's best run
+# 1.05x faster, tuning trials ~7% faster; benchmarks/README.md, run J). One arena and kept heaps
+# faulted less still, but slowed the tuning trials (run I). Your own GLIBC_TUNABLES wins.
+HUGE_PAGES = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+
+
 def local_cluster(cfg: DaskConfig):
     import dask
     from dask.distributed import LocalCluster
@@ -110,6 +121,7 @@ def local_cluster(cfg: DaskConfig):
     # external cluster keeps its own settings).
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    environ.update(HUGE_PAGES)
     # No pausing at 80% of the limit: a paused worker waits for its memory to drop, but
     # what a worker holds between our tasks is its own resting size (the interpreter, the
     # imported stack), which no wait frees; with small workers the stage stalled for good.
@@ -119,8 +131,9 @@ def local_cluster(cfg: DaskConfig):
         "distributed.nanny.pre-spawn-environ": environ,
         "distributed.worker.memory.pause": False,
     }
+    driver_had = {key: os.environ.get(key) for key in HUGE_PAGES}
     with dask.config.set(settings):
-        return LocalCluster(
+        cluster = LocalCluster(
             n_workers=cfg.n_workers,
             threads_per_worker=cfg.threads_per_worker,
             memory_limit=cfg.memory_limit,
@@ -131,6 +144,14 @@ def local_cluster(cfg: DaskConfig):
             # in a run that failed in train); a task's own error reaches the driver anyway
             silence_logs=50,
         )
+    # The nannies live in this process and write the workers' environment into its own
+    # (distributed/nanny.py): what it starts later (training's processes) keeps its malloc.
+    for key, value in driver_had.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    return cluster
 
 
 def peak_memory_mib() -> float:

@@ -317,6 +317,39 @@ def test_local_workers_are_restarted_at_their_cap_never_paused(client):
     assert set(client.run(_pause_threshold).values()) == {False}
 
 
+def _faults_to_fill(mib: int) -> int:
+    """Page faults to fill a fresh buffer of `mib` MiB (in a task: in a worker thread)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    buffer = b"\1" * (mib << 20)
+    del buffer
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(
+    not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages here"
+)
+def test_local_workers_fault_big_buffers_in_by_huge_pages_and_the_driver_keeps_its_malloc(
+    client,
+):
+    """A 48 MiB buffer faulted in 4 KiB at a time is 12,288 page faults, and a worker
+    thread's arena gives it back once freed: a CSV block cost ingest 35,000. The
+    LocalCluster's workers back such buffers with huge pages (`HUGE_PAGES`). The driver,
+    whose nannies set the workers' environment, keeps its own: training inherits it."""
+    import os
+
+    from tasks.cluster import HUGE_PAGES
+
+    faults = client.submit(_faults_to_fill, 48, pure=False).result()
+    assert faults < 1000, f"{faults} page faults to fill a 48 MiB buffer"
+    for key, value in HUGE_PAGES.items():
+        assert os.environ.get(key) != value, f"the driver's {key} is the workers'"
+
+
 def test_workers_keep_freed_memory_under_their_limit_and_hand_it_back_when_asked(client):
     """Handing freed memory back after every task made ingest 1.19x slower on the
     benchmark's 1 GiB CSV: a worker of 1 GiB at rest keeps it, and gives it back when the

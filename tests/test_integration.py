@@ -31,6 +31,7 @@ from conftest import stage_runs, write_idx
 from mlflow import MlflowClient
 
 from flows import serve
+from tasks.cluster import HUGE_PAGES
 from tasks.readers import read_idx
 from tasks.stages import NAMES
 
@@ -360,6 +361,8 @@ def test_compose_file_is_valid_and_needs_the_secret():
                 assert str(service["environment"].get(key)) == value, (name, key)
     # Dask workers as the LocalCluster runs them: no pause at 80% of their memory limit
     assert spec["dask-worker"]["environment"]["DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE"] == "False"
+    for key, value in HUGE_PAGES.items():  # the LocalCluster's workers' malloc
+        assert spec["dask-worker"]["environment"][key] == value, key
     assert spec["dask-worker"]["environment"]["ACCELFLOW_WORKDIR"] == "/shared/accelflow"
     env.pop("POSTGRES_PASSWORD")
     missing = subprocess.run(
