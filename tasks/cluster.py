@@ -146,6 +146,7 @@ def local_cluster(cfg: DaskConfig):
         )
     # The nannies live in this process and write the workers' environment into its own
     # (distributed/nanny.py): what it starts later (training's processes) keeps its malloc.
+    # A worker restarted at its memory cap writes it again (and Dask's thread counts).
     for key, value in driver_had.items():
         if value is None:
             os.environ.pop(key, None)
