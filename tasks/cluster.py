@@ -103,9 +103,10 @@ def workers_that_keep_dying_named(cfg: DaskConfig) -> Iterator[None]:
 # buffers with transparent huge pages where the kernel gives them on request (THP mode
 # "madvise"; numpy does so for its own arrays). A task's thread arena hands a freed big
 # buffer back at once, so each CSV block faulted its parser's ~100 MB in afresh, 4 KiB at a
-# time: 35,000 page faults a 41 MB block, 9,000-10,000 with huge pages (ingest's best run
-# 1.05x faster, tuning trials ~7% faster; benchmarks/README.md, run J). One arena and kept heaps
-# faulted less still, but slowed the tuning trials (run I). Your own GLIBC_TUNABLES wins.
+# time: 35,000 page faults a 41 MB block, 9,000-10,000 with huge pages (ingest 1.035x
+# faster on average, 0.93-1.12x round by round; tuning trials ~7% faster: benchmarks/
+# README.md, run J). One arena faulted less still, but slowed the tuning trials (runs I, J).
+# Your own GLIBC_TUNABLES wins.
 HUGE_PAGES = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
 
 
