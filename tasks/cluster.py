@@ -133,27 +133,29 @@ def local_cluster(cfg: DaskConfig):
         "distributed.worker.memory.pause": False,
     }
     driver_had = {key: os.environ.get(key) for key in HUGE_PAGES}
-    with dask.config.set(settings):
-        cluster = LocalCluster(
-            n_workers=cfg.n_workers,
-            threads_per_worker=cfg.threads_per_worker,
-            memory_limit=cfg.memory_limit,
-            processes=True,
-            dashboard_address=":0",  # any free port: two runs on one machine must not collide
-            # logging.CRITICAL: keep worker chatter out of the run log, shutdown races too
-            # (a heartbeat in flight when the scheduler closes logs an ERROR traceback, seen
-            # in a run that failed in train); a task's own error reaches the driver anyway
-            silence_logs=50,
-        )
-    # The nannies live in this process and write the workers' environment into its own
-    # (distributed/nanny.py): what it starts later (training's processes) keeps its malloc.
-    # A worker restarted at its memory cap writes it again (and Dask's thread counts).
-    for key, value in driver_had.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    return cluster
+    try:
+        with dask.config.set(settings):
+            return LocalCluster(
+                n_workers=cfg.n_workers,
+                threads_per_worker=cfg.threads_per_worker,
+                memory_limit=cfg.memory_limit,
+                processes=True,
+                dashboard_address=":0",  # any free port: two runs on one machine must not collide
+                # logging.CRITICAL: keep worker chatter out of the run log, shutdown races too
+                # (a heartbeat in flight when the scheduler closes logs an ERROR traceback, seen
+                # in a run that failed in train); a task's own error reaches the driver anyway
+                silence_logs=50,
+            )
+    finally:
+        # The nannies live in this process and write the workers' environment into its own
+        # (distributed/nanny.py): what it starts later (training's processes) keeps its
+        # malloc. A worker restarted at its memory cap writes it again (and Dask's thread
+        # counts).
+        for key, value in driver_had.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def peak_memory_mib() -> float:
